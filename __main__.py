@@ -1,0 +1,6 @@
+"""`python -m comfyui_chai ...`: the headless command line (see cli.py)."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

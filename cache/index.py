@@ -1,0 +1,404 @@
+"""HNSW vector index over entity embeddings, partitioned by compatibility key.
+
+hnswlib is fast but has sharp edges (see reference/ecosystem.md section 2.3), which this module
+handles so the store does not have to:
+
+* ``save_index`` is not atomic -> we write to a temp file, fsync and rename, and return the
+  file's SHA-256 so the owner can refuse a file that does not match what it recorded.
+* ``ef`` is not saved -> :class:`IndexParams` travels with every partition and ``set_ef`` is
+  called after every load.
+* adding and querying at the same time is unsafe (the bindings release the GIL) -> every
+  operation goes through a :class:`ReadWriteLock`: shared for queries, exclusive for the rest.
+* capacity is fixed -> we ``resize_index`` ahead of it under the exclusive lock.
+* ``mark_deleted`` leaves tombstones that cost memory and recall -> :meth:`EntityIndex.compact`
+  rebuilds a partition when tombstones exceed a share.
+* ``knn_query`` raises when ``k`` exceeds the live count -> ``k`` is clamped.
+
+The compatibility-key filter is implemented by partitioning: one hnswlib index per key, so a
+query only ever visits vectors of its own key. That keeps recall and latency independent of how
+many entries other models, shapes or configs hold (an hnswlib ``filter`` callback runs Python per
+visited node and loses recall when the matching share is small).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+__all__ = ["IndexParams", "ReadWriteLock", "EntityIndex", "IndexFileError", "partition_file_name"]
+
+
+class IndexFileError(RuntimeError):
+    """An index file is missing, truncated, corrupt or does not match its recorded checksum."""
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """hnswlib parameters of one partition (persisted by the owner; hnswlib does not save ``ef``).
+
+    Attributes:
+        dim: vector dimension (384 for all-MiniLM-L6-v2).
+        M: graph degree; 16 is hnswlib's recommended default for 384-d text embeddings.
+        ef_construction: build-time beam width; 200 gives recall@1 >= 0.99 at 1M vectors.
+        ef_search: query-time beam width, re-applied after every load (hnswlib resets it to 10).
+        compact_tombstone_share: rebuild a partition when deleted / stored exceeds this share.
+    """
+
+    dim: int
+    M: int = 16
+    ef_construction: int = 200
+    ef_search: int = 64
+    compact_tombstone_share: float = 0.25
+
+    def to_dict(self) -> dict:
+        """The parameters as a JSON-serialisable dict."""
+        return asdict(self)
+
+
+class ReadWriteLock:
+    """A writer-preferring reader-writer lock for one process's threads.
+
+    Readers share the lock; a writer holds it alone. Waiting writers block new readers, so a
+    stream of queries cannot starve an insert. Not re-entrant.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        """Hold the lock shared (for ``knn_query``)."""
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        """Hold the lock exclusively (add, delete, resize, save, rebuild)."""
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def partition_file_name(compat_key: str) -> str:
+    """File name of the partition of ``compat_key``: ``index-<sha1 of the key, 16 hex>.bin``."""
+    return "index-" + hashlib.sha1(compat_key.encode("utf-8")).hexdigest()[:16] + ".bin"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    """SHA-256 hex digest of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while True:
+            block = handle.read(chunk_bytes)
+            if not block:
+                break
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Partition:
+    """One hnswlib index plus its bookkeeping (live and deleted labels)."""
+
+    def __init__(self, params: IndexParams, capacity: int) -> None:
+        import hnswlib
+
+        self.params = params
+        self.index = hnswlib.Index(space="cosine", dim=params.dim)
+        self.index.init_index(max_elements=max(capacity, 16), ef_construction=params.ef_construction, M=params.M)
+        self.index.set_ef(params.ef_search)
+        self.index.set_num_threads(1)
+        self.live: set[int] = set()
+        self.deleted: set[int] = set()
+
+    @classmethod
+    def load(cls, params: IndexParams, path: Path, deleted: np.ndarray) -> "_Partition":
+        import hnswlib
+
+        part = cls.__new__(cls)
+        part.params = params
+        part.index = hnswlib.Index(space="cosine", dim=params.dim)
+        try:
+            part.index.load_index(str(path))
+        except Exception as exc:  # hnswlib raises RuntimeError with a terse message
+            raise IndexFileError(f"hnswlib could not load {path.name}: {exc}") from exc
+        part.index.set_ef(params.ef_search)
+        part.index.set_num_threads(1)
+        stored = set(int(x) for x in part.index.get_ids_list())
+        part.deleted = set(int(x) for x in deleted)
+        if not part.deleted <= stored:
+            raise IndexFileError(f"{path.name} lacks labels its record lists as deleted")
+        part.live = stored - part.deleted
+        return part
+
+    def ensure_capacity(self, extra: int) -> None:
+        need = self.index.get_current_count() + extra
+        cap = self.index.get_max_elements()
+        if need > cap:
+            self.index.resize_index(max(need, cap * 2))
+
+
+class EntityIndex:
+    """Cosine k-NN over entity embeddings, one hnswlib partition per compatibility key.
+
+    Labels are the manifest's entity row ids (int64, never reused), so a label found here can
+    always be checked against the manifest. Thread-safe within a process through a
+    :class:`ReadWriteLock`; cross-process safety is the store's job (it owns the file lock).
+
+    Args:
+        params: hnswlib parameters shared by every partition; ``params.dim`` is the vector size.
+
+    Raises:
+        ValueError: ``params.dim`` < 1.
+    """
+
+    def __init__(self, params: IndexParams) -> None:
+        if params.dim < 1:
+            raise ValueError(f"index dimension must be >= 1, got {params.dim}")
+        self.params = params
+        self.lock = ReadWriteLock()
+        self._parts: dict[str, _Partition] = {}
+
+    # ------------------------------------------------------------------ queries
+    def __len__(self) -> int:
+        """Number of live (not deleted) vectors over all partitions."""
+        with self.lock.read():
+            return sum(len(p.live) for p in self._parts.values())
+
+    def keys(self) -> list[str]:
+        """The compatibility keys that have a partition."""
+        with self.lock.read():
+            return list(self._parts)
+
+    def labels(self, compat_key: str) -> set[int]:
+        """Live labels of one partition (a copy)."""
+        with self.lock.read():
+            part = self._parts.get(compat_key)
+            return set(part.live) if part else set()
+
+    def tombstones(self, compat_key: str) -> int:
+        """Deleted-but-still-stored vectors in one partition."""
+        with self.lock.read():
+            part = self._parts.get(compat_key)
+            return len(part.deleted) if part else 0
+
+    def query(self, vectors: np.ndarray, k: int, compat_key: str) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest neighbours of each query among vectors of ``compat_key``.
+
+        Args:
+            vectors: [m, dim] float32 (L2-normalised or not; cosine space normalises).
+            k: neighbours wanted per query; clamped to the live count of the partition.
+            compat_key: only vectors added under this key are candidates.
+
+        Returns:
+            (labels [m, k'] int64, similarities [m, k'] float32) sorted by similarity descending,
+            with k' = min(k, live count); k' = 0 when the partition is empty or absent.
+            Similarity is cosine similarity in [-1, 1] (1 - hnswlib's cosine distance).
+
+        Raises:
+            ValueError: wrong shape or non-finite values.
+        """
+        vectors = self._check_vectors(vectors)
+        with self.lock.read():
+            part = self._parts.get(compat_key)
+            live = len(part.live) if part else 0
+            k_eff = min(int(k), live)
+            if k_eff <= 0:
+                m = vectors.shape[0]
+                return np.zeros((m, 0), dtype=np.int64), np.zeros((m, 0), dtype=np.float32)
+            # hnswlib can fail to fill k results when ef is small next to many tombstones.
+            ef = max(self.params.ef_search, k_eff + min(len(part.deleted), 4 * k_eff))
+            if ef != self.params.ef_search:
+                part.index.set_ef(ef)
+            try:
+                labels, distances = part.index.knn_query(vectors, k=k_eff)
+            finally:
+                if ef != self.params.ef_search:
+                    part.index.set_ef(self.params.ef_search)
+        return labels.astype(np.int64), (1.0 - distances).astype(np.float32)
+
+    # ------------------------------------------------------------------ mutations
+    def add(self, labels: np.ndarray, vectors: np.ndarray, compat_key: str) -> None:
+        """Add vectors under ``compat_key`` (creating its partition; growing it ahead of capacity).
+
+        Args:
+            labels: [n] int64, unique, never used before in this partition.
+            vectors: [n, dim] float32.
+            compat_key: the compatibility key the vectors belong to.
+
+        Raises:
+            ValueError: shapes disagree, a label is already present, or non-finite values.
+        """
+        vectors = self._check_vectors(vectors)
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if labels.shape[0] != vectors.shape[0]:
+            raise ValueError(f"{labels.shape[0]} labels for {vectors.shape[0]} vectors")
+        if labels.size == 0:
+            return
+        with self.lock.write():
+            part = self._parts.get(compat_key)
+            if part is None:
+                part = self._parts[compat_key] = _Partition(self.params, capacity=max(1024, 2 * labels.size))
+            clash = part.live.intersection(labels.tolist()) | part.deleted.intersection(labels.tolist())
+            if clash:
+                raise ValueError(f"labels already in the index: {sorted(clash)[:5]}")
+            part.ensure_capacity(labels.size)
+            part.index.add_items(vectors, labels)
+            part.live.update(int(x) for x in labels)
+
+    def delete(self, labels: np.ndarray | list[int], compat_key: str) -> int:
+        """Tombstone labels of one partition (hnswlib ``mark_deleted``). Unknown labels are ignored.
+
+        Returns:
+            The number of labels actually deleted.
+        """
+        count = 0
+        with self.lock.write():
+            part = self._parts.get(compat_key)
+            if part is None:
+                return 0
+            for label in np.asarray(labels, dtype=np.int64).reshape(-1).tolist():
+                if label in part.live:
+                    part.index.mark_deleted(label)
+                    part.live.discard(label)
+                    part.deleted.add(label)
+                    count += 1
+        return count
+
+    def needs_compaction(self, compat_key: str) -> bool:
+        """True when the partition's tombstones exceed ``compact_tombstone_share`` of what it stores."""
+        with self.lock.read():
+            part = self._parts.get(compat_key)
+            if part is None or not part.deleted:
+                return False
+            stored = len(part.live) + len(part.deleted)
+            return len(part.deleted) / stored > self.params.compact_tombstone_share
+
+    def rebuild(self, compat_key: str, labels: np.ndarray, vectors: np.ndarray) -> None:
+        """Replace a partition by a fresh one holding exactly ``labels``/``vectors`` (no tombstones).
+
+        Used for compaction and for repair from the manifest. An empty ``labels`` drops the partition.
+        """
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if labels.size == 0:
+            with self.lock.write():
+                self._parts.pop(compat_key, None)
+            return
+        vectors = self._check_vectors(vectors)
+        fresh = _Partition(self.params, capacity=max(1024, int(labels.size * 1.25)))
+        fresh.index.add_items(vectors, labels)  # built outside the lock: queries keep running
+        fresh.live = set(int(x) for x in labels)
+        with self.lock.write():
+            self._parts[compat_key] = fresh
+
+    def drop(self, compat_key: str) -> None:
+        """Forget a partition entirely (in memory)."""
+        with self.lock.write():
+            self._parts.pop(compat_key, None)
+
+    # ------------------------------------------------------------------ persistence
+    def save_partition(self, compat_key: str, directory: Path) -> tuple[str, int, list[int], list[int]] | None:
+        """Atomically write one partition to ``directory/partition_file_name(key)``.
+
+        Temp file, fsync, rename, fsync of the directory: a crash leaves the old file or the new
+        one, never a torn one.
+
+        Returns:
+            (sha256 hex, size in bytes, live labels, deleted labels) of what was written, or None
+            when the partition does not exist (its file, if any, is removed).
+        """
+        directory = Path(directory)
+        path = directory / partition_file_name(compat_key)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        with self.lock.write():  # hnswlib's save walks the graph: no concurrent add
+            part = self._parts.get(compat_key)
+            if part is None:
+                if path.exists():
+                    path.unlink()
+                return None
+            part.index.save_index(str(tmp))
+            live, deleted = sorted(part.live), sorted(part.deleted)
+        fd = os.open(str(tmp), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        digest, size = file_sha256(tmp), tmp.stat().st_size
+        os.replace(tmp, path)
+        _fsync_dir(directory)
+        return digest, size, live, deleted
+
+    def load_partition(
+        self,
+        compat_key: str,
+        directory: Path,
+        expected_sha256: str,
+        expected_size: int,
+        deleted_labels: np.ndarray,
+    ) -> None:
+        """Load one partition from disk after checking it against what the owner recorded.
+
+        The size and SHA-256 are checked before hnswlib sees the file, because hnswlib may crash
+        or over-allocate on malformed input (nmslib/hnswlib#677).
+
+        Raises:
+            IndexFileError: the file is missing, of another size or checksum, or hnswlib rejects it.
+        """
+        path = Path(directory) / partition_file_name(compat_key)
+        if not path.is_file():
+            raise IndexFileError(f"index file {path.name} is missing")
+        size = path.stat().st_size
+        if size != expected_size:
+            raise IndexFileError(f"index file {path.name} is {size} bytes, the manifest recorded {expected_size}")
+        digest = file_sha256(path)
+        if digest != expected_sha256:
+            raise IndexFileError(f"index file {path.name} does not match its recorded SHA-256")
+        part = _Partition.load(self.params, path, np.asarray(deleted_labels, dtype=np.int64))
+        with self.lock.write():
+            self._parts[compat_key] = part
+
+    # ------------------------------------------------------------------ helpers
+    def _check_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim == 1:
+            vectors = vectors[None, :]
+        if vectors.ndim != 2 or vectors.shape[1] != self.params.dim:
+            raise ValueError(f"vectors must be [n, {self.params.dim}], got {list(vectors.shape)}")
+        if not np.isfinite(vectors).all():
+            raise ValueError("vectors contain NaN or Inf")
+        return np.ascontiguousarray(vectors)
