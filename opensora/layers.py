@@ -453,6 +453,8 @@ class Attention(nn.Module):
                 f"kv_hook returned k {tuple(k2.shape)}, v {tuple(v2.shape)}; both must be "
                 f"[{q.shape[0]}, {q.shape[1]}, N_k, {q.shape[-1]}] to match q {tuple(q.shape)}"
             )
+        if mask is not None and mask.ndim < 4:  # SDPA wants the leading dims spelled out
+            mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
         return k2.to(q.dtype), v2.to(q.dtype), mask
 
 
