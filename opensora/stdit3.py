@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -263,6 +263,19 @@ def _first_value(v: Any, name: str) -> float:
     return float(v)
 
 
+def _pixel_scale(height: Any, width: Any, input_sq_size: int) -> float:
+    """Position-embedding scale sqrt(height[0]·width[0]) / input_sq_size in Python double precision.
+
+    Two tensors on the same accelerator are read back together (one device sync per forward).
+    """
+    if (isinstance(height, torch.Tensor) and isinstance(width, torch.Tensor) and height.device == width.device
+            and height.device.type != "cpu" and height.numel() and width.numel()):
+        h, w = torch.stack([height.reshape(-1)[0], width.reshape(-1)[0].to(height.dtype)]).tolist()
+    else:
+        h, w = _first_value(height, "height"), _first_value(width, "width")
+    return (h * w) ** 0.5 / input_sq_size
+
+
 class STDiT3(nn.Module):
     """Spatial-temporal DiT of OpenSora 1.2 (STDiT3), for inference.
 
@@ -496,7 +509,7 @@ class STDiT3(nn.Module):
         t_grid, h_grid, w_grid = self.patch_grid((tx, hx, wx))
         s = h_grid * w_grid
         base_size = round(s**0.5)
-        scale = (_first_value(height, "height") * _first_value(width, "width")) ** 0.5 / self.input_sq_size
+        scale = _pixel_scale(height, width, self.input_sq_size)
         pos = self.pos_embed(h_grid, w_grid, scale, base_size, device, dtype)  # [1, S, C], cached
 
         if not isinstance(fps, torch.Tensor):
