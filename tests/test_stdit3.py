@@ -191,6 +191,7 @@ def test_meta_build_then_assign_load(case1, tiny_config, tiny_weights):
     model.load_state_dict(tiny_weights, strict=True, assign=True)
     model.init_non_persistent_buffers()
     assert not model.pos_embed.inv_freq.is_meta
+    assert not model.rope.freqs.requires_grad and isinstance(model.rope.freqs, torch.nn.Parameter)
     out = _call(model, spec, tensors)
     assert (out - tensors["out"]).abs().max().item() <= FP32_ATOL
 
