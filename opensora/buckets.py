@@ -38,7 +38,8 @@ VIDEO_FPS = 24
 #: fps conditioning OpenSora uses for single images (`IMG_FPS` in the official code).
 IMAGE_FPS = 120
 
-#: Aspect-ratio name (height:width) -> the two-decimal key of the size tables.
+#: Aspect-ratio name (height:width) -> the two-decimal key of the size tables. As upstream, "50:27"
+#: (1.85) selects the 2.08 bucket (462x222 at 240p); kept so names mean what they mean in OpenSora.
 ASPECT_RATIO_MAP: Dict[str, str] = {
     "3:8": "0.38",
     "9:21": "0.43",

@@ -139,15 +139,17 @@ def check_safetensors_file(path: PathLike) -> Path:
             f"{p} is a Git LFS pointer, not the weights; download the real file (e.g. `git lfs pull` or the "
             "'download' button on the model page)"
         )
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        raise CheckpointFormatError(
-            f"{p.name} holds a pickle checkpoint (torch.save format) despite its name; this pack only reads "
-            f"safetensors. {_CONVERT_HINT}"
-        )
-    if len(head) < 9:
-        raise CheckpointFormatError(f"{p} is too small ({size} bytes) to be a safetensors file; download it again")
-    (header_len,) = struct.unpack("<Q", head[:8])
-    if head[8:9] != b"{" or header_len > _MAX_HEADER_BYTES:
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{"
+    header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+    if not looks_safetensors or header_len > _MAX_HEADER_BYTES:
+        # Only now look for pickle magic: a safetensors header length may start with any byte.
+        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+            raise CheckpointFormatError(
+                f"{p.name} holds a pickle checkpoint (torch.save format) despite its name; this pack only reads "
+                f"safetensors. {_CONVERT_HINT}"
+            )
+        if len(head) < 9:
+            raise CheckpointFormatError(f"{p} is too small ({size} bytes) to be a safetensors file; download it again")
         raise CheckpointFormatError(f"{p} is not a safetensors file (bad header); check that you picked the right file")
     if 8 + header_len > size:
         raise CheckpointFormatError(f"{p} is truncated ({size} bytes, header says more); download it again")
@@ -472,7 +474,9 @@ def build_and_load(
     paths: Union[PathLike, Sequence[PathLike]],
     **kwargs,
 ) -> nn.Module:
-    """`factory()` under `empty_parameters()`, then `load_model(model, paths, **kwargs)`, then `.eval()`.
+    """`factory()` under `empty_parameters()`, then `load_model(model, paths, **kwargs)`, for inference.
+
+    The returned model is in eval mode with gradients turned off (`requires_grad_(False)`).
 
     Example: ``build_and_load(lambda: STDiT3(**cfg), "model.safetensors", dtype=torch.bfloat16, device="cuda")``.
 
@@ -481,5 +485,5 @@ def build_and_load(
     """
     with empty_parameters():
         model = factory()
-    return load_model(model, paths, **kwargs).eval()
+    return load_model(model, paths, **kwargs).eval().requires_grad_(False)
 

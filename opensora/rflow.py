@@ -476,7 +476,7 @@ class RFlow:
             should_cancel: ``fn() -> bool`` checked before every step; True stops sampling.
 
         Returns:
-            the denoised latent [n, C, T, H, W], fp32, on z's device.
+            the denoised latent [n, C, T, H, W], fp32, on z's device. Runs under torch.no_grad().
 
         Raises:
             SamplingCancelled: `should_cancel` returned True.
@@ -497,10 +497,17 @@ class RFlow:
         y_in = torch.cat([y, y_null.to(device=y.device, dtype=y.dtype)], 0)
         timesteps = schedule.timesteps.to(device)
         dts = schedule.dts.to(device)
-        total = len(schedule)
 
         # OpenSora's loop runs in fp32 (its bf16 noise is promoted before the first model call).
         z = z.to(torch.float32)
+        with torch.no_grad():
+            return self._loop(model, z, y_in, y_mask, cond, timesteps, dts, schedule, scale, static_kwargs,
+                              step_model_kwargs, callback, should_cancel)
+
+    def _loop(self, model, z, y_in, y_mask, cond, timesteps, dts, schedule, scale, static_kwargs,
+              step_model_kwargs, callback, should_cancel) -> torch.Tensor:
+        n, channels = int(z.shape[0]), int(z.shape[1])
+        total = len(schedule)
         for i in range(total):
             if should_cancel is not None and should_cancel():
                 raise SamplingCancelled(i, total)
