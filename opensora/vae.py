@@ -277,6 +277,9 @@ class OpenSoraVAE(nn.Module):
         shift, scale: per-channel latent normalisation (C floats, or one float for all channels).
         spatial_scaling_factor: 2D latent scale (0.18215).
 
+    Inference only: wrap calls in ``torch.inference_mode()`` (or ``no_grad``) so the chunking and
+    micro-batching actually bound memory.
+
     Children/buffers: ``spatial_vae`` (``SpatialVAE``, AutoencoderKL at ``spatial_vae.module``),
     ``temporal_vae`` (``VAETemporal``), buffers ``scale`` and ``shift`` [1, C, 1, 1, 1] (persistent).
 
@@ -501,6 +504,14 @@ class OpenSoraVAE(nn.Module):
                 left -= self.micro_frame_size
             x_z = torch.cat(parts, dim=2)
         return self.spatial_vae.decode(x_z)
+
+    def forward(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reconstruct a video: ``decode(encode(x), num_frames=T)``.
+
+        ``x`` [B, 3, T, H, W] -> [B, 3, T, 8 * (H // 8), 8 * (W // 8)]; posterior means unless ``sample``.
+        """
+        z = self.encode(x, sample=sample, generator=generator)
+        return self.decode(z, num_frames=x.shape[2])
 
     @staticmethod
     def _check(t: torch.Tensor, channels: int, name: str, min_hw: int) -> None:

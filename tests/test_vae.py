@@ -296,11 +296,15 @@ def test_latent_shape_agrees_with_real_encode(pipeline_fx):
     model = _build_pipeline(cfg, weights)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for frames in (1, 4, 5, 16, 17, 18, 21, 34, 35):
-            x = torch.rand(1, 3, frames, 16, 24, generator=g) * 2 - 1
+        # (20, 27) is not a multiple of 8: the latent floors (2, 3) and the decode comes back 16 x 24
+        for frames, h, w in [(1, 16, 24), (4, 16, 24), (5, 16, 24), (16, 8, 8), (17, 16, 24), (18, 8, 8),
+                             (21, 8, 8), (34, 8, 8), (35, 20, 27)]:
+            x = torch.rand(1, 3, frames, h, w, generator=g) * 2 - 1
             z = model.encode(x, sample=False)
-            assert tuple(z.shape[1:]) == model.latent_shape(frames, 16, 24), frames
-            assert model.decode(z, num_frames=frames).shape == (1, 3, frames, 16, 24)
+            c, t_lat, h_lat, w_lat = model.latent_shape(frames, h, w)
+            assert tuple(z.shape[1:]) == (c, t_lat, h_lat, w_lat), (frames, h, w)
+            assert model.decode(z, num_frames=frames).shape == (1, 3, frames, 8 * h_lat, 8 * w_lat)
+            assert model(x).shape == (1, 3, frames, 8 * h_lat, 8 * w_lat)
 
 
 @pytest.mark.parametrize(
