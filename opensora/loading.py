@@ -48,6 +48,7 @@ PathLike = Union[str, os.PathLike]
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".pt2", ".tar")
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own header limit
 _LIST_LIMIT = 20  # keys listed per category in error messages
+_REOPEN_BYTES = 256 * 1024 * 1024  # bytes read per open file handle (bounds resident mapped pages)
 
 _CONVERT_HINT = (
     "Download the .safetensors version of these weights instead (OpenSora 1.2: hpcai-tech/OpenSora-STDiT-v3 and "
@@ -133,13 +134,13 @@ def check_safetensors_file(path: PathLike) -> Path:
         )
     size = p.stat().st_size
     with p.open("rb") as fh:
-        head = fh.read(9)
+        head = fh.read(32)
     if head.startswith(b"version https://git-lfs"):
         raise CheckpointFormatError(
             f"{p} is a Git LFS pointer, not the weights; download the real file (e.g. `git lfs pull` or the "
             "'download' button on the model page)"
         )
-    looks_safetensors = len(head) == 9 and head[8:9] == b"{"
+    looks_safetensors = len(head) >= 9 and head[8:9] == b"{"
     header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
     if not looks_safetensors or header_len > _MAX_HEADER_BYTES:
         # Only now look for pickle magic: a safetensors header length may start with any byte.
@@ -255,17 +256,24 @@ def _iter_tensors(
     direct = device.type in ("cpu", "cuda")
     open_device = str(device) if direct else "cpu"
     for path in files:
-        with _open(path, open_device) as f:
-            for key in f.keys():
-                name = _select(key, prefix, ignore)
-                if name is None:
-                    continue
-                t = f.get_tensor(key)
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
-                if not direct:
-                    t = t.to(device)
-                yield name, t
+        with _open(path) as f:
+            keys = [k for k in f.keys() if _select(k, prefix, ignore) is not None]
+        start = 0
+        while start < len(keys):
+            # The file stays memory-mapped while its handle is open, so pages read for a tensor that
+            # is then converted (dtype or device) would stay resident: reopen every _REOPEN_BYTES.
+            read = 0
+            with _open(path, open_device) as f:
+                while start < len(keys) and read < _REOPEN_BYTES:
+                    key = keys[start]
+                    start += 1
+                    t = f.get_tensor(key)
+                    read += t.numel() * t.element_size()
+                    if dtype is not None and t.is_floating_point():
+                        t = t.to(dtype)
+                    if not direct:
+                        t = t.to(device)
+                    yield _select(key, prefix, ignore), t
 
 
 def load_state_dict(
@@ -319,10 +327,11 @@ def _prefix_hint(missing: Sequence[str], unexpected: Sequence[str]) -> str:
     if not missing or not unexpected:
         return ""
     probe = missing[0]
+    present = set(unexpected)
     for key in unexpected:
         if key.endswith("." + probe):
             prefix = key[: len(key) - len(probe)]
-            if all(k.startswith(prefix) for k in unexpected[:_LIST_LIMIT]):
+            if all(prefix + k in present for k in missing):
                 return f"hint: the file's keys carry the prefix {prefix!r}; load with prefix={prefix!r}"
     for key in missing:
         if key.endswith("." + unexpected[0]):
