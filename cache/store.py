@@ -353,8 +353,8 @@ class LatentStore:
         return _Transaction(self._conn())
 
     def _init_schema(self, dim: int | None) -> None:
-        conn = self._conn()
         try:
+            self._conn()  # its PRAGMAs are the first reads: a non-SQLite file fails here
             with self._tx() as c:
                 c.executescript_in_tx(_SCHEMA)
                 meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
