@@ -85,6 +85,18 @@ def test_loaded_tensors_are_assigned_not_copied(toy_file):
     assert model.proj.weight.data_ptr() == state["proj.weight"].data_ptr()
 
 
+def test_assign_state_dict_is_strict(reference):
+    state = dict(reference.state_dict())
+    with pytest.raises(StateDictMismatchError, match="unexpected keys \\(1\\): extra") as err:
+        assign_state_dict(Toy(), {**state, "extra": torch.zeros(1)}, source="mem")
+    assert str(err.value).startswith("weights in mem do not match")
+    del state["proj.bias"]
+    with pytest.raises(StateDictMismatchError, match="missing keys \\(1\\): proj.bias"):
+        assign_state_dict(Toy(), state)
+    plain = assign_state_dict(Toy(), state, strict=False)  # not strict: the rest is loaded
+    assert torch.equal(plain.proj.weight, reference.proj.weight)
+
+
 def test_strict_errors_list_missing_unexpected_and_misshaped(tmp_path, reference):
     state = reference.state_dict()
     state["proj.weight"] = torch.zeros(3, 5)
