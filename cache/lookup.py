@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["LookupConfig", "EntityScore", "LookupTimings", "LookupResult", "CacheLookup", "DEFAULT_THRESHOLD"]
 
 # Chosen by bench/threshold_sweep.py on the 946 VBench prompts (README, "Choosing the threshold").
-DEFAULT_THRESHOLD = 0.80
+DEFAULT_THRESHOLD = 0.72
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class LookupConfig:
 
     Attributes:
         threshold: least cosine similarity between a prompt entity and a stored entity for a hit.
-            Default 0.80, measured (README, "Choosing the threshold"); raise it for fewer, safer hits.
+            Default 0.72, measured (README, "Choosing the threshold"); raise it for fewer, safer hits.
         mode: ``"entity"`` (CHAI: match noun-phrase entities) or ``"prompt"`` (NIRVANA-style
             baseline: the whole normalised prompt is the only key).
         neighbours: stored entities fetched per prompt entity from the HNSW index.
@@ -54,7 +54,7 @@ class LookupConfig:
             raise ValueError("neighbours and max_candidates must be >= 1")
 
     def fingerprint(self) -> str:
-        """E.g. ``LOOKUP_entity_T0.80_K8``: names the settings in reports and keys."""
+        """E.g. ``LOOKUP_entity_T0.72_K8``: names the settings in reports and keys."""
         return f"LOOKUP_{self.mode}_T{self.threshold:.2f}_K{self.neighbours}"
 
 

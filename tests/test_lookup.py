@@ -224,3 +224,18 @@ def test_real_models_share_an_entity_across_related_prompts(tmp_path, real_model
         assert not unrelated.hit
         whole = CacheLookup(store, extractor, embedder, LookupConfig(mode="prompt"))
         assert not whole.lookup("a surfer riding a wave near the beach", "K").hit
+
+
+def test_default_threshold_matches_the_vbench_calibration(real_models):
+    """The shipped default is the F0.5-best threshold of the head-noun calibration (README)."""
+    from comfyui_chai.cache.calibrate import sweep_thresholds
+    from comfyui_chai.cache.simulate import read_prompts
+    from comfyui_chai.cli import default_prompt_file
+
+    extractor, embedder = real_models
+    sweep = sweep_thresholds(read_prompts(default_prompt_file()), extractor, embedder)
+    assert abs(sweep.best.threshold - DEFAULT_THRESHOLD) <= 0.02
+    at_default = min(sweep.rows, key=lambda r: abs(r.threshold - DEFAULT_THRESHOLD))
+    assert at_default.precision >= 0.85
+    loose = min(sweep.rows, key=lambda r: abs(r.threshold - 0.5))
+    assert loose.precision < at_default.precision  # the calibration discriminates
