@@ -484,7 +484,7 @@ class RFlow:
         """
         if z.ndim != 5:
             raise ValueError(f"z must be a latent [n, C, T, H, W], got shape {tuple(z.shape)}")
-        n, channels = int(z.shape[0]), int(z.shape[1])
+        n = int(z.shape[0])
         y_null = _expand_null(y_null, y, n)
         _check_text(y, y_mask, n)
         scale = self.cfg_scale if cfg_scale is None else float(cfg_scale)
@@ -494,7 +494,8 @@ class RFlow:
 
         device = z.device
         cond = size_conditioning(height, width, num_frames, batch_size=n, fps=fps, dtype=size_dtype, device=device)
-        y_in = torch.cat([y, y_null.to(device=y.device, dtype=y.dtype)], 0)
+        y_in = torch.cat([y, y_null.to(device=y.device, dtype=y.dtype)], 0).to(device)
+        y_mask = y_mask.to(device)
         timesteps = schedule.timesteps.to(device)
         dts = schedule.dts.to(device)
 
