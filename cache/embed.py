@@ -42,6 +42,7 @@ __all__ = [
     "UnsafeWeightsError",
     "WeightsMismatchError",
     "EmptyInputError",
+    "default_model_path",
 ]
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"

@@ -67,6 +67,7 @@ analysed by the English pipeline, so every run of such words is kept verbatim as
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -651,6 +652,7 @@ class EntityExtractor:
         return out
 
 
+@functools.lru_cache(maxsize=1)
 def _rules_hash() -> str:
     """8 hex digits over the stop lists and patterns, so editing them changes the fingerprint."""
     blob = json.dumps(
