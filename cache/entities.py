@@ -8,8 +8,9 @@ paper does not say how spaCy is used, so the rules here are ours and are version
 
 How a prompt becomes entities (``mode="entity"``):
 
-1. Check it (a ``str``, not blank, at most ``max_chars`` characters) and apply Unicode NFKC.
-2. Cut rendering filler that would confuse the parser or split oddly into tokens
+1. Check it (a ``str``, not blank, at most ``max_chars`` characters) and apply Unicode NFKC;
+   invisible format characters (zero-width space, BOM) are removed.
+2. Cut HTML tags, URLs and rendering filler that would confuse the parser or split oddly into tokens
    (:data:`FILLER_PATTERNS`: "4k", "8K", "HD", "high quality", "cinematic", "in slow motion",
    "close-up", "pan left", "zoom in", ...).
 3. Parse with spaCy (tok2vec, tagger, attribute ruler, parser). ``ner`` is excluded and the
@@ -97,7 +98,7 @@ MAX_PROMPT_CHARS = 2000
 """Longest prompt accepted, in characters (after stripping). OpenSora 1.2's T5 reads at most 300
 tokens (roughly 1,200-1,500 characters of English), so longer text would not condition the video."""
 
-RULES_VERSION = "1"
+RULES_VERSION = "2"
 """Bump when the chunking rules change; the stop lists are hashed into the fingerprint anyway."""
 
 # Step 2: removed from the text before parsing (case-insensitive, whole words). These are quality,
@@ -184,6 +185,8 @@ _HYPHENS = frozenset({"-", "\u2010", "\u2011"})
 _STRIP_MARKS = frozenset({"\ufe0e", "\ufe0f", "\u20e3", "\u200d"})  # variation selectors, keycap, ZWJ
 _WS_RE = re.compile(r"\s+")
 _FILLER_RE = re.compile(r"(?<![\w-])(?:" + "|".join(FILLER_PATTERNS) + r")(?![\w-])", re.IGNORECASE)
+# HTML/XML tags and URLs carry no scene content.
+_MARKUP_RE = re.compile(r"<[^<>]{1,200}>|\b(?:https?://|www\.)\S+", re.IGNORECASE)
 # Punctuation left dangling after filler removal: ", ," -> ",", leading/trailing separators.
 _DANGLING_RE = re.compile(r"(?:\s*[,;:]\s*){2,}")
 
@@ -462,7 +465,8 @@ class EntityExtractor:
     def _check(self, prompt: object) -> str:
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-        text = unicodedata.normalize("NFKC", prompt).strip()
+        # Format characters (zero-width space, BOM, ...) are invisible: they do not make a prompt non-empty.
+        text = "".join(ch for ch in unicodedata.normalize("NFKC", prompt) if unicodedata.category(ch) != "Cf").strip()
         if not text:
             raise EmptyPromptError("the prompt is empty; describe the video to generate (e.g. 'a dog running on a beach')")
         if len(text) > self.max_chars:
@@ -474,7 +478,8 @@ class EntityExtractor:
 
     @staticmethod
     def _prepare(text: str) -> str:
-        """Remove :data:`FILLER_PATTERNS` and tidy the punctuation left behind."""
+        """Remove markup, URLs and :data:`FILLER_PATTERNS`, and tidy the punctuation left behind."""
+        text = _MARKUP_RE.sub(" ", text)
         text = _FILLER_RE.sub(" ", text)
         text = _DANGLING_RE.sub(", ", text)
         text = _WS_RE.sub(" ", text).strip(" ,;:")

@@ -140,12 +140,16 @@ def test_emoji_only_and_filler_only_give_no_entity_but_no_error(extractor):
     assert extractor.extract("4k, cinematic, high quality, slow motion") == []
 
 
+def test_markup_and_urls_ignored(extractor):
+    assert extractor.extract("<b>a dog</b> on https://example.com/x.png a beach") == ["dog", "beach"]
+
+
 def test_non_latin_script_kept(extractor):
     assert extractor.extract("кошка на диване") != []
     assert "一只猫" in extractor.extract("一只猫🐱 and a dog")
 
 
-@pytest.mark.parametrize("bad", ["", "   ", "\n\t"])
+@pytest.mark.parametrize("bad", ["", "   ", "\n\t", "\u200b\ufeff"])
 def test_empty_prompt_raises(extractor, bad):
     with pytest.raises(EmptyPromptError, match="empty"):
         extractor.extract(bad)
