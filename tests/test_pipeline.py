@@ -300,3 +300,50 @@ def test_files_fingerprint_and_from_files(parts, tmp_path):
     assert r.frames.shape == (17, 64, 64, 3) and r.mode == "full"
     with pytest.raises(FileNotFoundError):
         files_fingerprint(tmp_path / "missing.safetensors")
+
+
+def test_generate_cli_writes_videos_and_report(tmp_path, monkeypatch):
+    import av
+
+    import comfyui_chai.cache.embed as embed_mod
+    import comfyui_chai.cache.entities as entities_mod
+    from comfyui_chai.cli import main
+
+    class Extractor(CommaExtractor):
+        def __init__(self, mode="entity"):
+            self.mode = mode
+
+    monkeypatch.setattr(entities_mod, "EntityExtractor", Extractor)
+    monkeypatch.setattr(embed_mod, "Embedder", WordBagEmbedder)
+    prompts = ["a red fox, snowy forest", "red fox, a river", "city street, neon lights", "neon lights, rainy night"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    out, store_dir = tmp_path / "out", tmp_path / "store"
+    args = ["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(out), "--store", str(store_dir),
+            "--model", "tiny", "--captions", "hashed", "--no-progress", "--seed", "7"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = report["prompts"]
+    assert [r["hit"] for r in rows] == [False, True, False, True]
+    assert [r["steps"] for r in rows] == [30, 8, 30, 8] and [r["seed"] for r in rows] == [7, 8, 9, 10]
+    assert rows[1]["matched"] == "a red fox" and rows[3]["matched"] == "neon lights"
+    totals = report["totals"]
+    assert totals["hits"] == 2 and totals["hit_rate"] == 0.5
+    full_mean = (rows[0]["timings_ms"]["total_ms"] + rows[2]["timings_ms"]["total_ms"]) / 2
+    assert totals["estimated_all_miss_ms"] == pytest.approx(4 * full_mean)
+    assert totals["speedup_vs_all_miss"] == pytest.approx(4 * full_mean / sum(r["timings_ms"]["total_ms"] for r in rows))
+    assert totals["speedup_vs_all_miss"] > 1.0
+    md = (out / "report.md").read_text()
+    table = [line.split(" | ")[2] for line in md.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert table == ["miss", "hit", "miss", "hit"] and "Speed-up against an all-miss run" in md
+    videos = sorted(out.glob("*.mp4"))
+    assert [v.name for v in videos] == [r["video"] for r in rows] and len(videos) == 4
+    with av.open(str(videos[0])) as c:
+        assert sum(1 for _ in c.decode(c.streams.video[0])) == 17
+    with LatentStore(store_dir) as s:
+        assert len(s) == 2 and s.verify().ok
+    # A second run over the same store hits on every prompt; no full run -> no speed-up estimate.
+    assert main(args + ["--limit", "2"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert [r["hit"] for r in again["prompts"]] == [True, True] and again["totals"]["speedup_vs_all_miss"] is None
+    assert main(["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(out), "--store", str(store_dir),
+                 "--model", "only-two", "paths", "--no-progress"]) == 2
