@@ -24,7 +24,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from comfyui_chai.opensora.buckets import get_fps, get_image_size, get_latent_size, get_num_frames
+from comfyui_chai.opensora.buckets import get_image_size, get_latent_size, get_num_frames
 from comfyui_chai.opensora.rflow import RFlow, make_noise, size_conditioning
 from comfyui_chai.opensora.stdit3 import STDiT3, build_stdit3, stdit3_xl2_config
 
