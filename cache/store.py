@@ -518,6 +518,15 @@ class LatentStore:
             for label, key in conn.execute("SELECT label, compat_key FROM deleted_labels WHERE generation>?",
                                            (self._synced_generation,)).fetchall():
                 self.index.delete([label], key)
+            pruned = conn.execute("SELECT value FROM meta WHERE key='deleted_pruned_upto'").fetchone()
+            if pruned is not None and int(pruned[0]) > self._synced_generation:
+                # Another process pruned deletion-log rows we never read (save_index / compact):
+                # drop whatever the manifest no longer holds, so no stale vector lingers or gets saved.
+                for key in self.index.keys():
+                    want = set(r[0] for r in conn.execute("SELECT label FROM entities WHERE compat_key=?", (key,)))
+                    stale = self.index.labels(key) - want
+                    if stale:
+                        self.index.delete(sorted(stale), key)
             self._synced_generation = generation
 
     def _reload_dim(self) -> None:
@@ -553,6 +562,7 @@ class LatentStore:
                 oldest = c.execute("SELECT MIN(index_generation) FROM partitions").fetchone()[0]
                 if oldest is not None:
                     c.execute("DELETE FROM deleted_labels WHERE generation<=?", (oldest,))
+                    _note_pruned(c, int(oldest))
             self._changes_since_save = 0
 
     def _collect_garbage(self) -> None:
@@ -599,7 +609,7 @@ class LatentStore:
         Raises:
             ValueError: wrong tensor type, dtype, shape or non-finite values; mismatched
                 entities/embeddings; an entry larger than the whole budget.
-            StoreError: the store is closed.
+            StoreError: the store is closed, or its folder cannot be written (read-only, disk full).
         """
         import torch
         from safetensors.torch import save
@@ -640,14 +650,25 @@ class LatentStore:
             if self.dim is None:
                 self._init_dim(embeddings.shape[1])
             self.sync()
-            with open(tmp, "wb") as handle:
-                handle.write(blob)
-                handle.flush()
+            try:
+                with open(tmp, "wb") as handle:
+                    handle.write(blob)
+                    handle.flush()
+                    if self.config.durable:
+                        os.fsync(handle.fileno())
+                os.replace(tmp, final)
                 if self.config.durable:
-                    os.fsync(handle.fileno())
-            os.replace(tmp, final)
-            if self.config.durable:
-                _fsync_dir(final.parent)
+                    _fsync_dir(final.parent)
+            except OSError as exc:  # read-only mount, disk full, permissions
+                for p in (tmp, final):
+                    try:
+                        p.unlink(missing_ok=True)
+                    except OSError:
+                        pass
+                raise StoreError(
+                    f"could not write a latent file in {final.parent} ({exc.strerror or exc}); the store folder "
+                    "must be writable and have free space: free some space, lower the budget, or use another folder"
+                ) from exc
             now = time.time()
             victims: list[tuple[int, str, int]] = []
             try:
@@ -680,6 +701,12 @@ class LatentStore:
                     c.execute("UPDATE counters SET value=value+1 WHERE name='inserts'")
                     if victims:
                         c.execute("UPDATE counters SET value=value+? WHERE name='evictions'", (len(victims),))
+            except sqlite3.OperationalError as exc:  # read-only, disk full, or locked past the timeout
+                final.unlink(missing_ok=True)
+                raise StoreError(
+                    f"could not write the manifest {self.path / 'manifest.sqlite'} ({exc}); the store folder must "
+                    "be writable and have free space, and no other process may hold it locked for minutes"
+                ) from exc
             except BaseException:
                 final.unlink(missing_ok=True)
                 raise
@@ -805,6 +832,7 @@ class LatentStore:
                 vectors += len(self.index.labels(key))
             with self._tx() as c:
                 c.execute("DELETE FROM deleted_labels WHERE generation<=?", (self._synced_generation,))
+                _note_pruned(c, self._synced_generation)
             self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._changes_since_save = 0
         return {"partitions": len(keys), "tombstones_removed": removed, "vectors": vectors}
@@ -1100,9 +1128,27 @@ class _Transaction:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.conn.execute("COMMIT")
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.Error:
+                # A failed COMMIT (disk full, I/O error) can leave the transaction open, and every
+                # later BEGIN on this connection would then fail: end it before re-raising.
+                if self.conn.in_transaction:
+                    try:
+                        self.conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                raise
         else:
             self.conn.execute("ROLLBACK")
+
+
+def _note_pruned(c, upto: int) -> None:
+    """Record that deletion-log rows up to generation ``upto`` are gone, so a process whose index
+    is older than that knows it must reconcile with the manifest instead of replaying the log."""
+    row = c.execute("SELECT value FROM meta WHERE key='deleted_pruned_upto'").fetchone()
+    if row is None or int(row[0]) < upto:
+        c.execute("INSERT OR REPLACE INTO meta VALUES('deleted_pruned_upto', ?)", (str(int(upto)),))
 
 
 def _validate_budget(budget: int) -> None:
