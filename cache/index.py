@@ -211,6 +211,16 @@ class EntityIndex:
             part = self._parts.get(compat_key)
             return set(part.live) if part else set()
 
+    def known_labels(self, labels, compat_key: str) -> set[int]:
+        """The live labels of one partition among ``labels`` (an iterable of ints).
+
+        Costs O(len(labels)), unlike ``labels(key) & ...`` which copies the whole partition's set
+        (the store checks every new row this way on every insert).
+        """
+        with self.lock.read():
+            part = self._parts.get(compat_key)
+            return part.live.intersection(int(x) for x in labels) if part else set()
+
     def tombstones(self, compat_key: str) -> int:
         """Deleted-but-still-stored vectors in one partition."""
         with self.lock.read():
