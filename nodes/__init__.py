@@ -1,5 +1,50 @@
-"""ComfyUI node classes, one file per node group. Only this package may import ComfyUI modules,
-and only lazily inside node methods, so the pack and its tests import without ComfyUI."""
+"""ComfyUI node classes, one file per node group. Only this package may touch ComfyUI modules,
+and only lazily (``nodes.host`` looks them up in ``sys.modules``), so the pack and its tests
+import without ComfyUI.
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+Inside ComfyUI, importing this package also registers the ``models/opensora`` model folder and
+the read-only ``/chai/stats`` route; outside it, both are skipped.
+"""
+
+from . import host as _host
+from .cache_nodes import CHAICache, CHAICacheAttentionSettings, CHAICacheLookup, CHAICacheState
+from .loader_nodes import CHAILoadSTDiT3, CHAILoadTextEncoder, CHAILoadVAE
+from .routes import register_routes as _register_routes
+from .sampler_nodes import CHAISampler, CHAIVAEDecode
+from .text_nodes import CHAIEntityExtractor, CHAIPromptList, CHAITextEncode
+
+#: node id -> class. Node ids are the workflow identity: never rename them.
+NODE_CLASS_MAPPINGS: dict = {
+    "CHAI_LoadSTDiT3": CHAILoadSTDiT3,
+    "CHAI_LoadVAE": CHAILoadVAE,
+    "CHAI_LoadTextEncoder": CHAILoadTextEncoder,
+    "CHAI_PromptList": CHAIPromptList,
+    "CHAI_TextEncode": CHAITextEncode,
+    "CHAI_EntityExtractor": CHAIEntityExtractor,
+    "CHAI_Cache": CHAICache,
+    "CHAI_CacheLookup": CHAICacheLookup,
+    "CHAI_CacheAttentionSettings": CHAICacheAttentionSettings,
+    "CHAI_Sampler": CHAISampler,
+    "CHAI_VAEDecode": CHAIVAEDecode,
+    "CHAI_CacheState": CHAICacheState,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS: dict = {
+    "CHAI_LoadSTDiT3": "CHAI Load STDiT3",
+    "CHAI_LoadVAE": "CHAI Load VAE",
+    "CHAI_LoadTextEncoder": "CHAI Load Text Encoder",
+    "CHAI_PromptList": "CHAI Prompt List",
+    "CHAI_TextEncode": "CHAI Text Encode",
+    "CHAI_EntityExtractor": "CHAI Entity Extractor",
+    "CHAI_Cache": "CHAI Cache",
+    "CHAI_CacheLookup": "CHAI Cache Lookup",
+    "CHAI_CacheAttentionSettings": "CHAI Cache Attention Settings",
+    "CHAI_Sampler": "CHAI Sampler",
+    "CHAI_VAEDecode": "CHAI VAE Decode",
+    "CHAI_CacheState": "CHAI Cache State",
+}
+
+_host.register_model_folders()
+_register_routes()
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

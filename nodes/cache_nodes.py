@@ -1,0 +1,297 @@
+"""CHAI cache nodes: open a store, look a prompt up, Cache Attention settings, and the Cache State panel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from . import registry
+from .text_nodes import ChaiEntities
+
+__all__ = ["CHAICache", "CHAICacheLookup", "CHAICacheAttentionSettings", "CHAICacheState", "ChaiLookup",
+           "parse_cache_steps"]
+
+
+@dataclass
+class ChaiLookup:
+    """``CHAI_LOOKUP``: a prompt's lookup against one store, for the CHAI Sampler.
+
+    The node that makes it previews the match (``preview``); the sampler repeats the lookup under
+    its exact compatibility key (model, size, schedule) right before sampling, because the store
+    may have changed in between (in a batch, an earlier prompt may just have stored a match).
+
+    Attributes:
+        cache: the ``registry.StoreHandle``. lookup: the ``cache.lookup.CacheLookup`` (store,
+        extractor, embedder, threshold, mode). prompt / entities: what is looked up.
+        threshold: least cosine similarity for a hit. preview: JSON-ready best match per entity
+        over every compatible entry of the store (any size), see :func:`preview_lookup`.
+        generation: store generation when the preview was made.
+    """
+
+    cache: Any
+    lookup: Any
+    prompt: str
+    entities: List[str]
+    threshold: float
+    preview: Dict[str, Any] = field(default_factory=dict)
+    generation: int = 0
+
+
+def _require_cache(cache) -> registry.StoreHandle:
+    if not isinstance(cache, registry.StoreHandle):
+        raise TypeError(f"cache must come from a CHAI Cache node, got {type(cache).__name__}")
+    if cache.closed:
+        raise RuntimeError(f"the CHAI store {cache.path} was closed; queue the prompt again to reopen it")
+    return cache
+
+
+class CHAICache:
+    """Opens (or creates) a persistent CHAI latent store."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "folder": ("STRING", {
+                "default": registry.DEFAULT_STORE_NAME,
+                "tooltip": "Store name (kept in ComfyUI/models/chai_cache/<name>) or an absolute folder. Several "
+                           "ComfyUI processes and the command line can share one store."}),
+            "budget_mb": ("INT", {
+                "default": 1024, "min": 1, "max": 1 << 20, "step": 64,
+                "tooltip": "Most megabytes (MiB) of cached latents kept on disk; older entries are evicted past it. "
+                           "One 240p 2 s entry is about 1.2 MB. The paper uses 1 GB."}),
+            "policy": (["lru", "lfu", "fifo"], {
+                "default": "lru",
+                "tooltip": "Which entry goes first when the budget is full: least recently used (the paper's), "
+                           "least frequently used, or oldest."}),
+        }}
+
+    RETURN_TYPES = ("CHAI_CACHE",)
+    RETURN_NAMES = ("cache",)
+    OUTPUT_TOOLTIPS = ("The open store, for CHAI Cache Lookup and CHAI Cache State.",)
+    FUNCTION = "open"
+    CATEGORY = "CHAI"
+    DESCRIPTION = ("Open a persistent, crash-safe latent store (SQLite manifest + safetensors + HNSW index). It "
+                   "survives restarts. The node re-runs whenever the store changes, so ComfyUI never reuses a "
+                   "lookup or a sample made against an older state of the store.")
+
+    @classmethod
+    def IS_CHANGED(cls, folder, budget_mb=1024, policy="lru"):
+        """The store's path and manifest generation: every node downstream re-runs after an insert,
+        eviction or repair (also by another process), and only then."""
+        try:
+            path = registry.resolve_store_path(folder)
+        except (TypeError, ValueError) as exc:
+            return f"invalid:{exc}"
+        return f"{path}@{registry.peek_generation(path)}"
+
+    def open(self, folder, budget_mb=1024, policy="lru"):
+        """Returns (CHAI_CACHE,). Raises ValueError (bad name, budget, policy) or StoreError."""
+        if isinstance(budget_mb, bool) or not isinstance(budget_mb, int) or budget_mb < 1:
+            raise ValueError(f"budget_mb must be a whole number of MiB >= 1, got {budget_mb!r}")
+        return (registry.open_store(folder, budget_bytes=int(budget_mb) << 20, policy=policy),)
+
+
+def preview_lookup(lookup: Any, prompt: str, limit_neighbours: Optional[int] = None) -> Dict[str, Any]:
+    """Best stored match of each of a prompt's keys over every partition of the store whose
+    entries were made with the same embedder, extractor and mode (any model, size or schedule).
+
+    Nothing is recorded in the store's statistics. Returns ``{"entities": [...], "hit": bool,
+    "entity", "matched", "similarity", "entry_id", "entry_prompt", "entry_size", "per_entity":
+    [{"entity", "matched", "similarity", "entry_id", "hit"}]}``; a hit here means "an entry this
+    close exists"; the sampler decides under its exact key.
+    """
+    store = lookup.store
+    marker = "\x00"
+    suffix = lookup.full_key(marker)[len(marker):]
+    keys = lookup.keys_for(prompt)
+    partitions = sorted({e.compat_key for e in store.entries() if e.compat_key.endswith(suffix)})
+    best: Dict[int, Any] = {}
+    if partitions:
+        vectors = lookup.embedder.encode(keys)
+        for key in partitions:
+            for m in store.search(vectors, key, k=limit_neighbours or lookup.config.neighbours):
+                if m.query_index not in best or m.similarity > best[m.query_index].similarity:
+                    best[m.query_index] = m
+    threshold = float(lookup.config.threshold)
+    per_entity = []
+    for i, key in enumerate(keys):
+        m = best.get(i)
+        per_entity.append({"entity": key, "matched": getattr(m, "text", None),
+                           "similarity": round(float(m.similarity), 4) if m is not None else None,
+                           "entry_id": getattr(m, "entry_id", None),
+                           "hit": bool(m is not None and m.similarity >= threshold)})
+    top = max(best.values(), key=lambda m: m.similarity) if best else None
+    out = {"entities": keys, "hit": bool(top is not None and top.similarity >= threshold), "entity": None,
+           "matched": None, "similarity": None, "entry_id": None, "entry_prompt": None, "entry_size": None,
+           "per_entity": per_entity, "threshold": threshold}
+    if top is not None:
+        out.update(entity=keys[top.query_index], matched=top.text, similarity=round(float(top.similarity), 4),
+                   entry_id=int(top.entry_id))
+        record = store.entry(int(top.entry_id))
+        if record is not None:
+            info = record.info or {}
+            out["entry_prompt"] = record.prompt
+            if "height" in info and "width" in info:
+                out["entry_size"] = f"{info['height']}x{info['width']}, {info.get('num_frames', '?')} frames"
+    return out
+
+
+class CHAICacheLookup:
+    """Looks a prompt's entities up in the store: hit or miss, the matched entry and the similarity."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..cache.lookup import DEFAULT_THRESHOLD
+
+        return {"required": {
+            "cache": ("CHAI_CACHE", {"tooltip": "From CHAI Cache."}),
+            "entities": ("CHAI_ENTITIES", {"tooltip": "From CHAI Entity Extractor."}),
+            "threshold": ("FLOAT", {
+                "default": DEFAULT_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.01,
+                "tooltip": f"Least cosine similarity between a prompt entity and a stored one for a hit (default "
+                           f"{DEFAULT_THRESHOLD}, calibrated on VBench prompts). Higher: fewer, safer hits."}),
+        }}
+
+    RETURN_TYPES = ("CHAI_LOOKUP", "BOOLEAN", "STRING", "FLOAT")
+    RETURN_NAMES = ("lookup", "hit", "matched", "similarity")
+    OUTPUT_TOOLTIPS = (
+        "The lookup, for the CHAI Sampler (which repeats it under its exact model/size key just before sampling).",
+        "True when a stored entity is at least `threshold` similar (preview over all sizes and models).",
+        "The stored entity that matched best and the prompt of its entry ('' when the store is empty).",
+        "Cosine similarity of the best match (0 when nothing is stored).")
+    FUNCTION = "lookup"
+    CATEGORY = "CHAI"
+    DESCRIPTION = ("Find the stored request whose entities are closest to this prompt's (HNSW index, cosine "
+                   "similarity). This node previews; the CHAI Sampler makes the decision that counts, under its "
+                   "own model, size and schedule, and records it in the store's statistics.")
+
+    def lookup(self, cache, entities, threshold=0.72):
+        """Returns {"ui": {"text": [...]}, "result": (CHAI_LOOKUP, hit, matched, similarity)}."""
+        from ..cache.lookup import CacheLookup, LookupConfig
+
+        handle = _require_cache(cache)
+        if not isinstance(entities, ChaiEntities):
+            raise TypeError(f"entities must come from a CHAI Entity Extractor node, got {type(entities).__name__}")
+        threshold = float(threshold)
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be a cosine similarity in [0, 1], got {threshold}")
+        lk = CacheLookup(handle.store, registry.shared_extractor(entities.mode), registry.shared_embedder(),
+                         LookupConfig(threshold=threshold, mode=entities.mode))
+        preview = preview_lookup(lk, entities.prompt)
+        result = ChaiLookup(cache=handle, lookup=lk, prompt=entities.prompt, entities=list(preview["entities"]),
+                            threshold=threshold, preview=preview, generation=int(handle.store.generation))
+        if preview["matched"] is None:
+            text = f"miss: the store has no compatible entry yet ({len(handle.store)} entries)"
+            matched = ""
+        else:
+            verdict = "hit" if preview["hit"] else "miss"
+            where = f" [{preview['entry_size']}]" if preview["entry_size"] else ""
+            text = (f"{verdict}: '{preview['entity']}' ~ '{preview['matched']}' similarity "
+                    f"{preview['similarity']:.3f} (threshold {threshold:.2f}), entry #{preview['entry_id']}{where}: "
+                    f"{preview['entry_prompt']}")
+            matched = f"{preview['matched']} | {preview['entry_prompt']}"
+        similarity = float(preview["similarity"] or 0.0)
+        return {"ui": {"text": [text]}, "result": (result, bool(preview["hit"]), matched, similarity)}
+
+
+def parse_cache_steps(text: str) -> tuple:
+    """``"2,3,4"`` -> (2, 3, 4); ``""`` or ``"none"`` -> () (Cache Attention off).
+
+    Raises:
+        ValueError: anything but comma-separated whole numbers.
+    """
+    text = (text or "").strip().lower()
+    if text in ("", "none"):
+        return ()
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise ValueError(f"cache_steps must be comma-separated step numbers such as '2,3,4', got {text!r}") from None
+
+
+class CHAICacheAttentionSettings:
+    """Advanced Cache Attention knobs for the CHAI Sampler (defaults are the paper's)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "cache_steps": ("STRING", {
+                "default": "2,3,4",
+                "tooltip": "1-based fast-mode steps at which the first spatial block attends to the cached latents "
+                           "(paper: 2,3,4). Empty = Cache Attention off. Part of the cache key."}),
+            "block_index": ("INT", {"default": 0, "min": 0, "max": 27,
+                                    "tooltip": "Spatial block that attends to the cache (paper: 0, the first)."}),
+            "attention_mode": (["replace", "concat"], {
+                "default": "replace",
+                "tooltip": "replace: the block's keys/values are the cached ones (paper). concat: cached K/V are "
+                           "appended to the block's own (ablation; longer attention)."}),
+            "branches": (["cond", "both"], {
+                "default": "cond",
+                "tooltip": "CFG halves that see the cache: only the conditional one (default) or both."}),
+            "fusion": (["best", "per_entity"], {
+                "default": "best",
+                "tooltip": "best: one entry, the best match (paper). per_entity: the best entry of every matched "
+                           "entity, K/V concatenated (up to max_fused)."}),
+            "max_fused": ("INT", {"default": 3, "min": 1, "max": 8,
+                                  "tooltip": "Most entries fused with fusion=per_entity."}),
+            "capture_dtype": (["float16", "float32"], {
+                "default": "float16",
+                "tooltip": "dtype of the latents a miss stores (float16 halves the bytes). Part of the cache key."}),
+        }}
+
+    RETURN_TYPES = ("CHAI_CACHE_CONFIG",)
+    RETURN_NAMES = ("settings",)
+    OUTPUT_TOOLTIPS = ("Cache Attention settings, for the CHAI Sampler's optional 'settings' input.",)
+    FUNCTION = "build"
+    CATEGORY = "CHAI"
+    DESCRIPTION = ("Cache Attention knobs beyond the sampler's steps. Settings that change what is stored "
+                   "(cache steps, capture dtype) are part of the cache key, so entries made under other settings "
+                   "are never reused; the others only change how entries are used.")
+
+    def build(self, cache_steps="2,3,4", block_index=0, attention_mode="replace", branches="cond", fusion="best",
+              max_fused=3, capture_dtype="float16"):
+        """Returns ({CacheAttentionConfig keyword: value},). Raises ValueError on a bad value."""
+        from ..opensora.cache_attention import CacheAttentionConfig
+
+        settings = {"cache_steps": parse_cache_steps(cache_steps), "block_index": int(block_index),
+                    "mode": attention_mode, "branches": branches, "fusion": fusion, "max_fused": int(max_fused),
+                    "capture_dtype": capture_dtype}
+        fast = max(8, max(settings["cache_steps"], default=1))
+        CacheAttentionConfig(fast_steps=fast, **settings)  # validate now, with the node that holds the values
+        return (settings,)
+
+
+class CHAICacheState:
+    """Shows the store's state in a panel: entries, bytes against budget, hit rate, last lookups."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"cache": ("CHAI_CACHE", {"tooltip": "From CHAI Cache."})},
+                "optional": {"after": ("LATENT", {
+                    "tooltip": "Optional: connect the sampler's LATENT so the panel updates after it ran."})},
+                "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("summary",)
+    OUTPUT_TOOLTIPS = ("One-line summary: entries, MB of budget, hit rate, hits, misses, evictions.",)
+    OUTPUT_NODE = True
+    FUNCTION = "show"
+    CATEGORY = "CHAI"
+    DESCRIPTION = ("Cache-state panel: entries, bytes against the budget, hit rate, hits, misses, evictions and "
+                   "the last lookups with their matched entity and similarity. It refreshes after every CHAI "
+                   "Sampler run and on its Refresh button (read-only route /chai/stats).")
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        """Always re-run: the counters change with every lookup, not only with the store's generation."""
+        return float("nan")
+
+    def show(self, cache, after=None, unique_id=None):
+        """Returns {"ui": {"chai_stats": [payload], "text": [summary]}, "result": (summary,)}."""
+        handle = _require_cache(cache)
+        payload = registry.stats_payload(handle)
+        s = payload["stats"]
+        summary = (f"{s['entries']} entries, {s['bytes'] / 2**20:.1f} of {s['budget_bytes'] / 2**20:.0f} MiB, "
+                   f"hit rate {100 * s['hit_rate']:.1f}% ({s['hits']} hits, {s['misses']} misses), "
+                   f"{s['evictions']} evictions")
+        return {"ui": {"chai_stats": [payload], "text": [summary]}, "result": (summary,)}

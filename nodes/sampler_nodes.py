@@ -1,0 +1,245 @@
+"""The CHAI Sampler (lookup -> fast or full RFLOW -> store on a miss) and the OpenSora VAE Decode."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from . import host, registry
+from .cache_nodes import ChaiLookup
+from .models import ChaiConditioning, ChaiModel, ChaiVAE
+
+__all__ = ["CHAISampler", "CHAIVAEDecode", "LATENT_META_KEY"]
+
+log = logging.getLogger("comfyui_chai.nodes")
+
+#: Key of the LATENT dict that carries the video's pixel size, frame count and fps to the decoder.
+LATENT_META_KEY = "chai"
+
+
+class _FixedCaptions:
+    """Caption encoder for ``ChaiPipeline`` that returns an already-encoded prompt (Text Encode ran it)."""
+
+    def __init__(self, cond: ChaiConditioning) -> None:
+        self.cond = cond
+        self.fingerprint = cond.fingerprint
+        self.max_length = cond.length
+
+    def encode(self, prompt: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        if prompt != self.cond.prompt:  # the pipeline only ever asks for the request's own prompt
+            raise ValueError("internal: the sampler asked for a prompt other than the conditioning's")
+        return self.cond.y, self.cond.mask
+
+
+def _check_inputs(model, conditioning, lookup) -> Tuple[ChaiModel, ChaiConditioning, Optional[ChaiLookup]]:
+    if not isinstance(model, ChaiModel):
+        raise TypeError(f"model must come from CHAI Load STDiT3, got {type(model).__name__}")
+    if not isinstance(conditioning, ChaiConditioning):
+        raise TypeError(f"conditioning must come from CHAI Text Encode, got {type(conditioning).__name__}")
+    if lookup is not None and not isinstance(lookup, ChaiLookup):
+        raise TypeError(f"lookup must come from CHAI Cache Lookup, got {type(lookup).__name__}")
+    if conditioning.channels != model.caption_channels or conditioning.length != model.max_length:
+        raise ValueError(
+            f"the text encoder '{conditioning.encoder}' gives {conditioning.length}-token, {conditioning.channels}-wide "
+            f"captions but the model '{model.name}' takes {model.max_length} tokens, {model.caption_channels} wide: "
+            "load the text encoder that goes with this model (T5-XXL for OpenSora 1.2, 'tiny' for the tiny model)")
+    if lookup is not None and lookup.prompt != conditioning.prompt:
+        raise ValueError(
+            f"the lookup is for the prompt {lookup.prompt[:60]!r} but the conditioning is for {conditioning.prompt[:60]!r}: "
+            "feed the Entity Extractor from the same CHAI Text Encode as the sampler")
+    return model, conditioning, lookup
+
+
+class CHAISampler:
+    """Samples a video latent with CHAI: 8 steps with Cache Attention on a hit, 30 steps (stored) on a miss."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..opensora.buckets import list_aspect_ratios, list_resolutions
+
+        return {
+            "required": {
+                "model": ("CHAI_MODEL", {"tooltip": "From CHAI Load STDiT3."}),
+                "conditioning": ("CHAI_CONDITIONING", {"tooltip": "From CHAI Text Encode."}),
+                "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                 "tooltip": "Noise seed: the same seed gives the same noise on any device."}),
+                "resolution": (list(list_resolutions()), {
+                    "default": "240p", "tooltip": "OpenSora resolution bucket (240p 9:16 = 240x426 pixels)."}),
+                "aspect_ratio": (list(list_aspect_ratios()), {
+                    "default": "9:16", "tooltip": "Height:width bucket of OpenSora 1.2."}),
+                "num_frames": ("INT", {
+                    "default": 51, "min": 1, "max": 408,
+                    "tooltip": "Frames in pixels: 51 = OpenSora's 2 s at 24 fps; 1 = an image; 2-16 are refused "
+                               "(OpenSora 1.2 needs 17 or more)."}),
+                "height": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 16,
+                                   "tooltip": "Pixel height; 0 = from resolution and aspect_ratio."}),
+                "width": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 16,
+                                  "tooltip": "Pixel width; 0 = from resolution and aspect_ratio."}),
+                "steps": ("INT", {"default": 30, "min": 1, "max": 200,
+                                  "tooltip": "Steps of a full run (a miss, or mode=full). OpenSora 1.2: 30."}),
+                "fast_steps": ("INT", {"default": 8, "min": 1, "max": 200,
+                                       "tooltip": "Steps on a cache hit (fast mode with Cache Attention). Paper: 8."}),
+                "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 30.0, "step": 0.5,
+                                  "tooltip": "Classifier-free guidance scale (OpenSora 1.2: 7.0)."}),
+                "mode": (["auto", "full", "plain_fast"], {
+                    "default": "auto",
+                    "tooltip": "auto: CHAI (hit -> fast with cache, miss -> full and store). full: always the full "
+                               "schedule, nothing looked up or stored (baseline). plain_fast: fast_steps without the "
+                               "cache (baseline)."}),
+                "store_on_miss": ("BOOLEAN", {
+                    "default": True, "tooltip": "Store a miss's latents when its run completes (auto mode)."}),
+            },
+            "optional": {
+                "lookup": ("CHAI_LOOKUP", {"tooltip": "From CHAI Cache Lookup. Without it every run is a full run "
+                                                      "and nothing is stored."}),
+                "settings": ("CHAI_CACHE_CONFIG", {"tooltip": "Optional CHAI Cache Attention Settings."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = ("LATENT", "STRING")
+    RETURN_NAMES = ("latent", "report")
+    OUTPUT_TOOLTIPS = (
+        "The clean video latent {'samples': [1, C, T, H, W]} with the video's size and fps, for CHAI VAE Decode.",
+        "What happened: hit or miss, matched entity and similarity, steps, latency split in ms.")
+    FUNCTION = "sample"
+    CATEGORY = "CHAI"
+    DESCRIPTION = ("OpenSora 1.2 RFLOW sampling with CHAI. Right before sampling it looks the prompt up under the "
+                   "exact key of this model, size and schedule: a hit runs fast_steps with Cache Attention on the "
+                   "cached latents; a miss runs the full schedule and stores its latents once the run completes. "
+                   "Reports progress, stops on Cancel (nothing stored), and re-runs when the store changes.")
+
+    @classmethod
+    def IS_CHANGED(cls, mode="auto", **kwargs):
+        """In auto mode: the generation of every store this process has open, so a result sampled
+        against an older store state is never reused (the Cache node upstream does the same per
+        store). Other modes do not read the store: their cache key is the inputs alone."""
+        if mode != "auto":
+            return ""
+        return ";".join(f"{h.id}@{h.store.generation}" for h in registry.open_stores())
+
+    def sample(self, model, conditioning, seed=42, resolution="240p", aspect_ratio="9:16", num_frames=51, height=0,
+               width=0, steps=30, fast_steps=8, cfg=7.0, mode="auto", store_on_miss=True, lookup=None, settings=None,
+               unique_id=None):
+        """Returns {"ui": {...}, "result": (LATENT, report)}.
+
+        Raises:
+            TypeError / ValueError: wrong sockets, mismatched text encoder, bad size or settings (the
+                message says what to change). ComfyUI's InterruptProcessingException on Cancel.
+        """
+        from ..opensora.cache_attention import CacheAttentionConfig
+        from ..opensora.rflow import SamplingCancelled
+        from ..pipeline import ChaiPipeline
+
+        model, cond, lookup = _check_inputs(model, conditioning, lookup)
+        if mode not in ("auto", "full", "plain_fast"):
+            raise ValueError(f"mode must be 'auto', 'full' or 'plain_fast', got {mode!r}")
+        if (height == 0) != (width == 0):
+            raise ValueError(f"set both height and width (pixels), or both to 0 to use the bucket; got {height}x{width}")
+        extra: Dict[str, Any] = dict(settings or {})
+        config = CacheAttentionConfig(fast_steps=int(fast_steps), full_steps=int(steps), cfg_scale=float(cfg),
+                                      threshold=lookup.threshold if lookup is not None else None, **extra)
+        cache_lookup = lookup.lookup if lookup is not None else None
+        pipe = ChaiPipeline(model.module, None, _FixedCaptions(cond), cache_lookup, config,
+                            model_fingerprint=model.fingerprint, size_dtype=model.size_dtype)
+        # Validate the size before placing a model on the GPU.
+        size = pipe.resolve_size(None if height else resolution, aspect_ratio, height or None, width or None,
+                                 int(num_frames))
+        progress = host.ProgressReporter(unique_id)
+        if model.placement is not None:
+            model.placement.load()
+        try:
+            result = pipe.generate(cond.prompt, seed=int(seed), height=size[0], width=size[1], num_frames=size[2],
+                                   mode=mode, decode=False, store=bool(store_on_miss), progress=progress,
+                                   should_cancel=host.interrupted)
+        except SamplingCancelled as exc:
+            host.raise_interrupted(exc)
+        finally:
+            if model.placement is not None:
+                model.placement.release()
+
+        fps = model.fps if size[2] > 1 else 120  # OpenSora conditions single images on 120 fps
+        latent = {"samples": result.latent[None].to(host.intermediate_device()),
+                  LATENT_META_KEY: {"height": result.height, "width": result.width, "num_frames": result.num_frames,
+                                    "fps": fps, "mode": result.mode, "hit": result.hit, "prompt": result.prompt}}
+        summary = result.summary()
+        summary["time"] = time.time()
+        report = _report_line(summary)
+        log.info("CHAI: %s", report)
+        ui: Dict[str, Any] = {"chai_run": [summary], "text": [report]}
+        if lookup is not None:
+            lookup.cache.last_run = summary
+            payload = registry.stats_payload(lookup.cache)
+            ui["chai_stats"] = [payload]
+            host.send_event(registry.STATS_EVENT, payload)
+        return {"ui": ui, "result": (latent, report)}
+
+
+def _report_line(summary: Dict[str, Any]) -> str:
+    t = summary["timings_ms"]
+    if summary["hit"]:
+        head = (f"hit: '{summary['entity']}' ~ '{summary['matched']}' (similarity {summary['similarity']:.3f}, "
+                f"entry #{summary['entry_id']}) -> fast mode, {summary['steps']} steps")
+    elif summary["mode"] == "full" and summary.get("inserted_entry_id") is not None:
+        near = (f"; nearest '{summary['matched']}' {summary['similarity']:.3f}"
+                if summary.get("matched") and summary.get("similarity") is not None else "")
+        head = f"miss{near} -> full mode, {summary['steps']} steps, stored as entry #{summary['inserted_entry_id']}"
+    else:
+        head = f"{summary['mode']} mode, {summary['steps']} steps (no cache)"
+    return (f"{head}; {summary['height']}x{summary['width']}, {summary['num_frames']} frames; "
+            f"lookup {t['lookup_ms']:.0f} ms, denoise {t['denoise_ms']:.0f} ms, store {t['store_ms']:.0f} ms, "
+            f"total {t['total_ms'] / 1000:.2f} s")
+
+
+class CHAIVAEDecode:
+    """Decodes a CHAI latent into video frames (an IMAGE batch, one image per frame) and its fps."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("CHAI_VAE", {"tooltip": "From CHAI Load VAE (the family of the STDiT3 model)."}),
+            "latent": ("LATENT", {"tooltip": "From the CHAI Sampler (carries the video's frame count and fps)."}),
+        }}
+
+    RETURN_TYPES = ("IMAGE", "FLOAT")
+    RETURN_NAMES = ("frames", "fps")
+    OUTPUT_TOOLTIPS = (
+        "Video frames [F, H, W, 3] float32 in 0..1 (ComfyUI's IMAGE batch), for CreateVideo -> SaveVideo or "
+        "VHS Video Combine.",
+        "Frames per second of the video (OpenSora 1.2: 24), for CreateVideo's fps or VHS's frame_rate.")
+    FUNCTION = "decode"
+    CATEGORY = "CHAI"
+    DESCRIPTION = ("Decode with OpenSora's video VAE into an IMAGE batch of frames plus the fps; save it with "
+                   "ComfyUI's CreateVideo + SaveVideo (mp4) or VideoHelperSuite's Video Combine.")
+
+    def decode(self, vae, latent):
+        """Returns (IMAGE [F, H, W, 3], fps). Raises TypeError/ValueError on a latent that is not a CHAI video latent."""
+        if not isinstance(vae, ChaiVAE):
+            raise TypeError(f"vae must come from CHAI Load VAE, got {type(vae).__name__}")
+        if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+            raise TypeError("latent must be a LATENT dict with 'samples' (from the CHAI Sampler)")
+        meta = latent.get(LATENT_META_KEY)
+        samples = latent["samples"]
+        if not isinstance(meta, dict) or "num_frames" not in meta:
+            raise ValueError("this LATENT has no CHAI video metadata (frame count): connect it straight from the "
+                             "CHAI Sampler; latents from other samplers are not OpenSora video latents")
+        if samples.ndim != 5:
+            raise ValueError(f"a CHAI video latent is [B, C, T, H, W], got {tuple(samples.shape)}")
+        mm = host.comfy_module("comfy.model_management")
+        if mm is not None:
+            mm.throw_exception_if_processing_interrupted()
+        module = vae.module
+        device = vae.placement.load() if vae.placement is not None else host._module_device(module)
+        try:
+            with torch.no_grad():
+                z = samples.to(device=device, dtype=module.dtype)
+                video = module.decode(z, num_frames=int(meta["num_frames"]))  # [B, 3, F, H, W] in [-1, 1]
+                frames = ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)
+                frames = frames.reshape(-1, *frames.shape[2:]).contiguous()
+        finally:
+            if vae.placement is not None:
+                vae.placement.release()
+        return (frames.to(host.intermediate_device()), float(meta.get("fps", 24)))
