@@ -50,6 +50,7 @@ __all__ = [
     "CacheAttentionConfig",
     "CacheAttention",
     "CacheAttentionCall",
+    "FullRun",
     "LatentCapture",
     "cache_latent_name",
     "capture_plan",
