@@ -733,8 +733,23 @@ class LatentStore:
             # Index last: the manifest already holds the truth if we die here.
             self.sync()
             self._changes_since_save += 1 + len(victims)
-            self._maybe_compact_and_save()
+            try:
+                self._maybe_compact_and_save()
+            except (OSError, sqlite3.Error) as exc:
+                # The entry is committed and the index is derived data (the next open catches it
+                # up from the manifest): report the failed save rather than fail a finished insert.
+                self._report_index_save_failure(exc)
         return entry_id
+
+    def _report_index_save_failure(self, exc: BaseException) -> None:
+        log.warning("CHAI store %s: could not save the index (%s); it will be rebuilt from the manifest",
+                    self.path, exc)
+        try:
+            with self._tx() as c:
+                c.execute("INSERT INTO events(time, kind, detail) VALUES(?,?,?)",
+                          (time.time(), "index_save_failed", f"{exc}; the next open rebuilds it from the manifest"))
+        except sqlite3.Error:
+            pass  # the manifest is not writable either: the warning above is all we can do
 
     def _init_dim(self, dim: int) -> None:
         with self._tx() as c:
