@@ -41,7 +41,7 @@ from _store_util import (
     unit_vectors,
 )
 from comfyui_chai.cache.index import partition_file_name
-from comfyui_chai.cache.store import LatentStore, StoreError
+from comfyui_chai.cache.store import LatentStore, StoreConfig, StoreError
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -526,3 +526,28 @@ def test_disk_full_is_a_clear_error_and_keeps_every_committed_entry(tmp_path):
             _assert_finds_all(store, ids)
     finally:
         _umount(mnt)
+
+
+def test_index_save_failure_after_commit_does_not_fail_the_insert(tmp_path):
+    """The index is derived data: once the manifest has committed an entry, a failed index save
+    (here: index/ turns read-only) is reported, not raised, so a finished generation is not lost
+    to an error; the in-memory index keeps serving and the next open catches up from the manifest."""
+    path = tmp_path / "s"
+    store = LatentStore(path, dim=DIM, config=StoreConfig(autosave_every=1))
+    ids = {put_seeded(store, s): s for s in range(600, 604)}
+    if not _mount_tmpfs(path / "index", "ro,size=1m"):
+        store.close()
+        pytest.skip("needs root and a tmpfs mount to make index/ read-only under an open store")
+    try:
+        new = put_seeded(store, 650)
+        ids[new] = 650
+        assert_seeded_entry(store, new, 650)
+        assert store.events(1)[0]["kind"] == "index_save_failed"
+        _assert_finds_all(store, ids)
+    finally:
+        _umount(path / "index")
+    store.close()
+    with LatentStore(path) as store:
+        assert {r.entry_id for r in store.entries()} == set(ids)
+        _assert_finds_all(store, ids)
+        assert store.verify().ok
