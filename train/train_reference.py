@@ -1,0 +1,324 @@
+"""Train the reference model (small pixel-space STDiT3) on procedural scene clips with OpenSora's
+rectified-flow objective. Resumable, shows progress, exports a loadable model folder as it goes.
+
+Objective (OpenSora 1.2 RFLOW, ``opensora/schedulers/rf/rectified_flow.py``; reference/opensora.md 5.1):
+draw s in (0, 1), eps ~ N(0, I), x_t = (1 - s) x_0 + s eps, timestep t = 1000 s; the model predicts
+v = x_0 - eps and the loss is the mean squared error. s is drawn logit-normal (OpenSora's
+``sample_method="logit-normal"``) for 80 % of the batch and uniform for 20 %, so the high-noise end
+that short (4-8 step) schedules lean on is trained too. Captions are replaced by the model's null
+caption ``y_embedder.y_embedding`` with probability ``class_dropout_prob`` (0.1) so CFG works.
+
+Data: clip i of the training stream is ``scenes.sample_scene(np.random.default_rng([seed, i]))``
+with its caption, rendered on the fly (about 5 ms per clip) and captioned by all-MiniLM-L6-v2 on
+the fly (infinite data, nothing cached on disk). Step k uses clips [k B, (k + 1) B), and its noise is
+seeded by (seed, k), so a resumed run sees exactly the batches an uninterrupted one would.
+Held-out prompts (benchmarks, tests) use other seeds (see ``bench/quality_bench.py``).
+
+Outputs:
+  <state-dir>/state.safetensors   model, EMA and AdamW moments + step/elapsed (safetensors metadata)
+  <state-dir>/log.jsonl           one line per step: step, loss, lr, seconds
+  <out-dir>/model.safetensors     EMA weights (what ``refmodel.model.load_reference_model`` reads)
+  <out-dir>/config.json           STDiT3 config, clip geometry, sampler, training summary
+  <out-dir>/loss.png              loss curve
+
+Usage::
+
+    python train/train_reference.py --steps 3000 --batch-size 16            # starts or resumes
+    nohup python train/train_reference.py --steps 3000 > out/train.log 2>&1 &
+    python train/train_reference.py --export-only                          # re-export + plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+try:
+    from comfyui_chai.refmodel import scenes
+    from comfyui_chai.refmodel.model import (CLIP, REFERENCE_CONFIG, SAMPLER, MiniLMTokenStates, build_reference_model,
+                                             count_parameters, cosine_lr, pixels_to_model)
+except ImportError as e:  # pragma: no cover - environment problem, say what to do
+    raise SystemExit(f"cannot import comfyui_chai ({e}); run `pip install -c constraints.txt --no-deps -e .` first")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3000, help="total optimizer steps (a resumed run continues up to this)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=8e-4, help="peak AdamW learning rate")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported weights")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the box is shared: 1)")
+    p.add_argument("--seed", type=int, default=1, help="training stream seed (held-out prompts use others)")
+    p.add_argument("--two-shape-prob", type=float, default=0.2)
+    p.add_argument("--save-every", type=int, default=50, help="steps between checkpoints and exports")
+    p.add_argument("--state-dir", type=Path, default=REPO / "out" / "train" / "reference_v1")
+    p.add_argument("--out-dir", type=Path, default=REPO / "models" / "reference_v1")
+    p.add_argument("--export-only", action="store_true", help="write out-dir from the last checkpoint and exit")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (plain log lines)")
+    a = p.parse_args(argv)
+    if a.steps < 1 or a.batch_size < 1 or a.save_every < 1 or a.threads < 1:
+        p.error("--steps, --batch-size, --save-every and --threads must be positive")
+    if not 0.0 < a.ema < 1.0:
+        p.error("--ema must be in (0, 1)")
+    return a
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def batch_for_step(step: int, batch_size: int, seed: int, two_shape_prob: float) -> Tuple[np.ndarray, List[str]]:
+    """Clips [B, F, H, W, 3] uint8 and captions of optimizer step ``step`` (deterministic)."""
+    vids, caps = [], []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        g = np.random.default_rng([seed, i])
+        spec = scenes.sample_scene(g, two_shape_prob=two_shape_prob, num_frames=CLIP.num_frames,
+                                   height=CLIP.height, width=CLIP.width)
+        vids.append(scenes.render(spec))
+        caps.append(scenes.caption(spec, g))
+    return np.stack(vids), caps
+
+
+def sample_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Noise levels s in (0, 1): logit-normal(0, 1) for 80 %, uniform for 20 % (see module doc)."""
+    s_ln = torch.sigmoid(torch.randn(n, generator=gen))
+    s_u = torch.rand(n, generator=gen)
+    pick = torch.rand(n, generator=gen) < 0.8
+    return torch.where(pick, s_ln, s_u).clamp(1e-4, 1.0)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def _atomic_save(tensors: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_state(path: Path, model, ema, opt, step: int, elapsed: float, args) -> None:
+    t: Dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        t[f"model.{k}"] = v
+    for k, v in ema.state_dict().items():
+        t[f"ema.{k}"] = v
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if st:
+                t[f"optim.{names[id(p)]}.exp_avg"] = st["exp_avg"]
+                t[f"optim.{names[id(p)]}.exp_avg_sq"] = st["exp_avg_sq"]
+                t[f"optim.{names[id(p)]}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+    meta = {"step": str(step), "elapsed_s": f"{elapsed:.1f}", "args": json.dumps(_jsonable(vars(args)))}
+    _atomic_save(t, path, meta)
+
+
+def load_state(path: Path, model, ema, opt) -> Tuple[int, float]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")}, strict=True)
+    ema.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema.")}, strict=True)
+    for n, p in model.named_parameters():
+        if f"optim.{n}.exp_avg" in t:
+            opt.state[p] = {"step": t[f"optim.{n}.step"].reshape(()).clone(),
+                            "exp_avg": t[f"optim.{n}.exp_avg"].to(p.device),
+                            "exp_avg_sq": t[f"optim.{n}.exp_avg_sq"].to(p.device)}
+    return int(meta["step"]), float(meta["elapsed_s"])
+
+
+def _jsonable(d):
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+def read_log(path: Path) -> List[dict]:
+    """Rows of ``log.jsonl`` (later rows for the same step win, so a resumed run's log stays clean)."""
+    rows: Dict[int, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            rows[int(r["step"])] = r
+    return [rows[k] for k in sorted(rows)]
+
+
+def plot_loss(rows: List[dict], path: Path) -> None:
+    """Loss per step (faint) and its 50-step moving average, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    steps = np.array([r["step"] for r in rows])
+    loss = np.array([r["loss"] for r in rows])
+    k = min(50, len(loss))
+    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, loss, lw=0.5, alpha=0.35, label="per step")
+    ax.plot(steps[k - 1:], smooth, lw=1.5, label=f"{k}-step mean")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("rectified-flow MSE (v = x0 - eps)")
+    ax.set_title("reference model training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def export(out_dir: Path, ema, step: int, elapsed: float, args, rows: List[dict], n_params: int) -> None:
+    """Write the EMA weights, config.json and loss.png to ``out_dir`` (atomic per file)."""
+    _atomic_save(dict(ema.state_dict()), out_dir / "model.safetensors", {"step": str(step)})
+    recent = [r["loss"] for r in rows[-100:]]
+    cfg = {
+        "stdit3": {k: (list(v) if isinstance(v, tuple) else v) for k, v in REFERENCE_CONFIG.items()},
+        "clip": {"num_frames": CLIP.num_frames, "height": CLIP.height, "width": CLIP.width, "fps": CLIP.fps,
+                 "channels": "RGB pixels in [-1, 1]"},
+        "sampler": dict(SAMPLER),
+        "text_encoder": {"name": "sentence-transformers/all-MiniLM-L6-v2", "output": "last_hidden_state",
+                         "max_length": REFERENCE_CONFIG["model_max_length"], "padding": "zeros + attention mask"},
+        "training": {
+            "steps": step, "batch_size": args.batch_size, "peak_lr": args.lr, "warmup": args.warmup,
+            "ema": args.ema, "seed": args.seed, "two_shape_prob": args.two_shape_prob,
+            "elapsed_s": round(elapsed, 1), "device": args.device, "threads": args.threads,
+            "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
+            "parameters": n_params, "loss_last100_mean": (float(np.mean(recent)) if recent else None),
+            "objective": "rectified flow (OpenSora RFLOW): x_t=(1-s)x0+s*eps, t=1000s, target v=x0-eps, MSE",
+        },
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "config.json.tmp"
+    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+    os.replace(tmp, out_dir / "config.json")
+    plot_loss(rows, out_dir / "loss.png")
+
+
+# ------------------------------------------------------------------------------ training
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1.0 - decay)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = build_reference_model(seed=args.seed).to(device)
+    ema = build_reference_model(seed=args.seed).to(device)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0, eps=1e-8)
+    n_params = count_parameters(model)
+
+    state_path = args.state_dir / "state.safetensors"
+    log_path = args.state_dir / "log.jsonl"
+    step, elapsed = 0, 0.0
+    if state_path.is_file():
+        step, elapsed = load_state(state_path, model, ema, opt)
+        print(f"resumed from {state_path} at step {step} ({elapsed / 60:.1f} min trained so far)", flush=True)
+    if args.export_only:
+        if step == 0:
+            print(f"no checkpoint at {state_path}; nothing to export", file=sys.stderr)
+            return 1
+        export(args.out_dir, ema, step, elapsed, args, read_log(log_path), n_params)
+        print(f"exported step {step} to {args.out_dir}")
+        return 0
+
+    print(f"reference STDiT3: {n_params:,} parameters, tokens/clip = "
+          f"{math.prod(n // p for n, p in zip((CLIP.num_frames, CLIP.height, CLIP.width), REFERENCE_CONFIG['patch_size']))}, batch {args.batch_size}, "
+          f"steps {step} -> {args.steps}, device {device}, threads {args.threads}", flush=True)
+    encoder = MiniLMTokenStates(max_length=REFERENCE_CONFIG["model_max_length"], device=device)
+    null = model.y_embedder.y_embedding  # [L, 384]: the CFG null caption, fixed buffer
+    p_drop = float(REFERENCE_CONFIG["class_dropout_prob"])
+    fps = torch.full((args.batch_size,), float(CLIP.fps), device=device)
+    hw = torch.full((args.batch_size,), float(CLIP.height), device=device)
+
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True, mininterval=5.0)
+    args.state_dir.mkdir(parents=True, exist_ok=True)
+    log_f = open(log_path, "a")
+    model.train()
+    t_last = time.perf_counter()
+    while step < args.steps:
+        vids, caps = batch_for_step(step, args.batch_size, args.seed, args.two_shape_prob)
+        x0 = pixels_to_model(vids).to(device)
+        y, mask = encoder(caps)  # [B, 1, L, 384], [B, L]
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        drop = (torch.rand(args.batch_size, generator=gen) < p_drop).to(device)
+        y = torch.where(drop[:, None, None, None], null[None, None].to(y.dtype), y)
+        s = sample_sigmas(args.batch_size, gen).to(device)
+        eps = torch.randn(x0.shape, generator=gen).to(device)
+        sb = s[:, None, None, None, None]
+        x_t = (1.0 - sb) * x0 + sb * eps
+        lr = cosine_lr(step, args.steps, args.lr, args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        v = model(x_t, s * 1000.0, y, mask=mask, fps=fps, height=hw, width=hw)
+        loss = F.mse_loss(v, x0 - eps)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"non-finite loss at step {step}; lower --lr and resume from the last checkpoint")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, 1.0))
+        opt.step()
+        ema_update(ema, model, min(args.ema, (1.0 + step) / (10.0 + step)))
+        step += 1
+        now = time.perf_counter()
+        elapsed += now - t_last
+        t_last = now
+        log_f.write(json.dumps({"step": step, "loss": round(loss_value, 6), "lr": lr, "grad_norm": round(gnorm, 4),
+                                "elapsed_s": round(elapsed, 1)}) + "\n")
+        log_f.flush()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.1e}")
+        elif step % 10 == 0:
+            print(f"step {step} loss {loss_value:.4f} lr {lr:.2e} {elapsed / step if step else 0:.2f}s/step", flush=True)
+        if step % args.save_every == 0 or step == args.steps:
+            save_state(state_path, model, ema, opt, step, elapsed, args)
+            export(args.out_dir, ema, step, elapsed, args, read_log(log_path), n_params)
+    log_f.close()
+    if bar is not None:
+        bar.close()
+    print(f"done: {step} steps, {elapsed / 3600:.2f} h; model in {args.out_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
