@@ -637,6 +637,8 @@ class LatentStore:
         if not isinstance(prompt, str):
             raise ValueError("prompt must be a string")
         spec = _tensor_spec(tensors)
+        if isinstance(entities, (str, bytes)):  # would silently become one entity per character
+            raise ValueError("entities must be a list of strings, e.g. ['a golden retriever'], not one string")
         entities = [str(e) for e in entities]
         embeddings = np.asarray(embeddings, dtype=np.float32)
         if not entities:
