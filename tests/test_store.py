@@ -274,6 +274,24 @@ def test_entry_larger_than_budget_is_refused_and_stores_nothing(tmp_path):
         assert _snapshot(store) == before and kept in before
 
 
+def test_entry_of_exactly_the_budget_fits_and_evicts_everything_else(tmp_path):
+    big = {"x": torch.randn(4, 256)}
+    emb = unit_vectors(np.random.default_rng(3), 1)
+    with LatentStore(tmp_path / "probe", dim=DIM) as probe:  # learn the entry's exact file size
+        size = probe.entry(probe.put(big, ["a dog"], emb, "model=t|big", "big")).nbytes
+    with LatentStore(tmp_path / "s", dim=DIM, budget_bytes=size) as store:
+        small = [_one(store, n_cols=2, seed=i) for i in range(5)]
+        assert len(store) == 5
+        entry_id = store.put(big, ["a dog"], emb, "model=t|big", "big")
+        assert [r.entry_id for r in store.entries()] == [entry_id]
+        assert manifest_total(store.path) == size and store.stats().evictions == 5
+        assert all(store.load(i) is None for i in small)
+        store.set_budget(size - 1)  # now it no longer fits: evicted, and a new copy is refused
+        assert len(store) == 0 and latent_files(store.path) == {}
+        with pytest.raises(ValueError, match=f"{size} bytes, more than the store's whole budget of {size - 1}"):
+            store.put(big, ["a dog"], emb, "model=t|big", "big")
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def _bad_puts():
     rng = np.random.default_rng(5)
@@ -302,6 +320,7 @@ def _bad_puts():
         ("no tensors", ({}, ["a dog"], e1, KEY, "p"), "non-empty mapping"),
         ("2 entities 1 row", (good_t, ["a dog", "a cat"], e1, KEY, "p"), r"embeddings must be \[2, dim\]"),
         ("1 entity 3 rows", (good_t, ["a dog"], unit_vectors(rng, 3), KEY, "p"), r"embeddings must be \[1, dim\]"),
+        ("entities as one string", (good_t, "dog", unit_vectors(rng, 3), KEY, "p"), "list of strings"),
         ("no entities", (good_t, [], np.zeros((0, DIM), np.float32), KEY, "p"), "at least one entity"),
         ("1-d embeddings", (good_t, ["a dog"], e1[0], KEY, "p"), "embeddings must be"),
         ("wrong dim", (good_t, ["a dog"], unit_vectors(rng, 1, DIM + 1), KEY, "p"), f"store holds {DIM}-d"),

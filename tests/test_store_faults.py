@@ -30,6 +30,7 @@ from _store_util import (
     DIM,
     KEYS,
     assert_search_sound,
+    assert_tensors_equal,
     assert_seeded_entry,
     entity_vectors,
     latent_files,
@@ -551,3 +552,70 @@ def test_index_save_failure_after_commit_does_not_fail_the_insert(tmp_path):
         assert {r.entry_id for r in store.entries()} == set(ids)
         _assert_finds_all(store, ids)
         assert store.verify().ok
+
+
+def test_threads_of_one_process_share_a_store(tmp_path):
+    """ComfyUI runs prompts on a worker thread while HTTP routes (the cache-state panel) read the
+    store on the server thread: one writer thread inserts, deletes, saves and compacts while three
+    reader threads search, load and read stats through the same LatentStore object."""
+    import threading
+
+    store = LatentStore(tmp_path / "s", dim=DIM, config=StoreConfig(autosave_every=5))
+    committed: dict[int, int] = {}  # filled after put() returns
+    doomed: set[int] = set()  # filled BEFORE delete() is called
+    errors: list[BaseException] = []
+    done = threading.Event()
+    reads = {"n": 0}
+
+    def writer():
+        try:
+            for i, seed in enumerate(range(800, 890)):
+                committed[put_seeded(store, seed)] = seed
+                if i % 7 == 6:
+                    victim = sorted(set(committed) - doomed)[0]
+                    doomed.add(victim)
+                    assert store.delete([victim]) == 1
+                if i % 30 == 29:
+                    store.compact()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+        finally:
+            done.set()
+
+    def reader(seed):
+        rng = random.Random(seed)
+        try:
+            while not done.is_set():
+                alive = sorted(set(committed) - doomed)
+                if not alive:
+                    continue
+                entry_id = rng.choice(alive)
+                e = seeded_entry(committed[entry_id])
+                matches = [m for m in store.search(e["embeddings"], e["compat_key"], k=4) if m.query_index == 0]
+                got = store.load(entry_id)
+                rec = store.entry(entry_id)
+                stats = store.stats()
+                if entry_id in doomed:  # it was being deleted while we looked: any answer is fine
+                    continue
+                assert matches and matches[0].entry_id == entry_id and matches[0].similarity > 0.999, \
+                    f"live entry {entry_id} not found by its own embedding"
+                assert rec is not None and rec.prompt == e["prompt"]
+                assert_tensors_equal(got, e["tensors"], f"entry {entry_id}")
+                assert stats.entries >= 1
+                reads["n"] += 1
+                time.sleep(0.002)  # a status panel polls; it does not spin
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, f"{type(errors[0]).__name__}: {errors[0]}"
+    assert reads["n"] > 30, "the readers hardly ran"
+    assert store.verify().ok
+    store.close()
+    with LatentStore(tmp_path / "s") as again:
+        assert {r.entry_id for r in again.entries()} == set(committed) - doomed
+        assert again.open_report == []
