@@ -275,6 +275,7 @@ class CHAICacheState:
     RETURN_NAMES = ("summary",)
     OUTPUT_TOOLTIPS = ("One-line summary: entries, MB of budget, hit rate, hits, misses, evictions.",)
     OUTPUT_NODE = True
+    INPUT_IS_LIST = True  # one panel update per prompt, also when a batch (a list) flows into `after`
     FUNCTION = "show"
     CATEGORY = "CHAI"
     DESCRIPTION = ("Cache-state panel: entries, bytes against the budget, hit rate, hits, misses, evictions and "
@@ -287,7 +288,13 @@ class CHAICacheState:
         return float("nan")
 
     def show(self, cache, after=None, unique_id=None):
-        """Returns {"ui": {"chai_stats": [payload], "text": [summary]}, "result": (summary,)}."""
+        """Returns {"ui": {"chai_stats": [payload], "text": [summary]}, "result": (summary,)}.
+
+        Inputs arrive as lists (``INPUT_IS_LIST``); a plain value is accepted too (direct calls)."""
+        if isinstance(cache, list):
+            if not cache:
+                raise ValueError("connect a CHAI Cache node to 'cache'")
+            cache = cache[-1]
         handle = _require_cache(cache)
         payload = registry.stats_payload(handle)
         s = payload["stats"]

@@ -14,11 +14,12 @@ Host APIs used (reference/comfyui.md sections 1.9, 1.10, 1.13-1.15, 7, 8):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -35,6 +36,7 @@ __all__ = [
     "model_folder_files",
     "models_root",
     "send_event",
+    "model_compute",
     "log",
 ]
 
@@ -82,6 +84,24 @@ def prompt_server() -> Optional[Any]:
 def in_comfyui() -> bool:
     """True when the ComfyUI host modules are loaded in this process."""
     return comfy_module("comfy.model_management") is not None
+
+
+# ------------------------------------------------------------------------------ tensor mode
+
+
+@contextlib.contextmanager
+def model_compute() -> Iterator[None]:
+    """Run model building, placement and sampling outside ``torch.inference_mode``, with no_grad.
+
+    ComfyUI executes nodes under ``torch.inference_mode()``. Tensors made there are "inference
+    tensors", and modules built or moved there get inference-tensor parameters; code that reads
+    a tensor's version counter (the RoPE cos/sin cache of ``opensora.layers`` keys on
+    ``freqs._version``) then raises "Inference tensors do not track version counter" (seen in a
+    real ComfyUI 0.3.64 server). Gradients stay off; inference tensors coming in (captions) are
+    only read, never modified in place.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 # ------------------------------------------------------------------------------ progress / interrupt

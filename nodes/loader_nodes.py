@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import models
+from . import host, models
 
 __all__ = ["CHAILoadSTDiT3", "CHAILoadVAE", "CHAILoadTextEncoder"]
 
@@ -34,7 +34,8 @@ class CHAILoadSTDiT3:
 
     def load(self, model_name, dtype="auto"):
         """Returns (CHAI_MODEL,). Raises FileNotFoundError / CheckpointFormatError with what to do."""
-        return (models.load_stdit3(model_name, dtype),)
+        with host.model_compute():
+            return (models.load_stdit3(model_name, dtype),)
 
 
 class CHAILoadVAE:
@@ -59,7 +60,8 @@ class CHAILoadVAE:
 
     def load(self, vae_name, dtype="auto"):
         """Returns (CHAI_VAE,)."""
-        return (models.load_vae(vae_name, dtype),)
+        with host.model_compute():
+            return (models.load_vae(vae_name, dtype),)
 
 
 class CHAILoadTextEncoder:
@@ -88,4 +90,5 @@ class CHAILoadTextEncoder:
 
     def load(self, text_encoder, dtype="float32"):
         """Returns (CHAI_TEXT_ENCODER,)."""
-        return (models.load_text_encoder(text_encoder, dtype),)
+        with host.model_compute():
+            return (models.load_text_encoder(text_encoder, dtype),)

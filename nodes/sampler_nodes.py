@@ -31,7 +31,8 @@ class _FixedCaptions:
     def encode(self, prompt: str) -> Tuple[torch.Tensor, torch.Tensor]:
         if prompt != self.cond.prompt:  # the pipeline only ever asks for the request's own prompt
             raise ValueError("internal: the sampler asked for a prompt other than the conditioning's")
-        return self.cond.y, self.cond.mask
+        # Fresh copies: the originals may be inference tensors made under ComfyUI's inference_mode.
+        return self.cond.y.clone(), self.cond.mask.clone()
 
 
 def _check_inputs(model, conditioning, lookup) -> Tuple[ChaiModel, ChaiConditioning, Optional[ChaiLookup]]:
@@ -149,12 +150,13 @@ class CHAISampler:
         size = pipe.resolve_size(None if height else resolution, aspect_ratio, height or None, width or None,
                                  int(num_frames))
         progress = host.ProgressReporter(unique_id)
-        if model.placement is not None:
-            model.placement.load()
         try:
-            result = pipe.generate(cond.prompt, seed=int(seed), height=size[0], width=size[1], num_frames=size[2],
-                                   mode=mode, decode=False, store=bool(store_on_miss), progress=progress,
-                                   should_cancel=host.interrupted)
+            with host.model_compute():
+                if model.placement is not None:
+                    model.placement.load()
+                result = pipe.generate(cond.prompt, seed=int(seed), height=size[0], width=size[1], num_frames=size[2],
+                                       mode=mode, decode=False, store=bool(store_on_miss), progress=progress,
+                                       should_cancel=host.interrupted)
         except SamplingCancelled as exc:
             host.raise_interrupted(exc)
         finally:
@@ -232,9 +234,9 @@ class CHAIVAEDecode:
         if mm is not None:
             mm.throw_exception_if_processing_interrupted()
         module = vae.module
-        device = vae.placement.load() if vae.placement is not None else host._module_device(module)
         try:
-            with torch.no_grad():
+            with host.model_compute():
+                device = vae.placement.load() if vae.placement is not None else host._module_device(module)
                 z = samples.to(device=device, dtype=module.dtype)
                 video = module.decode(z, num_frames=int(meta["num_frames"]))  # [B, 3, F, H, W] in [-1, 1]
                 frames = ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)
