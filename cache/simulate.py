@@ -213,6 +213,10 @@ def simulate(
     embedder = _MemoEmbedder(embedder or Embedder())
     base_extractor = extractor or EntityExtractor()
     memo_extractor = _MemoExtractor(base_extractor, prompts)
+    # Encode every distinct key once, batched: per-request encoding would dominate the replay.
+    keys = {memo_extractor.normalize_prompt(p) for p in prompts}
+    keys.update(e for ents in memo_extractor.memo.values() for e in ents)
+    embedder.encode(sorted(keys))
     from safetensors.torch import save
 
     entry_bytes = len(save(tensors, metadata={"compat_key": SIMULATED_COMPAT_KEY}))
