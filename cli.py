@@ -188,7 +188,7 @@ def _add_generate_parser(sub) -> None:
     ca.add_argument("--branches", choices=["cond", "both"], default="cond", help="CFG halves that use the cache")
     ca.add_argument("--fusion", choices=["best", "per_entity"], default="best",
                     help="one best entry (paper) or one per matched entity, K/V concatenated")
-    ca.add_argument("--threshold", type=float, default=None, help="hit similarity (default: the lookup's, 0.80)")
+    ca.add_argument("--threshold", type=float, default=None, help="hit similarity (default: the lookup's, 0.72)")
     ca.add_argument("--capture-dtype", choices=["float16", "float32"], default="float16", help="stored latent dtype")
     ca.add_argument("--lookup-mode", choices=["entity", "prompt"], default="entity",
                     help="entity-level keys (CHAI) or the whole prompt (NIRVANA-style baseline)")

@@ -89,7 +89,7 @@ class CacheAttentionConfig:
         branches: ``"cond"`` (default): only the conditional half of the CFG batch uses the cache;
             ``"both"``: the unconditional half too.
         threshold: least cosine similarity for a hit; ``None`` (default) keeps the lookup's own
-            calibrated threshold (``cache.lookup.DEFAULT_THRESHOLD``, 0.80).
+            calibrated threshold (``cache.lookup.DEFAULT_THRESHOLD``, 0.72).
         fusion: ``"best"`` (default): the single best-matching entry; ``"per_entity"``: the best
             entry of each matched entity, K/V concatenated along the key axis (see module doc).
         max_fused: most entries fused with ``fusion="per_entity"``. Default 3.
