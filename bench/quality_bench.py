@@ -1,0 +1,125 @@
+"""Quality vs latency of CHAI's modes on the reference model, side by side in one run.
+
+For N held-out prompts (default 200, a seed stream training never used) it runs, from the same initial
+noise per prompt: full 30 steps (a miss, with latent capture), plain 8 steps, CHAI 8 steps (a hit:
+Cache Attention on the cached latents of another prompt that shares one entity, found by the real
+entity lookup over a store warmed with those prompts' full runs), plain 4 and CHAI 4 steps. Each clip
+is scored by ``refmodel/evaluator.py`` against its prompt.
+
+Prints a markdown table (overall and per-criterion means, mean request latency, speed-up and the
+overall delta vs full) and writes ``<out>/quality_bench.json`` and ``<out>/quality_bench.png``
+(score against latency per mode) plus a strip of sample clips ``<out>/quality_samples.png``.
+
+Usage::
+
+    python bench/quality_bench.py                     # 200 prompts, real lookup (~1 h on a busy 2-core CPU)
+    python bench/quality_bench.py --prompts 20 --no-lookup
+    python bench/quality_bench.py --model-dir models/reference_v1 --cfg 5 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from comfyui_chai.refmodel.model import load_reference_model
+from comfyui_chai.refmodel.quality import MODES, format_table, heldout_prompts, run_quality
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def plot(report, path: Path) -> None:
+    """Overall score (mean +- standard error) against mean latency, one point per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for name, m in report.modes.items():
+        ov = np.array([s["overall"] for s in m.scores])
+        se = ov.std(ddof=1) / np.sqrt(len(ov)) if len(ov) > 1 else 0.0
+        colour = "tab:red" if m.cached else ("tab:blue" if m.steps != 30 else "black")
+        ax.errorbar(m.mean_latency_ms, ov.mean(), yerr=se, fmt="o", color=colour, capsize=3)
+        ax.annotate(name, (m.mean_latency_ms, ov.mean()), textcoords="offset points", xytext=(6, 4))
+    ax.set_xscale("log")
+    ax.set_xlabel(f"mean request latency, ms ({report.device}, batch 1)")
+    ax.set_ylabel("evaluator overall score")
+    ax.set_title(f"reference model, {len(report.prompts)} held-out prompts (CHAI red, plain blue)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def sample_strip(report, path: Path, n: int = 6) -> None:
+    """First frame / last frame of the first ``n`` prompts for each mode, as one PNG."""
+    from PIL import Image
+
+    rows = []
+    for name, m in report.modes.items():
+        tiles = [np.concatenate([c[0], c[-1]], axis=1) for c in m.clips[:n]]
+        rows.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles], axis=1))
+    img = np.concatenate(rows, axis=0)
+    Image.fromarray(img).resize((img.shape[1] * 3, img.shape[0] * 3), Image.NEAREST).save(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompts", type=int, default=200, help="held-out prompts")
+    p.add_argument("--model-dir", type=Path, default=None, help="reference model folder (default models/reference_v1)")
+    p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's config.json)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-lookup", action="store_true", help="use each prompt's own warm entry (no spaCy/HNSW)")
+    p.add_argument("--modes", default=",".join(m[0] for m in MODES))
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "out")
+    a = p.parse_args(argv)
+    if a.prompts < 1:
+        p.error("--prompts must be >= 1")
+    torch.set_num_threads(a.threads)
+    model, encoder = load_reference_model(a.model_dir, device=a.device)
+    items = heldout_prompts(a.prompts)
+    t0 = time.perf_counter()
+    from tqdm import tqdm
+
+    bars = {}
+
+    def progress(phase, done, total):
+        if phase not in bars:
+            bars[phase] = tqdm(total=total, desc=phase, file=sys.stderr, mininterval=5.0)
+        bars[phase].update(done - bars[phase].n)
+
+    with tempfile.TemporaryDirectory(prefix="chai_quality_store_") as store_dir:
+        report = run_quality(model, encoder, items, lookup=not a.no_lookup, cfg_scale=a.cfg,
+                             modes=[m.strip() for m in a.modes.split(",") if m.strip()],
+                             store_dir=store_dir, progress=progress)
+    for b in bars.values():
+        b.close()
+    wall = time.perf_counter() - t0
+    summary = report.summary()
+    summary.update({"wall_s": round(wall, 1), "model": getattr(model, "fingerprint", None),
+                    "torch_threads": torch.get_num_threads(), "lookup": not a.no_lookup})
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "quality_bench.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(report, a.out / "quality_bench.png")
+    sample_strip(report, a.out / "quality_samples.png")
+    print(format_table(report))
+    print()
+    print(f"prompts {len(items)}, cfg {report.cfg_scale:g}, device {report.device}, wall {wall / 60:.1f} min; "
+          f"lookup hits {summary['lookup_hits']}, served entries share {summary['served_entry_shares']}, "
+          f"mean lookup {summary['mean_lookup_ms'] or 0:.1f} ms")
+    print(f"wrote {a.out / 'quality_bench.json'}, {a.out / 'quality_bench.png'}, {a.out / 'quality_samples.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
