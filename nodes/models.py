@@ -29,6 +29,7 @@ __all__ = [
     "ChaiTextEncoder",
     "ChaiConditioning",
     "TINY",
+    "NO_VAE",
     "PACK_MODELS_DIR",
     "bundled_models",
     "stdit3_choices",
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 TINY = "tiny (random weights, CPU test)"
+NO_VAE = "none (pixel-space model, e.g. the bundled reference model)"
 TINY_MINILM = "tiny: MiniLM captions (for the tiny model)"
 TINY_HASHED = "tiny: hashed-word captions (for the tiny model, no model files)"
 _BUNDLED_PREFIX = "pack: "
@@ -59,6 +61,10 @@ class ChaiModel:
         cache key). size_dtype: dtype of the size conditioning (bf16 for OpenSora 1.2's files,
         fp32 for the tiny and bundled models). placement: ComfyUI memory-manager handle.
         fps: frame rate the model was trained for (OpenSora 1.2: 24).
+        rflow: the ``opensora.rflow.RFlow`` sampler settings of the model (None = OpenSora 1.2's).
+        pixel_space: the model denoises RGB pixels in [-1, 1] directly (no VAE; the bundled
+        reference model). native_size: (height, width) in pixels used when the sampler's height
+        and width are 0 (pixel-space models). default_frames: frames when the sampler says 0.
     """
 
     module: Any
@@ -67,6 +73,10 @@ class ChaiModel:
     size_dtype: torch.dtype = torch.bfloat16
     fps: int = 24
     placement: Any = None
+    rflow: Any = None
+    pixel_space: bool = False
+    native_size: Optional[Tuple[int, int]] = None
+    default_frames: int = 51
 
     @property
     def caption_channels(self) -> int:
@@ -81,7 +91,8 @@ class ChaiModel:
 
 @dataclass
 class ChaiVAE:
-    """``CHAI_VAE``: an ``opensora.vae.OpenSoraVAE`` (or the tiny one) with its placement handle."""
+    """``CHAI_VAE``: an ``opensora.vae.OpenSoraVAE`` (or the tiny one) with its placement handle;
+    ``module`` is None for the ``none`` choice (pixel-space models need no VAE)."""
 
     module: Any
     name: str
@@ -177,13 +188,13 @@ def stdit3_choices() -> List[str]:
 def vae_choices() -> List[str]:
     """VAE loader choices: tiny, bundled models (those with VAE weights), ``models/opensora`` VAE files."""
     bundled = [k for k, p in bundled_models().items() if _bundled_vae_files(p)]
-    return [TINY] + bundled + _opensora_files("vae")
+    return [TINY] + bundled + _opensora_files("vae") + [NO_VAE]
 
 
 def text_encoder_choices() -> List[str]:
     """Text-encoder choices: the tiny encoders, bundled models' caption encoders, then T5 files
     from ``models/text_encoders`` (names containing "t5") and ``models/opensora``."""
-    bundled = [k for k, p in bundled_models().items() if _read_config(p).get("captions")]
+    bundled = [k for k, p in bundled_models().items() if _caption_spec(p) is not None]
     t5 = [n for n in _collapse_shards(host.model_folder_files("text_encoders")) if "t5" in n.lower()]
     return [TINY_MINILM, TINY_HASHED] + bundled + t5 + [n for n in _opensora_files("t5") if n not in t5]
 
@@ -205,6 +216,24 @@ def _read_config(folder: Path) -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{folder / 'config.json'} must hold a JSON object")
     return data
+
+
+def _is_reference_layout(cfg: Dict[str, Any]) -> bool:
+    """A ``refmodel`` checkpoint folder: config.json with ``stdit3``, ``clip`` and ``sampler`` sections."""
+    return all(isinstance(cfg.get(k), dict) for k in ("stdit3", "clip", "sampler"))
+
+
+def _caption_spec(folder: Path) -> Optional[Dict[str, Any]]:
+    """How a bundled model's captions are made: ``{"kind": "minilm-states"|"minilm"|"hashed", ...}`` or None."""
+    try:
+        cfg = _read_config(folder)
+    except ValueError:
+        return None
+    te = cfg.get("text_encoder")
+    if isinstance(te, dict) and "minilm" in str(te.get("name", "")).lower():
+        return {"kind": "minilm-states", "max_length": int(te.get("max_length", cfg.get("stdit3", cfg).get("model_max_length", 32)))}
+    spec = cfg.get("captions")
+    return dict(spec) if isinstance(spec, dict) else None
 
 
 def _bundled_vae_files(folder: Path) -> List[Path]:
@@ -247,8 +276,24 @@ def load_stdit3(choice: str, dtype: str = "auto") -> ChaiModel:
         if dtype not in ("auto", "float32"):
             model = model.to(_dtype(dtype))
         return ChaiModel(model, TINY, module_fingerprint(model, "stdit3-tiny"), torch.float32,
-                         placement=host.Placement(model, "diffusion"))
+                         placement=host.Placement(model, "diffusion"), default_frames=17)
     bundled = bundled_models()
+    if choice in bundled and _is_reference_layout(_read_config(bundled[choice])):
+        from ..opensora.rflow import RFlow
+        from ..refmodel.model import load_reference_model
+
+        folder = bundled[choice]
+        cfg = _read_config(folder)
+        model, _enc = load_reference_model(folder, device="cpu")
+        if dtype not in ("auto", "float32"):
+            model = model.to(_dtype(dtype))
+        clip = cfg["clip"]
+        sampler = {k: v for k, v in cfg["sampler"].items() if k in RFlow.__dataclass_fields__}
+        pixel = not _bundled_vae_files(folder)
+        return ChaiModel(model, choice, str(model.fingerprint), torch.float32, fps=int(clip.get("fps", 24)),
+                         placement=host.Placement(model, "diffusion"), rflow=RFlow(**sampler), pixel_space=pixel,
+                         native_size=(int(clip["height"]), int(clip["width"])),
+                         default_frames=int(clip.get("num_frames", 8)))
     if choice in bundled:
         folder = bundled[choice]
         cfg = _read_config(folder)
@@ -286,6 +331,8 @@ def load_vae(choice: str, dtype: str = "auto") -> ChaiVAE:
     from ..opensora.vae import OpenSoraVAE
     from ..pipeline import tiny_components
 
+    if choice == NO_VAE:
+        return ChaiVAE(None, NO_VAE, None)
     if choice == TINY:
         _model, vae, _enc = tiny_components(0)
         if dtype not in ("auto", "float32"):
@@ -351,6 +398,11 @@ def load_text_encoder(choice: str, dtype: str = "float32") -> ChaiTextEncoder:
         enc = HashedWordCaptions(TINY_STDIT3_CONFIG["caption_channels"], TINY_STDIT3_CONFIG["model_max_length"], 0)
         return ChaiTextEncoder(enc, choice)
     bundled = bundled_models()
+    if choice in bundled and (_caption_spec(bundled[choice]) or {}).get("kind") == "minilm-states":
+        from ..refmodel.model import MiniLMTokenStates
+
+        enc = MiniLMTokenStates(max_length=_caption_spec(bundled[choice])["max_length"])
+        return ChaiTextEncoder(enc, choice)
     if choice in bundled:
         cfg = _read_config(bundled[choice])
         spec = cfg.get("captions") or {}

@@ -35,6 +35,37 @@ class _FixedCaptions:
         return self.cond.y.clone(), self.cond.mask.clone()
 
 
+def _node_pipeline_class():
+    """``ChaiPipeline`` plus pixel-space models (no VAE: the latent is the RGB clip itself).
+
+    ``pipeline.ChaiPipeline`` sizes latents by OpenSora's VAE rules and refuses 2-16 frames (the
+    timestep shift is undefined there); a pixel-space model (the bundled reference model, 8
+    frames, no shift) needs neither rule, so the node overrides the two size methods for it.
+    """
+    from ..pipeline import ChaiPipeline
+
+    class NodePipeline(ChaiPipeline):
+        pixel_space = False
+
+        def resolve_size(self, resolution, aspect_ratio, height, width, num_frames):
+            if not self.pixel_space:
+                return super().resolve_size(resolution, aspect_ratio, height, width, num_frames)
+            patch = tuple(int(p) for p in self.model.config.patch_size)
+            if height is None or width is None or int(num_frames) < 1:
+                raise ValueError("a pixel-space model needs height, width and num_frames >= 1")
+            if int(height) % patch[1] or int(width) % patch[2]:
+                raise ValueError(f"height and width must be multiples of the patch size {patch[1]}x{patch[2]} "
+                                 f"for this model, got {height}x{width}")
+            return int(height), int(width), int(num_frames)
+
+        def latent_shape(self, height, width, num_frames):
+            if not self.pixel_space:
+                return super().latent_shape(height, width, num_frames)
+            return (int(self.model.in_channels), int(num_frames), int(height), int(width))
+
+    return NodePipeline
+
+
 def _check_inputs(model, conditioning, lookup) -> Tuple[ChaiModel, ChaiConditioning, Optional[ChaiLookup]]:
     if not isinstance(model, ChaiModel):
         raise TypeError(f"model must come from CHAI Load STDiT3, got {type(model).__name__}")
@@ -72,13 +103,14 @@ class CHAISampler:
                 "aspect_ratio": (list(list_aspect_ratios()), {
                     "default": "9:16", "tooltip": "Height:width bucket of OpenSora 1.2."}),
                 "num_frames": ("INT", {
-                    "default": 51, "min": 1, "max": 408,
-                    "tooltip": "Frames in pixels: 51 = OpenSora's 2 s at 24 fps; 1 = an image; 2-16 are refused "
-                               "(OpenSora 1.2 needs 17 or more)."}),
-                "height": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 16,
-                                   "tooltip": "Pixel height; 0 = from resolution and aspect_ratio."}),
-                "width": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 16,
-                                  "tooltip": "Pixel width; 0 = from resolution and aspect_ratio."}),
+                    "default": 0, "min": 0, "max": 408,
+                    "tooltip": "Video frames; 0 = the model's default (OpenSora 1.2: 51 = 2 s at 24 fps; tiny: 17; "
+                               "the bundled reference model: 8). 1 = an image. OpenSora 1.2 refuses 2-16."}),
+                "height": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8,
+                                   "tooltip": "Pixel height; 0 = from resolution and aspect_ratio (a pixel-space "
+                                              "model: its native size, and resolution/aspect_ratio are ignored)."}),
+                "width": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8,
+                                  "tooltip": "Pixel width; 0 = as height."}),
                 "steps": ("INT", {"default": 30, "min": 1, "max": 200,
                                   "tooltip": "Steps of a full run (a miss, or mode=full). OpenSora 1.2: 30."}),
                 "fast_steps": ("INT", {"default": 8, "min": 1, "max": 200,
@@ -122,7 +154,7 @@ class CHAISampler:
             return ""
         return ";".join(f"{h.id}@{h.store.generation}" for h in registry.open_stores())
 
-    def sample(self, model, conditioning, seed=42, resolution="240p", aspect_ratio="9:16", num_frames=51, height=0,
+    def sample(self, model, conditioning, seed=42, resolution="240p", aspect_ratio="9:16", num_frames=0, height=0,
                width=0, steps=30, fast_steps=8, cfg=7.0, mode="auto", store_on_miss=True, lookup=None, settings=None,
                unique_id=None):
         """Returns {"ui": {...}, "result": (LATENT, report)}.
@@ -133,8 +165,6 @@ class CHAISampler:
         """
         from ..opensora.cache_attention import CacheAttentionConfig
         from ..opensora.rflow import SamplingCancelled
-        from ..pipeline import ChaiPipeline
-
         model, cond, lookup = _check_inputs(model, conditioning, lookup)
         if mode not in ("auto", "full", "plain_fast"):
             raise ValueError(f"mode must be 'auto', 'full' or 'plain_fast', got {mode!r}")
@@ -144,11 +174,15 @@ class CHAISampler:
         config = CacheAttentionConfig(fast_steps=int(fast_steps), full_steps=int(steps), cfg_scale=float(cfg),
                                       threshold=lookup.threshold if lookup is not None else None, **extra)
         cache_lookup = lookup.lookup if lookup is not None else None
-        pipe = ChaiPipeline(model.module, None, _FixedCaptions(cond), cache_lookup, config,
-                            model_fingerprint=model.fingerprint, size_dtype=model.size_dtype)
+        pipe = _node_pipeline_class()(model.module, None, _FixedCaptions(cond), cache_lookup, config,
+                                      model_fingerprint=model.fingerprint, size_dtype=model.size_dtype,
+                                      rflow=model.rflow)
+        pipe.pixel_space = bool(model.pixel_space)
+        frames = int(num_frames) or int(model.default_frames)
+        if model.pixel_space and not height:
+            height, width = model.native_size or (0, 0)
         # Validate the size before placing a model on the GPU.
-        size = pipe.resolve_size(None if height else resolution, aspect_ratio, height or None, width or None,
-                                 int(num_frames))
+        size = pipe.resolve_size(None if height else resolution, aspect_ratio, height or None, width or None, frames)
         progress = host.ProgressReporter(unique_id)
         try:
             with host.model_compute():
@@ -166,7 +200,8 @@ class CHAISampler:
         fps = model.fps if size[2] > 1 else 120  # OpenSora conditions single images on 120 fps
         latent = {"samples": result.latent[None].to(host.intermediate_device()),
                   LATENT_META_KEY: {"height": result.height, "width": result.width, "num_frames": result.num_frames,
-                                    "fps": fps, "mode": result.mode, "hit": result.hit, "prompt": result.prompt}}
+                                    "fps": fps, "mode": result.mode, "hit": result.hit, "prompt": result.prompt,
+                                    "space": "pixels" if model.pixel_space else "latent"}}
         summary = result.summary()
         summary["time"] = time.time()
         report = _report_line(summary)
@@ -202,8 +237,10 @@ class CHAIVAEDecode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae": ("CHAI_VAE", {"tooltip": "From CHAI Load VAE (the family of the STDiT3 model)."}),
             "latent": ("LATENT", {"tooltip": "From the CHAI Sampler (carries the video's frame count and fps)."}),
+        }, "optional": {
+            "vae": ("CHAI_VAE", {"tooltip": "From CHAI Load VAE (the family of the STDiT3 model). Not needed for a "
+                                            "pixel-space model such as the bundled reference model."}),
         }}
 
     RETURN_TYPES = ("IMAGE", "FLOAT")
@@ -217,9 +254,9 @@ class CHAIVAEDecode:
     DESCRIPTION = ("Decode with OpenSora's video VAE into an IMAGE batch of frames plus the fps; save it with "
                    "ComfyUI's CreateVideo + SaveVideo (mp4) or VideoHelperSuite's Video Combine.")
 
-    def decode(self, vae, latent):
+    def decode(self, latent, vae=None):
         """Returns (IMAGE [F, H, W, 3], fps). Raises TypeError/ValueError on a latent that is not a CHAI video latent."""
-        if not isinstance(vae, ChaiVAE):
+        if vae is not None and not isinstance(vae, ChaiVAE):
             raise TypeError(f"vae must come from CHAI Load VAE, got {type(vae).__name__}")
         if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
             raise TypeError("latent must be a LATENT dict with 'samples' (from the CHAI Sampler)")
@@ -233,6 +270,13 @@ class CHAIVAEDecode:
         mm = host.comfy_module("comfy.model_management")
         if mm is not None:
             mm.throw_exception_if_processing_interrupted()
+        fps = float(meta.get("fps", 24))
+        if meta.get("space") == "pixels":  # the sample is the RGB clip in [-1, 1]: no VAE
+            frames = ((samples.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)
+            return (frames.reshape(-1, *frames.shape[2:]).contiguous().to(host.intermediate_device()), fps)
+        if vae is None or vae.module is None:
+            raise ValueError("this latent needs a VAE to decode: connect CHAI Load VAE (the family of the STDiT3 "
+                             "model: the tiny VAE with the tiny model, OpenSora VAE v1.2 with STDiT-v3)")
         module = vae.module
         try:
             with host.model_compute():
@@ -244,4 +288,4 @@ class CHAIVAEDecode:
         finally:
             if vae.placement is not None:
                 vae.placement.release()
-        return (frames.to(host.intermediate_device()), float(meta.get("fps", 24)))
+        return (frames.to(host.intermediate_device()), fps)

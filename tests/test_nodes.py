@@ -1,0 +1,458 @@
+"""The ComfyUI node classes, called directly without ComfyUI.
+
+Covers: the node definitions (category, tooltips, descriptions, CHAI_* types), the import
+without any ComfyUI module, input validation with clear errors, output types and shapes, a hit
+after a miss in the same store (through the real entity extractor and embedder), the store's
+generation driving IS_CHANGED, the /chai/stats route, and the ComfyUI integration (ProgressBar,
+model_management placement, interruption, websocket event) against small fakes of those modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from comfyui_chai.nodes import NODE_CLASS_MAPPINGS as NODES
+from comfyui_chai.nodes import NODE_DISPLAY_NAME_MAPPINGS as NAMES
+from comfyui_chai.nodes import host, models, registry, routes
+from comfyui_chai.nodes.cache_nodes import ChaiLookup, parse_cache_steps
+from comfyui_chai.nodes.models import ChaiConditioning
+from comfyui_chai.nodes.text_nodes import ChaiEntities, parse_prompt_list
+
+CORE_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "LATENT", "IMAGE"}
+# A small, fast request: 32x32 pixels, 17 frames (latent 4x5x4x4), 6 full / 4 fast steps.
+SMALL = dict(resolution="144p", aspect_ratio="9:16", num_frames=17, height=32, width=32, steps=6, fast_steps=4,
+             cfg=7.0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry():
+    yield
+    registry.close_all()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(model, vae, text encoder) of the tiny configuration, hashed-word captions (no model files)."""
+    model, = NODES["CHAI_LoadSTDiT3"]().load(models.TINY)
+    vae, = NODES["CHAI_LoadVAE"]().load(models.TINY)
+    enc, = NODES["CHAI_LoadTextEncoder"]().load(models.TINY_HASHED)
+    return model, vae, enc
+
+
+def encode(enc, text):
+    return NODES["CHAI_TextEncode"]().encode(enc, text)[0]
+
+
+def run_prompt(tiny, cache, prompt, seed=1, **kw):
+    """Text Encode -> Entity Extractor -> Cache Lookup -> Sampler; returns (lookup output, sampler output)."""
+    model, _vae, enc = tiny
+    cond = encode(enc, prompt)
+    ents = NODES["CHAI_EntityExtractor"]().extract(cond, "entity")["result"][0]
+    lk = NODES["CHAI_CacheLookup"]().lookup(cache, ents, 0.72)
+    args = dict(SMALL, **kw)
+    out = NODES["CHAI_Sampler"]().sample(model, cond, seed, args.pop("resolution"), args.pop("aspect_ratio"),
+                                         args.pop("num_frames"), args.pop("height"), args.pop("width"),
+                                         args.pop("steps"), args.pop("fast_steps"), args.pop("cfg"),
+                                         kw.get("mode", "auto"), True, lookup=lk["result"][0])
+    return lk, out
+
+
+# ------------------------------------------------------------------------------ definitions
+
+
+def test_pack_imports_without_comfyui():
+    code = ("import sys, comfyui_chai; import comfyui_chai.nodes as n; "
+            "bad = [m for m in ('comfy', 'folder_paths', 'server', 'execution') if m in sys.modules]; "
+            "assert not bad, bad; assert len(comfyui_chai.NODE_CLASS_MAPPINGS) == len(n.NODE_CLASS_MAPPINGS) == 12; "
+            "assert comfyui_chai.WEB_DIRECTORY == './web'; print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+@pytest.mark.parametrize("node_id", sorted(NODES))
+def test_node_definition(node_id):
+    cls = NODES[node_id]
+    assert node_id.startswith("CHAI_") and node_id in NAMES and NAMES[node_id].startswith("CHAI ")
+    assert cls.CATEGORY == "CHAI"
+    assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 40
+    assert callable(getattr(cls, cls.FUNCTION))
+    spec = cls.INPUT_TYPES()
+    assert set(spec) <= {"required", "optional", "hidden"}
+    for section in ("required", "optional"):
+        for name, entry in spec.get(section, {}).items():
+            kind, opts = entry[0], entry[1] if len(entry) > 1 else {}
+            assert opts.get("tooltip"), f"{node_id}.{name} has no tooltip"
+            if isinstance(kind, list):
+                assert kind, f"{node_id}.{name}: empty combo"
+                if "default" in opts:
+                    assert opts["default"] in kind
+            else:
+                assert kind in CORE_TYPES or kind.startswith("CHAI_"), f"{node_id}.{name}: type {kind}"
+    assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
+    assert all(t for t in cls.OUTPUT_TOOLTIPS)
+    for kind in cls.RETURN_TYPES:
+        assert kind in CORE_TYPES or kind.startswith("CHAI_")
+    if hasattr(cls, "OUTPUT_IS_LIST"):
+        assert len(cls.OUTPUT_IS_LIST) == len(cls.RETURN_TYPES)
+
+
+def test_loader_choices_and_missing_weights():
+    assert models.stdit3_choices()[0] == models.TINY
+    assert models.TINY in models.vae_choices() and models.NO_VAE in models.vae_choices()
+    choices = models.text_encoder_choices()
+    assert models.TINY_MINILM in choices and models.TINY_HASHED in choices
+    with pytest.raises(FileNotFoundError, match="models/opensora"):
+        NODES["CHAI_LoadSTDiT3"]().load("OpenSora-STDiT-v3/model.safetensors")
+    with pytest.raises(FileNotFoundError, match="models/"):
+        NODES["CHAI_LoadTextEncoder"]().load("t5xxl_fp16.safetensors")
+    with pytest.raises(ValueError, match="dtype"):
+        NODES["CHAI_LoadSTDiT3"]().load(models.TINY, "float8")
+
+
+def test_bundled_model_folders_are_listed(tmp_path, monkeypatch):
+    folder = tmp_path / "my_model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"stdit3": {}, "clip": {}, "sampler": {}}')
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(models, "PACK_MODELS_DIR", tmp_path)
+    assert models.bundled_models() == {}  # no weights yet: not listed
+    (folder / "model.safetensors").write_bytes(b"x")
+    assert models.bundled_models() == {"pack: my_model": folder}
+    assert "pack: my_model" in models.stdit3_choices()
+
+
+# ------------------------------------------------------------------------------ text nodes
+
+
+def test_prompt_list():
+    items, count = NODES["CHAI_PromptList"]().split("a fox in snow\n\n# comment\n  a fox at dusk  \n")
+    assert items == ["a fox in snow", "a fox at dusk"] and count == 2
+    assert NODES["CHAI_PromptList"].OUTPUT_IS_LIST == (True, False)
+    with pytest.raises(ValueError, match="empty"):
+        parse_prompt_list("\n# only a comment\n")
+
+
+def test_text_encode_shapes_and_errors(tiny):
+    _model, _vae, enc = tiny
+    cond = encode(enc, "a red fox running through snow")
+    assert isinstance(cond, ChaiConditioning) and cond.prompt == "a red fox running through snow"
+    assert cond.y.shape == (1, 1, 24, 64) and cond.y.dtype == torch.float32
+    assert cond.mask.shape == (1, 24) and cond.mask.dtype == torch.int64 and int(cond.mask.sum()) == 7
+    with pytest.raises(ValueError, match="empty"):
+        encode(enc, "   ")
+    with pytest.raises(TypeError, match="CHAI Load Text Encoder"):
+        NODES["CHAI_TextEncode"]().encode("not an encoder", "a fox")
+
+
+def test_entity_extractor_shows_entities(tiny):
+    cond = encode(tiny[2], "A red fox running through the snowy forest")
+    out = NODES["CHAI_EntityExtractor"]().extract(cond, "entity")
+    ents, text = out["result"]
+    assert isinstance(ents, ChaiEntities) and "red fox" in ents.entities
+    assert out["ui"]["text"] == [text] and "red fox" in text
+    whole = NODES["CHAI_EntityExtractor"]().extract(cond, "prompt")["result"][0]
+    assert whole.entities == ["a red fox running through the snowy forest"] and whole.mode == "prompt"
+    with pytest.raises(TypeError, match="CHAI Text Encode"):
+        NODES["CHAI_EntityExtractor"]().extract("a fox", "entity")
+
+
+# ------------------------------------------------------------------------------ cache nodes
+
+
+def test_cache_node_validates_and_follows_generation(tmp_path):
+    node = NODES["CHAI_Cache"]()
+    folder = str(tmp_path / "store")
+    assert NODES["CHAI_Cache"].IS_CHANGED(folder) == f"{tmp_path / 'store'}@None"  # nothing opened yet
+    handle, = node.open(folder, 8, "lru")
+    assert handle.path == (tmp_path / "store").resolve() and handle.store.config.budget_bytes == 8 << 20
+    assert NODES["CHAI_Cache"].IS_CHANGED(folder).endswith("@0")
+    assert node.open(folder, 16, "lru")[0] is handle and handle.store.config.budget_bytes == 16 << 20
+    reopened, = node.open(folder, 16, "fifo")
+    assert reopened.store.config.policy.value == "fifo"
+    with pytest.raises(ValueError, match="budget_mb"):
+        node.open(folder, 0, "lru")
+    with pytest.raises(ValueError, match="policy"):
+        node.open(folder, 8, "random")
+    with pytest.raises(ValueError, match="leaves"):
+        registry.resolve_store_path("../../etc")
+    with pytest.raises(ValueError, match="empty"):
+        registry.resolve_store_path("  ")
+
+
+def test_cache_attention_settings():
+    settings, = NODES["CHAI_CacheAttentionSettings"]().build("2, 3", 0, "concat", "both", "per_entity", 2, "float32")
+    assert settings == {"cache_steps": (2, 3), "block_index": 0, "mode": "concat", "branches": "both",
+                        "fusion": "per_entity", "max_fused": 2, "capture_dtype": "float32"}
+    assert parse_cache_steps("none") == ()
+    with pytest.raises(ValueError, match="comma-separated"):
+        parse_cache_steps("two,three")
+    with pytest.raises(ValueError, match="cache_steps"):
+        NODES["CHAI_CacheAttentionSettings"]().build("3,2")
+
+
+# ------------------------------------------------------------------------------ the request path
+
+
+def test_miss_then_hit_in_the_same_store(tiny, tmp_path):
+    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
+    before = NODES["CHAI_Cache"].IS_CHANGED(str(tmp_path / "store"))
+
+    lk1, out1 = run_prompt(tiny, cache, "a red fox running through snow")
+    assert lk1["result"][1:] == (False, "", 0.0)  # empty store: a miss, nothing matched
+    latent, report = out1["result"]
+    assert latent["samples"].shape == (1, 4, 5, 4, 4) and latent["samples"].dtype == torch.float32
+    meta = latent["chai"]
+    assert meta["mode"] == "full" and meta["hit"] is False and meta["num_frames"] == 17 and meta["fps"] == 24
+    assert report.startswith("miss") and "stored as entry #1" in report and "6 steps" in report
+    assert out1["ui"]["chai_run"][0]["inserted_entry_id"] == 1
+    assert len(cache.store) == 1
+    assert NODES["CHAI_Cache"].IS_CHANGED(str(tmp_path / "store")) != before  # the insert bumps the generation
+
+    lk2, out2 = run_prompt(tiny, cache, "a red fox sleeping in a pine forest", seed=2)
+    lookup, hit, matched, similarity = lk2["result"]
+    assert isinstance(lookup, ChaiLookup) and hit is True and matched.startswith("red fox | a red fox running")
+    assert similarity == pytest.approx(1.0, abs=1e-3)
+    latent2, report2 = out2["result"]
+    assert latent2["chai"]["mode"] == "fast" and latent2["chai"]["hit"] is True
+    assert report2.startswith("hit: 'red fox' ~ 'red fox'") and "4 steps" in report2
+    assert not torch.equal(latent2["samples"], latent["samples"])
+    assert len(cache.store) == 1  # a hit stores nothing
+
+    stats = cache.store.stats()
+    assert (stats.hits, stats.misses, stats.lookups) == (1, 1, 2)  # the lookup node's preview is not counted
+    assert stats.last_lookups[0]["matched"] == "red fox" and stats.last_lookups[0]["hit"] is True
+
+    frames, fps = NODES["CHAI_VAEDecode"]().decode(latent2, tiny[1])
+    assert frames.shape == (17, 32, 32, 3) and frames.dtype == torch.float32 and fps == 24.0
+    assert float(frames.min()) >= 0.0 and float(frames.max()) <= 1.0
+
+    panel = NODES["CHAI_CacheState"]().show([cache], after=[latent, latent2])
+    payload = panel["ui"]["chai_stats"][0]
+    assert payload["id"] == cache.id and payload["stats"]["entries"] == 1 and payload["stats"]["hit_rate"] == 0.5
+    assert payload["last_run"]["hit"] is True and 0.0 < payload["fill"] < 1.0
+    assert panel["result"][0] == panel["ui"]["text"][0] and "hit rate 50.0%" in panel["result"][0]
+    assert math.isnan(NODES["CHAI_CacheState"].IS_CHANGED(cache=None))
+
+
+def test_batch_prompt_hits_an_entry_stored_after_its_lookup_ran(tiny, tmp_path):
+    """ComfyUI runs a list node by node: every lookup runs before any sample. The sampler must
+    therefore look up again when it samples, so prompt 2 hits the entry prompt 1 just stored."""
+    model, _vae, enc = tiny
+    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
+    prompts = ["a golden retriever on a beach", "a golden retriever in a lake"]
+    conds = [encode(enc, p) for p in prompts]
+    lookups = [NODES["CHAI_CacheLookup"]().lookup(
+        cache, NODES["CHAI_EntityExtractor"]().extract(c, "entity")["result"][0], 0.72) for c in conds]
+    assert [lk["result"][1] for lk in lookups] == [False, False]  # previews: the store was empty
+    modes = []
+    for cond, lk in zip(conds, lookups):
+        out = NODES["CHAI_Sampler"]().sample(model, cond, 3, **SMALL, mode="auto", store_on_miss=True,
+                                             lookup=lk["result"][0])
+        modes.append(out["result"][0]["chai"]["mode"])
+    assert modes == ["full", "fast"]
+
+
+def test_modes_without_cache(tiny):
+    model, vae, enc = tiny
+    cond = encode(enc, "a lighthouse at night")
+    full = NODES["CHAI_Sampler"]().sample(model, cond, 5, **SMALL, mode="full", store_on_miss=True)
+    fast = NODES["CHAI_Sampler"]().sample(model, cond, 5, **SMALL, mode="plain_fast", store_on_miss=True)
+    again = NODES["CHAI_Sampler"]().sample(model, cond, 5, **SMALL, mode="full", store_on_miss=True)
+    assert full["result"][0]["chai"]["mode"] == "full" and fast["result"][0]["chai"]["mode"] == "plain_fast"
+    assert torch.equal(full["result"][0]["samples"], again["result"][0]["samples"])  # seeded: reproducible
+    assert "chai_stats" not in full["ui"]  # no store involved
+    assert NODES["CHAI_Sampler"].IS_CHANGED(mode="full") == ""
+
+
+def test_sampler_input_errors(tiny, tmp_path):
+    model, vae, enc = tiny
+    cond = encode(enc, "a red fox")
+    sampler = NODES["CHAI_Sampler"]()
+    with pytest.raises(TypeError, match="CHAI Load STDiT3"):
+        sampler.sample("model", cond, 1, **SMALL)
+    with pytest.raises(TypeError, match="CHAI Text Encode"):
+        sampler.sample(model, "a red fox", 1, **SMALL)
+    wide = ChaiConditioning("a red fox", torch.zeros(1, 1, 300, 4096), torch.ones(1, 300, dtype=torch.int64), "t5", "T5")
+    with pytest.raises(ValueError, match="300-token, 4096-wide.*24 tokens, 64 wide"):
+        sampler.sample(model, wide, 1, **SMALL)
+    with pytest.raises(ValueError, match="both height and width"):
+        sampler.sample(model, cond, 1, **dict(SMALL, width=0))
+    with pytest.raises(ValueError, match="17"):
+        sampler.sample(model, cond, 1, **dict(SMALL, num_frames=5))
+    with pytest.raises(ValueError, match="mode"):
+        sampler.sample(model, cond, 1, **SMALL, mode="turbo")
+    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "s"), 8, "lru")
+    other = NODES["CHAI_EntityExtractor"]().extract(encode(enc, "a blue whale"), "entity")["result"][0]
+    lk = NODES["CHAI_CacheLookup"]().lookup(cache, other, 0.72)["result"][0]
+    with pytest.raises(ValueError, match="same CHAI Text Encode"):
+        sampler.sample(model, cond, 1, **SMALL, lookup=lk)
+    with pytest.raises(ValueError, match="cache_steps"):
+        sampler.sample(model, cond, 1, **dict(SMALL, fast_steps=2), lookup=None,
+                       settings={"cache_steps": (2, 3, 4)})
+    assert len(cache.store) == 0
+
+
+def test_decode_errors(tiny):
+    with pytest.raises(ValueError, match="metadata"):
+        NODES["CHAI_VAEDecode"]().decode({"samples": torch.zeros(1, 4, 5, 4, 4)}, tiny[1])
+    with pytest.raises(TypeError, match="LATENT"):
+        NODES["CHAI_VAEDecode"]().decode(torch.zeros(1, 4, 5, 4, 4), tiny[1])
+    latent = {"samples": torch.zeros(1, 4, 5, 4, 4), "chai": {"num_frames": 17, "fps": 24}}
+    with pytest.raises(ValueError, match="needs a VAE"):
+        NODES["CHAI_VAEDecode"]().decode(latent, None)
+    pixels = {"samples": torch.linspace(-2, 2, 3 * 8 * 4 * 4).reshape(1, 3, 8, 4, 4),
+              "chai": {"num_frames": 8, "fps": 24, "space": "pixels"}}
+    frames, fps = NODES["CHAI_VAEDecode"]().decode(pixels)
+    assert frames.shape == (8, 4, 4, 3) and float(frames.min()) == 0.0 and float(frames.max()) == 1.0
+    assert torch.allclose(frames[0, 0, 0], (pixels["samples"][0, :, 0, 0, 0].clamp(-1, 1) + 1) / 2)
+
+
+# ------------------------------------------------------------------------------ /chai/stats
+
+
+def test_stats_route_serves_only_open_stores(tmp_path):
+    assert routes.stats_response(None) == (200, {"stores": []})
+    handle, = NODES["CHAI_Cache"]().open(str(tmp_path / "a"), 8, "lru")
+    status, body = routes.stats_response(None)
+    assert status == 200 and [s["id"] for s in body["stores"]] == [handle.id]
+    status, body = routes.stats_response(handle.id)
+    assert status == 200 and body["path"] == str(handle.path) and body["stats"]["entries"] == 0
+    assert routes.stats_response("0" * 12)[0] == 404
+    for bad in ("../../etc/passwd", str(tmp_path / "a"), "ABCDEF123456", "12345"):
+        assert routes.stats_response(bad)[0] == 400
+    assert not (tmp_path / "etc").exists()
+
+
+# ------------------------------------------------------------------------------ ComfyUI integration (fakes)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _fake_comfy(monkeypatch, interrupt_after=None):
+    """Minimal stand-ins for comfy.utils, comfy.model_management, comfy.model_patcher and server."""
+    calls = {"bars": [], "loads": [], "empty": 0, "events": [], "routes": []}
+    state = {"updates": 0}
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total, self.node_id, self.values = total, node_id, []
+            calls["bars"].append(self)
+
+        def update_absolute(self, value, total=None, preview=None):
+            self.values.append(value)
+            state["updates"] += 1
+            if interrupt_after is not None and state["updates"] >= interrupt_after:
+                raise _Interrupt()  # ComfyUI's progress hook raises on Cancel
+
+    mm = types.ModuleType("comfy.model_management")
+    mm.InterruptProcessingException = _Interrupt
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.unet_offload_device = mm.vae_offload_device = mm.text_encoder_offload_device = lambda: torch.device("cpu")
+    mm.intermediate_device = lambda: torch.device("cpu")
+    mm.load_models_gpu = lambda patchers, **kw: calls["loads"].append((patchers, kw))
+    mm.soft_empty_cache = lambda force=False: calls.__setitem__("empty", calls["empty"] + 1)
+    mm.processing_interrupted = lambda: False
+    mm.interrupt_current_processing = lambda value=True: None
+    mm.throw_exception_if_processing_interrupted = lambda: None
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device, size=0):
+            self.model, self.load_device, self.offload_device, self.size = model, load_device, offload_device, size
+
+    class PromptServer:
+        instance = None
+
+        def send_sync(self, event, data, sid=None):
+            calls["events"].append((event, data, sid))
+
+    PromptServer.instance = PromptServer()
+    utils = types.ModuleType("comfy.utils")
+    utils.ProgressBar = ProgressBar
+    patcher = types.ModuleType("comfy.model_patcher")
+    patcher.ModelPatcher = ModelPatcher
+    server = types.ModuleType("server")
+    server.PromptServer = PromptServer
+    monkeypatch.setitem(sys.modules, "comfy", types.ModuleType("comfy"))
+    monkeypatch.setitem(sys.modules, "comfy.utils", utils)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    monkeypatch.setitem(sys.modules, "comfy.model_patcher", patcher)
+    monkeypatch.setitem(sys.modules, "server", server)
+    return calls
+
+
+def test_comfyui_progress_placement_and_event(tmp_path, monkeypatch):
+    calls = _fake_comfy(monkeypatch)
+    model, = NODES["CHAI_LoadSTDiT3"]().load(models.TINY)  # a fresh model: placement state is per model
+    enc, = NODES["CHAI_LoadTextEncoder"]().load(models.TINY_HASHED)
+    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
+    _lk, out = run_prompt((model, None, enc), cache, "a red fox running through snow", mode="auto")
+    bar, = calls["bars"]
+    assert bar.total == 6 and bar.values == [1, 2, 3, 4, 5, 6] and bar.node_id is None
+    (patchers, kw), = calls["loads"]
+    assert kw == {"force_full_load": True} and patchers[0].model.inner is model.module
+    assert patchers[0].size == sum(p.numel() * 4 for p in model.module.parameters()) + \
+        sum(b.numel() * b.element_size() for b in model.module.buffers())
+    assert calls["empty"] >= 1
+    (event, data, sid), = calls["events"]
+    assert event == registry.STATS_EVENT and sid is None and data["id"] == cache.id
+    assert data["stats"]["entries"] == 1 and data["last_run"]["mode"] == "full"
+    assert out["ui"]["chai_stats"][0]["stats"]["inserts"] == 1
+
+
+def test_comfyui_cancel_stores_nothing(tmp_path, monkeypatch):
+    _fake_comfy(monkeypatch, interrupt_after=3)
+    model, = NODES["CHAI_LoadSTDiT3"]().load(models.TINY)
+    enc, = NODES["CHAI_LoadTextEncoder"]().load(models.TINY_HASHED)
+    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
+    generation = cache.store.generation
+    with pytest.raises(_Interrupt):
+        run_prompt((model, None, enc), cache, "a red fox running through snow")
+    assert len(cache.store) == 0 and cache.store.generation == generation
+
+
+def test_cancel_flag_outside_progress_stops_sampling(tmp_path, monkeypatch):
+    """``processing_interrupted`` is checked before every step (should_cancel)."""
+    monkeypatch.setattr(host, "interrupted", lambda: True)
+    from comfyui_chai.opensora.rflow import SamplingCancelled
+
+    model, = NODES["CHAI_LoadSTDiT3"]().load(models.TINY)
+    enc, = NODES["CHAI_LoadTextEncoder"]().load(models.TINY_HASHED)
+    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
+    with pytest.raises(SamplingCancelled):  # outside ComfyUI the pipeline's own exception surfaces
+        run_prompt((model, None, enc), cache, "a red fox")
+    assert len(cache.store) == 0
+
+
+def test_routes_register_with_a_prompt_server(monkeypatch):
+    registered = []
+
+    class Routes:
+        def get(self, path):
+            def deco(fn):
+                registered.append((path, fn))
+                return fn
+            return deco
+
+    server = types.ModuleType("server")
+    server.PromptServer = type("PromptServer", (), {"instance": types.SimpleNamespace(routes=Routes())})
+    aiohttp = types.ModuleType("aiohttp")  # ComfyUI's web server; not a dependency of the pack
+    aiohttp.web = types.SimpleNamespace(json_response=lambda body, status=200: (status, body))
+    monkeypatch.setitem(sys.modules, "server", server)
+    monkeypatch.setitem(sys.modules, "aiohttp", aiohttp)
+    monkeypatch.setattr(routes, "_registered", False)
+    assert routes.register_routes() is True
+    assert [p for p, _ in registered] == ["/chai/stats"]
+    assert routes.register_routes() is True and len(registered) == 1  # once only
+    handler = registered[0][1]
+    request = types.SimpleNamespace(query={"store": "/etc/passwd"})
+    assert asyncio.run(handler(request))[0] == 400
+    assert asyncio.run(handler(types.SimpleNamespace(query={}))) == (200, {"stores": []})
