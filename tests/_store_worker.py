@@ -5,8 +5,8 @@ Two entry points:
 * :func:`crash_child` runs in a child forked by the crash test. It opens the store and inserts
   seeded entries forever, writing ``"<entry id> <seed>\\n"`` to a pipe only AFTER ``put`` has
   returned, until the parent kills it with SIGKILL.
-* ``python tests/_store_worker.py STORE SECONDS WORKER_ID OUT`` is one of the two processes of the
-  two-process test: for SECONDS it inserts, deletes its own entries, searches, loads and records
+* :func:`two_process_child` (forked by the two-process test; also runnable as
+  ``python tests/_store_worker.py STORE SECONDS WORKER_ID OUT``) is one of two processes that, for SECONDS it inserts, deletes its own entries, searches, loads and records
   lookups against a shared store, checks everything it can see, and logs what it committed to
   OUT (one line per committed operation, flushed after the store call returned).
 """
@@ -110,6 +110,18 @@ def _two_process_worker(store_dir: str, seconds: float, worker: int, out_path: s
         assert stats.quarantined == 0, f"worker {worker}: the store quarantined something: {store.events()}"
         out.write(f"done {ops['put']} {ops['del']} {ops['lookup']} {ops['foreign_loads']}\n")
     return 0
+
+
+def two_process_child(store_dir: str, seconds: float, worker: int, out_path: str) -> None:
+    """Entry point for a child forked by the two-process test: runs the worker, writes any
+    traceback to ``OUT.err`` and exits with 0 (success) or 1."""
+    code = 1
+    try:
+        code = _two_process_worker(store_dir, seconds, worker, out_path)
+    except BaseException:  # noqa: BLE001 - the parent reads the traceback from OUT.err
+        Path(out_path + ".err").write_text(traceback.format_exc(), encoding="utf-8")
+    finally:
+        os._exit(code)
 
 
 if __name__ == "__main__":
