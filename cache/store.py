@@ -953,9 +953,8 @@ class LatentStore:
 
     def _quarantine(self, entry_id: int, file: str, reason: str) -> None:
         with self._lock:
-            src = self.path / "latents" / file
-            if src.exists():
-                os.replace(src, self.path / "quarantine" / file)
+            # Rows first, then the file (the eviction order): a crash in between leaves a stray
+            # file, which the next open removes, never a row whose file is missing.
             with self._tx() as c:
                 row = c.execute("SELECT id, file, nbytes FROM entries WHERE id=?", (entry_id,)).fetchone()
                 if row is None:
@@ -966,6 +965,9 @@ class LatentStore:
                 c.execute("UPDATE counters SET value=value+1 WHERE name='quarantined'")
                 c.execute("UPDATE counters SET value=value+1 WHERE name='repairs'")
                 self._event(c, "quarantined", f"entry {entry_id} ({file}): {reason}")
+            src = self.path / "latents" / file
+            if src.exists():
+                os.replace(src, self.path / "quarantine" / file)
             self.sync()
 
     def entry(self, entry_id: int) -> EntryRecord | None:
