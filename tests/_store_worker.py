@@ -131,3 +131,25 @@ if __name__ == "__main__":
         traceback.print_exc()
         code = 1
     sys.exit(code)
+
+
+def quarantine_child(store_dir: str, entry_id: int, kill_after_move: bool) -> None:
+    """Load a corrupt entry and die with SIGKILL at the moment its file is moved to quarantine/
+    (just before or just after the move), to test the quarantine's crash ordering."""
+    import signal
+
+    from comfyui_chai.cache import store as store_module
+
+    real_replace = os.replace
+
+    def dying_replace(src, dst):
+        if "quarantine" in str(dst):
+            if kill_after_move:
+                real_replace(src, dst)
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_replace(src, dst)
+
+    store_module.os.replace = dying_replace  # this forked child only
+    store = store_module.LatentStore(store_dir)
+    store.load(entry_id)
+    os._exit(5)  # not reached when the load finds the corruption

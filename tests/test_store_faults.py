@@ -249,6 +249,31 @@ def test_stray_files_from_an_interrupted_write_are_removed_on_open(tmp_path):
             assert_seeded_entry(store, entry_id, seed)
 
 
+@pytest.mark.parametrize("kill_after_move", [False, True], ids=["killed before the move", "killed after the move"])
+def test_crash_while_quarantining_leaves_a_consistent_store(tmp_path, kill_after_move):
+    """SIGKILL at the moment a corrupt file is moved to quarantine/: the next open must leave
+    nothing for verify() to find (no row whose file is missing), and lose nothing else."""
+    store, ids = _store_with(tmp_path / "s", range(50, 55))
+    victim = list(ids)[2]
+    f = _file_of(store, victim)
+    f.write_bytes(f.read_bytes()[:-9])
+    store.close()
+    child = mp.get_context("fork").Process(target=_store_worker.quarantine_child,
+                                           args=(str(tmp_path / "s"), victim, kill_after_move))
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL, f"the child did not die in the quarantine (exit {child.exitcode})"
+    with LatentStore(tmp_path / "s") as store:
+        report = store.verify()
+        assert report.ok, f"after a crash mid-quarantine verify still finds: {report.problems}"
+        assert store.entry(victim) is None and store.load(victim) is None
+        survivors = {i: s for i, s in ids.items() if i != victim}
+        assert {r.entry_id for r in store.entries()} == set(survivors)
+        for entry_id, seed in survivors.items():
+            assert_seeded_entry(store, entry_id, seed)
+        _assert_finds_all(store, survivors)
+
+
 # ---------------------------------------------------------------------------------------------- index files
 def _index_file(store, key) -> Path:
     return store.path / "index" / partition_file_name(key)
