@@ -1,0 +1,316 @@
+"""Every workflow in workflows/ against the node definitions, and the batch workflow run in-process.
+
+* API format (what POST /prompt runs): every class exists, every required input is given, no
+  unknown input, literals valid (combo options, INT/FLOAT ranges, types), every link points at an
+  existing output whose type the input accepts.
+* UI format (what the ComfyUI editor loads): node types exist, the links table agrees with both
+  ends and with the definitions, widgets_values match the widget inputs one for one, and the
+  graph converts to exactly its API-format twin.
+* The batch API workflow runs through a small executor that follows ComfyUI's list semantics
+  (a node runs once per list element, node by node); later prompts must hit entries stored by
+  earlier prompts of the same batch.
+
+The two ComfyUI core nodes the workflows use (CreateVideo, SaveVideo) are described by
+:data:`CORE_NODES`, copied from ``GET /object_info`` of a ComfyUI 0.3.64 server.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfyui_chai.nodes import NODE_CLASS_MAPPINGS as NODES
+from comfyui_chai.nodes import registry
+
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+VIRTUAL_UI_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}  # frontend-only, never sent to the server
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+
+# GET /object_info of ComfyUI 0.3.64 (Comfy-Org/ComfyUI a125cd84), the parts the workflows use.
+CORE_NODES = {
+    "CreateVideo": {
+        "input": {"required": {"images": ["IMAGE", {}],
+                               "fps": ["FLOAT", {"default": 30.0, "min": 1.0, "max": 120.0, "step": 1.0}]},
+                  "optional": {"audio": ["AUDIO", {}]}},
+        "output": ["VIDEO"], "output_is_list": [False], "output_node": False,
+    },
+    "SaveVideo": {
+        "input": {"required": {"video": ["VIDEO", {}],
+                               "filename_prefix": ["STRING", {"default": "video/ComfyUI", "multiline": False}],
+                               "format": ["COMBO", {"default": "auto", "options": ["auto", "mp4"]}],
+                               "codec": ["COMBO", {"default": "auto", "options": ["auto", "h264"]}]}},
+        "output": [], "output_is_list": [], "output_node": True,
+    },
+}
+
+
+def definition(class_type: str) -> dict:
+    """Node definition in /object_info's shape: input sections, output types, list flags."""
+    if class_type in CORE_NODES:
+        return CORE_NODES[class_type]
+    if class_type not in NODES:
+        raise KeyError(class_type)
+    cls = NODES[class_type]
+    spec = cls.INPUT_TYPES()
+    return {"input": {k: {n: list(v) for n, v in spec.get(k, {}).items()} for k in ("required", "optional")},
+            "output": list(cls.RETURN_TYPES),
+            "output_is_list": list(getattr(cls, "OUTPUT_IS_LIST", [False] * len(cls.RETURN_TYPES))),
+            "output_node": bool(getattr(cls, "OUTPUT_NODE", False))}
+
+
+def input_spec(defn: dict, name: str):
+    for section in ("required", "optional"):
+        if name in defn["input"].get(section, {}):
+            return defn["input"][section][name]
+    return None
+
+
+def input_type(spec) -> str:
+    return "COMBO" if isinstance(spec[0], list) else spec[0]
+
+
+def is_widget(spec) -> bool:
+    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES or spec[0] == "COMBO"
+
+
+def accepts(input_t: str, output_t: str) -> bool:
+    """ComfyUI's rule: '*' matches anything; comma lists are unions."""
+    if "*" in (input_t, output_t):
+        return True
+    return bool(set(input_t.split(",")) & set(output_t.split(",")))
+
+
+def check_literal(where: str, spec, value) -> None:
+    kind, opts = spec[0], spec[1] if len(spec) > 1 else {}
+    if isinstance(kind, list) or kind == "COMBO":
+        options = kind if isinstance(kind, list) else opts["options"]
+        assert value in options, f"{where}: {value!r} is not one of {options[:8]}"
+    elif kind == "INT":
+        assert isinstance(value, int) and not isinstance(value, bool), f"{where}: {value!r} is not an INT"
+        assert opts.get("min", value) <= value <= opts.get("max", value), f"{where}: {value} out of range"
+    elif kind == "FLOAT":
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}: {value!r} is not a FLOAT"
+        assert opts.get("min", value) <= value <= opts.get("max", value), f"{where}: {value} out of range"
+    elif kind == "STRING":
+        assert isinstance(value, str), f"{where}: {value!r} is not a STRING"
+    elif kind == "BOOLEAN":
+        assert isinstance(value, bool), f"{where}: {value!r} is not a BOOLEAN"
+    else:
+        raise AssertionError(f"{where}: a literal was given for the socket type {kind}")
+
+
+def is_link(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+def load(name: str) -> dict:
+    return json.loads((WORKFLOWS / name).read_text(encoding="utf-8"))
+
+
+API_FILES = sorted(p.name for p in WORKFLOWS.glob("*_api.json"))
+UI_FILES = sorted(p.name for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
+
+
+def test_the_expected_workflows_exist():
+    assert {"chai_single_api.json", "chai_batch_api.json"} <= set(API_FILES)
+    assert {"chai_single.json", "chai_batch.json"} <= set(UI_FILES)
+    assert {u.replace(".json", "_api.json") for u in UI_FILES} == set(API_FILES)  # every UI file has its twin
+
+
+@pytest.mark.parametrize("name", API_FILES)
+def test_api_workflow_against_definitions(name):
+    prompt = load(name)
+    assert prompt and all(isinstance(k, str) for k in prompt)
+    outputs_seen = False
+    for node_id, node in prompt.items():
+        defn = definition(node["class_type"])
+        outputs_seen |= defn["output_node"]
+        for req in defn["input"].get("required", {}):
+            assert req in node["inputs"], f"{name} node {node_id}: required input {req!r} missing"
+        for key, value in node["inputs"].items():
+            spec = input_spec(defn, key)
+            assert spec is not None, f"{name} node {node_id}: unknown input {key!r}"
+            where = f"{name} node {node_id} ({node['class_type']}).{key}"
+            if is_link(value):
+                src, slot = value
+                assert src in prompt, f"{where}: links to missing node {src}"
+                src_out = definition(prompt[src]["class_type"])["output"]
+                assert 0 <= slot < len(src_out), f"{where}: output {slot} of node {src} does not exist"
+                assert accepts(input_type(spec), src_out[slot]), f"{where}: {src_out[slot]} into {input_type(spec)}"
+            else:
+                check_literal(where, spec, value)
+    assert outputs_seen, f"{name} has no output node"
+
+
+def ui_widget_names(defn: dict) -> list:
+    """Names of widgets_values entries in order (a seed's control_after_generate takes one more)."""
+    names = []
+    for section in ("required", "optional"):
+        for key, spec in defn["input"].get(section, {}).items():
+            if is_widget(spec):
+                names.append(key)
+                if len(spec) > 1 and spec[1].get("control_after_generate"):
+                    names.append(None)
+    return names
+
+
+def ui_to_api(ui: dict) -> dict:
+    """What the frontend sends for a UI graph (virtual nodes dropped, widgets and links resolved)."""
+    links = {link[0]: link for link in ui["links"]}
+    api = {}
+    for node in ui["nodes"]:
+        if node["type"] in VIRTUAL_UI_NODES:
+            continue
+        defn = definition(node["type"])
+        inputs = {}
+        values = iter(node.get("widgets_values", []))
+        for key in ui_widget_names(defn):
+            value = next(values)
+            if key is not None:
+                inputs[key] = value
+        for inp in node.get("inputs", []):
+            if inp.get("link") is not None:
+                link = links[inp["link"]]
+                inputs[inp["name"]] = [str(link[1]), link[2]]
+        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return api
+
+
+@pytest.mark.parametrize("name", UI_FILES)
+def test_ui_workflow_against_definitions(name):
+    ui = load(name)
+    assert ui["version"] == 0.4 and {"nodes", "links", "last_node_id", "last_link_id"} <= set(ui)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    assert len(nodes) == len(ui["nodes"]) and max(nodes) <= ui["last_node_id"]
+    for node in ui["nodes"]:
+        if node["type"] in VIRTUAL_UI_NODES:
+            continue
+        defn = definition(node["type"])
+        widgets = ui_widget_names(defn)
+        assert len(node["widgets_values"]) == len(widgets), f"{name} node {node['id']}: widgets_values length"
+        for key, value in zip(widgets, node["widgets_values"]):
+            if key is not None:
+                check_literal(f"{name} node {node['id']}.{key}", input_spec(defn, key), value)
+            else:
+                assert value in ("fixed", "increment", "decrement", "randomize")
+        assert [o["type"] for o in node["outputs"]] == defn["output"], f"{name} node {node['id']}: outputs"
+        for inp in node["inputs"]:
+            spec = input_spec(defn, inp["name"])
+            assert spec is not None and inp["type"] == input_type(spec), f"{name} node {node['id']}.{inp['name']}"
+    assert max((link[0] for link in ui["links"]), default=0) <= ui["last_link_id"]
+    for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:
+        out = nodes[src]["outputs"][src_slot]
+        assert out["type"] == kind and link_id in out["links"], f"{name} link {link_id}: source side"
+        inp = nodes[dst]["inputs"][dst_slot]
+        assert inp["link"] == link_id, f"{name} link {link_id}: target side"
+        assert accepts(inp["type"], kind), f"{name} link {link_id}: {kind} into {inp['type']}"
+    for node in ui["nodes"]:
+        for inp in node.get("inputs", []):
+            assert inp["link"] is None or any(link[0] == inp["link"] for link in ui["links"])
+
+
+@pytest.mark.parametrize("name", UI_FILES)
+def test_ui_workflow_matches_its_api_twin(name):
+    converted = ui_to_api(load(name))
+    twin = {k: {"class_type": v["class_type"], "inputs": v["inputs"]}
+            for k, v in load(name.replace(".json", "_api.json")).items()}
+    assert converted == twin
+
+
+# ------------------------------------------------------------------------------ the batch, in-process
+
+
+def run_api_prompt(prompt: dict, core: dict) -> dict:
+    """Execute an API-format prompt with ComfyUI's list semantics; core nodes come from ``core``.
+
+    Each node runs once per element of its longest list input (shorter lists repeat their last
+    element) unless it declares INPUT_IS_LIST; outputs flagged in OUTPUT_IS_LIST are flattened.
+    Returns ``{node_id: {"outputs": [list per slot], "ui": [ui dicts]}}``.
+    """
+    done: dict = {}
+
+    def run(node_id):
+        if node_id in done:
+            return done[node_id]
+        node = prompt[node_id]
+        cls = NODES.get(node["class_type"]) or core[node["class_type"]]
+        inputs = {}
+        for key, value in node["inputs"].items():
+            inputs[key] = run(value[0])["outputs"][value[1]] if is_link(value) else [value]
+        obj = cls()
+        fn = getattr(obj, cls.FUNCTION)
+        n_out = len(getattr(cls, "RETURN_TYPES", ()))
+        out_lists = [[] for _ in range(n_out)]
+        uis = []
+        if getattr(cls, "INPUT_IS_LIST", False):
+            calls = [inputs]
+        else:
+            n = max((len(v) for v in inputs.values()), default=1)
+            calls = [{k: v[min(i, len(v) - 1)] for k, v in inputs.items()} for i in range(n)]
+        flags = getattr(cls, "OUTPUT_IS_LIST", [False] * n_out)
+        for kwargs in calls:
+            result = fn(**kwargs)
+            if isinstance(result, dict):
+                uis.append(result.get("ui", {}))
+                result = result.get("result", ())
+            for slot, value in enumerate(result):
+                out_lists[slot].extend(value if flags[slot] else [value])
+        done[node_id] = {"outputs": out_lists, "ui": uis}
+        return done[node_id]
+
+    for node_id in prompt:
+        run(node_id)
+    return done
+
+
+class _CreateVideo:
+    RETURN_TYPES = ("VIDEO",)
+    FUNCTION = "run"
+
+    def run(self, images, fps):
+        assert isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[-1] == 3
+        return ((images, fps),)
+
+
+class _SaveVideo:
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    saved: list = []
+
+    def run(self, video, filename_prefix, format, codec):
+        _SaveVideo.saved.append((filename_prefix, tuple(video[0].shape), video[1]))
+        return {"ui": {"images": [filename_prefix]}, "result": ()}
+
+
+def test_batch_workflow_runs_and_later_prompts_hit(tmp_path):
+    prompt = load("chai_batch_api.json")
+    for node in prompt.values():
+        if node["class_type"] == "CHAI_Cache":
+            node["inputs"]["folder"] = str(tmp_path / "store")
+        if node["class_type"] == "CHAI_Sampler":  # smaller and shorter than the example, same graph
+            node["inputs"].update(height=32, width=32, steps=6, fast_steps=4)
+        if node["class_type"] == "CHAI_LoadTextEncoder":
+            node["inputs"]["text_encoder"] = "tiny: hashed-word captions (for the tiny model, no model files)"
+    _SaveVideo.saved = []
+    try:
+        done = run_api_prompt(prompt, {"CreateVideo": _CreateVideo, "SaveVideo": _SaveVideo})
+    finally:
+        registry.close_all()
+    prompts = [n for n in prompt.values() if n["class_type"] == "CHAI_PromptList"][0]["inputs"]["prompts"]
+    n_prompts = len([p for p in prompts.splitlines() if p.strip()])
+    sampler_id = next(k for k, v in prompt.items() if v["class_type"] == "CHAI_Sampler")
+    latents = done[sampler_id]["outputs"][0]
+    modes = [lat["chai"]["mode"] for lat in latents]
+    assert len(modes) == n_prompts == len(_SaveVideo.saved)
+    assert modes[0] == "full" and "fast" in modes  # later prompts reuse what earlier ones stored
+    assert all(shape[0] == 17 and shape[1:] == (32, 32, 3) for _p, shape, _fps in _SaveVideo.saved)
+    assert all(fps == 24.0 for *_x, fps in _SaveVideo.saved)
+    state_id = next(k for k, v in prompt.items() if v["class_type"] == "CHAI_CacheState")
+    panel = done[state_id]["ui"]
+    assert len(panel) == 1  # INPUT_IS_LIST: one panel update for the whole batch
+    stats = panel[0]["chai_stats"][0]["stats"]
+    assert stats["lookups"] == n_prompts and stats["hits"] == modes.count("fast")
+    assert stats["entries"] == modes.count("full")
