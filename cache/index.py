@@ -49,6 +49,8 @@ class IndexParams:
         ef_construction: build-time beam width; 200 gives recall@1 >= 0.99 at 1M vectors.
         ef_search: query-time beam width, re-applied after every load (hnswlib resets it to 10).
         compact_tombstone_share: rebuild a partition when deleted / stored exceeds this share.
+        compact_min_tombstones: ... and it holds at least this many tombstones, so small
+            partitions are not rebuilt (and re-saved with fsync) after nearly every eviction.
     """
 
     dim: int
@@ -56,6 +58,7 @@ class IndexParams:
     ef_construction: int = 200
     ef_search: int = 64
     compact_tombstone_share: float = 0.25
+    compact_min_tombstones: int = 16
 
     def to_dict(self) -> dict:
         """The parameters as a JSON-serialisable dict."""
@@ -311,12 +314,15 @@ class EntityIndex:
         return count
 
     def needs_compaction(self, compat_key: str) -> bool:
-        """True when the partition's tombstones exceed ``compact_tombstone_share`` of what it stores."""
+        """True when the partition's tombstones exceed ``compact_tombstone_share`` of what it stores
+        and number at least ``compact_min_tombstones``."""
         with self.lock.read():
             part = self._parts.get(compat_key)
             if part is None or not part.deleted:
                 return False
             stored = len(part.live) + len(part.deleted)
+            if len(part.deleted) < self.params.compact_min_tombstones:
+                return False
             return len(part.deleted) / stored > self.params.compact_tombstone_share
 
     def rebuild(self, compat_key: str, labels: np.ndarray, vectors: np.ndarray) -> None:

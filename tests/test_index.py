@@ -173,15 +173,18 @@ def test_store_compacts_a_partition_when_tombstones_pile_up(tmp_path):
 
     rng = np.random.default_rng(6)
     with LatentStore(tmp_path / "s", dim=DIM) as store:
-        ids = [store.put({"x": torch.randn(2, 2)}, ["e"], unit_vectors(rng, 1), "k", "p") for _ in range(8)]
-        store.delete(ids[:3])  # 3 of 8 stored vectors are tombstones: 37.5 % > 25 %
-        assert store.index.tombstones("k") == 3
+        ids = [store.put({"x": torch.randn(2, 2)}, ["e"], unit_vectors(rng, 1), "k", "p") for _ in range(40)]
+        store.delete(ids[:3])  # 3 of 40: under both the share and the minimum count
+        store.put({"x": torch.randn(2, 2)}, ["e"], unit_vectors(rng, 1), "k", "p")
+        assert store.index.tombstones("k") == 3, "a few tombstones must not trigger a rebuild"
+        store.delete(ids[3:17])  # 17 of 41 stored vectors are tombstones: 41 % > 25 % and >= 16
+        assert store.index.tombstones("k") == 17
         new = store.put({"x": torch.randn(2, 2)}, ["e"], unit_vectors(rng, 1), "k", "p")
         assert store.index.tombstones("k") == 0, "the put after the deletes must have compacted the partition"
         live = {int(r[0]) for r in store._conn().execute("SELECT label FROM entities WHERE compat_key='k'")}
-        assert store.index.labels("k") == live and len(live) == 6
-        assert {m.entry_id for m in store.search(unit_vectors(rng, 4), "k", k=10)} == set(ids[3:]) | {new}
-
+        assert store.index.labels("k") == live and len(live) == 25
+        found = {m.entry_id for m in store.search(unit_vectors(rng, 4), "k", k=40)}
+        assert found <= set(ids[17:]) | {new, ids[-1] + 1} and not found & set(ids[:17])
 
 def test_save_and_load_round_trip_with_checksums(tmp_path):
     rng = np.random.default_rng(7)
