@@ -364,7 +364,10 @@ class RotaryEmbedding(nn.Module):
 
     def _cos_sin(self, n: int, device: torch.device, pos_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         f = self.freqs
-        key = (n, device, pos_dtype, f.dtype, f.device, f.data_ptr(), f._version, torch.is_inference_mode_enabled())
+        # Inference tensors (weights loaded under torch.inference_mode, as ComfyUI does) have no
+        # version counter; they cannot be modified in place either, so their data pointer suffices.
+        version = -1 if f.is_inference() else f._version
+        key = (n, device, pos_dtype, f.dtype, f.device, f.data_ptr(), version, torch.is_inference_mode_enabled())
         hit = self._cache.get(key)
         if hit is not None:
             return hit

@@ -451,3 +451,17 @@ def test_hook_and_helper_in_bf16(case1, tiny_config, tiny_weights):
                                            height=tensors["height"], width=tensors["width"])
     assert k.dtype == torch.bfloat16
     assert torch.equal(k, seen[0][0]) and torch.equal(v, seen[0][1])
+
+
+def test_model_loaded_under_inference_mode_runs(tiny_config):
+    """ComfyUI builds and runs nodes under torch.inference_mode(): RoPE's cache must not need a
+    version counter (inference tensors have none)."""
+    cfg = tiny_config["config_kwargs"]
+    with torch.inference_mode():
+        model = STDiT3(**cfg).eval()
+        x = torch.randn(1, cfg["in_channels"], 3, 4, 4)
+        y = torch.randn(1, 1, cfg["model_max_length"], cfg["caption_channels"])
+        mask = torch.ones(1, cfg["model_max_length"], dtype=torch.long)
+        out = model(x, torch.tensor([500.0]), y, mask=mask, fps=24, height=32, width=32)
+        again = model(x, torch.tensor([500.0]), y, mask=mask, fps=24, height=32, width=32)
+    assert torch.equal(out, again) and torch.isfinite(out).all()
