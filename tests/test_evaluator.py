@@ -385,4 +385,4 @@ def test_measurement_takes_a_few_milliseconds(dataset):
     for c in clips[:100]:
         ev.measure_clip(c)
     per_clip_ms = (time.process_time() - t0) * 10
-    assert per_clip_ms < 15.0, per_clip_ms  # about 3-4 ms of CPU on this 2-core machine
+    assert per_clip_ms < 15.0, per_clip_ms  # 4-6 ms of CPU on this shared 2-core machine
