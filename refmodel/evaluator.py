@@ -4,7 +4,8 @@ A generated clip comes only with its prompt, so the evaluator never sees a :clas
 it parses the prompt with the scene generator's vocabulary (:mod:`.scenes` constants, including every
 caption paraphrase) and measures the attributes from the pixels alone.
 
-Measurement (:func:`measure_clip`, numpy only, 4-6 ms of CPU for an 8 x 32 x 32 clip on the shared 2-core box):
+Measurement (:func:`measure_clip`, numpy only; 4-6 ms of CPU for an 8 x 32 x 32 clip on the shared
+2-core machine):
 
 1. **Background.** Each background class has an expected appearance that depends only on the row
    (plain colours, vertical gradients, stationary textures): its per-row mean ``M_k`` and spread ``S_k``
