@@ -115,7 +115,8 @@ def partition_file_name(compat_key: str) -> str:
     return "index-" + hashlib.sha1(compat_key.encode("utf-8")).hexdigest()[:16] + ".bin"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by path (a directory fsync makes a rename durable)."""
     fd = os.open(str(path), os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -369,14 +370,10 @@ class EntityIndex:
                 return None
             part.index.save_index(str(tmp))
             live, deleted = sorted(part.live), sorted(part.deleted)
-        fd = os.open(str(tmp), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         digest, size = file_sha256(tmp), tmp.stat().st_size
         os.replace(tmp, path)
-        _fsync_dir(directory)
+        fsync_path(directory)
         return digest, size, live, deleted
 
     def load_partition(

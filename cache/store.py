@@ -37,7 +37,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .index import EntityIndex, IndexFileError, IndexParams, file_sha256, partition_file_name
+from .index import EntityIndex, IndexFileError, IndexParams, file_sha256, fsync_path, partition_file_name
 from .policy import EvictionPolicy
 
 __all__ = [
@@ -200,22 +200,6 @@ class VerifyReport:
     def ok(self) -> bool:
         """True when the store was consistent before the check."""
         return not self.problems
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _SCHEMA = """
@@ -678,7 +662,7 @@ class LatentStore:
                         os.fsync(handle.fileno())
                 os.replace(tmp, final)
                 if self.config.durable:
-                    _fsync_dir(final.parent)
+                    fsync_path(final.parent)
             except OSError as exc:  # read-only mount, disk full, permissions
                 for p in (tmp, final):
                     try:
