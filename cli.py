@@ -7,6 +7,8 @@ Commands:
     cache compact STORE      rebuild the HNSW index without tombstones
     simulate                 replay a prompt list through the cache at several budgets (no video model)
     generate                 run prompts through CHAI (lookup, fast or full mode, store): one mp4 each + report
+    demo                     the CHAI batch on the bundled reference model over 12 related prompts, against an
+                             all-full run of the same batch: mp4s, a contact sheet, report.{md,json} (demo.py)
 """
 
 from __future__ import annotations
@@ -62,7 +64,55 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", default="out/simulate", help="folder for simulate.md, simulate.json and simulate.png")
     sim.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_generate_parser(sub)
+    _add_demo_parser(sub)
     return parser
+
+
+_DEMO_EPILOG = """\
+Runs the CHAI batch workflow on the bundled CPU reference model (8-frame 32x32 shape videos, no
+weights to download) over 12 built-in prompts that share shapes, colours and backgrounds. Every
+prompt runs with CHAI (lookup -> 8-step fast mode with Cache Attention on a hit, 30-step full mode
+stored on a miss) and then in full mode from the same seed, so the speed-up and the quality
+difference are measured in the same run. Writes one mp4 per prompt (plus its full-mode twin in
+full_mode/), contact_sheet.png (a hit next to its full-mode twin) and report.{md,json}.
+
+By default the store is a fresh temporary folder. Keep one with --store DIR and run the same
+command twice: the second run finds the first run's entries (higher hit rate).
+"""
+
+
+def _add_demo_parser(sub) -> None:
+    demo = sub.add_parser("demo", help="CHAI batch on the bundled reference model: videos, contact sheet, report",
+                          epilog=_DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    demo.add_argument("--store", default=None,
+                      help="cache store folder to create or reuse (default: a fresh temporary store, deleted after)")
+    demo.add_argument("--limit", type=int, default=None, help="only the first N of the 12 prompts")
+    demo.add_argument("--seed", type=int, default=42, help="noise seed of prompt i is seed + i (both runs)")
+    demo.add_argument("--model-dir", default=None, help="reference-model folder (default: the bundled models/reference_v1)")
+    demo.add_argument("--threshold", type=float, default=None, help="hit similarity (default: the lookup's, 0.72)")
+    demo.add_argument("--budget-mb", type=float, default=None, help="store budget in MB (default: kept / 1 GiB new)")
+    demo.add_argument("--scale", type=int, default=8, help="nearest-neighbour upscaling of the mp4 files (32 -> 256 px)")
+    demo.add_argument("--fps", type=int, default=8, help="playback rate of the mp4 files (8 frames -> 1 s)")
+    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for this small model)")
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _cmd_demo(args) -> int:
+    import torch
+
+    from .cache.store import StoreError
+    from .demo import run_demo
+
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        run_demo(args.out, args.store, limit=args.limit, seed=args.seed, model_dir=args.model_dir,
+                 threshold=args.threshold, budget_mb=args.budget_mb, scale=args.scale, fps=args.fps,
+                 progress=not args.no_progress)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _cmd_cache(args) -> int:
@@ -144,7 +194,9 @@ def _cmd_simulate(args) -> int:
 _GENERATE_EPILOG = """\
 --model tiny (default) runs the small CPU configuration: a tiny STDiT3 and VAE with seeded random
 weights and MiniLM token states as captions (noise-like videos; the request path and its timing are
-real). --model STDIT3 VAE T5 [TOKENIZER] loads OpenSora 1.2's safetensors: hpcai-tech/OpenSora-STDiT-v3
+real). --model reference [DIR] runs the bundled, trained CPU reference model (models/reference_v1, or
+DIR): a pixel-space STDiT3 without a VAE that makes 8-frame 32x32 shape videos at its native size
+(--height/--width/--num-frames override it). --model STDIT3 VAE T5 [TOKENIZER] loads OpenSora 1.2's safetensors: hpcai-tech/OpenSora-STDiT-v3
 (file or folder), hpcai-tech/OpenSora-VAE-v1.2 (file or folder), T5-v1.1-XXL (HF folder, or a single
 file such as ComfyUI's t5xxl_fp16.safetensors plus a tokenizer folder).
 
@@ -160,23 +212,25 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--prompts", required=True, help="prompt file: one per line, or a JSON list")
     gen.add_argument("--out", required=True, help="folder for the mp4 files and report.{json,md}")
     gen.add_argument("--store", required=True, help="cache store folder (created if missing)")
-    gen.add_argument("--model", nargs="+", default=["tiny"], metavar="tiny|PATH",
-                     help="'tiny', or STDIT3 VAE T5 [TOKENIZER] weight paths (see below)")
+    gen.add_argument("--model", nargs="+", default=["tiny"], metavar="tiny|reference|PATH",
+                     help="'tiny', 'reference' [DIR], or STDIT3 VAE T5 [TOKENIZER] weight paths (see below)")
     gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                      help="STDiT3/VAE dtype (default: bfloat16 on cuda, float32 on cpu)")
-    gen.add_argument("--resolution", default=None, help="OpenSora bucket (default 240p; tiny: 64x64 pixels)")
+    gen.add_argument("--resolution", default=None,
+                     help="OpenSora bucket (default 240p; tiny: 64x64 pixels; reference: its native 32x32)")
     gen.add_argument("--aspect-ratio", default="9:16", help="height:width bucket name (9:16 = 240x426 at 240p)")
     gen.add_argument("--height", type=int, default=None, help="pixel height (overrides --resolution)")
     gen.add_argument("--width", type=int, default=None, help="pixel width (overrides --resolution)")
-    gen.add_argument("--num-frames", default=None, help="frames or a duration name (default 51 = '2s'; tiny: 17)")
+    gen.add_argument("--num-frames", default=None,
+                     help="frames or a duration name (default 51 = '2s'; tiny: 17; reference: 8)")
     gen.add_argument("--seed", type=int, default=42, help="noise seed of prompt i is seed + i")
-    gen.add_argument("--fps", type=int, default=24, help="frame rate of the mp4 files")
+    gen.add_argument("--fps", type=int, default=None, help="frame rate of the mp4 files (default: the model's, 24)")
     gen.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     gen.add_argument("--captions", choices=["minilm", "hashed"], default="minilm",
                      help="caption encoder of --model tiny: MiniLM token states or hashed words (no model)")
     gen.add_argument("--threads", type=int, default=None,
-                     help="torch CPU threads (default: 1 for --model tiny on cpu, else torch's default)")
+                     help="torch CPU threads (default: 1 for --model tiny/reference on cpu, else torch's default)")
     ca = gen.add_argument_group("CHAI knobs (opensora.cache_attention.CacheAttentionConfig)")
     ca.add_argument("--fast-steps", type=int, default=8, help="steps on a hit")
     ca.add_argument("--cache-steps", type=int, nargs="*", default=[2, 3, 4], help="1-based Cache Attention steps")
@@ -214,8 +268,13 @@ def _generate_pipeline(args, lookup):
         pipe.model.to(device)
         pipe.vae.to(device)
         return pipe
+    if args.model[0] == "reference":
+        if len(args.model) > 2:
+            raise ValueError("--model reference takes at most one folder: --model reference [DIR]")
+        return ChaiPipeline.reference(lookup, config, model_dir=args.model[1] if len(args.model) == 2 else None,
+                                      device=device)
     if len(args.model) not in (3, 4):
-        raise ValueError("--model takes 'tiny' or 3-4 paths: STDIT3 VAE T5 [TOKENIZER]")
+        raise ValueError("--model takes 'tiny', 'reference' [DIR] or 3-4 paths: STDIT3 VAE T5 [TOKENIZER]")
     default = torch.bfloat16 if device.startswith("cuda") else torch.float32
     dtype = getattr(torch, args.dtype) if args.dtype else default
     stdit, vae, t5 = args.model[:3]
@@ -223,8 +282,19 @@ def _generate_pipeline(args, lookup):
     return ChaiPipeline.from_files(stdit, vae, t5, tokenizer, lookup, config, device=device, dtype=dtype)
 
 
-def _generate_report(rows: list[dict], header: dict) -> tuple[dict, str]:
-    """Totals and the markdown table of a generate run."""
+def _cache_behaviour(before, after) -> dict:
+    """What a run did to the store: sizes after it, and this run's share of the lifetime counters."""
+    return {
+        "entries": after.entries, "entities": after.entities, "bytes": after.bytes, "budget_bytes": after.budget_bytes,
+        "policy": after.policy, "inserts": after.inserts - before.inserts,
+        "evictions": after.evictions - before.evictions, "repairs": after.repairs - before.repairs,
+        "quarantined": after.quarantined - before.quarantined, "lookup_ms_mean": round(after.lookup_ms_mean, 3),
+        "lookup_ms_p99": round(after.lookup_ms_p99, 3),
+    }
+
+
+def _generate_report(rows: list[dict], header: dict, cache: dict | None = None) -> tuple[dict, str]:
+    """Totals and the markdown table of a generate run (``cache``: :func:`_cache_behaviour`)."""
     n = len(rows)
     hits = sum(1 for r in rows if r["hit"])
     total_ms = sum(r["timings_ms"]["total_ms"] for r in rows)
@@ -243,6 +313,8 @@ def _generate_report(rows: list[dict], header: dict) -> tuple[dict, str]:
         "mean_cache_ms_on_hits": (sum(r["timings_ms"]["lookup_ms"] + r["timings_ms"]["cache_kv_ms"]
                                       for r in rows if r["hit"]) / hits) if hits else None,
     }
+    if cache is not None:
+        totals["cache"] = cache
 
     def cell(v, fmt="{:.0f}"):
         return "" if v is None else fmt.format(v)
@@ -277,6 +349,11 @@ def _generate_report(rows: list[dict], header: dict) -> tuple[dict, str]:
         share = 100 * totals["mean_cache_ms_on_hits"] / totals["mean_fast_ms"]
         lines.append(f"Cache work on a hit (lookup + latent load + extra K/V): "
                      f"{totals['mean_cache_ms_on_hits']:.1f} ms, {share:.1f}% of a hit's time.")
+    if cache is not None:
+        lines.append(f"Store after the run: {cache['entries']} entries, {cache['bytes']:,} of {cache['budget_bytes']:,} "
+                     f"bytes ({cache['policy']}); this run inserted {cache['inserts']}, evicted {cache['evictions']}, "
+                     f"repaired {cache['repairs']}; lookup mean {cache['lookup_ms_mean']:.1f} ms, "
+                     f"p99 {cache['lookup_ms_p99']:.1f} ms.")
     return totals, "\n".join(lines) + "\n"
 
 
@@ -297,7 +374,8 @@ def _cmd_generate(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tiny = args.model == ["tiny"]
-    if args.threads is not None or (tiny and (args.device or "cpu") == "cpu"):
+    small = tiny or args.model[0] == "reference"
+    if args.threads is not None or (small and (args.device or "cpu") == "cpu"):
         import torch
 
         # Small models on a few shared cores run many times slower with one thread per core.
@@ -305,7 +383,7 @@ def _cmd_generate(args) -> int:
     height, width, resolution = args.height, args.width, args.resolution
     if tiny and resolution is None and (height is None or width is None):
         height, width = 64, 64
-    num_frames = args.num_frames or (17 if tiny else 51)
+    num_frames = args.num_frames or (17 if tiny else None)  # None: the model's default (51; reference: 8)
     try:
         store = LatentStore(args.store, budget_bytes=int(args.budget_mb * 1e6) if args.budget_mb else None,
                             policy=args.policy)
@@ -323,6 +401,7 @@ def _cmd_generate(args) -> int:
         pipe.captions.encode("a red fox in the snow")
         load_s = time.perf_counter() - t_load
         height, width, frames = pipe.resolve_size(resolution or "240p", args.aspect_ratio, height, width, num_frames)
+        before = store.stats()
         header = {"model": "tiny" if tiny else " ".join(args.model), "height": height, "width": width,
                   "num_frames": frames, "device": str(pipe.device), "config": pipe.config.tag(),
                   "compat_key": pipe.compat_key(height, width, frames), "store": str(store.path),
@@ -336,7 +415,7 @@ def _cmd_generate(args) -> int:
             for i, prompt in enumerate(prompts):
                 result = pipe.generate(prompt, seed=args.seed + i, height=height, width=width, num_frames=frames)
                 slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
-                video = write_video(result.frames, out / f"{i:03d}_{slug}.mp4", fps=args.fps)
+                video = write_video(result.frames, out / f"{i:03d}_{slug}.mp4", fps=args.fps or pipe.fps)
                 row = result.summary()
                 row["video"] = video.name
                 rows.append(row)
@@ -348,7 +427,7 @@ def _cmd_generate(args) -> int:
                   file=sys.stderr)
         finally:
             bar.close()
-        totals, table = _generate_report(rows, header)
+        totals, table = _generate_report(rows, header, _cache_behaviour(before, store.stats()))
         (out / "report.json").write_text(json.dumps({"run": header, "totals": totals, "prompts": rows}, indent=2),
                                          encoding="utf-8")
         (out / "report.md").write_text(table, encoding="utf-8")
@@ -368,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_simulate(args)
         if args.command == "generate":
             return _cmd_generate(args)
+        if args.command == "demo":
+            return _cmd_demo(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -28,7 +28,15 @@ a ``fingerprint`` string) and an optional ``CacheLookup``. Builders:
   folder or single file plus its tokenizer);
 * :meth:`ChaiPipeline.tiny`: a small CPU configuration with seeded random weights that runs a
   request in about a second (tiny STDiT3, tiny VAE, and a caption encoder that is either MiniLM
-  token states projected to the model width or hashed word vectors; see :func:`tiny_components`).
+  token states projected to the model width or hashed word vectors; see :func:`tiny_components`);
+* :meth:`ChaiPipeline.reference`: the bundled, trained CPU reference model (``refmodel/``,
+  ``models/reference_v1``): a *pixel-space* STDiT3 without a VAE, whose "latent" is the RGB clip
+  itself in [-1, 1] (8 frames of 32 x 32 pixels), captioned by MiniLM token states.
+
+Pixel-space models (``pixel_space=True``): the latent shape is (C, frames, height, width) in pixels,
+sizes default to the model's ``native_size`` and ``default_frames``, OpenSora's VAE size rules and its
+17-frame minimum do not apply (the reference sampler has no timestep shift), and decoding maps the
+clip from [-1, 1] to [0, 1] without a VAE.
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ __all__ = [
     "files_fingerprint",
     "frames_to_uint8",
     "write_video",
+    "OPENSORA_WEIGHT_FILES",
 ]
 
 log = logging.getLogger("comfyui_chai.pipeline")
@@ -460,6 +469,59 @@ def write_video(frames: torch.Tensor, path: Union[str, Path], fps: int = 24, crf
     return path
 
 
+# ------------------------------------------------------------------------------------ weight files
+
+#: What each OpenSora 1.2 weight file of :meth:`ChaiPipeline.from_files` is, where it comes from and
+#: where ComfyUI users keep it: (role, expected file, position in ``generate --model``).
+OPENSORA_WEIGHT_FILES: Dict[str, Tuple[str, str, str]] = {
+    "stdit3": ("STDiT3 (the denoiser)",
+               "model.safetensors of Hugging Face hpcai-tech/OpenSora-STDiT-v3 (4.84 GB), or its folder with "
+               "config.json; ComfyUI keeps it as models/opensora/OpenSora-STDiT-v3.safetensors", "1st"),
+    "vae": ("VAE", "model.safetensors of Hugging Face hpcai-tech/OpenSora-VAE-v1.2 (1.57 GB), or its folder; "
+                   "ComfyUI keeps it as models/opensora/OpenSora-VAE-v1.2.safetensors", "2nd"),
+    "t5": ("T5-v1.1-XXL text encoder",
+           "t5xxl_fp16.safetensors (Hugging Face comfyanonymous/flux_text_encoders, 9.8 GB; ComfyUI keeps it in "
+           "models/text_encoders/) or a T5-v1.1-XXL Hugging Face folder", "3rd"),
+    "tokenizer": ("T5 tokenizer", "a folder with tokenizer.json, e.g. the one ComfyUI ships at "
+                                  "ComfyUI/comfy/text_encoders/t5_tokenizer", "4th"),
+}
+
+_ORDER_HINT = "command line: python -m comfyui_chai generate --model STDIT3 VAE T5 [TOKENIZER] ..."
+
+
+def _weights_help(kind: str) -> str:
+    role, expected, position = OPENSORA_WEIGHT_FILES[kind]
+    return f"the {role} must be {expected}; it is the {position} path of --model ({_ORDER_HINT})"
+
+
+def _check_weight_paths(paths: Mapping[str, Optional[Union[str, Path]]]) -> None:
+    """Fail fast, before loading gigabytes, on a missing path or a single T5 file without a tokenizer.
+
+    Raises:
+        FileNotFoundError: a path that does not exist (names it, what it should be and where it goes).
+        ValueError: a single T5 file without a tokenizer folder.
+    """
+    for kind, path in paths.items():
+        if path is None:
+            continue
+        p = Path(path).expanduser()
+        if not p.exists():
+            role = OPENSORA_WEIGHT_FILES[kind][0]
+            raise FileNotFoundError(f"{role} not found: {p}. Download it and give its path: {_weights_help(kind)}")
+    t5 = paths.get("t5")
+    if t5 is not None and Path(t5).expanduser().is_file() and paths.get("tokenizer") is None:
+        raise ValueError(f"the T5 file {t5} comes without a tokenizer: {_weights_help('tokenizer')}")
+
+
+def _explain_weights_error(exc: Exception, kind: str, path: Union[str, Path]) -> Exception:
+    """The same exception with a last line naming the file, what it should be and what to do."""
+    role = OPENSORA_WEIGHT_FILES[kind][0]
+    note = (f"{Path(path)} could not be loaded as the {role}: {_weights_help(kind)}. Check the order of the "
+            "paths and that the download is complete (a re-download fixes a truncated file).")
+    exc.args = (f"{exc.args[0] if exc.args else exc}\n{note}",) + tuple(exc.args[1:])
+    return exc
+
+
 # ------------------------------------------------------------------------------------ pipeline
 
 
@@ -486,20 +548,36 @@ class ChaiPipeline:
             fingerprint, the model dtype and the size-conditioning dtype.
         size_dtype: dtype of the size conditioning (torch.bfloat16 = OpenSora's default config).
         rflow: the sampler (default ``RFlow()``: OpenSora 1.2's settings).
+        pixel_space: the model denoises RGB pixels in [-1, 1] directly (no VAE; latent
+            [C, frames, height, width]); see the module docstring.
+        native_size: (height, width) in pixels used when a request gives no size (pixel-space
+            models; ignored otherwise).
+        default_frames: frames when a request gives none (OpenSora 1.2: 51 = "2s").
+        fps: frame rate of the model's videos, for writing them (OpenSora 1.2 and the reference
+            model: 24, which is also the sampler's fps conditioning for videos).
 
     Raises:
-        ValueError: a caption length that differs from the model's ``model_max_length``.
+        ValueError: a caption length that differs from the model's ``model_max_length``; a
+            pixel-space ``native_size`` or ``default_frames`` below 1.
     """
 
     def __init__(self, model: STDiT3, vae: Optional[OpenSoraVAE], captions: Any, lookup: Optional[CacheLookup] = None,
                  config: Optional[CacheAttentionConfig] = None, *, model_fingerprint: Optional[str] = None,
-                 size_dtype: torch.dtype = torch.bfloat16, rflow: Optional[RFlow] = None) -> None:
+                 size_dtype: torch.dtype = torch.bfloat16, rflow: Optional[RFlow] = None, pixel_space: bool = False,
+                 native_size: Optional[Tuple[int, int]] = None, default_frames: int = 51, fps: int = 24) -> None:
         self.model = model
         self.vae = vae
         self.captions = captions
         self.config = config or CacheAttentionConfig()
         self.rflow = rflow or RFlow()
         self.size_dtype = size_dtype
+        self.pixel_space = bool(pixel_space)
+        self.native_size = None if native_size is None else (int(native_size[0]), int(native_size[1]))
+        self.default_frames = int(default_frames)
+        self.fps = int(fps)
+        if self.default_frames < 1 or self.fps < 1 or (self.native_size is not None and min(self.native_size) < 1):
+            raise ValueError(f"native_size, default_frames and fps must be positive, got {native_size}, "
+                             f"{default_frames}, {fps}")
         length = getattr(captions, "max_length", None)
         max_length = int(model.config.model_max_length)
         if length is not None and int(length) != max_length:
@@ -522,6 +600,47 @@ class ChaiPipeline:
         return cls(model, vae, enc, lookup, config, size_dtype=torch.float32)
 
     @classmethod
+    def reference(cls, lookup: Optional[CacheLookup] = None, config: Optional[CacheAttentionConfig] = None, *,
+                  model_dir: Optional[Union[str, Path]] = None,
+                  device: Union[str, torch.device] = "cpu") -> "ChaiPipeline":
+        """The bundled CPU reference model (``refmodel.model.load_reference_model``) as a pixel-space pipeline.
+
+        The model (a 3-block STDiT3, 1.9 M parameters, trained on ``refmodel.scenes`` shape videos)
+        denoises 8-frame 32 x 32 RGB clips in [-1, 1]; captions are all-MiniLM-L6-v2 token states
+        (:class:`..refmodel.model.MiniLMTokenStates`, 32 rows of 384). Sampler settings come from the
+        folder's ``config.json`` ("sampler": RFLOW without OpenSora's timestep shift); the size
+        conditioning is fp32; the cache key holds the SHA-256 of ``model.safetensors``, so entries of
+        another checkpoint are never served.
+
+        Args:
+            lookup: as the constructor.
+            config: CHAI knobs; default: :class:`CacheAttentionConfig` with the folder's
+                ``cfg_scale`` and ``num_sampling_steps`` as ``cfg_scale`` and ``full_steps``.
+            model_dir: folder with ``config.json`` and ``model.safetensors`` (default
+                ``models/reference_v1`` of the pack).
+            device: torch device.
+
+        Raises:
+            refmodel.model.ModelFilesError (a FileNotFoundError): a missing or malformed file,
+                or weights that do not match the config (the message names the file).
+        """
+        from .refmodel.model import load_reference_model
+
+        model, encoder = load_reference_model(model_dir, device=device)
+        cfg = model.reference_config
+        sampler = dict(cfg["sampler"])
+        rflow = RFlow(**{k: v for k, v in sampler.items() if k in RFlow.__dataclass_fields__})
+        if config is None:
+            config = CacheAttentionConfig(cfg_scale=float(sampler.get("cfg_scale", 7.0)),
+                                          full_steps=int(sampler.get("num_sampling_steps", 30)))
+        clip = cfg["clip"]
+        pipe = cls(model, None, encoder, lookup, config, model_fingerprint=str(model.fingerprint),
+                   size_dtype=torch.float32, rflow=rflow, pixel_space=True,
+                   native_size=(int(clip["height"]), int(clip["width"])), default_frames=int(clip["num_frames"]),
+                   fps=int(clip.get("fps", 24)))
+        return pipe
+
+    @classmethod
     def from_files(cls, stdit3: Union[str, Path], vae: Optional[Union[str, Path]], t5: Union[str, Path],
                    tokenizer: Optional[Union[str, Path]] = None, lookup: Optional[CacheLookup] = None,
                    config: Optional[CacheAttentionConfig] = None, *, device: Union[str, torch.device] = "cpu",
@@ -541,18 +660,28 @@ class ChaiPipeline:
             t5_dtype: T5 dtype (OpenSora: fp32). vae_spatial_config: AutoencoderKL config when the
                 VAE is not the SDXL-VAE layout.
 
+        Every error about a weight file names the file, what it must be (which Hugging Face file,
+        where ComfyUI keeps it: :data:`OPENSORA_WEIGHT_FILES`) and its place in ``--model``.
+
         Raises:
-            FileNotFoundError, ``opensora.loading.CheckpointFormatError`` (pickles refused),
-            ``StateDictMismatchError`` (every bad key listed).
+            FileNotFoundError: a path that does not exist (checked before anything is loaded).
+            ValueError: a single T5 file without ``tokenizer``.
+            ``opensora.loading.CheckpointFormatError``: not a safetensors file (pickles refused),
+            damaged or truncated. ``StateDictMismatchError``: a file of another model (every bad
+            key listed), e.g. the VAE given as the STDiT3.
         """
-        from .opensora.loading import build_and_load
+        from .opensora.loading import CheckpointFormatError, StateDictMismatchError, build_and_load
         from .opensora.text import T5TextEncoder
 
+        _check_weight_paths({"stdit3": stdit3, "vae": vae, "t5": t5, "tokenizer": tokenizer})
         stdit_path = Path(stdit3).expanduser()
         cfg_file = stdit_path / "config.json" if stdit_path.is_dir() else None
         scfg = (STDiT3Config.from_dict(json.loads(cfg_file.read_text(encoding="utf-8")))
                 if cfg_file is not None and cfg_file.is_file() else stdit3_xl2_config())
-        model = build_and_load(lambda: STDiT3(scfg), stdit_path, dtype=dtype, device=device)
+        try:
+            model = build_and_load(lambda: STDiT3(scfg), stdit_path, dtype=dtype, device=device)
+        except (CheckpointFormatError, StateDictMismatchError) as exc:
+            raise _explain_weights_error(exc, "stdit3", stdit_path)
         model.init_non_persistent_buffers()
         vae_model = None
         if vae is not None:
@@ -563,9 +692,15 @@ class ChaiPipeline:
                 factory = lambda: OpenSoraVAE.from_official_config(pipe_cfg, vae_spatial_config)  # noqa: E731
             else:
                 factory = lambda: OpenSoraVAE(spatial_config=vae_spatial_config)  # noqa: E731
-            vae_model = build_and_load(factory, vae_path, dtype=dtype, device=device)
-        encoder = T5TextEncoder.from_files(t5, tokenizer, dtype=t5_dtype, device=device,
-                                           max_length=scfg.model_max_length)
+            try:
+                vae_model = build_and_load(factory, vae_path, dtype=dtype, device=device)
+            except (CheckpointFormatError, StateDictMismatchError) as exc:
+                raise _explain_weights_error(exc, "vae", vae_path)
+        try:
+            encoder = T5TextEncoder.from_files(t5, tokenizer, dtype=t5_dtype, device=device,
+                                               max_length=scfg.model_max_length)
+        except (CheckpointFormatError, StateDictMismatchError) as exc:
+            raise _explain_weights_error(exc, "t5", t5)
         captions = T5Captions(encoder, files_fingerprint(t5))
         return cls(model, vae_model, captions, lookup, config,
                    model_fingerprint=f"stdit3-{files_fingerprint(stdit_path)}")
@@ -577,13 +712,30 @@ class ChaiPipeline:
         return self.model.x_embedder.proj.weight.device
 
     def resolve_size(self, resolution: Optional[str], aspect_ratio: str, height: Optional[int],
-                     width: Optional[int], num_frames: Union[int, str]) -> Tuple[int, int, int]:
+                     width: Optional[int], num_frames: Union[int, str, None]) -> Tuple[int, int, int]:
         """(height, width, num_frames) in pixels/frames from a bucket name or explicit sizes.
 
+        ``num_frames=None`` means the model's ``default_frames``. A pixel-space model ignores
+        ``resolution``/``aspect_ratio``: its size is ``height`` x ``width``, else ``native_size``.
+
         Raises:
-            ValueError: unknown bucket, sizes below 8 pixels, a video of 2..16 frames (OpenSora's
-                timestep shift needs 1 or >= 17).
+            ValueError: unknown bucket, sizes below 16 pixels, a video of 2..16 frames (OpenSora's
+                timestep shift needs 1 or >= 17); pixel space: no size and no native size, or a size
+                that is not a multiple of the patch size.
         """
+        if num_frames is None:
+            num_frames = self.default_frames
+        if self.pixel_space:
+            if height is None or width is None:
+                if self.native_size is None:
+                    raise ValueError("this pixel-space model has no native size: give height= and width= in pixels")
+                height, width = self.native_size
+            frames = get_num_frames(num_frames)
+            patch = tuple(int(p) for p in self.model.config.patch_size)
+            if int(height) < patch[1] or int(width) < patch[2] or int(height) % patch[1] or int(width) % patch[2]:
+                raise ValueError(f"height and width must be positive multiples of the patch size {patch[1]}x{patch[2]} "
+                                 f"for this pixel-space model, got {height}x{width}")
+            return int(height), int(width), frames
         if height is None or width is None:
             if resolution is None:
                 raise ValueError("give resolution= (e.g. '240p') and aspect_ratio=, or height= and width= in pixels")
@@ -596,7 +748,10 @@ class ChaiPipeline:
         return int(height), int(width), frames
 
     def latent_shape(self, height: int, width: int, num_frames: int) -> Tuple[int, int, int, int]:
-        """Latent (C, T, H, W) of a request (from the VAE when there is one, else v1.2's rules)."""
+        """Latent (C, T, H, W) of a request (from the VAE when there is one, else v1.2's rules; a
+        pixel-space model: (C, frames, height, width))."""
+        if self.pixel_space:
+            return (int(self.model.in_channels), int(num_frames), int(height), int(width))
         if self.vae is not None:
             return tuple(self.vae.latent_shape(num_frames, height, width))  # type: ignore[return-value]
         return latent_shape(num_frames, height, width, latent_channels=int(self.model.in_channels))
@@ -647,7 +802,7 @@ class ChaiPipeline:
 
     @torch.no_grad()
     def generate(self, prompt: str, *, seed: int = 0, resolution: Optional[str] = "240p", aspect_ratio: str = "9:16",
-                 height: Optional[int] = None, width: Optional[int] = None, num_frames: Union[int, str] = 51,
+                 height: Optional[int] = None, width: Optional[int] = None, num_frames: Union[int, str, None] = None,
                  mode: str = "auto", decode: bool = True, store: bool = True,
                  progress: Optional[ProgressFn] = None, should_cancel: Optional[Callable[[], bool]] = None,
                  on_step: Optional[Callable[[StepState], None]] = None) -> GenerationResult:
@@ -657,12 +812,14 @@ class ChaiPipeline:
             prompt: the text prompt (non-empty).
             seed: noise seed (``opensora.rflow.make_noise``: same seed, same noise on any device).
             resolution, aspect_ratio: OpenSora bucket, e.g. "240p" and "9:16" (240x426);
-                ignored when ``height`` and ``width`` (pixels) are given.
-            num_frames: pixel frames (51 = OpenSora's "2s") or a name such as "4s"; 1 = image.
+                ignored when ``height`` and ``width`` (pixels) are given, and by pixel-space models
+                (their ``native_size`` is the default there).
+            num_frames: pixel frames (51 = OpenSora's "2s") or a name such as "4s"; 1 = image;
+                None = the model's ``default_frames`` (51; the reference model: 8).
             mode: ``"auto"`` (CHAI: lookup, fast on a hit, full + store on a miss), ``"full"``
                 (baseline: full_steps, no lookup, nothing stored) or ``"plain_fast"`` (baseline:
                 fast_steps without cache).
-            decode: decode the latent into frames (needs a VAE).
+            decode: decode the latent into frames (needs a VAE, except in pixel space).
             store: insert a miss's captured latents (auto mode with a lookup only).
             progress: ``fn(done_steps, total_steps)`` after every denoising step.
             should_cancel: ``fn() -> bool`` checked before every step; True raises
@@ -680,7 +837,7 @@ class ChaiPipeline:
         _check_prompt(prompt)
         if mode not in ("auto", "full", "plain_fast"):
             raise ValueError(f"mode must be 'auto', 'full' or 'plain_fast', got {mode!r}")
-        if decode and self.vae is None:
+        if decode and self.vae is None and not self.pixel_space:
             raise ValueError("decode=True needs a VAE; build the pipeline with one or pass decode=False")
         height, width, frames = self.resolve_size(resolution, aspect_ratio, height, width, num_frames)
         shape = self.latent_shape(height, width, frames)
@@ -744,7 +901,10 @@ class ChaiPipeline:
         frames_out = None
         if decode:
             t0 = time.perf_counter()
-            video = self.vae.decode(latent.to(self.vae.dtype), num_frames=frames)  # [1, 3, F, H, W]
+            if self.pixel_space:  # the sample is the RGB clip in [-1, 1]
+                video = latent
+            else:
+                video = self.vae.decode(latent.to(self.vae.dtype), num_frames=frames)  # [1, 3, F, H, W]
             frames_out = ((video[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).cpu()
             _sync(device)
             timings.decode_ms = (time.perf_counter() - t0) * 1000.0

@@ -35,37 +35,6 @@ class _FixedCaptions:
         return self.cond.y.clone(), self.cond.mask.clone()
 
 
-def _node_pipeline_class():
-    """``ChaiPipeline`` plus pixel-space models (no VAE: the latent is the RGB clip itself).
-
-    ``pipeline.ChaiPipeline`` sizes latents by OpenSora's VAE rules and refuses 2-16 frames (the
-    timestep shift is undefined there); a pixel-space model (the bundled reference model, 8
-    frames, no shift) needs neither rule, so the node overrides the two size methods for it.
-    """
-    from ..pipeline import ChaiPipeline
-
-    class NodePipeline(ChaiPipeline):
-        pixel_space = False
-
-        def resolve_size(self, resolution, aspect_ratio, height, width, num_frames):
-            if not self.pixel_space:
-                return super().resolve_size(resolution, aspect_ratio, height, width, num_frames)
-            patch = tuple(int(p) for p in self.model.config.patch_size)
-            if height is None or width is None or int(num_frames) < 1:
-                raise ValueError("a pixel-space model needs height, width and num_frames >= 1")
-            if int(height) % patch[1] or int(width) % patch[2]:
-                raise ValueError(f"height and width must be multiples of the patch size {patch[1]}x{patch[2]} "
-                                 f"for this model, got {height}x{width}")
-            return int(height), int(width), int(num_frames)
-
-        def latent_shape(self, height, width, num_frames):
-            if not self.pixel_space:
-                return super().latent_shape(height, width, num_frames)
-            return (int(self.model.in_channels), int(num_frames), int(height), int(width))
-
-    return NodePipeline
-
-
 def _check_inputs(model, conditioning, lookup) -> Tuple[ChaiModel, ChaiConditioning, Optional[ChaiLookup]]:
     if not isinstance(model, ChaiModel):
         raise TypeError(f"model must come from CHAI Load STDiT3, got {type(model).__name__}")
@@ -174,10 +143,13 @@ class CHAISampler:
         config = CacheAttentionConfig(fast_steps=int(fast_steps), full_steps=int(steps), cfg_scale=float(cfg),
                                       threshold=lookup.threshold if lookup is not None else None, **extra)
         cache_lookup = lookup.lookup if lookup is not None else None
-        pipe = _node_pipeline_class()(model.module, None, _FixedCaptions(cond), cache_lookup, config,
-                                      model_fingerprint=model.fingerprint, size_dtype=model.size_dtype,
-                                      rflow=model.rflow)
-        pipe.pixel_space = bool(model.pixel_space)
+        from ..pipeline import ChaiPipeline
+
+        # Pixel-space models (the bundled reference model) size and decode in pixels: see pipeline.py.
+        pipe = ChaiPipeline(model.module, None, _FixedCaptions(cond), cache_lookup, config,
+                            model_fingerprint=model.fingerprint, size_dtype=model.size_dtype, rflow=model.rflow,
+                            pixel_space=bool(model.pixel_space), native_size=model.native_size,
+                            default_frames=int(model.default_frames), fps=int(model.fps))
         frames = int(num_frames) or int(model.default_frames)
         if model.pixel_space and not height:
             height, width = model.native_size or (0, 0)
