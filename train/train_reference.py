@@ -3,12 +3,11 @@ rectified-flow objective. Resumable, shows progress, exports a loadable model fo
 
 Objective (OpenSora 1.2 RFLOW, ``opensora/schedulers/rf/rectified_flow.py``; reference/opensora.md 5.1):
 draw s in (0, 1), eps ~ N(0, I), x_t = (1 - s) x_0 + s eps, timestep t = 1000 s; the model predicts
-v = x_0 - eps and the loss is the mean squared error. s is drawn logit-normal (OpenSora's
-``sample_method="logit-normal"``) for half of the batch and uniform for the other half
-(``--uniform-frac``): logit-normal alone rarely draws s < 0.1, and a pixel-space model that never
-learns to name the noise there leaves it in the output (measured: noise MSE 1.0 at s = 0.02 after
-540 steps of an 80/20 mix), while the high-noise end that 4- and 8-step schedules lean on needs the
-uniform share too. Captions are replaced by the model's null
+v = x_0 - eps and the loss is the mean squared error of v. The network itself outputs the clean clip
+and :class:`refmodel.model.ReferenceSTDiT3` turns it into v = (x0_hat - x_t) / max(s, 0.05) (x0
+parametrisation with a velocity loss, Li & He 2025 "JiT"; see refmodel/model.py for why). s is drawn
+as sigmoid(N(0.8, 0.8)) (OpenSora's logit-normal sampler, shifted toward noise as in JiT) for 90 % of
+the batch and uniformly for 10 % (``--uniform-frac``, ``--ln-mean``, ``--ln-std``). Captions are replaced by the model's null
 caption ``y_embedder.y_embedding`` with probability ``class_dropout_prob`` (0.1) so CFG works.
 
 Data: clip i of the training stream is ``scenes.sample_scene(np.random.default_rng([seed, i]))``
@@ -68,8 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the box is shared: 1)")
     p.add_argument("--seed", type=int, default=1, help="training stream seed (held-out prompts use others)")
     p.add_argument("--two-shape-prob", type=float, default=0.2)
-    p.add_argument("--uniform-frac", type=float, default=0.5,
-                   help="share of noise levels drawn uniformly (the rest logit-normal); low levels need it")
+    p.add_argument("--uniform-frac", type=float, default=0.1,
+                   help="share of noise levels drawn uniformly (the rest logit-normal)")
+    p.add_argument("--ln-mean", type=float, default=0.8, help="logit-normal mean of the noise level s")
+    p.add_argument("--ln-std", type=float, default=0.8, help="logit-normal std of the noise level s")
     p.add_argument("--save-every", type=int, default=50, help="steps between checkpoints and exports")
     p.add_argument("--state-dir", type=Path, default=REPO / "out" / "train" / "reference_v1")
     p.add_argument("--out-dir", type=Path, default=REPO / "models" / "reference_v1")
@@ -100,9 +101,10 @@ def batch_for_step(step: int, batch_size: int, seed: int, two_shape_prob: float)
     return np.stack(vids), caps
 
 
-def sample_sigmas(n: int, gen: torch.Generator, uniform_frac: float = 0.5) -> torch.Tensor:
-    """Noise levels s in (0, 1): logit-normal(0, 1) with probability ``1 - uniform_frac``, else uniform."""
-    s_ln = torch.sigmoid(torch.randn(n, generator=gen))
+def sample_sigmas(n: int, gen: torch.Generator, uniform_frac: float = 0.1, mean: float = 0.8,
+                  std: float = 0.8) -> torch.Tensor:
+    """Noise levels s in (0, 1): sigmoid(N(mean, std)) with probability ``1 - uniform_frac``, else uniform."""
+    s_ln = torch.sigmoid(mean + std * torch.randn(n, generator=gen))
     s_u = torch.rand(n, generator=gen)
     pick = torch.rand(n, generator=gen) >= uniform_frac
     return torch.where(pick, s_ln, s_u).clamp(1e-4, 1.0)
@@ -209,17 +211,19 @@ def export(out_dir: Path, ema, step: int, elapsed: float, args, rows: List[dict]
         "stdit3": {k: (list(v) if isinstance(v, tuple) else v) for k, v in REFERENCE_CONFIG.items()},
         "clip": {"num_frames": CLIP.num_frames, "height": CLIP.height, "width": CLIP.width, "fps": CLIP.fps,
                  "channels": "RGB pixels in [-1, 1]"},
+        "prediction": "x0",
         "sampler": dict(SAMPLER),
         "text_encoder": {"name": "sentence-transformers/all-MiniLM-L6-v2", "output": "last_hidden_state",
                          "max_length": REFERENCE_CONFIG["model_max_length"], "padding": "zeros + attention mask"},
         "training": {
             "steps": step, "batch_size": args.batch_size, "peak_lr": args.lr, "warmup": args.warmup,
             "ema": args.ema, "seed": args.seed, "two_shape_prob": args.two_shape_prob,
-            "uniform_frac": args.uniform_frac,
+            "uniform_frac": args.uniform_frac, "logit_normal": [args.ln_mean, args.ln_std],
             "elapsed_s": round(elapsed, 1), "device": args.device, "threads": args.threads,
             "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
             "parameters": n_params, "loss_last100_mean": (float(np.mean(recent)) if recent else None),
-            "objective": "rectified flow (OpenSora RFLOW): x_t=(1-s)x0+s*eps, t=1000s, target v=x0-eps, MSE",
+            "objective": "rectified flow (OpenSora RFLOW): x_t=(1-s)x0+s*eps, t=1000s, target v=x0-eps, MSE; "
+                         "network output read as x0, v=(x0_hat-x_t)/max(s,0.05)",
         },
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -289,7 +293,7 @@ def main(argv=None) -> int:
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         drop = (torch.rand(args.batch_size, generator=gen) < p_drop).to(device)
         y = torch.where(drop[:, None, None, None], null[None, None].to(y.dtype), y)
-        s = sample_sigmas(args.batch_size, gen, args.uniform_frac).to(device)
+        s = sample_sigmas(args.batch_size, gen, args.uniform_frac, args.ln_mean, args.ln_std).to(device)
         eps = torch.randn(x0.shape, generator=gen).to(device)
         sb = s[:, None, None, None, None]
         x_t = (1.0 - sb) * x0 + sb * eps
