@@ -73,9 +73,9 @@ class StoreConfig:
         policy: eviction policy, ``lru`` (paper, default), ``lfu`` or ``fifo``.
         durable: fsync files and directories on every write. Turn off only for throw-away stores
             (simulations): a crash may then lose the last entries, but never serves a torn one.
-        autosave_every: write the index files after this many changes made by this process
-            (they are always written on close and after compaction); between saves, reopening
-            catches the index up from the manifest.
+        autosave_every: write the index files after this many changes made by this process, or
+            after 5% of the index's vectors if that is more (they are always written on close and
+            after compaction); between saves, reopening catches the index up from the manifest.
         index: hnswlib parameters; ``dim`` is taken from the embedder on first insert.
     """
 
@@ -825,7 +825,11 @@ class LatentStore:
         for key in self.index.keys():
             if self.index.needs_compaction(key):
                 self._compact_partition(key)
-        if self._changes_since_save >= self.config.autosave_every:
+        # Saving rewrites whole partitions (O(index size)); catching up on reopen costs O(changes).
+        # So the interval grows with the index: at most ~5% of it is replayed on reopen, and a
+        # stream of inserts costs O(n) saving in total instead of O(n^2).
+        live = len(self.index)
+        if self._changes_since_save >= max(self.config.autosave_every, live // 20):
             for key in self.index.keys():
                 self._save_partition(key)
             self._changes_since_save = 0
