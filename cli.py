@@ -92,6 +92,8 @@ def _add_demo_parser(sub) -> None:
     demo.add_argument("--model-dir", default=None, help="reference-model folder (default: the bundled models/reference_v1)")
     demo.add_argument("--threshold", type=float, default=None, help="hit similarity (default: the lookup's, 0.72)")
     demo.add_argument("--budget-mb", type=float, default=None, help="store budget in MB (default: kept / 1 GiB new)")
+    demo.add_argument("--full-steps", type=int, default=None, help="steps on a miss and of the full-mode twins (default 30)")
+    demo.add_argument("--fast-steps", type=int, default=8, help="steps on a hit (default 8)")
     demo.add_argument("--scale", type=int, default=8, help="nearest-neighbour upscaling of the mp4 files (32 -> 256 px)")
     demo.add_argument("--fps", type=int, default=8, help="playback rate of the mp4 files (8 frames -> 1 s)")
     demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for this small model)")
@@ -107,7 +109,8 @@ def _cmd_demo(args) -> int:
     torch.set_num_threads(max(1, args.threads))
     try:
         run_demo(args.out, args.store, limit=args.limit, seed=args.seed, model_dir=args.model_dir,
-                 threshold=args.threshold, budget_mb=args.budget_mb, scale=args.scale, fps=args.fps,
+                 threshold=args.threshold, budget_mb=args.budget_mb, full_steps=args.full_steps,
+                 fast_steps=args.fast_steps, scale=args.scale, fps=args.fps,
                  progress=not args.no_progress)
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -134,7 +134,7 @@ def _totals(rows: List[Dict[str, Any]], cache: Dict[str, Any]) -> Dict[str, Any]
         "total_chai_ms": chai_ms, "total_all_full_ms": full_ms,
         "speedup_vs_all_full": full_ms / chai_ms if chai_ms > 0 else None,
         "speedup_note": "all-full time measured in the same run: every prompt also ran in full mode "
-                        "(same seed, 30 steps), interleaved with its CHAI run",
+                        "(same seed, full schedule), interleaved with its CHAI run",
         "mean_hit_latency_ms": _mean([r["timings_ms"]["total_ms"] for r in hits]),
         "mean_miss_latency_ms": _mean([r["timings_ms"]["total_ms"] for r in rows if not r["hit"]]),
         "mean_cache_ms_on_hits": _mean([r["timings_ms"]["lookup_ms"] + r["timings_ms"]["cache_kv_ms"] for r in hits]),
@@ -159,9 +159,9 @@ def format_report(report: DemoReport) -> str:
         f"frames, device {run['device']}, {run['threads']} torch thread(s); config `{run['config']}`; "
         f"store `{run['store']}` ({'fresh' if run['fresh_store'] else 'reused'}); seed of prompt i = "
         f"{run['seed']} + i.", "",
-        "CHAI = lookup, then fast mode (8 steps, Cache Attention) on a hit or full mode (30 steps, stored) on a "
-        "miss. Full = the same prompt and seed in full mode (no cache), run right after. Score = the "
-        "evaluator's overall score of the clip against its prompt (0..1).", "",
+        f"CHAI = lookup, then fast mode ({run['fast_steps']} steps, Cache Attention) on a hit or full mode "
+        f"({run['full_steps']} steps, stored) on a miss. Full = the same prompt and seed in full mode (no cache), run "
+        "right after. Score = the evaluator's overall score of the clip against its prompt (0..1).", "",
         "| # | prompt | CHAI | entity -> matched | sim | steps | lookup ms | text ms | denoise ms | store ms "
         "| total ms | score | full steps | full ms | full score |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -293,8 +293,8 @@ def _clean_outputs(out: Path) -> None:
 def run_demo(out_dir: Union[str, Path] = "out/demo", store_dir: Optional[Union[str, Path]] = None, *,
              prompts: Sequence[str] = DEMO_PROMPTS, limit: Optional[int] = None, seed: int = 42,
              model_dir: Optional[Union[str, Path]] = None, threshold: Optional[float] = None,
-             budget_mb: Optional[float] = None, scale: int = 8, fps: int = 8, progress: bool = True,
-             echo: Callable[[str], None] = print) -> DemoReport:
+             budget_mb: Optional[float] = None, full_steps: Optional[int] = None, fast_steps: int = 8,
+             scale: int = 8, fps: int = 8, progress: bool = True, echo: Callable[[str], None] = print) -> DemoReport:
     """Run the demo batch (see the module docstring) and write its outputs.
 
     Args:
@@ -307,6 +307,8 @@ def run_demo(out_dir: Union[str, Path] = "out/demo", store_dir: Optional[Union[s
         model_dir: reference-model folder (default the bundled ``models/reference_v1``).
         threshold: hit similarity (default: the lookup's calibrated 0.72).
         budget_mb: store budget in MB (10^6 bytes; default: a new store's default, or the kept one).
+        full_steps: steps of a miss and of the full-mode twins (default: the model's, 30).
+        fast_steps: steps of a hit (default 8; Cache Attention at steps 2-4, or up to ``fast_steps``).
         scale: nearest-neighbour upscaling of the mp4 files (32 x 32 -> 256 x 256 at 8).
         fps: playback rate of the mp4 files (8 frames at 8 fps = 1 s per clip).
         progress: a tqdm bar per video (CHAI run + its full-mode twin) on stderr.
@@ -365,8 +367,10 @@ def run_demo(out_dir: Union[str, Path] = "out/demo", store_dir: Optional[Union[s
         store = LatentStore(store_path, budget_bytes=int(budget_mb * 1e6) if budget_mb else None)
         with store:
             sampler = read_model_config(model_dir)["sampler"]
-            config = CacheAttentionConfig(cfg_scale=float(sampler.get("cfg_scale", 7.0)),
-                                          full_steps=int(sampler.get("num_sampling_steps", 30)), threshold=threshold)
+            config = CacheAttentionConfig(
+                cfg_scale=float(sampler.get("cfg_scale", 7.0)), threshold=threshold, fast_steps=int(fast_steps),
+                cache_steps=tuple(s for s in (2, 3, 4) if s <= int(fast_steps)),
+                full_steps=int(full_steps) if full_steps else int(sampler.get("num_sampling_steps", 30)))
             pipe = ChaiPipeline.reference(CacheLookup(store, EntityExtractor(), Embedder()), config,
                                           model_dir=model_dir)
             # Load every lazy model and run the sampler once, so no timed request pays for loading.
@@ -381,6 +385,7 @@ def run_demo(out_dir: Union[str, Path] = "out/demo", store_dir: Optional[Union[s
                 "model_fingerprint": pipe.model_fingerprint.split("+")[0], "height": height, "width": width,
                 "num_frames": frames, "device": str(pipe.device), "threads": torch.get_num_threads(),
                 "config": pipe.config.tag(), "threshold": pipe.lookup.config.threshold,
+                "full_steps": pipe.config.full_steps, "fast_steps": pipe.config.fast_steps,
                 "store": str(store_path) if temp_dir is None else "a temporary folder (deleted after the run)",
                 "fresh_store": fresh, "seed": int(seed), "load_s": round(load_s, 2),
                 "compat_key": pipe.compat_key(height, width, frames),

@@ -18,6 +18,8 @@ from comfyui_chai.pipeline import ChaiPipeline, tiny_components
 
 BUNDLED = Path(__file__).resolve().parents[1] / "models" / "reference_v1"
 LIMIT = 4  # prompts 0 and 2 miss, 1 and 3 hit ("red circle", "yellow star") on a fresh store
+FULL, FAST = 12, 4  # shorter schedules than the demo's 30 / 8 keep this file fast; the code path is the same
+STEPS = ["--full-steps", str(FULL), "--fast-steps", str(FAST)]
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +60,11 @@ def demo_runs(model_dir, tmp_path_factory):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = cli.main(["demo", "--limit", str(LIMIT), "--out", str(out1), "--store", str(store), "--model-dir",
-                       str(model_dir), "--no-progress"])
+                       str(model_dir), "--no-progress", *STEPS])
     assert rc == 0
     first = json.loads((out1 / "report.json").read_text())
-    second = run_demo(out2, store, limit=LIMIT, model_dir=model_dir, progress=False, echo=lambda s: None).to_json()
+    second = run_demo(out2, store, limit=LIMIT, model_dir=model_dir, full_steps=FULL, fast_steps=FAST, progress=False,
+                      echo=lambda s: None).to_json()
     assert json.loads((out2 / "report.json").read_text())["totals"] == json.loads(json.dumps(second["totals"]))
     return first, json.loads((out2 / "report.json").read_text()), out1, buf.getvalue()
 
@@ -96,13 +99,13 @@ def test_demo_rows_hold_the_per_prompt_fields_and_follow_chai(demo_runs):
         assert set(r["timings_ms"]) == split and set(r["full"]["timings_ms"]) == split
         assert set(r["scores"]) == {"overall", "shape", "color", "background", "motion", "temporal"}
         assert 0.0 <= r["score"] <= 1.0 and r["score"] == r["scores"]["overall"]
-        assert r["full"]["steps"] == 30 and r["full"]["timings_ms"]["lookup_ms"] == 0.0
+        assert r["full"]["steps"] == FULL and r["full"]["timings_ms"]["lookup_ms"] == 0.0
         if r["hit"]:
-            assert r["mode"] == "fast" and r["steps"] == 8 and r["inserted_entry_id"] is None
+            assert r["mode"] == "fast" and r["steps"] == FAST and r["inserted_entry_id"] is None
             assert r["similarity"] >= first["run"]["threshold"] and r["entity"] and r["matched"]
             assert r["timings_ms"]["cache_kv_ms"] > 0 and r["timings_ms"]["store_ms"] == 0.0
         else:
-            assert r["mode"] == "full" and r["steps"] == 30 and r["inserted_entry_id"] is not None
+            assert r["mode"] == "full" and r["steps"] == FULL and r["inserted_entry_id"] is not None
             # a miss is the full run with capture: same seed, same schedule -> the very same clip
             assert r["score"] == r["full"]["score"] and r["scores"] == r["full"]["scores"]
     # each hit names the batch prompt whose full run made the entry it used
@@ -123,7 +126,7 @@ def test_demo_totals_are_consistent(demo_runs):
     assert t["mean_latency_ms"] == pytest.approx(sum(chai) / n, rel=1e-6)
     assert t["mean_full_latency_ms"] == pytest.approx(sum(full) / n, rel=1e-6)
     assert t["speedup_vs_all_full"] == pytest.approx(sum(full) / sum(chai), rel=1e-6)
-    assert t["speedup_vs_all_full"] > 1.0  # 8 steps instead of 30 on half the prompts, measured
+    assert t["speedup_vs_all_full"] > 1.0  # FAST steps instead of FULL on half the prompts, measured
     mean_chai = sum(r["score"] for r in rows) / n
     mean_full = sum(r["full"]["score"] for r in rows) / n
     assert t["mean_score_chai"] == pytest.approx(mean_chai) and t["mean_score_all_full"] == pytest.approx(mean_full)
@@ -132,6 +135,7 @@ def test_demo_totals_are_consistent(demo_runs):
     raw = 3 * (3 * 8 * 32 * 32) * 2  # an entry: 3 fp16 latents of 3x8x32x32, plus its safetensors header
     assert (n - hits) * raw < t["cache"]["bytes"] < (n - hits) * (raw + 4096)
     assert first["run"]["fresh_store"] is True and first["run"]["height"] == 32 and first["run"]["num_frames"] == 8
+    assert first["run"]["full_steps"] == FULL and first["run"]["fast_steps"] == FAST
 
 
 def test_second_run_on_the_same_store_hits_more(demo_runs):
@@ -143,6 +147,8 @@ def test_second_run_on_the_same_store_hits_more(demo_runs):
     assert second["totals"]["cache"]["entries"] == first["totals"]["cache"]["entries"]
     # the misses of the first run now hit the entries they stored themselves
     assert all(r["matched"] for r in second["prompts"])
+    # the full-mode twins are the same prompts and seeds on the same weights: the same clips as in run 1
+    assert [r["full"]["scores"] for r in second["prompts"]] == [r["full"]["scores"] for r in first["prompts"]]
 
 
 def test_demo_refuses_bad_arguments(tmp_path):
@@ -157,6 +163,7 @@ def test_demo_refuses_bad_arguments(tmp_path):
 def test_demo_parser_defaults():
     args = cli.build_parser().parse_args(["demo"])
     assert args.out == "out/demo" and args.store is None and args.limit is None and args.seed == 42
+    assert args.full_steps is None and args.fast_steps == 8  # None: the model's 30
     assert len(DEMO_PROMPTS) == 12 and len(set(DEMO_PROMPTS)) == 12
 
 
@@ -190,11 +197,12 @@ def test_generate_with_the_reference_model(model_dir, tmp_path):
     prompts.write_text("a red circle sliding left on a black background\na red circle rising against a sunset sky\n")
     out = tmp_path / "out"
     rc = cli.main(["generate", "--prompts", str(prompts), "--model", "reference", str(model_dir), "--out", str(out),
-                   "--store", str(tmp_path / "store"), "--budget-mb", "100", "--no-progress"])
+                   "--store", str(tmp_path / "store"), "--budget-mb", "100", "--no-progress", *STEPS])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["run"]["height"] == 32 and report["run"]["width"] == 32 and report["run"]["num_frames"] == 8
     assert [p["hit"] for p in report["prompts"]] == [False, True]
+    assert [p["steps"] for p in report["prompts"]] == [FULL, FAST]
     cache = report["totals"]["cache"]
     assert cache["entries"] == 1 and cache["inserts"] == 1 and cache["evictions"] == 0
     assert cache["budget_bytes"] == 100_000_000 and 3 * 3 * 8 * 32 * 32 * 2 < cache["bytes"] < 3 * 3 * 8 * 32 * 32 * 2 + 4096
