@@ -96,7 +96,7 @@ def _add_demo_parser(sub) -> None:
     demo.add_argument("--fast-steps", type=int, default=8, help="steps on a hit (default 8)")
     demo.add_argument("--scale", type=int, default=8, help="nearest-neighbour upscaling of the mp4 files (32 -> 256 px)")
     demo.add_argument("--fps", type=int, default=8, help="playback rate of the mp4 files (8 frames -> 1 s)")
-    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for this small model)")
+    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
