@@ -298,7 +298,7 @@ def load_reference_model(model_dir: Optional[Union[str, Path]] = None, device: U
     Raises:
         ModelFilesError: missing files or a state dict that does not match the config (names the keys).
     """
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_bytes
 
     d = Path(model_dir) if model_dir is not None else default_model_dir()
     cfg = read_model_config(d)
@@ -308,7 +308,12 @@ def load_reference_model(model_dir: Optional[Union[str, Path]] = None, device: U
     if cfg.get("prediction", "x0") != "x0":
         raise ModelFilesError(f"{d / 'config.json'}: unsupported prediction {cfg.get('prediction')!r} (expected 'x0')")
     model = ReferenceSTDiT3(STDiT3Config.from_dict(cfg["stdit3"]))
-    sd = load_file(str(w))
+    # Read the file once: hash and weights come from the same bytes, even while a trainer replaces it.
+    blob = w.read_bytes()
+    try:
+        sd = load_bytes(blob)
+    except Exception as e:  # safetensors raises SafetensorError on a torn or foreign file
+        raise ModelFilesError(f"{w} is not a valid safetensors file ({e}); re-copy or re-train it") from e
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
@@ -316,7 +321,7 @@ def load_reference_model(model_dir: Optional[Union[str, Path]] = None, device: U
     model.eval().to(device)
     model.requires_grad_(False)
     model.reference_config = cfg
-    model.fingerprint = "refmodel:" + hashlib.sha256(w.read_bytes()).hexdigest()[:16]
+    model.fingerprint = "refmodel:" + hashlib.sha256(blob).hexdigest()[:16]
     enc = MiniLMTokenStates(max_length=int(cfg["stdit3"]["model_max_length"]), device=device)
     return model, enc
 
