@@ -222,9 +222,19 @@ def _check_choice(name: str, value: str, options: Sequence[str]) -> None:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(options)}")
 
 
+def _draw(rng: np.random.Generator, lo: float, hi: float, jitter: float) -> float:
+    """A value in [lo, hi]: uniform for jitter 1, squeezed toward the middle by ``jitter`` in [0, 1]."""
+    u = float(rng.random())  # one draw whatever the jitter, so captions stay seed-for-seed the same
+    if jitter == 1.0:
+        return lo + (hi - lo) * u
+    return lo + (hi - lo) * (0.5 + jitter * (u - 0.5))
+
+
 def _track(rng: np.random.Generator, motion: str, radius: float, h: int, w: int, f: int,
-           lane: Optional[Tuple[float, float]] = None) -> Tuple[Tuple[Tuple[float, float], ...], Tuple[float, ...]]:
-    """Centres and radii for one shape. ``lane`` limits the cross-motion coordinate to [lo, hi] of the frame fraction."""
+           lane: Optional[Tuple[float, float]] = None,
+           jitter: float = 1.0) -> Tuple[Tuple[Tuple[float, float], ...], Tuple[float, ...]]:
+    """Centres and radii for one shape. ``lane`` limits the cross-motion coordinate to [lo, hi] of the frame
+    fraction; ``jitter`` scales the randomness of positions and sizes (see :func:`make_scene`)."""
     t = np.linspace(0.0, 1.0, f)
     lo_f, hi_f = lane if lane is not None else (0.0, 1.0)
     if motion in ("left", "right", "up", "down"):
@@ -232,9 +242,9 @@ def _track(rng: np.random.Generator, motion: str, radius: float, h: int, w: int,
         along, across = (w, h) if horizontal else (h, w)
         lo = radius + _EDGE
         hi = along - radius - _EDGE
-        travel = float(rng.uniform(0.45, 0.6)) * along
+        travel = _draw(rng, 0.45, 0.6, jitter) * along
         travel = min(travel, hi - lo)
-        start = lo + float(rng.random()) * max(0.0, hi - lo - travel)
+        start = lo + _draw(rng, 0.0, 1.0, jitter) * max(0.0, hi - lo - travel)
         path = start + travel * t
         if motion in ("left", "up"):
             path = path[::-1]
@@ -242,12 +252,12 @@ def _track(rng: np.random.Generator, motion: str, radius: float, h: int, w: int,
         c_hi = min(across - radius - _EDGE, hi_f * across - radius * 0.5)
         if c_hi < c_lo:
             c_lo = c_hi = 0.5 * (lo_f + hi_f) * across
-        other = c_lo + float(rng.random()) * (c_hi - c_lo)
+        other = c_lo + _draw(rng, 0.0, 1.0, jitter) * (c_hi - c_lo)
         centers = [(float(p), other) if horizontal else (other, float(p)) for p in path]
         radii = [radius] * f
     else:
-        r_small = float(rng.uniform(2.5, 3.5)) * min(h, w) / 32.0
-        r_big = float(rng.uniform(8.5, 10.0)) * min(h, w) / 32.0
+        r_small = _draw(rng, 2.5, 3.5, jitter) * min(h, w) / 32.0
+        r_big = _draw(rng, 8.5, 10.0, jitter) * min(h, w) / 32.0
         radii_arr = r_small + (r_big - r_small) * t
         if motion == "shrink":
             radii_arr = radii_arr[::-1]
@@ -255,10 +265,10 @@ def _track(rng: np.random.Generator, motion: str, radius: float, h: int, w: int,
             r_big = min(r_big, 0.5 * (hi_f - lo_f) * w - _EDGE)
             radii_arr = np.minimum(radii_arr, r_big)
             cx = 0.5 * (lo_f + hi_f) * w
-            cy = float(rng.uniform(r_big + _EDGE, h - r_big - _EDGE))
+            cy = _draw(rng, r_big + _EDGE, h - r_big - _EDGE, jitter)
         else:
-            cx = float(rng.uniform(r_big + _EDGE, w - r_big - _EDGE))
-            cy = float(rng.uniform(r_big + _EDGE, h - r_big - _EDGE))
+            cx = _draw(rng, r_big + _EDGE, w - r_big - _EDGE, jitter)
+            cy = _draw(rng, r_big + _EDGE, h - r_big - _EDGE, jitter)
         centers = [(cx, cy)] * f
         radii = [float(r) for r in radii_arr]
     return tuple(centers), tuple(float(r) for r in radii)
@@ -266,7 +276,8 @@ def _track(rng: np.random.Generator, motion: str, radius: float, h: int, w: int,
 
 def make_scene(shapes: Union[str, Sequence[str]], colors: Union[str, Sequence[str]], background: str, motion: str,
                rng: Union[np.random.Generator, int, None] = 0, *, size: Optional[str] = None,
-               num_frames: int = DEFAULT_FRAMES, height: int = DEFAULT_HEIGHT, width: int = DEFAULT_WIDTH) -> SceneSpec:
+               num_frames: int = DEFAULT_FRAMES, height: int = DEFAULT_HEIGHT, width: int = DEFAULT_WIDTH,
+               position_jitter: float = 1.0) -> SceneSpec:
     """Build a scene with the given attributes; positions, travel and texture come from ``rng``.
 
     Args:
@@ -279,13 +290,16 @@ def make_scene(shapes: Union[str, Sequence[str]], colors: Union[str, Sequence[st
         size: ``"small"``/``"large"`` for a single translating shape, else ``None`` (drawn at random when
             ``None`` and a single shape translates).
         num_frames: frames, >= 2. height, width: pixels, >= 16.
+        position_jitter: in [0, 1]; scales every random position, travel and radius draw toward the
+            middle of its range (1: the full ranges; 0: one fixed layout per shape count, motion and
+            size class). It consumes the same random numbers, so captions do not depend on it.
 
     Returns:
         A :class:`SceneSpec`.
 
     Raises:
         ValueError: unknown vocabulary, colour not visible on the background (see :data:`ALLOWED_COLORS`),
-            bad counts or geometry.
+            bad counts, geometry or jitter.
     """
     g = _rng(rng)
     shapes_t = (shapes,) if isinstance(shapes, str) else tuple(shapes)
@@ -306,6 +320,9 @@ def make_scene(shapes: Union[str, Sequence[str]], colors: Union[str, Sequence[st
         raise ValueError("two shapes must differ in shape or colour")
     if num_frames < 2 or height < 16 or width < 16:
         raise ValueError(f"need num_frames >= 2 and height, width >= 16; got {num_frames}, {height}, {width}")
+    if not 0.0 <= float(position_jitter) <= 1.0:
+        raise ValueError(f"position_jitter must be in [0, 1], got {position_jitter}")
+    jit = float(position_jitter)
     scale = min(height, width) / 32.0
     translating = motion in ("left", "right", "up", "down")
     if size is not None:
@@ -317,17 +334,17 @@ def make_scene(shapes: Union[str, Sequence[str]], colors: Union[str, Sequence[st
         if translating:
             if size is None:
                 size = "small" if g.random() < 0.5 else "large"
-            radius = float(g.uniform(*SIZE_WORDS[size])) * scale
+            radius = _draw(g, *SIZE_WORDS[size], jit) * scale
         else:
             radius = 0.0
-        centers, radii = _track(g, motion, radius, height, width, num_frames)
+        centers, radii = _track(g, motion, radius, height, width, num_frames, jitter=jit)
         objects.append(ObjectTrack(shapes_t[0], colors_t[0], centers, radii))
     else:
         lanes = ((0.0, 0.5), (0.5, 1.0))
         order = [0, 1] if g.random() < 0.5 else [1, 0]
         for k in range(2):
-            radius = float(g.uniform(4.5, 5.5)) * scale if translating else 0.0
-            centers, radii = _track(g, motion, radius, height, width, num_frames, lane=lanes[order[k]])
+            radius = _draw(g, 4.5, 5.5, jit) * scale if translating else 0.0
+            centers, radii = _track(g, motion, radius, height, width, num_frames, lane=lanes[order[k]], jitter=jit)
             objects.append(ObjectTrack(shapes_t[k], colors_t[k], centers, radii))
     return SceneSpec(objects=tuple(objects), background=background, motion=motion, size=size,
                      num_frames=num_frames, height=height, width=width,
@@ -336,19 +353,20 @@ def make_scene(shapes: Union[str, Sequence[str]], colors: Union[str, Sequence[st
 
 def sample_scene(rng: Union[np.random.Generator, int, None] = None, *, two_shape_prob: float = 0.2,
                  num_frames: int = DEFAULT_FRAMES, height: int = DEFAULT_HEIGHT,
-                 width: int = DEFAULT_WIDTH) -> SceneSpec:
+                 width: int = DEFAULT_WIDTH, position_jitter: float = 1.0) -> SceneSpec:
     """Draw a random scene: uniform shape, motion and background, a colour visible on that background.
 
     Args:
         rng: numpy Generator or int seed; the same seed gives the same scene.
         two_shape_prob: probability of a two-shape scene, in [0, 1].
         num_frames, height, width: clip geometry.
+        position_jitter: see :func:`make_scene` (1 = full random layouts).
 
     Returns:
         A :class:`SceneSpec`.
 
     Raises:
-        ValueError: ``two_shape_prob`` outside [0, 1] or bad geometry.
+        ValueError: ``two_shape_prob`` or ``position_jitter`` outside [0, 1], or bad geometry.
     """
     if not 0.0 <= two_shape_prob <= 1.0:
         raise ValueError(f"two_shape_prob must be in [0, 1], got {two_shape_prob}")
@@ -363,7 +381,8 @@ def sample_scene(rng: Union[np.random.Generator, int, None] = None, *, two_shape
         colors = [palette[int(i)] for i in colors]
     else:
         colors = [palette[int(g.integers(len(palette)))]]
-    return make_scene(shapes, colors, background, motion, g, num_frames=num_frames, height=height, width=width)
+    return make_scene(shapes, colors, background, motion, g, num_frames=num_frames, height=height, width=width,
+                      position_jitter=position_jitter)
 
 
 def _polygon_inside(px: np.ndarray, py: np.ndarray, vx: np.ndarray, vy: np.ndarray) -> np.ndarray:
@@ -538,8 +557,9 @@ def caption(spec: SceneSpec, rng: Union[np.random.Generator, int, None] = 0) -> 
 
 
 def sample_dataset(seed: int, n: int, *, two_shape_prob: float = 0.2, num_frames: int = DEFAULT_FRAMES,
-                   height: int = DEFAULT_HEIGHT, width: int = DEFAULT_WIDTH) -> List[Tuple[SceneSpec, str]]:
-    """``n`` (scene, caption) pairs; item ``i`` depends only on ``(seed, i)``.
+                   height: int = DEFAULT_HEIGHT, width: int = DEFAULT_WIDTH,
+                   position_jitter: float = 1.0) -> List[Tuple[SceneSpec, str]]:
+    """``n`` (scene, caption) pairs; item ``i`` depends only on ``(seed, i)`` (its caption not on ``position_jitter``).
 
     Raises:
         ValueError: negative ``seed`` or ``n``.
@@ -549,6 +569,7 @@ def sample_dataset(seed: int, n: int, *, two_shape_prob: float = 0.2, num_frames
     out = []
     for i in range(n):
         g = np.random.default_rng([seed, i])
-        spec = sample_scene(g, two_shape_prob=two_shape_prob, num_frames=num_frames, height=height, width=width)
+        spec = sample_scene(g, two_shape_prob=two_shape_prob, num_frames=num_frames, height=height, width=width,
+                            position_jitter=position_jitter)
         out.append((spec, caption(spec, g)))
     return out

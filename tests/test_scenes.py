@@ -149,3 +149,25 @@ def test_bad_input_errors():
         S.sample_scene(0, two_shape_prob=1.5)
     with pytest.raises(TypeError, match="Generator"):
         S.sample_scene("seed")
+
+
+def test_position_jitter_narrows_layouts_without_changing_captions():
+    full = S.sample_dataset(4, 200)
+    narrow = S.sample_dataset(4, 200, position_jitter=0.25)
+    fixed = S.sample_dataset(4, 200, position_jitter=0.0)
+    assert [c for _, c in full] == [c for _, c in narrow] == [c for _, c in fixed]
+
+    def spread(data, motion):
+        starts = [s.objects[0].centers[0] for s, _ in data if s.motion == motion and len(s.objects) == 1]
+        return np.ptp(np.asarray(starts), axis=0)
+
+    for motion in ("left", "up"):
+        assert np.all(spread(narrow, motion) <= 0.3 * spread(full, motion) + 1.5)
+        # No jitter: one start per motion and size class (the size class is still drawn).
+        by_size = {}
+        for s, _ in fixed:
+            if s.motion == motion and len(s.objects) == 1:
+                by_size.setdefault(s.size, set()).add(s.objects[0].centers[0])
+        assert all(len(v) == 1 for v in by_size.values()), by_size
+    with pytest.raises(ValueError, match="position_jitter"):
+        S.sample_scene(0, position_jitter=1.5)
