@@ -316,4 +316,6 @@ def test_loading_does_not_hold_two_copies(tmp_path):
     peaks = json.loads(out.stdout.strip().splitlines()[-1])
     assert peaks["fp32"] < 1.25 * size, peaks
     assert peaks["bf16"] < 1.0 * size, peaks  # bf16 copy (0.5x) plus at most a few source tensors
-    assert peaks["naive"] > 1.7 * size, peaks  # the probe does see a second copy when there is one
+    # The probe does see a second copy when there is one. How much of the mapped file counts as
+    # resident depends on the page cache (1.5x-1.9x seen), so compare with the loader's own peak.
+    assert peaks["naive"] > peaks["fp32"] + 0.25 * size, peaks

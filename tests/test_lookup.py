@@ -4,6 +4,8 @@ The ranking tests use an extractor that splits on commas and an embedder with ha
 every similarity is known exactly; the last tests run the real spaCy + MiniLM stack.
 """
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -40,7 +42,8 @@ class TableEmbedder:
         out = []
         for text in texts:
             if text not in self.table:
-                rng = np.random.default_rng(abs(hash(text)) % (2**32))
+                # A stable seed: Python's str hash changes between processes.
+                rng = np.random.default_rng(zlib.crc32(text.encode("utf-8")))
                 v = rng.normal(size=DIM)
                 self.table[text] = v / np.linalg.norm(v)
             out.append(self.table[text])
