@@ -208,6 +208,22 @@ def plot_loss(rows: List[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _hardware(device: torch.device) -> str:
+    """CPU model and count (from /proc/cpuinfo where it exists), plus the GPU name on CUDA."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = f"{name}, {os.cpu_count()} logical CPUs (shared)"
+    if device.type == "cuda":
+        out += f", {torch.cuda.get_device_name(device)}"
+    return out
+
+
 def export(out_dir: Path, ema, step: int, elapsed: float, args, rows: List[dict], n_params: int) -> None:
     """Write the EMA weights, config.json and loss.png to ``out_dir`` (atomic per file)."""
     _atomic_save(dict(ema.state_dict()), out_dir / "model.safetensors", {"step": str(step)})
@@ -226,7 +242,7 @@ def export(out_dir: Path, ema, step: int, elapsed: float, args, rows: List[dict]
             "position_jitter": args.position_jitter,
             "uniform_frac": args.uniform_frac, "logit_normal": [args.ln_mean, args.ln_std],
             "elapsed_s": round(elapsed, 1), "device": args.device, "threads": args.threads,
-            "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
+            "hardware": _hardware(device),
             "parameters": n_params, "loss_last100_mean": (float(np.mean(recent)) if recent else None),
             "objective": "rectified flow (OpenSora RFLOW): x_t=(1-s)x0+s*eps, t=1000s, target v=x0-eps, MSE; "
                          "network output read as x0, v=(x0_hat-x_t)/max(s,0.05)",
