@@ -506,22 +506,29 @@ def _ann_case(name: str, base: np.ndarray, queries: np.ndarray, folder: Path, ke
         times = np.empty((ANN_PASSES, len(queries)))
         cpu = np.empty((ANN_PASSES, len(queries)))
         top1 = np.empty(len(queries), dtype=np.int64)
+        top1_sim = np.empty(len(queries), dtype=np.float32)
         for rep in range(ANN_PASSES):
             for i, q in enumerate(queries):
                 c, t = time.thread_time(), time.perf_counter()
-                labels, _sims = index.query(q, ANN_K, key)
+                labels, sims = index.query(q, ANN_K, key)
                 times[rep, i] = (time.perf_counter() - t) * 1000
                 cpu[rep, i] = (time.thread_time() - c) * 1000
-                top1[i] = labels[0, 0]
+                top1[i], top1_sim[i] = labels[0, 0], sims[0, 0]
+        # How much a miss costs the cache: the returned best is only slightly less similar when
+        # the true neighbour is a near-tie, which changes a threshold decision only at its edge.
+        miss = top1 != gt
+        gap = (gt_sim - top1_sim)[miss]
         row = {"ef_search": ef, "query_ms": _summary_ms(np.median(times, axis=0)),
                "query_cpu_ms": _summary_ms(np.median(cpu, axis=0)),
                "query_ms_single_pass": _summary_ms(times[0]), "recall_at_1": float(np.mean(top1 == gt)),
-               "load_s": load_s}
+               "misses": int(miss.sum()), "miss_gap_max": float(gap.max()) if gap.size else 0.0,
+               "misses_gap_over_0.01": int((gap > 0.01).sum()), "load_s": load_s}
         row["speedup_p50"] = res["exact_ms"]["p50"] / row["query_ms"]["p50"]
         res["ef"].append(row)
         _log(f"  [{name}] ef_search={ef:<4d} p50 {row['query_ms']['p50']:.3f} ms  p99 {row['query_ms']['p99']:.3f} ms"
              f" (CPU p99 {row['query_cpu_ms']['p99']:.3f} ms)"
-             f"  recall@1 {row['recall_at_1']:.4f}  exact p50 {res['exact_ms']['p50']:.2f} ms "
+             f"  recall@1 {row['recall_at_1']:.4f} ({row['misses_gap_over_0.01']} of {row['misses']} misses "
+             f">0.01 below the true best)  exact p50 {res['exact_ms']['p50']:.2f} ms "
              f"-> {row['speedup_p50']:.0f}x  (load {load_s:.2f} s)")
         del index
     return res
@@ -921,19 +928,21 @@ def _report(args, results: dict) -> list[str]:
                      f"{fit['real_nn10_cos']:.3f} vs synthetic {fit['synthetic_nn1_cos']:.3f}/"
                      f"{fit['synthetic_nn10_cos']:.3f}")
         lines.append(f"  {'data':>6s} {'vectors':>9s} {'ef':>4s} {'p50 ms':>8s} {'p99 ms':>8s} {'CPU p99':>8s} "
-                     f"{'recall@1':>9s} {'exact p50':>10s} {'speedup':>8s} {'NN1 cos':>8s} {'build s':>8s} "
+                     f"{'recall@1':>9s} {'gap>.01':>8s} {'exact p50':>10s} {'speedup':>8s} {'NN1 cos':>8s} {'build s':>8s} "
                      f"{'load s':>7s} {'RSS MiB':>8s}")
         for name, r in sorted(ann_rows, key=lambda kv: (kv[0] != "ann:real", kv[1]["n"])):
             for e in r["ef"]:
                 cpu99 = e["query_cpu_ms"]["p99"]
                 lines.append(f"  {r['name']:>6s} {r['n']:9,d} {e['ef_search']:4d} {e['query_ms']['p50']:8.3f} "
                              f"{e['query_ms']['p99']:8.3f} {cpu99:8.3f} {e['recall_at_1']:9.4f} "
+                             f"{e['misses_gap_over_0.01'] / r['queries']:8.4f} "
                              f"{r['exact_ms']['p50']:9.2f}  "
                              f"{e['speedup_p50']:7.0f}x {r['median_nn1_cos']:8.3f} {r['build']['build_s']:8.1f} "
                              f"{e['load_s']:7.2f} {r['peak_rss_mb']:8.0f}")
         lines.append(f"  (p50/p99: wall clock, median of {ANN_PASSES} passes per query; CPU p99: thread CPU time, "
-                     "which excludes waiting for a CPU on a loaded machine; build s: hnswlib build on "
-                     f"{args.build_threads} threads, 0 if cached)")
+                     "which excludes waiting for a CPU on a loaded machine; gap>.01: share of queries whose "
+                     "returned best is more than 0.01 cosine below the true best; build s: hnswlib build on "
+                     f"{args.build_threads} threads, when it was built)")
         biggest = max((v for _k, v in ann_rows if _k != "ann:real"), key=lambda v: v["n"], default=None)
         if biggest is not None:
             tag = "" if biggest["n"] >= TARGET_ANN_SIZE else f" (at {_size_label(biggest['n'])}, target is at 1M)"
@@ -949,9 +958,14 @@ def _report(args, results: dict) -> list[str]:
                              f">= {TARGET_RECALL_AT_1}", "PASS" if rec >= TARGET_RECALL_AT_1 else "MISS"))
             ok = [e for e in biggest["ef"] if e["query_ms"]["p99"] <= TARGET_ANN_P99_MS
                   and e["recall_at_1"] >= TARGET_RECALL_AT_1]
-            if ok and not (default in ok):
-                lines.append(f"  smallest ef_search meeting both ANN targets at {_size_label(biggest['n'])}: "
-                             f"{min(e['ef_search'] for e in ok)}")
+            if ok and default not in ok:
+                best = min(ok, key=lambda e: e["ef_search"])
+                verdicts.append((f"  ANN at {_size_label(biggest['n'])}, smallest swept ef meeting both: {best['ef_search']}",
+                                 f"{best['query_ms']['p99']:.3f} ms / {best['recall_at_1']:.4f}",
+                                 "p99 / recall@1", "PASS"))
+            elif not ok:
+                verdicts.append((f"  ANN at {_size_label(biggest['n'])}: no swept ef meets both", "-",
+                                 "p99 / recall@1", "MISS"))
 
     ins = results.get("insert")
     if ins and "error" not in ins:
@@ -1028,7 +1042,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-queries", type=int, default=100,
                    help="queries timed with exact search (a fifth of it, at least 20, above 100k vectors)")
     p.add_argument("--ef", default=None, help="ef_search values to sweep; the first is reported against the "
-                   "targets (default 64,128,256; --quick 64)")
+                   "targets (default 64,80,96,128,256; --quick 64)")
     p.add_argument("--M", type=int, default=16, help="hnswlib M (the store's default: 16)")
     p.add_argument("--ef-construction", type=int, default=200, help="hnswlib ef_construction (store default 200)")
     p.add_argument("--build-threads", type=int, default=2, help="threads for building the ANN indexes")
@@ -1054,7 +1068,7 @@ def _apply_defaults(args) -> None:
     args.reopen_entries = args.reopen_entries or (5_000 if q else 100_000)
     sizes = args.sizes or ("10k" if q else "10k,100k,1m")
     args.size_list = sorted({_parse_size(s) for s in sizes.split(",") if s.strip()})
-    ef = args.ef or ("64" if q else "64,128,256")
+    ef = args.ef or ("64" if q else "64,80,96,128,256")
     args.ef = [int(x) for x in ef.split(",") if x.strip()]
     for name in ("lookups", "lookup_entries", "queries", "insert_entries", "reopen_entries", "entities_per_entry",
                  "M", "ef_construction", "build_threads"):
