@@ -230,11 +230,26 @@ def _draw(rng: np.random.Generator, lo: float, hi: float, jitter: float) -> floa
     return lo + (hi - lo) * (0.5 + jitter * (u - 0.5))
 
 
+def _pos(rng: np.random.Generator, lo: float, hi: float, jitter: float, snap: float) -> float:
+    """A position in [lo, hi]: :func:`_draw`, or with ``snap`` > 0 a uniform draw over the whole range
+    rounded to the nearest multiple of ``snap`` that lies in [lo, hi] (the raw draw if none does)."""
+    if snap <= 0.0:
+        return _draw(rng, lo, hi, jitter)
+    v = _draw(rng, lo, hi, 1.0)
+    q = round(v / snap) * snap
+    if q < lo - 1e-9:
+        q += snap
+    elif q > hi + 1e-9:
+        q -= snap
+    return float(q) if lo - 1e-9 <= q <= hi + 1e-9 else v
+
+
 def _track(rng: np.random.Generator, motion: str, radius: float, h: int, w: int, f: int,
-           lane: Optional[Tuple[float, float]] = None,
-           jitter: float = 1.0) -> Tuple[Tuple[Tuple[float, float], ...], Tuple[float, ...]]:
+           lane: Optional[Tuple[float, float]] = None, jitter: float = 1.0,
+           snap: float = 0.0) -> Tuple[Tuple[Tuple[float, float], ...], Tuple[float, ...]]:
     """Centres and radii for one shape. ``lane`` limits the cross-motion coordinate to [lo, hi] of the frame
-    fraction; ``jitter`` scales the randomness of positions and sizes (see :func:`make_scene`)."""
+    fraction; ``jitter`` scales the randomness of positions and sizes, ``snap`` puts positions on a grid
+    (see :func:`make_scene`)."""
     t = np.linspace(0.0, 1.0, f)
     lo_f, hi_f = lane if lane is not None else (0.0, 1.0)
     if motion in ("left", "right", "up", "down"):
@@ -244,7 +259,7 @@ def _track(rng: np.random.Generator, motion: str, radius: float, h: int, w: int,
         hi = along - radius - _EDGE
         travel = _draw(rng, 0.45, 0.6, jitter) * along
         travel = min(travel, hi - lo)
-        start = lo + _draw(rng, 0.0, 1.0, jitter) * max(0.0, hi - lo - travel)
+        start = _pos(rng, lo, lo + max(0.0, hi - lo - travel), jitter, snap)
         path = start + travel * t
         if motion in ("left", "up"):
             path = path[::-1]
@@ -252,7 +267,7 @@ def _track(rng: np.random.Generator, motion: str, radius: float, h: int, w: int,
         c_hi = min(across - radius - _EDGE, hi_f * across - radius * 0.5)
         if c_hi < c_lo:
             c_lo = c_hi = 0.5 * (lo_f + hi_f) * across
-        other = c_lo + _draw(rng, 0.0, 1.0, jitter) * (c_hi - c_lo)
+        other = _pos(rng, c_lo, c_hi, jitter, snap)
         centers = [(float(p), other) if horizontal else (other, float(p)) for p in path]
         radii = [radius] * f
     else:
@@ -265,10 +280,10 @@ def _track(rng: np.random.Generator, motion: str, radius: float, h: int, w: int,
             r_big = min(r_big, 0.5 * (hi_f - lo_f) * w - _EDGE)
             radii_arr = np.minimum(radii_arr, r_big)
             cx = 0.5 * (lo_f + hi_f) * w
-            cy = _draw(rng, r_big + _EDGE, h - r_big - _EDGE, jitter)
+            cy = _pos(rng, r_big + _EDGE, h - r_big - _EDGE, jitter, snap)
         else:
-            cx = _draw(rng, r_big + _EDGE, w - r_big - _EDGE, jitter)
-            cy = _draw(rng, r_big + _EDGE, h - r_big - _EDGE, jitter)
+            cx = _pos(rng, r_big + _EDGE, w - r_big - _EDGE, jitter, snap)
+            cy = _pos(rng, r_big + _EDGE, h - r_big - _EDGE, jitter, snap)
         centers = [(cx, cy)] * f
         radii = [float(r) for r in radii_arr]
     return tuple(centers), tuple(float(r) for r in radii)
@@ -277,7 +292,7 @@ def _track(rng: np.random.Generator, motion: str, radius: float, h: int, w: int,
 def make_scene(shapes: Union[str, Sequence[str]], colors: Union[str, Sequence[str]], background: str, motion: str,
                rng: Union[np.random.Generator, int, None] = 0, *, size: Optional[str] = None,
                num_frames: int = DEFAULT_FRAMES, height: int = DEFAULT_HEIGHT, width: int = DEFAULT_WIDTH,
-               position_jitter: float = 1.0) -> SceneSpec:
+               position_jitter: float = 1.0, position_snap: float = 0.0) -> SceneSpec:
     """Build a scene with the given attributes; positions, travel and texture come from ``rng``.
 
     Args:
@@ -293,6 +308,10 @@ def make_scene(shapes: Union[str, Sequence[str]], colors: Union[str, Sequence[st
         position_jitter: in [0, 1]; scales every random position, travel and radius draw toward the
             middle of its range (1: the full ranges; 0: one fixed layout per shape count, motion and
             size class). It consumes the same random numbers, so captions do not depend on it.
+        position_snap: pixels; when > 0, positions (start and cross-motion coordinate, scaling centre)
+            are drawn over their full range and rounded to multiples of it, while radii and travel keep
+            following ``position_jitter``. With jitter 0 and snap 4 every shape's footprint sits at the
+            same offset to a 4-pixel grid in every clip, but where it sits (which lane) stays random.
 
     Returns:
         A :class:`SceneSpec`.
@@ -322,7 +341,9 @@ def make_scene(shapes: Union[str, Sequence[str]], colors: Union[str, Sequence[st
         raise ValueError(f"need num_frames >= 2 and height, width >= 16; got {num_frames}, {height}, {width}")
     if not 0.0 <= float(position_jitter) <= 1.0:
         raise ValueError(f"position_jitter must be in [0, 1], got {position_jitter}")
-    jit = float(position_jitter)
+    if not 0.0 <= float(position_snap) <= min(height, width) / 4:
+        raise ValueError(f"position_snap must be in [0, {min(height, width) / 4:g}] pixels, got {position_snap}")
+    jit, snap = float(position_jitter), float(position_snap)
     scale = min(height, width) / 32.0
     translating = motion in ("left", "right", "up", "down")
     if size is not None:
@@ -337,14 +358,15 @@ def make_scene(shapes: Union[str, Sequence[str]], colors: Union[str, Sequence[st
             radius = _draw(g, *SIZE_WORDS[size], jit) * scale
         else:
             radius = 0.0
-        centers, radii = _track(g, motion, radius, height, width, num_frames, jitter=jit)
+        centers, radii = _track(g, motion, radius, height, width, num_frames, jitter=jit, snap=snap)
         objects.append(ObjectTrack(shapes_t[0], colors_t[0], centers, radii))
     else:
         lanes = ((0.0, 0.5), (0.5, 1.0))
         order = [0, 1] if g.random() < 0.5 else [1, 0]
         for k in range(2):
             radius = _draw(g, 4.5, 5.5, jit) * scale if translating else 0.0
-            centers, radii = _track(g, motion, radius, height, width, num_frames, lane=lanes[order[k]], jitter=jit)
+            centers, radii = _track(g, motion, radius, height, width, num_frames, lane=lanes[order[k]], jitter=jit,
+                                    snap=snap)
             objects.append(ObjectTrack(shapes_t[k], colors_t[k], centers, radii))
     return SceneSpec(objects=tuple(objects), background=background, motion=motion, size=size,
                      num_frames=num_frames, height=height, width=width,
@@ -353,14 +375,14 @@ def make_scene(shapes: Union[str, Sequence[str]], colors: Union[str, Sequence[st
 
 def sample_scene(rng: Union[np.random.Generator, int, None] = None, *, two_shape_prob: float = 0.2,
                  num_frames: int = DEFAULT_FRAMES, height: int = DEFAULT_HEIGHT,
-                 width: int = DEFAULT_WIDTH, position_jitter: float = 1.0) -> SceneSpec:
+                 width: int = DEFAULT_WIDTH, position_jitter: float = 1.0, position_snap: float = 0.0) -> SceneSpec:
     """Draw a random scene: uniform shape, motion and background, a colour visible on that background.
 
     Args:
         rng: numpy Generator or int seed; the same seed gives the same scene.
         two_shape_prob: probability of a two-shape scene, in [0, 1].
         num_frames, height, width: clip geometry.
-        position_jitter: see :func:`make_scene` (1 = full random layouts).
+        position_jitter, position_snap: see :func:`make_scene` (defaults: full random layouts).
 
     Returns:
         A :class:`SceneSpec`.
@@ -382,7 +404,7 @@ def sample_scene(rng: Union[np.random.Generator, int, None] = None, *, two_shape
     else:
         colors = [palette[int(g.integers(len(palette)))]]
     return make_scene(shapes, colors, background, motion, g, num_frames=num_frames, height=height, width=width,
-                      position_jitter=position_jitter)
+                      position_jitter=position_jitter, position_snap=position_snap)
 
 
 def _polygon_inside(px: np.ndarray, py: np.ndarray, vx: np.ndarray, vy: np.ndarray) -> np.ndarray:
@@ -558,8 +580,8 @@ def caption(spec: SceneSpec, rng: Union[np.random.Generator, int, None] = 0) -> 
 
 def sample_dataset(seed: int, n: int, *, two_shape_prob: float = 0.2, num_frames: int = DEFAULT_FRAMES,
                    height: int = DEFAULT_HEIGHT, width: int = DEFAULT_WIDTH,
-                   position_jitter: float = 1.0) -> List[Tuple[SceneSpec, str]]:
-    """``n`` (scene, caption) pairs; item ``i`` depends only on ``(seed, i)`` (its caption not on ``position_jitter``).
+                   position_jitter: float = 1.0, position_snap: float = 0.0) -> List[Tuple[SceneSpec, str]]:
+    """``n`` (scene, caption) pairs; item ``i`` depends only on ``(seed, i)`` (its caption not on the layout knobs).
 
     Raises:
         ValueError: negative ``seed`` or ``n``.
@@ -570,6 +592,6 @@ def sample_dataset(seed: int, n: int, *, two_shape_prob: float = 0.2, num_frames
     for i in range(n):
         g = np.random.default_rng([seed, i])
         spec = sample_scene(g, two_shape_prob=two_shape_prob, num_frames=num_frames, height=height, width=width,
-                            position_jitter=position_jitter)
+                            position_jitter=position_jitter, position_snap=position_snap)
         out.append((spec, caption(spec, g)))
     return out

@@ -171,3 +171,25 @@ def test_position_jitter_narrows_layouts_without_changing_captions():
         assert all(len(v) == 1 for v in by_size.values()), by_size
     with pytest.raises(ValueError, match="position_jitter"):
         S.sample_scene(0, position_jitter=1.5)
+
+
+def test_position_snap_puts_positions_on_a_grid_and_keeps_several_lanes():
+    data = S.sample_dataset(6, 400, position_jitter=0.0, position_snap=4.0)
+    lanes = {}
+    for spec, _ in data:
+        for obj in spec.objects:
+            (x, y), r = obj.centers[0], obj.radii
+            if spec.motion in ("left", "right"):
+                assert y % 4 == 0, (spec.motion, y)
+                lanes.setdefault((spec.motion, spec.size, len(spec.objects)), set()).add(y)
+            elif spec.motion in ("up", "down"):
+                assert x % 4 == 0, (spec.motion, x)
+            elif len(spec.objects) == 1:
+                assert x % 4 == 0 and y % 4 == 0
+            # Still inside the frame.
+            for (cx, cy), rr in zip(obj.centers, r):
+                assert rr <= cx <= spec.width - rr and rr <= cy <= spec.height - rr
+    assert max(len(v) for v in lanes.values()) >= 3  # positions stay random, on the grid
+    assert [c for _, c in data] == [c for _, c in S.sample_dataset(6, 400)]
+    with pytest.raises(ValueError, match="position_snap"):
+        S.sample_scene(0, position_snap=-1.0)

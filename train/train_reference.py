@@ -67,8 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the box is shared: 1)")
     p.add_argument("--seed", type=int, default=1, help="training stream seed (held-out prompts use others)")
     p.add_argument("--two-shape-prob", type=float, default=0.2)
-    p.add_argument("--position-jitter", type=float, default=0.25,
-                   help="scenes.sample_scene position_jitter: randomness of layouts (1 = full, 0 = fixed)")
+    p.add_argument("--position-jitter", type=float, default=0.0,
+                   help="scenes.sample_scene position_jitter: randomness of sizes/travel (1 = full, 0 = fixed)")
+    p.add_argument("--position-snap", type=float, default=4.0,
+                   help="scenes.sample_scene position_snap: positions on a grid of this many pixels (the patch)")
     p.add_argument("--uniform-frac", type=float, default=0.1,
                    help="share of noise levels drawn uniformly (the rest logit-normal)")
     p.add_argument("--ln-mean", type=float, default=0.8, help="logit-normal mean of the noise level s")
@@ -83,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--steps, --batch-size, --save-every and --threads must be positive")
     if not 0.0 <= a.position_jitter <= 1.0:
         p.error("--position-jitter must be in [0, 1]")
+    if not 0.0 <= a.position_snap <= 8.0:
+        p.error("--position-snap must be in [0, 8] pixels")
     if not 0.0 <= a.uniform_frac <= 1.0:
         p.error("--uniform-frac must be in [0, 1]")
     if not 0.0 < a.ema < 1.0:
@@ -94,13 +98,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def batch_for_step(step: int, batch_size: int, seed: int, two_shape_prob: float,
-                   position_jitter: float = 1.0) -> Tuple[np.ndarray, List[str]]:
+                   position_jitter: float = 1.0, position_snap: float = 0.0) -> Tuple[np.ndarray, List[str]]:
     """Clips [B, F, H, W, 3] uint8 and captions of optimizer step ``step`` (deterministic)."""
     vids, caps = [], []
     for i in range(step * batch_size, (step + 1) * batch_size):
         g = np.random.default_rng([seed, i])
         spec = scenes.sample_scene(g, two_shape_prob=two_shape_prob, num_frames=CLIP.num_frames,
-                                   height=CLIP.height, width=CLIP.width, position_jitter=position_jitter)
+                                   height=CLIP.height, width=CLIP.width, position_jitter=position_jitter,
+                                   position_snap=position_snap)
         vids.append(scenes.render(spec))
         caps.append(scenes.caption(spec, g))
     return np.stack(vids), caps
@@ -239,7 +244,7 @@ def export(out_dir: Path, ema, step: int, elapsed: float, args, rows: List[dict]
         "training": {
             "steps": step, "batch_size": args.batch_size, "peak_lr": args.lr, "warmup": args.warmup,
             "ema": args.ema, "seed": args.seed, "two_shape_prob": args.two_shape_prob,
-            "position_jitter": args.position_jitter,
+            "position_jitter": args.position_jitter, "position_snap": args.position_snap,
             "uniform_frac": args.uniform_frac, "logit_normal": [args.ln_mean, args.ln_std],
             "elapsed_s": round(elapsed, 1), "device": args.device, "threads": args.threads,
             "hardware": _hardware(device),
@@ -309,7 +314,8 @@ def main(argv=None) -> int:
     model.train()
     t_last = time.perf_counter()
     while step < args.steps:
-        vids, caps = batch_for_step(step, args.batch_size, args.seed, args.two_shape_prob, args.position_jitter)
+        vids, caps = batch_for_step(step, args.batch_size, args.seed, args.two_shape_prob, args.position_jitter,
+                                    args.position_snap)
         x0 = pixels_to_model(vids).to(device)
         y, mask = encoder(caps)  # [B, 1, L, 384], [B, L]
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
