@@ -53,9 +53,8 @@ _REOPEN_BYTES = 256 * 1024 * 1024  # bytes read per open file handle (bounds res
 _CONVERT_HINT = (
     "Download the .safetensors version of these weights instead (OpenSora 1.2: hpcai-tech/OpenSora-STDiT-v3 and "
     "hpcai-tech/OpenSora-VAE-v1.2 ship model.safetensors; T5: ComfyUI's t5xxl_fp16.safetensors), or convert the file "
-    "once, on a machine and with a source you trust: "
-    "python -c \"import torch, safetensors.torch as s; "
-    "s.save_file(torch.load('IN', map_location='cpu', weights_only=True), 'OUT.safetensors')\""
+    "once, on a machine and with a source you trust, by reading it with torch's own loader (weights_only=True) "
+    "and writing the state dict with safetensors.torch.save_file. This pack never unpickles files itself."
 )
 
 
