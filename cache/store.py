@@ -572,10 +572,11 @@ class LatentStore:
         known = set(r[0] for r in self._conn().execute("SELECT file FROM entries"))
         removed = []
         for sub in ("latents", "index"):
-            for p in (self.path / sub).iterdir():
-                if ".tmp" in p.name or (sub == "latents" and p.name not in known):
-                    p.unlink(missing_ok=True)
-                    removed.append(f"{sub}/{p.name}")
+            folder = self.path / sub
+            for name in os.listdir(folder):  # names only: a Path per file doubles this at 100k entries
+                if ".tmp" in name or (sub == "latents" and name not in known):
+                    (folder / name).unlink(missing_ok=True)
+                    removed.append(f"{sub}/{name}")
         if removed:
             with self._tx() as c:
                 self._event(c, "orphans_removed", f"{len(removed)} stray file(s) from an interrupted write: "
