@@ -28,16 +28,18 @@ Phases (``--phases``):
     SHA-256 check (``LatentStore.load``) and recording the statistics (``record_lookup``).
 ``ann``
     Cosine k-NN (k=8, as the lookup asks) through ``EntityIndex.query`` against exact numpy
-    search (one BLAS thread, one query at a time) at each ``--sizes``, p50/p99 latency,
-    recall@1 of held-out queries, and an ``ef_search`` sweep. Data: see "ANN data" below.
+    search (one BLAS thread, one query at a time) at each ``--sizes``, p50/p99 latency (wall and
+    thread CPU time), recall@1 of held-out queries and how far below the true best the misses
+    are, for each ``--ef`` (default 64, 80, 96, 128, 256). Data: see "ANN data" below.
 ``insert``
     ``LatentStore.put`` of the same 1.1 MiB entries with ``durable`` on (fsync of file and
     directory) and off; entries/s, MB/s and per-put p50/p99.
 ``reopen``
     A store of ``--reopen-entries`` (100k) entries with ``--entities-per-entry`` (3) entity
     vectors each and 8-byte tensors, built through ``put`` with ``durable=False`` (build time
-    reported; the store is cached under ``<out>`` and reused), then opened in a fresh process:
-    the time of ``LatentStore(path)`` (manifest + index load, no rebuild allowed).
+    reported; the store is cached under ``<out>`` and reused, and an interrupted build resumes
+    from its last index save), then opened in a fresh process: the time of
+    ``LatentStore(path)`` (manifest + index load, no rebuild allowed), and one ``save_index``.
 
 ANN data. Sentence embeddings are not isotropic Gaussians: they are anisotropic (a few
 directions carry much of the variance) and clustered (paraphrases and shared nouns). The bench
@@ -535,7 +537,8 @@ def _ann_case(name: str, base: np.ndarray, queries: np.ndarray, folder: Path, ke
 
 
 def phase_ann(args, which: str) -> dict:
-    """``which``: 'real' or a size in vectors."""
+    """ANN phase for one data set: ``which`` is ``"real"`` (real phrase embeddings) or a number of
+    synthetic vectors. Returns timings (ms), recall@1, miss gaps, build/load seconds per ``--ef``."""
     out = Path(args.out)
     n_real, n_query = _ann_data_sizes(args)
     real_base, real_queries, real_info = _real_set(out, n_real, n_query, args.rebuild)
@@ -588,6 +591,8 @@ class _Timed:
 
 
 def phase_lookup(args) -> dict:
+    """Lookup phase: fill a store with VBench prompts (1.14 MB entries), then time ``--lookups``
+    ``CacheLookup.lookup`` calls of stored prompts and split each into its parts (ms)."""
     import torch
 
     torch.set_num_threads(1)
@@ -683,6 +688,8 @@ def phase_lookup(args) -> dict:
 # phase: insert throughput
 # ---------------------------------------------------------------------------------------------
 def phase_insert(args) -> dict:
+    """Insert phase: ``--insert-entries`` puts of 1.14 MB entries into a fresh store with
+    ``durable`` on and off; entries/s, MB/s (10^6 bytes) and per-put latency (ms)."""
     import torch
 
     torch.set_num_threads(1)
@@ -728,6 +735,8 @@ def _reopen_store_path(args) -> Path:
 
 
 def phase_reopen_build(args) -> dict:
+    """Build (or reuse, or resume) the reopen store of ``--reopen-entries`` entries through
+    ``put``; returns the measured put rate, index save times and sizes."""
     import torch
 
     torch.set_num_threads(1)
@@ -803,6 +812,8 @@ def phase_reopen_build(args) -> dict:
 
 
 def phase_reopen(args) -> dict:
+    """Open the reopen store three times in this fresh process (seconds each), check it was not
+    rebuilt and that a stored vector finds itself, then time one ``save_index``."""
     t0 = time.perf_counter()
     _import_pack()
     from comfyui_chai.cache.store import LatentStore
@@ -822,7 +833,8 @@ def phase_reopen(args) -> dict:
             checks["entries"] = len(store)
             checks["vectors"] = len(store.index) if store.index is not None else 0
             checks["open_report"] = list(store.open_report)[:5]
-            # The loaded index must answer: a stored vector finds itself.
+            # The loaded index must answer: a stored vector finds itself. The store has no public
+            # read of embeddings, so the newest one is read from the manifest directly.
             conn = store._conn()
             label, emb = conn.execute("SELECT label, embedding FROM entities ORDER BY label DESC LIMIT 1").fetchone()
             vec = np.frombuffer(emb, dtype=np.float32)
