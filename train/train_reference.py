@@ -247,7 +247,7 @@ def export(out_dir: Path, ema, step: int, elapsed: float, args, rows: List[dict]
             "position_jitter": args.position_jitter, "position_snap": args.position_snap,
             "uniform_frac": args.uniform_frac, "logit_normal": [args.ln_mean, args.ln_std],
             "elapsed_s": round(elapsed, 1), "device": args.device, "threads": args.threads,
-            "hardware": _hardware(device),
+            "hardware": _hardware(torch.device(args.device)),
             "parameters": n_params, "loss_last100_mean": (float(np.mean(recent)) if recent else None),
             "objective": "rectified flow (OpenSora RFLOW): x_t=(1-s)x0+s*eps, t=1000s, target v=x0-eps, MSE; "
                          "network output read as x0, v=(x0_hat-x_t)/max(s,0.05)",
