@@ -1,7 +1,8 @@
 """ComfyUI-CHAI: CacHe Attention Inference (arXiv 2602.16132) for OpenSora 1.2.
 
-This file is the ComfyUI entry point and does wiring only. It must import without ComfyUI,
-torch or any model installed: the heavy parts load lazily inside the nodes and the pipeline.
+This file is the ComfyUI entry point and does wiring only. It must import without ComfyUI
+installed (ComfyUI modules are imported lazily inside the nodes); models load only when a node or
+command runs.
 """
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS

@@ -85,11 +85,11 @@ class StoreConfig:
     autosave_every: int = 256
     index_M: int = 16
     index_ef_construction: int = 200
-    index_ef_search: int = 64
+    index_ef_search: int = 96
     compact_tombstone_share: float = 0.25
 
     def fingerprint(self) -> str:
-        """Short string naming the settings, e.g. ``STORE_B1073741824_LRU_M16E200S64``."""
+        """Short string naming the settings, e.g. ``STORE_B1073741824_LRU_M16E200S96``."""
         return (
             f"STORE_B{self.budget_bytes}_{EvictionPolicy.parse(self.policy).name}"
             f"_M{self.index_M}E{self.index_ef_construction}S{self.index_ef_search}"
