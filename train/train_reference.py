@@ -78,6 +78,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=50, help="steps between checkpoints and exports")
     p.add_argument("--state-dir", type=Path, default=REPO / "out" / "train" / "reference_v1")
     p.add_argument("--out-dir", type=Path, default=REPO / "models" / "reference_v1")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="fresh runs only: copy every same-named, same-shaped tensor from this state.safetensors "
+                        "(its EMA weights) or model.safetensors; the rest keeps its initialisation")
+    p.add_argument("--init-skip", default="x_embedder.,final_layer.linear.",
+                   help="comma-separated name prefixes --init-from leaves initialised (default: the patch "
+                        "embedding and output projection, whose pixel layout depends on the patch size)")
     p.add_argument("--export-only", action="store_true", help="write out-dir from the last checkpoint and exit")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (plain log lines)")
     a = p.parse_args(argv)
@@ -168,6 +174,28 @@ def load_state(path: Path, model, ema, opt) -> Tuple[int, float]:
     return int(meta["step"]), float(meta["elapsed_s"])
 
 
+def init_from(path: Path, model, ema, skip: Tuple[str, ...] = ()) -> Dict[str, object]:
+    """Warm start: copy matching tensors (EMA ones from a training state) into ``model`` and ``ema``.
+
+    Returns a JSON summary: source, its step and elapsed seconds, copied and skipped tensor names.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        keys = list(f.keys())
+        prefix = "ema." if any(k.startswith("ema.") for k in keys) else ""
+        src = {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
+    own = model.state_dict()
+    copied = {k: v for k, v in src.items()
+              if k in own and tuple(own[k].shape) == tuple(v.shape) and not k.startswith(tuple(skip))}
+    skipped = sorted(k for k in own if k not in copied)
+    model.load_state_dict(copied, strict=False)
+    ema.load_state_dict(model.state_dict())
+    return {"source": str(path), "source_step": int(meta.get("step", 0)),
+            "source_elapsed_s": float(meta.get("elapsed_s", 0.0)), "copied": len(copied), "reinitialised": skipped}
+
+
 def _jsonable(d):
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 
@@ -248,6 +276,7 @@ def export(out_dir: Path, ema, step: int, elapsed: float, args, rows: List[dict]
             "uniform_frac": args.uniform_frac, "logit_normal": [args.ln_mean, args.ln_std],
             "elapsed_s": round(elapsed, 1), "device": args.device, "threads": args.threads,
             "hardware": _hardware(torch.device(args.device)),
+            "init_from": getattr(args, "init_info", None),
             "parameters": n_params, "loss_last100_mean": (float(np.mean(recent)) if recent else None),
             "objective": "rectified flow (OpenSora RFLOW): x_t=(1-s)x0+s*eps, t=1000s, target v=x0-eps, MSE; "
                          "network output read as x0, v=(x0_hat-x_t)/max(s,0.05)",
@@ -284,9 +313,17 @@ def main(argv=None) -> int:
     state_path = args.state_dir / "state.safetensors"
     log_path = args.state_dir / "log.jsonl"
     step, elapsed = 0, 0.0
+    init_info_path = args.state_dir / "init_from.json"
     if state_path.is_file():
         step, elapsed = load_state(state_path, model, ema, opt)
         print(f"resumed from {state_path} at step {step} ({elapsed / 60:.1f} min trained so far)", flush=True)
+    elif args.init_from is not None:
+        info = init_from(args.init_from, model, ema, tuple(p for p in args.init_skip.split(",") if p))
+        args.state_dir.mkdir(parents=True, exist_ok=True)
+        init_info_path.write_text(json.dumps(info, indent=2) + "\n")
+        print(f"warm start from {args.init_from} (step {info['source_step']}): {info['copied']} tensors copied, "
+              f"re-initialised {info['reinitialised']}", flush=True)
+    args.init_info = json.loads(init_info_path.read_text()) if init_info_path.is_file() else None
     if args.export_only:
         if step == 0:
             print(f"no checkpoint at {state_path}; nothing to export", file=sys.stderr)
