@@ -414,6 +414,15 @@ class LatentStore:
                 self.config = _replace(self.config, policy=EvictionPolicy.parse(meta["policy"]))
         self._evict_to(self.config.budget_bytes)
 
+    def _refresh_config(self, c=None) -> None:
+        """Adopt the persisted budget and policy: another process may have changed them
+        (``set_budget``, ``cache`` CLI, a node with another budget), and the manifest is the truth."""
+        rows = dict((c or self._conn()).execute(
+            "SELECT key, value FROM meta WHERE key IN ('budget_bytes', 'policy')").fetchall())
+        budget, policy = int(rows["budget_bytes"]), EvictionPolicy.parse(rows["policy"])
+        if budget != self.config.budget_bytes or policy != self.config.policy:
+            self.config = _replace(self.config, budget_bytes=budget, policy=policy)
+
     # ------------------------------------------------------------------ index sync / repair
     def _generation(self) -> int:
         row = self._conn().execute("SELECT value FROM meta WHERE key='generation'").fetchone()
@@ -639,6 +648,7 @@ class LatentStore:
         blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                     metadata={"compat_key": compat_key[:512]})
         nbytes = len(blob)
+        self._refresh_config()
         budget = self.config.budget_bytes
         if nbytes > budget:
             raise ValueError(f"this entry is {nbytes} bytes, more than the store's whole budget of {budget} bytes; "
@@ -688,6 +698,11 @@ class LatentStore:
                             f"{json.loads(row[0])}; the compatibility key must include the latent shape and dtype"
                         )
                     generation = int(c.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0]) + 1
+                    self._refresh_config(c)  # under the writer lock: the budget no other writer can change now
+                    budget = self.config.budget_bytes
+                    if nbytes > budget:  # another process lowered it since the check above
+                        raise ValueError(f"this entry is {nbytes} bytes, more than the store's whole budget of "
+                                         f"{budget} bytes; raise the budget (budget_bytes / --budget-mb)")
                     held = _bytes_held(c)
                     victims = self._pick_victims(c, held + nbytes - budget)
                     self._delete_rows(c, victims, generation, reason="budget")
@@ -1007,6 +1022,7 @@ class LatentStore:
     def stats(self, last: int = 10) -> StoreStats:
         """Counters, sizes and recent lookups (see :class:`StoreStats`)."""
         conn = self._conn()
+        self._refresh_config(conn)
         counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
         entries, held = conn.execute("SELECT COUNT(*), COALESCE(SUM(nbytes),0) FROM entries").fetchone()
         n_entities = conn.execute("SELECT COUNT(*) FROM entities").fetchone()[0]

@@ -260,6 +260,28 @@ def test_set_budget_smaller_evicts_immediately_and_persists(tmp_path):
         assert [r.entry_id for r in store.entries()] == ids[8:]
 
 
+def test_budget_and_policy_changed_by_another_handle_apply_without_reopen(tmp_path):
+    """Two open handles on one folder stand for two ComfyUI processes: a budget (and policy) change made
+    through one is obeyed by the other's next insert and shown by its stats, with no reopen."""
+    with LatentStore(tmp_path / "s", dim=DIM) as a, LatentStore(tmp_path / "s") as b:
+        ids = [_one(a, seed=i) for i in range(6)]
+        size = a.entry(ids[0]).nbytes
+        assert b.stats().budget_bytes == a.config.budget_bytes > 6 * size
+        assert a.set_budget(3 * size) == 3
+        assert b.stats().budget_bytes == 3 * size
+        new = _one(b, seed=10)  # b's insert evicts down to a's budget
+        assert manifest_total(b.path) <= 3 * size and len(b) == 3
+        assert [r.entry_id for r in b.entries()] == ids[4:] + [new]
+        # A budget lowered elsewhere below an entry's size refuses that entry and stores nothing.
+        a.set_budget(size // 2)
+        before = _snapshot(b)
+        with pytest.raises(ValueError, match="budget"):
+            _one(b, seed=11)
+        assert _snapshot(b) == before
+    with LatentStore(tmp_path / "s") as c:
+        assert c.config.budget_bytes == size // 2
+
+
 def test_entry_larger_than_budget_is_refused_and_stores_nothing(tmp_path):
     with LatentStore(tmp_path / "s", dim=DIM, budget_bytes=4096) as store:
         kept = _one(store, seed=0)
