@@ -15,6 +15,7 @@ Usage::
     python bench/quality_bench.py                     # 200 prompts, real lookup (~1 h on a busy 2-core CPU)
     python bench/quality_bench.py --prompts 20 --no-lookup
     python bench/quality_bench.py --model-dir models/reference_v1 --cfg 5 --device cuda
+    python bench/quality_bench.py --validation --prompts 40 --modes full30 --cfg 4   # choose CFG here
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from comfyui_chai.refmodel.model import load_reference_model
-from comfyui_chai.refmodel.quality import MODES, format_table, heldout_prompts, run_quality
+from comfyui_chai.refmodel.quality import MODES, VALIDATION_SEED, format_table, heldout_prompts, run_quality
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,13 +82,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-lookup", action="store_true", help="use each prompt's own warm entry (no spaCy/HNSW)")
     p.add_argument("--modes", default=",".join(m[0] for m in MODES))
+    p.add_argument("--validation", action="store_true",
+                   help="score the validation prompt stream instead of the held-out one (to choose --cfg)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     a = p.parse_args(argv)
     if a.prompts < 1:
         p.error("--prompts must be >= 1")
     torch.set_num_threads(a.threads)
     model, encoder = load_reference_model(a.model_dir, device=a.device)
-    items = heldout_prompts(a.prompts)
+    items = heldout_prompts(a.prompts, seed=VALIDATION_SEED) if a.validation else heldout_prompts(a.prompts)
     t0 = time.perf_counter()
     from tqdm import tqdm
 
@@ -107,7 +110,8 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
     summary = report.summary()
     summary.update({"wall_s": round(wall, 1), "model": getattr(model, "fingerprint", None),
-                    "torch_threads": torch.get_num_threads(), "lookup": not a.no_lookup})
+                    "torch_threads": torch.get_num_threads(), "lookup": not a.no_lookup,
+                    "prompt_stream": "validation" if a.validation else "held-out"})
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "quality_bench.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(report, a.out / "quality_bench.png")

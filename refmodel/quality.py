@@ -38,6 +38,7 @@ from .model import CLIP, model_to_pixels, reference_rflow
 __all__ = [
     "HELDOUT_SEED",
     "WARM_SEED",
+    "VALIDATION_SEED",
     "MODES",
     "ModeResult",
     "QualityReport",
@@ -51,6 +52,9 @@ __all__ = [
 HELDOUT_SEED = 7_000_001
 #: Seed of the warm-prompt stream.
 WARM_SEED = 7_000_002
+#: Seed of the validation prompt stream: sampler settings (CFG scale) are chosen on it, never on the
+#: held-out stream the benchmark reports.
+VALIDATION_SEED = 7_000_003
 #: Mode names in table order: (name, steps, uses cache).
 MODES: Tuple[Tuple[str, int, bool], ...] = (("full30", 30, False), ("plain8", 8, False), ("chai8", 8, True),
                                             ("plain4", 4, False), ("chai4", 4, True))

@@ -68,13 +68,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="training stream seed (held-out prompts use others)")
     p.add_argument("--two-shape-prob", type=float, default=0.2)
     p.add_argument("--position-jitter", type=float, default=0.0,
-                   help="scenes.sample_scene position_jitter: randomness of sizes/travel (1 = full, 0 = fixed)")
-    p.add_argument("--position-snap", type=float, default=4.0,
-                   help="scenes.sample_scene position_snap: positions on a grid of this many pixels (the patch)")
+                   help="scenes.sample_scene position_jitter: randomness of positions, sizes and travel "
+                        "(1 = full, 0 = one canonical layout per caption: the caption then fixes the clip)")
+    p.add_argument("--position-snap", type=float, default=0.0,
+                   help="scenes.sample_scene position_snap: positions on a grid of this many pixels (0 = off)")
     p.add_argument("--uniform-frac", type=float, default=0.1,
                    help="share of noise levels drawn uniformly (the rest logit-normal)")
     p.add_argument("--ln-mean", type=float, default=0.8, help="logit-normal mean of the noise level s")
     p.add_argument("--ln-std", type=float, default=0.8, help="logit-normal std of the noise level s")
+    p.add_argument("--patch-size", default=None,
+                   help="STDiT3 patch T,H,W (default: REFERENCE_CONFIG's); a resumed run must keep it")
+    p.add_argument("--hidden-size", type=int, default=None, help="STDiT3 width (default: REFERENCE_CONFIG's)")
+    p.add_argument("--depth", type=int, default=None, help="STDiT3 blocks per kind (default: REFERENCE_CONFIG's)")
     p.add_argument("--save-every", type=int, default=50, help="steps between checkpoints and exports")
     p.add_argument("--state-dir", type=Path, default=REPO / "out" / "train" / "reference_v1")
     p.add_argument("--out-dir", type=Path, default=REPO / "models" / "reference_v1")
@@ -89,6 +94,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.steps < 1 or a.batch_size < 1 or a.save_every < 1 or a.threads < 1:
         p.error("--steps, --batch-size, --save-every and --threads must be positive")
+    a.stdit3 = dict(REFERENCE_CONFIG)
+    if a.patch_size is not None:
+        try:
+            patch = tuple(int(v) for v in a.patch_size.split(","))
+        except ValueError:
+            patch = ()
+        clip = (CLIP.num_frames, CLIP.height, CLIP.width)
+        if len(patch) != 3 or any(q < 1 or n % q for n, q in zip(clip, patch)):
+            p.error(f"--patch-size must be three positive ints T,H,W dividing the clip {clip}, got {a.patch_size!r}")
+        a.stdit3["patch_size"] = patch
+    if a.hidden_size is not None:
+        if a.hidden_size < 16 or a.hidden_size % a.stdit3["num_heads"]:
+            p.error(f"--hidden-size must be >= 16 and a multiple of {a.stdit3['num_heads']} (heads)")
+        a.stdit3["hidden_size"] = a.hidden_size
+    if a.depth is not None:
+        if a.depth < 1:
+            p.error("--depth must be >= 1")
+        a.stdit3["depth"] = a.depth
     if not 0.0 <= a.position_jitter <= 1.0:
         p.error("--position-jitter must be in [0, 1]")
     if not 0.0 <= a.position_snap <= 8.0:
@@ -262,7 +285,7 @@ def export(out_dir: Path, ema, step: int, elapsed: float, args, rows: List[dict]
     _atomic_save(dict(ema.state_dict()), out_dir / "model.safetensors", {"step": str(step)})
     recent = [r["loss"] for r in rows[-100:]]
     cfg = {
-        "stdit3": {k: (list(v) if isinstance(v, tuple) else v) for k, v in REFERENCE_CONFIG.items()},
+        "stdit3": {k: (list(v) if isinstance(v, tuple) else v) for k, v in args.stdit3.items()},
         "clip": {"num_frames": CLIP.num_frames, "height": CLIP.height, "width": CLIP.width, "fps": CLIP.fps,
                  "channels": "RGB pixels in [-1, 1]"},
         "prediction": "x0",
@@ -302,8 +325,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = build_reference_model(seed=args.seed).to(device)
-    ema = build_reference_model(seed=args.seed).to(device)
+    model = build_reference_model(args.stdit3, seed=args.seed).to(device)
+    ema = build_reference_model(args.stdit3, seed=args.seed).to(device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -333,7 +356,7 @@ def main(argv=None) -> int:
         return 0
 
     print(f"reference STDiT3: {n_params:,} parameters, tokens/clip = "
-          f"{math.prod(n // p for n, p in zip((CLIP.num_frames, CLIP.height, CLIP.width), REFERENCE_CONFIG['patch_size']))}, batch {args.batch_size}, "
+          f"{math.prod(n // p for n, p in zip((CLIP.num_frames, CLIP.height, CLIP.width), args.stdit3['patch_size']))}, batch {args.batch_size}, "
           f"steps {step} -> {args.steps}, device {device}, threads {args.threads}", flush=True)
     encoder = MiniLMTokenStates(max_length=REFERENCE_CONFIG["model_max_length"], device=device)
     null = model.y_embedder.y_embedding  # [L, 384]: the CFG null caption, fixed buffer
