@@ -1,7 +1,8 @@
 """The headless command line: ``python -m comfyui_chai <command>``.
 
 Commands:
-    cache stats STORE        counters, sizes, hit rate, top entities (``--json`` for machines)
+    cache stats STORE        counters, sizes, hit rate, top entities (``--json`` for machines; a store
+                             on a read-only mount is read without repair, or ask with ``--read-only``)
     cache verify STORE       check every file and the index against the manifest; repair; exit 1 if
                              anything needed repair
     cache compact STORE      rebuild the HNSW index without tombstones
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("store", help="store folder")
         if name == "stats":
             p.add_argument("--json", action="store_true", help="print JSON")
+            p.add_argument("--read-only", action="store_true",
+                           help="only read the manifest: no lock, no repair, nothing written (automatic when "
+                                "the folder is not writable)")
         if name == "verify":
             p.add_argument("--quick", action="store_true", help="check sizes only, not SHA-256")
 
@@ -118,13 +122,41 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _print_stats(path: Path, stats, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(stats.to_dict(), indent=2))
+        return
+    print(f"store        {path}")
+    print(f"entries      {stats.entries} ({stats.entities} entities)")
+    print(f"bytes        {stats.bytes:,} of {stats.budget_bytes:,} ({100 * stats.bytes / stats.budget_bytes:.1f}%)")
+    print(f"policy       {stats.policy}")
+    print(f"lookups      {stats.lookups}  hits {stats.hits}  misses {stats.misses}  "
+          f"hit rate {100 * stats.hit_rate:.1f}%")
+    print(f"evictions    {stats.evictions}  inserts {stats.inserts}  repairs {stats.repairs}  "
+          f"quarantined {stats.quarantined}")
+    print(f"lookup ms    mean {stats.lookup_ms_mean:.2f}  p50 {stats.lookup_ms_p50:.2f}  "
+          f"p99 {stats.lookup_ms_p99:.2f}")
+    if stats.top_entities:
+        print("top entities " + ", ".join(f"{t} ({n})" for t, n in stats.top_entities))
+
+
 def _cmd_cache(args) -> int:
-    from .cache.store import LatentStore, StoreError
+    from .cache.store import LatentStore, StoreError, read_stats
 
     path = Path(args.store)
     if not (path / "manifest.sqlite").is_file():
         print(f"error: {path} is not a CHAI store (no manifest.sqlite in it)", file=sys.stderr)
         return 2
+    if args.cache_command == "stats" and (args.read_only or not os.access(path, os.W_OK)):
+        try:
+            stats = read_stats(path)
+        except StoreError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if not args.json:
+            print("read-only: manifest read as is (no repair, nothing written)")
+        _print_stats(path, stats, args.json)
+        return 0
     try:
         store = LatentStore(path)
     except StoreError as exc:
@@ -134,22 +166,7 @@ def _cmd_cache(args) -> int:
         for line in store.open_report:
             print(f"repaired on open: {line}")
         if args.cache_command == "stats":
-            stats = store.stats()
-            if args.json:
-                print(json.dumps(stats.to_dict(), indent=2))
-                return 0
-            print(f"store        {path}")
-            print(f"entries      {stats.entries} ({stats.entities} entities)")
-            print(f"bytes        {stats.bytes:,} of {stats.budget_bytes:,} ({100 * stats.bytes / stats.budget_bytes:.1f}%)")
-            print(f"policy       {stats.policy}")
-            print(f"lookups      {stats.lookups}  hits {stats.hits}  misses {stats.misses}  "
-                  f"hit rate {100 * stats.hit_rate:.1f}%")
-            print(f"evictions    {stats.evictions}  inserts {stats.inserts}  repairs {stats.repairs}  "
-                  f"quarantined {stats.quarantined}")
-            print(f"lookup ms    mean {stats.lookup_ms_mean:.2f}  p50 {stats.lookup_ms_p50:.2f}  "
-                  f"p99 {stats.lookup_ms_p99:.2f}")
-            if stats.top_entities:
-                print("top entities " + ", ".join(f"{t} ({n})" for t, n in stats.top_entities))
+            _print_stats(path, store.stats(), args.json)
             return 0
         if args.cache_command == "verify":
             report = store.verify(full=not args.quick)

@@ -48,6 +48,7 @@ __all__ = [
     "EntityMatch",
     "StoreStats",
     "VerifyReport",
+    "read_stats",
     "ALLOWED_DTYPES",
 ]
 
@@ -1023,29 +1024,7 @@ class LatentStore:
         """Counters, sizes and recent lookups (see :class:`StoreStats`)."""
         conn = self._conn()
         self._refresh_config(conn)
-        counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
-        entries, held = conn.execute("SELECT COUNT(*), COALESCE(SUM(nbytes),0) FROM entries").fetchone()
-        n_entities = conn.execute("SELECT COUNT(*) FROM entities").fetchone()[0]
-        ms = [r[0] for r in conn.execute(f"SELECT ms FROM lookup_log ORDER BY id DESC LIMIT {LOOKUP_LOG_KEEP}")]
-        top = [(t, int(n)) for t, n in conn.execute(
-            "SELECT text, count FROM entity_counts ORDER BY count DESC, text ASC LIMIT 10")]
-        recent = [dict(zip(("time", "prompt", "hit", "entity", "matched", "similarity", "ms"), r)) for r in conn.execute(
-            "SELECT time, prompt, hit, entity, matched, similarity, ms FROM lookup_log ORDER BY id DESC LIMIT ?",
-            (int(last),))]
-        for r in recent:
-            r["hit"] = bool(r["hit"])
-        lookups = int(counters.get("lookups", 0))
-        return StoreStats(
-            entries=int(entries), entities=int(n_entities), bytes=int(held), budget_bytes=self.config.budget_bytes,
-            hits=int(counters.get("hits", 0)), misses=int(counters.get("misses", 0)), lookups=lookups,
-            evictions=int(counters.get("evictions", 0)), inserts=int(counters.get("inserts", 0)),
-            repairs=int(counters.get("repairs", 0)), quarantined=int(counters.get("quarantined", 0)),
-            hit_rate=(counters.get("hits", 0) / lookups) if lookups else 0.0,
-            lookup_ms_mean=float(np.mean(ms)) if ms else 0.0,
-            lookup_ms_p50=float(np.percentile(ms, 50)) if ms else 0.0,
-            lookup_ms_p99=float(np.percentile(ms, 99)) if ms else 0.0,
-            top_entities=top, last_lookups=recent, generation=self._generation(), policy=self.config.policy.value,
-        )
+        return _read_stats(conn, last)
 
     def events(self, limit: int = 50) -> list[dict]:
         """The newest repair / quarantine events: dicts with time, kind, detail."""
@@ -1183,6 +1162,73 @@ class _Transaction:
                 raise
         else:
             self.conn.execute("ROLLBACK")
+
+
+def _read_stats(conn: sqlite3.Connection, last: int = 10) -> StoreStats:
+    """:class:`StoreStats` from a manifest connection (read-only queries)."""
+    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
+    entries, held = conn.execute("SELECT COUNT(*), COALESCE(SUM(nbytes),0) FROM entries").fetchone()
+    n_entities = conn.execute("SELECT COUNT(*) FROM entities").fetchone()[0]
+    ms = [r[0] for r in conn.execute(f"SELECT ms FROM lookup_log ORDER BY id DESC LIMIT {LOOKUP_LOG_KEEP}")]
+    top = [(t, int(n)) for t, n in conn.execute(
+        "SELECT text, count FROM entity_counts ORDER BY count DESC, text ASC LIMIT 10")]
+    recent = [dict(zip(("time", "prompt", "hit", "entity", "matched", "similarity", "ms"), r)) for r in conn.execute(
+        "SELECT time, prompt, hit, entity, matched, similarity, ms FROM lookup_log ORDER BY id DESC LIMIT ?",
+        (int(last),))]
+    for r in recent:
+        r["hit"] = bool(r["hit"])
+    lookups = int(counters.get("lookups", 0))
+    return StoreStats(
+        entries=int(entries), entities=int(n_entities), bytes=int(held), budget_bytes=int(meta["budget_bytes"]),
+        hits=int(counters.get("hits", 0)), misses=int(counters.get("misses", 0)), lookups=lookups,
+        evictions=int(counters.get("evictions", 0)), inserts=int(counters.get("inserts", 0)),
+        repairs=int(counters.get("repairs", 0)), quarantined=int(counters.get("quarantined", 0)),
+        hit_rate=(counters.get("hits", 0) / lookups) if lookups else 0.0,
+        lookup_ms_mean=float(np.mean(ms)) if ms else 0.0,
+        lookup_ms_p50=float(np.percentile(ms, 50)) if ms else 0.0,
+        lookup_ms_p99=float(np.percentile(ms, 99)) if ms else 0.0,
+        top_entities=top, last_lookups=recent, generation=int(meta["generation"]),
+        policy=EvictionPolicy.parse(meta["policy"]).value,
+    )
+
+
+def read_stats(path: str | os.PathLike, last: int = 10) -> StoreStats:
+    """Statistics of a store without opening it for writing: for folders on read-only mounts, or
+    stores another user owns. Nothing is repaired or locked and no store file is written (SQLite
+    may add its -shm side file where the folder allows); a store being written at the same moment
+    may show a state one insert old.
+
+    Args:
+        path: the store folder (holding ``manifest.sqlite``).
+        last: how many recent lookups to include.
+
+    Returns:
+        :class:`StoreStats`, the same fields :meth:`LatentStore.stats` gives.
+
+    Raises:
+        StoreError: no readable manifest in ``path`` or a manifest of another schema version.
+    """
+    manifest = Path(path).expanduser().resolve() / "manifest.sqlite"
+    if not manifest.is_file():
+        raise StoreError(f"{manifest.parent} is not a CHAI store (no manifest.sqlite in it)")
+    last_exc: Exception | None = None
+    # mode=ro needs the WAL's shared-memory file to exist or be creatable; immutable=1 reads a
+    # folder nobody can write (a read-only mount) straight from the database file.
+    for query in ("mode=ro", "immutable=1"):
+        try:
+            conn = sqlite3.connect(f"{manifest.as_uri()}?{query}", uri=True, timeout=10.0)
+            try:
+                version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                if version is None or int(version[0]) != SCHEMA_VERSION:
+                    raise StoreError(f"store schema version {version[0] if version else None} is not "
+                                     f"{SCHEMA_VERSION}; read it with the pack version that created it")
+                return _read_stats(conn, last)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            last_exc = exc
+    raise StoreError(f"cannot read {manifest} ({last_exc}); it is not a CHAI manifest or it is damaged")
 
 
 def _note_pruned(c, upto: int) -> None:

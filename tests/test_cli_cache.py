@@ -153,3 +153,23 @@ def test_repairs_made_on_open_are_printed(store_dir, capsys):
     code, out, _ = _run(capsys, "stats", str(store_dir))
     assert code == 0
     assert f"repaired on open: index_rebuilt: {partition_file_name(KEYS[0])}" in out
+
+
+def test_stats_read_only_matches_and_writes_nothing(store_dir, capsys):
+    """``--read-only`` reads the manifest as is: same numbers as a normal open, and no file of the store
+    changes (no lock file, no repair, no index save; SQLite's own -wal/-shm side files aside)."""
+    def snapshot():
+        return {p.relative_to(store_dir): p.read_bytes() for p in sorted(store_dir.rglob("*"))
+                if p.is_file() and not p.name.endswith(("-wal", "-shm"))}
+
+    code, out, _ = _run(capsys, "stats", "--json", str(store_dir))
+    normal = json.loads(out)
+    before = snapshot()
+    code, out, _ = _run(capsys, "stats", "--json", "--read-only", str(store_dir))
+    assert code == 0 and json.loads(out) == normal
+    code, out, _ = _run(capsys, "stats", "--read-only", str(store_dir))
+    assert code == 0 and out.startswith("read-only: manifest read as is") and "hit rate 75.0%" in out
+    assert snapshot() == before
+    (store_dir / "manifest.sqlite").write_bytes(b"not a database" * 100)
+    code, _, err = _run(capsys, "stats", "--read-only", str(store_dir))
+    assert code == 2 and "not a CHAI manifest" in err

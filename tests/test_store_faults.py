@@ -40,7 +40,8 @@ from _store_util import (
     unit_vectors,
 )
 from comfyui_chai.cache.index import partition_file_name
-from comfyui_chai.cache.store import LatentStore, StoreConfig, StoreError
+from comfyui_chai.cache.store import LatentStore, StoreConfig, StoreError, read_stats
+from comfyui_chai.cli import main as cli_main
 
 
 def _file_of(store, entry_id: int) -> Path:
@@ -469,7 +470,7 @@ def _umount(where: Path) -> None:
     subprocess.run(["umount", str(where)], capture_output=True)
 
 
-def test_read_only_store_is_a_clear_error_and_loses_nothing(tmp_path):
+def test_read_only_store_is_a_clear_error_and_loses_nothing(tmp_path, capsys):
     """As root chmod cannot stop writes, so the store lives on a tmpfs remounted read-only (and a
     read-only tmpfs is mounted over latents/ of an open store); otherwise chmod 0555 is used."""
     mnt = tmp_path / "mnt"
@@ -491,6 +492,12 @@ def test_read_only_store_is_a_clear_error_and_loses_nothing(tmp_path):
         try:
             with pytest.raises(StoreError, match="is not writable"):
                 LatentStore(path)
+            # ...but its statistics can still be read, without repair and without writing.
+            stats = read_stats(path)
+            assert (stats.entries, stats.inserts) == (len(ids), len(ids)) and stats.bytes > 0
+            code = cli_main(["cache", "stats", str(path)])
+            out = capsys.readouterr().out
+            assert code == 0 and "read-only: manifest read as is" in out and f"entries      {len(ids)} (" in out
         finally:
             if mounted:
                 _mount("-o", "remount,rw", str(mnt))
