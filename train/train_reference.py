@@ -72,10 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(1 = full, 0 = one canonical layout per caption: the caption then fixes the clip)")
     p.add_argument("--position-snap", type=float, default=0.0,
                    help="scenes.sample_scene position_snap: positions on a grid of this many pixels (0 = off)")
-    p.add_argument("--uniform-frac", type=float, default=0.1,
+    p.add_argument("--uniform-frac", type=float, default=0.2,
                    help="share of noise levels drawn uniformly (the rest logit-normal)")
-    p.add_argument("--ln-mean", type=float, default=0.8, help="logit-normal mean of the noise level s")
-    p.add_argument("--ln-std", type=float, default=0.8, help="logit-normal std of the noise level s")
+    p.add_argument("--ln-mean", type=float, default=1.2, help="logit-normal mean of the noise level s")
+    p.add_argument("--ln-std", type=float, default=1.0, help="logit-normal std of the noise level s")
     p.add_argument("--patch-size", default=None,
                    help="STDiT3 patch T,H,W (default: REFERENCE_CONFIG's); a resumed run must keep it")
     p.add_argument("--hidden-size", type=int, default=None, help="STDiT3 width (default: REFERENCE_CONFIG's)")
@@ -140,8 +140,8 @@ def batch_for_step(step: int, batch_size: int, seed: int, two_shape_prob: float,
     return np.stack(vids), caps
 
 
-def sample_sigmas(n: int, gen: torch.Generator, uniform_frac: float = 0.1, mean: float = 0.8,
-                  std: float = 0.8) -> torch.Tensor:
+def sample_sigmas(n: int, gen: torch.Generator, uniform_frac: float = 0.2, mean: float = 1.2,
+                  std: float = 1.0) -> torch.Tensor:
     """Noise levels s in (0, 1): sigmoid(N(mean, std)) with probability ``1 - uniform_frac``, else uniform."""
     s_ln = torch.sigmoid(mean + std * torch.randn(n, generator=gen))
     s_u = torch.rand(n, generator=gen)
