@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 try:
     from comfyui_chai.refmodel import scenes
-    from comfyui_chai.refmodel.model import (CLIP, REFERENCE_CONFIG, SAMPLER, MiniLMTokenStates, build_reference_model,
+    from comfyui_chai.refmodel.model import (CACHE_ATTENTION, CLIP, REFERENCE_CONFIG, SAMPLER, MiniLMTokenStates, build_reference_model,
                                              count_parameters, cosine_lr, pixels_to_model)
 except ImportError as e:  # pragma: no cover - environment problem, say what to do
     raise SystemExit(f"cannot import comfyui_chai ({e}); run `pip install -c constraints.txt --no-deps -e .` first")
@@ -290,6 +290,7 @@ def export(out_dir: Path, ema, step: int, elapsed: float, args, rows: List[dict]
                  "channels": "RGB pixels in [-1, 1]"},
         "prediction": "x0",
         "sampler": dict(SAMPLER),
+        "cache_attention": dict(CACHE_ATTENTION),
         "text_encoder": {"name": "sentence-transformers/all-MiniLM-L6-v2", "output": "last_hidden_state",
                          "max_length": REFERENCE_CONFIG["model_max_length"], "padding": "zeros + attention mask"},
         "training": {
