@@ -255,10 +255,12 @@ def _add_generate_parser(sub) -> None:
     ca.add_argument("--fast-steps", type=int, default=8, help="steps on a hit")
     ca.add_argument("--cache-steps", type=int, nargs="*", default=[2, 3, 4], help="1-based Cache Attention steps")
     ca.add_argument("--full-steps", type=int, default=30, help="steps on a miss")
-    ca.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale")
+    ca.add_argument("--cfg-scale", type=float, default=None,
+                    help="classifier-free guidance scale (default: the reference model's config.json, else 7.0)")
     ca.add_argument("--block-index", type=int, default=0, help="spatial block that attends to the cache")
-    ca.add_argument("--attention-mode", choices=["replace", "concat"], default="replace",
-                    help="replace the block's K/V (paper) or concatenate with them")
+    ca.add_argument("--attention-mode", choices=["replace", "concat"], default=None,
+                    help="replace the block's K/V (paper) or concatenate with them (default: the reference "
+                         "model's config.json, else replace)")
     ca.add_argument("--branches", choices=["cond", "both"], default="cond", help="CFG halves that use the cache")
     ca.add_argument("--fusion", choices=["best", "per_entity"], default="best",
                     help="one best entry (paper) or one per matched entity, K/V concatenated")
@@ -278,10 +280,18 @@ def _generate_pipeline(args, lookup):
     from .opensora.cache_attention import CacheAttentionConfig
     from .pipeline import ChaiPipeline
 
+    mode, cfg_scale = args.attention_mode or "replace", args.cfg_scale if args.cfg_scale is not None else 7.0
+    if args.model[0] == "reference":  # the bundled model's own settings, unless a flag says otherwise
+        from .refmodel.model import cache_attention_settings, default_model_dir, read_model_config
+
+        model_cfg = read_model_config(args.model[1] if len(args.model) == 2 else default_model_dir())
+        mode = args.attention_mode or cache_attention_settings(model_cfg).get("mode", "replace")
+        if args.cfg_scale is None:
+            cfg_scale = float(model_cfg["sampler"].get("cfg_scale", 7.0))
     config = CacheAttentionConfig(
         fast_steps=args.fast_steps, cache_steps=tuple(args.cache_steps), block_index=args.block_index,
-        mode=args.attention_mode, branches=args.branches, threshold=args.threshold, fusion=args.fusion,
-        capture_dtype=args.capture_dtype, full_steps=args.full_steps, cfg_scale=args.cfg_scale)
+        mode=mode, branches=args.branches, threshold=args.threshold, fusion=args.fusion,
+        capture_dtype=args.capture_dtype, full_steps=args.full_steps, cfg_scale=cfg_scale)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model == ["tiny"]:
         pipe = ChaiPipeline.tiny(lookup, config, captions=args.captions)

@@ -65,6 +65,8 @@ class ChaiModel:
         pixel_space: the model denoises RGB pixels in [-1, 1] directly (no VAE; the bundled
         reference model). native_size: (height, width) in pixels used when the sampler's height
         and width are 0 (pixel-space models). default_frames: frames when the sampler says 0.
+        cache_attention: the model's own ``CacheAttentionConfig`` defaults (the bundled reference
+        model: ``{"mode": "concat"}`` from its config.json); a settings node's values win.
     """
 
     module: Any
@@ -77,6 +79,7 @@ class ChaiModel:
     pixel_space: bool = False
     native_size: Optional[Tuple[int, int]] = None
     default_frames: int = 51
+    cache_attention: Optional[Dict[str, Any]] = None
 
     @property
     def caption_channels(self) -> int:
@@ -280,7 +283,7 @@ def load_stdit3(choice: str, dtype: str = "auto") -> ChaiModel:
     bundled = bundled_models()
     if choice in bundled and _is_reference_layout(_read_config(bundled[choice])):
         from ..opensora.rflow import RFlow
-        from ..refmodel.model import load_reference_model
+        from ..refmodel.model import cache_attention_settings, load_reference_model
 
         folder = bundled[choice]
         cfg = _read_config(folder)
@@ -293,7 +296,8 @@ def load_stdit3(choice: str, dtype: str = "auto") -> ChaiModel:
         return ChaiModel(model, choice, str(model.fingerprint), torch.float32, fps=int(clip.get("fps", 24)),
                          placement=host.Placement(model, "diffusion"), rflow=RFlow(**sampler), pixel_space=pixel,
                          native_size=(int(clip["height"]), int(clip["width"])),
-                         default_frames=int(clip.get("num_frames", 8)))
+                         default_frames=int(clip.get("num_frames", 8)),
+                         cache_attention=cache_attention_settings(cfg))
     if choice in bundled:
         folder = bundled[choice]
         cfg = _read_config(folder)

@@ -139,7 +139,7 @@ class CHAISampler:
             raise ValueError(f"mode must be 'auto', 'full' or 'plain_fast', got {mode!r}")
         if (height == 0) != (width == 0):
             raise ValueError(f"set both height and width (pixels), or both to 0 to use the bucket; got {height}x{width}")
-        extra: Dict[str, Any] = dict(settings or {})
+        extra: Dict[str, Any] = {**(getattr(model, "cache_attention", None) or {}), **dict(settings or {})}
         config = CacheAttentionConfig(fast_steps=int(fast_steps), full_steps=int(steps), cfg_scale=float(cfg),
                                       threshold=lookup.threshold if lookup is not None else None, **extra)
         cache_lookup = lookup.lookup if lookup is not None else None

@@ -182,9 +182,9 @@ def test_reference_pipeline_is_pixel_space(model_dir):
     assert pipe.pixel_space and pipe.vae is None and pipe.size_dtype == torch.float32
     assert pipe.resolve_size("240p", "9:16", None, None, None) == (32, 32, 8)  # native size, model default frames
     assert pipe.latent_shape(32, 32, 8) == (3, 8, 32, 32)
-    assert pipe.resolve_size(None, "", 64, 48, 4) == (64, 48, 4)  # other sizes: multiples of the 4x4 patch
+    assert pipe.resolve_size(None, "", 64, 48, 4) == (64, 48, 4)  # other sizes: multiples of the 2x2 patch
     with pytest.raises(ValueError, match="patch size"):
-        pipe.resolve_size(None, "", 30, 32, 8)
+        pipe.resolve_size(None, "", 31, 32, 8)
     assert pipe.model_fingerprint.startswith("refmodel:") and "minilm-l6-v2-states" in pipe.model_fingerprint
     r = pipe.generate("a red circle sliding left on a black background", seed=3, mode="plain_fast")
     assert r.frames.shape == (8, 32, 32, 3) and r.latent.shape == (3, 8, 32, 32)
@@ -209,6 +209,31 @@ def test_generate_with_the_reference_model(model_dir, tmp_path):
     n, shape = _video_info(out / report["prompts"][0]["video"])
     assert n == 8 and shape == (32, 32, 3)
     assert "Store after the run: 1 entries" in (out / "report.md").read_text()
+
+
+def test_reference_settings_reach_generate_and_the_node_model(model_dir, tmp_path):
+    """generate --model reference and the node loader use the folder's CFG and Cache Attention mode; a flag
+    given on the command line wins; other models keep OpenSora's defaults (CFG 7, replace)."""
+    from comfyui_chai.nodes import models as node_models
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["sampler"]["cfg_scale"], cfg["cache_attention"] = 2.5, {"mode": "concat"}
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+
+    def config_of(*flags):
+        args = cli.build_parser().parse_args([
+            "generate", "--prompts", "p.txt", "--out", str(tmp_path), "--store", str(tmp_path / "s"), *flags])
+        return cli._generate_pipeline(args, None).config
+
+    ref = config_of("--model", "reference", str(model_dir))
+    assert (ref.mode, ref.cfg_scale) == ("concat", 2.5)
+    flagged = config_of("--model", "reference", str(model_dir), "--attention-mode", "replace", "--cfg-scale", "4")
+    assert (flagged.mode, flagged.cfg_scale) == ("replace", 4.0)
+    tiny = config_of("--model", "tiny")
+    assert (tiny.mode, tiny.cfg_scale) == ("replace", 7.0)
+    folder = node_models.bundled_models()
+    name = next(n for n, f in folder.items() if f.name == "reference_v1")
+    assert node_models.load_stdit3(name).cache_attention == {"mode": "concat"}
 
 
 def test_from_files_errors_name_the_file_and_what_to_do(tmp_path):
