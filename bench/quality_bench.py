@@ -12,7 +12,7 @@ overall delta vs full) and writes ``<out>/quality_bench.json`` and ``<out>/quali
 
 Usage::
 
-    python bench/quality_bench.py                     # 200 prompts, real lookup (~1 h on a busy 2-core CPU)
+    python bench/quality_bench.py --threads 2         # 200 prompts, real lookup (~8 min on a 2-core CPU)
     python bench/quality_bench.py --prompts 20 --no-lookup
     python bench/quality_bench.py --model-dir models/reference_v1 --cfg 5 --device cuda
     python bench/quality_bench.py --validation --prompts 40 --modes full30 --cfg 4   # choose CFG here
