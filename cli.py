@@ -280,18 +280,16 @@ def _generate_pipeline(args, lookup):
     from .opensora.cache_attention import CacheAttentionConfig
     from .pipeline import ChaiPipeline
 
-    mode, cfg_scale = args.attention_mode or "replace", args.cfg_scale if args.cfg_scale is not None else 7.0
+    model_defaults = {}
     if args.model[0] == "reference":  # the bundled model's own settings, unless a flag says otherwise
-        from .refmodel.model import cache_attention_settings, default_model_dir, read_model_config
+        from .refmodel.model import cache_attention_defaults, read_model_config
 
-        model_cfg = read_model_config(args.model[1] if len(args.model) == 2 else default_model_dir())
-        mode = args.attention_mode or cache_attention_settings(model_cfg).get("mode", "replace")
-        if args.cfg_scale is None:
-            cfg_scale = float(model_cfg["sampler"].get("cfg_scale", 7.0))
-    config = CacheAttentionConfig(
-        fast_steps=args.fast_steps, cache_steps=tuple(args.cache_steps), block_index=args.block_index,
-        mode=mode, branches=args.branches, threshold=args.threshold, fusion=args.fusion,
-        capture_dtype=args.capture_dtype, full_steps=args.full_steps, cfg_scale=cfg_scale)
+        model_defaults = cache_attention_defaults(read_model_config(args.model[1] if len(args.model) == 2 else None))
+    flags = {"fast_steps": args.fast_steps, "cache_steps": tuple(args.cache_steps), "block_index": args.block_index,
+             "mode": args.attention_mode, "branches": args.branches, "threshold": args.threshold,
+             "fusion": args.fusion, "capture_dtype": args.capture_dtype, "full_steps": args.full_steps,
+             "cfg_scale": args.cfg_scale}
+    config = CacheAttentionConfig(**{**model_defaults, **{k: v for k, v in flags.items() if v is not None}})
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model == ["tiny"]:
         pipe = ChaiPipeline.tiny(lookup, config, captions=args.captions)

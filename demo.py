@@ -338,7 +338,7 @@ def run_demo(out_dir: Union[str, Path] = "out/demo", store_dir: Optional[Union[s
     from .opensora.cache_attention import CacheAttentionConfig
     from .pipeline import ChaiPipeline, write_video
     from .refmodel import evaluator
-    from .refmodel.model import cache_attention_settings, read_model_config
+    from .refmodel.model import cache_attention_defaults, read_model_config
 
     batch = list(prompts)
     if limit is not None:
@@ -366,12 +366,11 @@ def run_demo(out_dir: Union[str, Path] = "out/demo", store_dir: Optional[Union[s
         t_load = time.perf_counter()
         store = LatentStore(store_path, budget_bytes=int(budget_mb * 1e6) if budget_mb else None)
         with store:
-            model_cfg = read_model_config(model_dir)
-            sampler = model_cfg["sampler"]
-            config = CacheAttentionConfig(**cache_attention_settings(model_cfg),
-                cfg_scale=float(sampler.get("cfg_scale", 7.0)), threshold=threshold, fast_steps=int(fast_steps),
-                cache_steps=tuple(s for s in (2, 3, 4) if s <= int(fast_steps)),
-                full_steps=int(full_steps) if full_steps else int(sampler.get("num_sampling_steps", 30)))
+            mine = {"threshold": threshold, "fast_steps": int(fast_steps),
+                    "cache_steps": tuple(s for s in (2, 3, 4) if s <= int(fast_steps))}
+            if full_steps:
+                mine["full_steps"] = int(full_steps)
+            config = CacheAttentionConfig(**{**cache_attention_defaults(read_model_config(model_dir)), **mine})
             pipe = ChaiPipeline.reference(CacheLookup(store, EntityExtractor(), Embedder()), config,
                                           model_dir=model_dir)
             # Load every lazy model and run the sampler once, so no timed request pays for loading.

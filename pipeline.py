@@ -614,9 +614,8 @@ class ChaiPipeline:
 
         Args:
             lookup: as the constructor.
-            config: CHAI knobs; default: :class:`CacheAttentionConfig` with the folder's
-                ``cfg_scale`` and ``num_sampling_steps`` as ``cfg_scale`` and ``full_steps`` and its
-                "cache_attention" section (``refmodel.model.cache_attention_settings``: mode "concat").
+            config: CHAI knobs; default: the folder's own (``refmodel.model.cache_attention_defaults``:
+                its sampler's ``cfg_scale`` and ``num_sampling_steps``, its "cache_attention" section).
             model_dir: folder with ``config.json`` and ``model.safetensors`` (default
                 ``models/reference_v1`` of the pack).
             device: torch device.
@@ -625,16 +624,14 @@ class ChaiPipeline:
             refmodel.model.ModelFilesError (a FileNotFoundError): a missing or malformed file,
                 or weights that do not match the config (the message names the file).
         """
-        from .refmodel.model import cache_attention_settings, load_reference_model
+        from .refmodel.model import cache_attention_defaults, load_reference_model
 
         model, encoder = load_reference_model(model_dir, device=device)
         cfg = model.reference_config
         sampler = dict(cfg["sampler"])
         rflow = RFlow(**{k: v for k, v in sampler.items() if k in RFlow.__dataclass_fields__})
         if config is None:
-            config = CacheAttentionConfig(cfg_scale=float(sampler.get("cfg_scale", 7.0)),
-                                          full_steps=int(sampler.get("num_sampling_steps", 30)),
-                                          **cache_attention_settings(cfg))
+            config = CacheAttentionConfig(**cache_attention_defaults(cfg))
         clip = cfg["clip"]
         pipe = cls(model, None, encoder, lookup, config, model_fingerprint=str(model.fingerprint),
                    size_dtype=torch.float32, rflow=rflow, pixel_space=True,

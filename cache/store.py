@@ -383,9 +383,7 @@ class LatentStore:
                 f"{self.path / 'manifest.sqlite'} is not a readable SQLite manifest ({exc}); "
                 "this folder is not a CHAI store, or its manifest is damaged: open a new folder"
             ) from exc
-        if int(meta.get("schema_version", "0")) != SCHEMA_VERSION:
-            raise StoreError(f"store schema version {meta.get('schema_version')} is not {SCHEMA_VERSION}; "
-                             "open it with the pack version that created it or start a new store")
+        _check_schema(meta.get("schema_version"))
         stored_dim = int(meta["dim"]) if "dim" in meta else None
         if dim is not None and stored_dim is not None and int(dim) != stored_dim:
             raise StoreError(f"store {self.path} holds {stored_dim}-d embeddings but the embedder gives {dim}-d; "
@@ -415,14 +413,27 @@ class LatentStore:
                 self.config = _replace(self.config, policy=EvictionPolicy.parse(meta["policy"]))
         self._evict_to(self.config.budget_bytes)
 
-    def _refresh_config(self, c=None) -> None:
-        """Adopt the persisted budget and policy: another process may have changed them
+    def _adopt_config(self, budget_bytes: int, policy: EvictionPolicy | str) -> None:
+        """Take the persisted budget and policy: another process may have changed them
         (``set_budget``, ``cache`` CLI, a node with another budget), and the manifest is the truth."""
+        policy = EvictionPolicy.parse(policy)
+        if budget_bytes != self.config.budget_bytes or policy != self.config.policy:
+            self.config = _replace(self.config, budget_bytes=int(budget_bytes), policy=policy)
+
+    def _budget_for(self, nbytes: int, c=None) -> int:
+        """The persisted budget (adopted), after checking an entry of ``nbytes`` fits in it at all.
+
+        Raises:
+            ValueError: the entry is larger than the whole budget.
+        """
         rows = dict((c or self._conn()).execute(
             "SELECT key, value FROM meta WHERE key IN ('budget_bytes', 'policy')").fetchall())
-        budget, policy = int(rows["budget_bytes"]), EvictionPolicy.parse(rows["policy"])
-        if budget != self.config.budget_bytes or policy != self.config.policy:
-            self.config = _replace(self.config, budget_bytes=budget, policy=policy)
+        self._adopt_config(int(rows["budget_bytes"]), rows["policy"])
+        budget = self.config.budget_bytes
+        if nbytes > budget:
+            raise ValueError(f"this entry is {nbytes} bytes, more than the store's whole budget of {budget} bytes; "
+                             "raise the budget (budget_bytes / --budget-mb)")
+        return budget
 
     # ------------------------------------------------------------------ index sync / repair
     def _generation(self) -> int:
@@ -649,11 +660,7 @@ class LatentStore:
         blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                     metadata={"compat_key": compat_key[:512]})
         nbytes = len(blob)
-        self._refresh_config()
-        budget = self.config.budget_bytes
-        if nbytes > budget:
-            raise ValueError(f"this entry is {nbytes} bytes, more than the store's whole budget of {budget} bytes; "
-                             "raise the budget (budget_bytes / --budget-mb)")
+        self._budget_for(nbytes)  # fail before writing anything; checked again under the writer lock
         import hashlib
 
         digest = hashlib.sha256(blob).hexdigest()
@@ -699,11 +706,7 @@ class LatentStore:
                             f"{json.loads(row[0])}; the compatibility key must include the latent shape and dtype"
                         )
                     generation = int(c.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0]) + 1
-                    self._refresh_config(c)  # under the writer lock: the budget no other writer can change now
-                    budget = self.config.budget_bytes
-                    if nbytes > budget:  # another process lowered it since the check above
-                        raise ValueError(f"this entry is {nbytes} bytes, more than the store's whole budget of "
-                                         f"{budget} bytes; raise the budget (budget_bytes / --budget-mb)")
+                    budget = self._budget_for(nbytes, c)  # under the writer lock: no other writer can change it now
                     held = _bytes_held(c)
                     victims = self._pick_victims(c, held + nbytes - budget)
                     self._delete_rows(c, victims, generation, reason="budget")
@@ -1022,9 +1025,9 @@ class LatentStore:
 
     def stats(self, last: int = 10) -> StoreStats:
         """Counters, sizes and recent lookups (see :class:`StoreStats`)."""
-        conn = self._conn()
-        self._refresh_config(conn)
-        return _read_stats(conn, last)
+        stats = _read_stats(self._conn(), last)
+        self._adopt_config(stats.budget_bytes, stats.policy)
+        return stats
 
     def events(self, limit: int = 50) -> list[dict]:
         """The newest repair / quarantine events: dicts with time, kind, detail."""
@@ -1220,15 +1223,20 @@ def read_stats(path: str | os.PathLike, last: int = 10) -> StoreStats:
             conn = sqlite3.connect(f"{manifest.as_uri()}?{query}", uri=True, timeout=10.0)
             try:
                 version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-                if version is None or int(version[0]) != SCHEMA_VERSION:
-                    raise StoreError(f"store schema version {version[0] if version else None} is not "
-                                     f"{SCHEMA_VERSION}; read it with the pack version that created it")
+                _check_schema(version[0] if version else None)
                 return _read_stats(conn, last)
             finally:
                 conn.close()
         except sqlite3.Error as exc:
             last_exc = exc
     raise StoreError(f"cannot read {manifest} ({last_exc}); it is not a CHAI manifest or it is damaged")
+
+
+def _check_schema(version: str | None) -> None:
+    """Raise StoreError unless the manifest's ``schema_version`` (text, None when missing) is ours."""
+    if int(version or 0) != SCHEMA_VERSION:
+        raise StoreError(f"store schema version {version} is not {SCHEMA_VERSION}; "
+                         "open it with the pack version that created it or start a new store")
 
 
 def _note_pruned(c, upto: int) -> None:

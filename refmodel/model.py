@@ -65,6 +65,7 @@ __all__ = [
     "SAMPLER",
     "CACHE_ATTENTION",
     "cache_attention_settings",
+    "cache_attention_defaults",
     "ReferenceClip",
     "MiniLMTokenStates",
     "build_reference_model",
@@ -141,6 +142,26 @@ def cache_attention_settings(cfg: Dict[str, Any]) -> Dict[str, Any]:
         raise ModelFilesError(f"config.json 'cache_attention' must be an object with keys among "
                               f"{', '.join(_CACHE_ATTENTION_KEYS)}; got {section!r}")
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in section.items()}
+
+
+def cache_attention_defaults(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Every :class:`..opensora.cache_attention.CacheAttentionConfig` default a reference-model folder sets.
+
+    ``cfg_scale`` and ``full_steps`` from its "sampler" section (``cfg_scale``, ``num_sampling_steps``; left
+    out when absent, so OpenSora's 7.0 and 30 apply) plus :func:`cache_attention_settings`. Callers put
+    their explicit values on top: ``CacheAttentionConfig(**{**cache_attention_defaults(cfg), **mine})``.
+
+    Raises:
+        ModelFilesError: a malformed "cache_attention" section (see :func:`cache_attention_settings`).
+    """
+    sampler = cfg.get("sampler", {})
+    out: Dict[str, Any] = {}
+    if "cfg_scale" in sampler:
+        out["cfg_scale"] = float(sampler["cfg_scale"])
+    if "num_sampling_steps" in sampler:
+        out["full_steps"] = int(sampler["num_sampling_steps"])
+    out.update(cache_attention_settings(cfg))
+    return out
 
 
 def reference_rflow(**overrides: Any) -> RFlow:

@@ -6,7 +6,7 @@ Modes (each prompt runs every mode from the same initial noise):
 * ``plain8`` / ``plain4`` – 8 or 4 RFLOW steps, no cache (what a short schedule alone gives);
 * ``chai8`` / ``chai4`` – a hit: 8 or 4 steps with Cache Attention at steps 2, 3, 4 on the latents of
   an *other* prompt that shares one entity with this one (``sample_fast``; K/V mode and the rest from
-  the model's ``config.json`` "cache_attention" section, ``model.cache_attention_settings``). With ``lookup=True``
+  the model's ``config.json`` "cache_attention" section, ``model.cache_attention_defaults``). With ``lookup=True``
   the entry comes from the real CHAI lookup (spaCy entities -> MiniLM embeddings -> HNSW in a
   :class:`..cache.store.LatentStore`) over a store warmed with every warm prompt's full run; with
   ``lookup=False`` the prompt's own warm entry is used directly (hermetic, for tests).
@@ -34,7 +34,7 @@ import torch
 from ..opensora.cache_attention import CacheAttentionConfig, LatentCapture, capture_plan, sample_fast, sample_full
 from ..opensora.rflow import RFlow, make_noise
 from . import scenes
-from .model import CLIP, cache_attention_settings, model_to_pixels, reference_rflow
+from .model import CLIP, cache_attention_defaults, model_to_pixels, reference_rflow
 
 __all__ = [
     "HELDOUT_SEED",
@@ -229,11 +229,11 @@ def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *
     if lookup and not store_dir:
         raise ValueError("lookup=True needs store_dir (an empty directory for the latent store)")
     modes = ["full30"] + [m for m in modes if m != "full30"]
-    sampler = getattr(model, "reference_config", {}).get("sampler", {})
-    cfg = float(sampler.get("cfg_scale", 7.0) if cfg_scale is None else cfg_scale)
+    defaults = cache_attention_defaults(getattr(model, "reference_config", {}))
+    cfg = float(defaults.get("cfg_scale", 7.0) if cfg_scale is None else cfg_scale)
     rflow = reference_rflow(cfg_scale=cfg)
-    base = CacheAttentionConfig(fast_steps=8, full_steps=30, cfg_scale=cfg, capture_dtype="float32",
-                                **cache_attention_settings(getattr(model, "reference_config", {})))
+    base = CacheAttentionConfig(**{**defaults, "fast_steps": 8, "full_steps": 30, "cfg_scale": cfg,
+                                   "capture_dtype": "float32"})
     configs = {8: base, 4: replace(base, fast_steps=4)}
     shape = CLIP.shape
     fingerprint = getattr(model, "fingerprint", "refmodel:unfingerprinted")

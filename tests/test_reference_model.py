@@ -182,6 +182,24 @@ def test_training_resume_is_exact(tmp_path):
     assert m.reference_config["training"]["steps"] == 2
 
 
+def test_warm_start_copies_all_and_reinitialises_patch_tensors_when_the_patch_differs():
+    tr = _train_module()
+    same, same_ema = R.build_reference_model(seed=6), R.build_reference_model(seed=6)
+    info = tr.init_from(MODEL_DIR / "model.safetensors", same, same_ema)
+    assert info["reinitialised"] == [] and info["source_step"] >= 1000
+    shipped = R.load_reference_model(MODEL_DIR)[0].state_dict()
+    for k, v in same_ema.state_dict().items():
+        torch.testing.assert_close(v, shipped[k], rtol=0, atol=0, msg=k)
+    other_cfg = {**R.REFERENCE_CONFIG, "patch_size": (2, 4, 4)}  # also 96 output rows: same shape, other meaning
+    other = R.build_reference_model(other_cfg, seed=6)
+    fresh = {k: v.clone() for k, v in other.state_dict().items()}
+    info = tr.init_from(MODEL_DIR / "model.safetensors", other, R.build_reference_model(other_cfg, seed=6))
+    assert set(info["reinitialised"]) == {"x_embedder.proj.weight", "x_embedder.proj.bias",
+                                          "final_layer.linear.weight", "final_layer.linear.bias"}
+    for k, v in other.state_dict().items():
+        torch.testing.assert_close(v, fresh[k] if k in info["reinitialised"] else shipped[k], rtol=0, atol=0, msg=k)
+
+
 def test_warm_prompt_shares_exactly_the_object():
     rng = np.random.default_rng(0)
     for spec, text in heldout_prompts(30):

@@ -86,9 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-from", type=Path, default=None,
                    help="fresh runs only: copy every same-named, same-shaped tensor from this state.safetensors "
                         "(its EMA weights) or model.safetensors; the rest keeps its initialisation")
-    p.add_argument("--init-skip", default="x_embedder.,final_layer.linear.",
-                   help="comma-separated name prefixes --init-from leaves initialised (default: the patch "
-                        "embedding and output projection, whose pixel layout depends on the patch size)")
+    p.add_argument("--init-skip", default="",
+                   help="comma-separated name prefixes --init-from leaves initialised (default none; the patch "
+                        "embedding and output projection are re-initialised by themselves when the patch differs)")
     p.add_argument("--export-only", action="store_true", help="write out-dir from the last checkpoint and exit")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (plain log lines)")
     a = p.parse_args(argv)
@@ -200,6 +200,10 @@ def load_state(path: Path, model, ema, opt) -> Tuple[int, float]:
 def init_from(path: Path, model, ema, skip: Tuple[str, ...] = ()) -> Dict[str, object]:
     """Warm start: copy matching tensors (EMA ones from a training state) into ``model`` and ``ema``.
 
+    When the source has another patch size (its ``x_embedder.proj.weight`` differs in shape), the output
+    projection ``final_layer.linear`` is skipped too: its rows are pixels of a patch, so even where its
+    shape matches (patch (2, 4, 4) and (8, 2, 2) both give 96 rows) their meaning does not.
+
     Returns a JSON summary: source, its step and elapsed seconds, copied and skipped tensor names.
     """
     from safetensors import safe_open
@@ -210,6 +214,9 @@ def init_from(path: Path, model, ema, skip: Tuple[str, ...] = ()) -> Dict[str, o
         prefix = "ema." if any(k.startswith("ema.") for k in keys) else ""
         src = {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
     own = model.state_dict()
+    patch_key = "x_embedder.proj.weight"
+    if patch_key in src and tuple(src[patch_key].shape) != tuple(own[patch_key].shape):
+        skip = tuple(skip) + ("x_embedder.", "final_layer.linear.")
     copied = {k: v for k, v in src.items()
               if k in own and tuple(own[k].shape) == tuple(v.shape) and not k.startswith(tuple(skip))}
     skipped = sorted(k for k in own if k not in copied)
