@@ -99,7 +99,10 @@ def _two_process_worker(store_dir: str, seconds: float, worker: int, out_path: s
                             f"worker {worker}: entry {m.entry_id} has a row but its latents did not load"
                     else:
                         ops["foreign_loads"] += 1
-                        assert store.entry(m.entry_id) is None or store.entry(m.entry_id).compat_key == e["compat_key"]
+                        # Read the row once: the other worker may delete it between two reads.
+                        row = store.entry(m.entry_id)
+                        assert row is None or row.compat_key == e["compat_key"], \
+                            f"worker {worker}: entry {m.entry_id} was served under another compat key"
                 hit = top[0].entry_id
                 store.record_lookup(f"w{worker} lookup {i}", [top[0].text], hit, top[0].text, top[0].text,
                                     top[0].similarity, 1.0)
