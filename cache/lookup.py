@@ -4,7 +4,8 @@ This is the CHAI retrieval step (arXiv 2602.16132, section 3.2 "entity extractor
 a request is a hit when one of its entities is close enough (cosine similarity >= threshold) to
 an entity of an earlier request stored under the same compatibility key. The best entry is the
 one with the highest similarity; ties go to the entry that matches more of the prompt's entities,
-then to the newest. Its latents are read and checked before the result says "hit", so a hit can
+then to the one whose matched entity fewer stored entries share (the more specific match: "red fox"
+over "blue background" when many entries share the background), then to the newest. Its latents are read and checked before the result says "hit", so a hit can
 always be served.
 """
 
@@ -101,6 +102,9 @@ class LookupResult:
         entity / matched / similarity: the query entity, the stored entity it matched, and their
             cosine similarity (the best pair; similarity is the best seen even on a miss).
         entities_matched: how many of the prompt's entities the served entry matches.
+        entity_sharers: how many stored entries (of the ``neighbours`` fetched per entity, so at most
+            that many) hold an entity within the threshold of the served query entity; fewer means
+            a more specific match (the third ranking key).
         per_entity: the best stored match of every prompt entity (for fusion and reports).
         latents: name -> tensor of the served entry (None on a miss).
         timings: :class:`LookupTimings`.
@@ -118,6 +122,7 @@ class LookupResult:
     matched: str | None = None
     similarity: float = 0.0
     entities_matched: int = 0
+    entity_sharers: int = 0
     per_entity: list[EntityScore] = field(default_factory=list)
     latents: Mapping | None = None
     timings: LookupTimings = field(default_factory=LookupTimings)
@@ -128,7 +133,7 @@ class LookupResult:
             "prompt": self.prompt, "mode": self.mode, "entities": list(self.entities), "hit": self.hit,
             "entry_id": self.entry_id, "prompt_matched": self.prompt_matched, "entity": self.entity,
             "matched": self.matched, "similarity": round(float(self.similarity), 4),
-            "entities_matched": self.entities_matched,
+            "entities_matched": self.entities_matched, "entity_sharers": self.entity_sharers,
             "per_entity": [asdict(s) for s in self.per_entity], "timings_ms": asdict(self.timings),
         }
 
@@ -208,15 +213,20 @@ class CacheLookup:
                         hit=float(getattr(best_per_entity.get(i), "similarity", -2.0)) >= threshold)
             for i in range(len(entities))
         ]
-        # Rank entries: best similarity, then number of prompt entities matched, then newest.
+        # Rank entries: best similarity, then number of prompt entities matched, then specificity
+        # (an entity that many stored entries share, like a common background, says less about any
+        # one of them: like inverse document frequency in text retrieval), then newest.
         per_entry: dict[int, dict] = {}
+        sharers: dict[int, set] = {}  # query entity -> entries matching it within the threshold
         for m in matches:
             slot = per_entry.setdefault(m.entry_id, {"best": m, "matched": set()})
             if m.similarity >= threshold:
                 slot["matched"].add(m.query_index)
+                sharers.setdefault(m.query_index, set()).add(m.entry_id)
         ranked = sorted(
             (s for s in per_entry.values() if s["best"].similarity >= threshold),
-            key=lambda s: (-round(s["best"].similarity, 5), -len(s["matched"]), -s["best"].entry_id),
+            key=lambda s: (-round(s["best"].similarity, 5), -len(s["matched"]),
+                           len(sharers[s["best"].query_index]), -s["best"].entry_id),
         )
         if matches:
             top = matches[0]
@@ -239,6 +249,7 @@ class CacheLookup:
             result.prompt_matched = record_.prompt
             result.entity, result.matched, result.similarity = entities[best.query_index], best.text, best.similarity
             result.entities_matched = len(slot["matched"])
+            result.entity_sharers = len(sharers[best.query_index])
             result.latents = latents
             break
         t4 = time.perf_counter()

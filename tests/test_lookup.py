@@ -118,6 +118,23 @@ def test_ties_go_to_the_entry_matching_more_entities(setup):
     assert newest.entry_id != both
 
 
+def test_ties_then_go_to_the_more_specific_entity(setup):
+    """Equal similarity and entity count: the entry sharing the entity fewer entries hold wins, even
+    when it is older (a common background says less than a rare object)."""
+    store, lookup = setup
+    fox = insert(lookup, "fox", 1.0)
+    snowy = [insert(lookup, "snow", 2.0 + i) for i in range(3)]  # newer, all tie with the fox entry
+    result = lookup.lookup("fox, snow", "K")
+    assert result.hit and result.entry_id == fox and result.entity == "fox"
+    assert result.entities_matched == 1 and result.entity_sharers == 1
+    assert result.summary()["entity_sharers"] == 1
+    # The other way round: with four "fox" entries against three "snow" ones, the newest snow entry wins.
+    for i in range(3):
+        insert(lookup, "fox", 10.0 + i)
+    flipped = lookup.lookup("snow, fox", "K")
+    assert flipped.entry_id == snowy[-1] and flipped.entity == "snow" and flipped.entity_sharers == 3
+
+
 def test_higher_similarity_beats_more_entities(setup):
     store, lookup = setup
     insert(lookup, "wolf, river", 1.0)  # matches "fox" at 0.85 and "river" at 1.0
