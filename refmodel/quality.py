@@ -207,7 +207,8 @@ def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *
         lookup: serve CHAI entries through the real lookup (needs spaCy, MiniLM, hnswlib and ``store_dir``);
             False: each prompt uses its own warm entry.
         cfg_scale: CFG scale of every mode (default: the model's ``config.json`` sampler setting).
-        modes: subset of :data:`MODES` names; ``full30`` is always run (it is the reference).
+        modes: subset of :data:`MODES` names; ``full30`` is always run (it is the reference). Warm prompts
+            are made and run only when a CHAI mode is among them.
         store_dir: an empty directory for the latent store (``lookup=True``).
         seed: base of the per-prompt noise seeds (prompt i uses ``seed + i``; warm prompt i ``seed + 100000 + i``).
         progress: ``fn(phase, done, total)``.
@@ -216,7 +217,7 @@ def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *
         :class:`QualityReport`.
 
     Raises:
-        ValueError: unknown mode, empty ``items``, ``lookup=True`` without ``store_dir``.
+        ValueError: unknown mode, empty ``items``, ``lookup=True`` with a CHAI mode but no ``store_dir``.
     """
     from . import evaluator
 
@@ -226,6 +227,8 @@ def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *
             raise ValueError(f"unknown mode {m!r}; choose from {', '.join(known)}")
     if not items:
         raise ValueError("no prompts given")
+    if not any(known[m][2] for m in modes):
+        lookup = False  # no CHAI mode asked for: no cache to warm or look up (half the work of a CFG sweep)
     if lookup and not store_dir:
         raise ValueError("lookup=True needs store_dir (an empty directory for the latent store)")
     modes = ["full30"] + [m for m in modes if m != "full30"]
@@ -256,7 +259,8 @@ def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *
 
     # Warm prompts and their full runs (the cache a later hit reads).
     rng = np.random.default_rng(WARM_SEED)
-    warm = [warm_scene_for(spec, text, rng, extractor) for spec, text in items]
+    cached_modes = any(known[m][2] for m in modes)
+    warm = [warm_scene_for(spec, text, rng, extractor) for spec, text in items] if cached_modes else []
     warm_entries: List[Dict[int, Dict[str, torch.Tensor]]] = []
     entry_scene: Dict[Tuple[int, int], scenes.SceneSpec] = {}
     full_sched = rflow.schedule(CLIP.height, CLIP.width, CLIP.num_frames, num_steps=30, size_dtype=torch.float32)

@@ -221,3 +221,15 @@ def test_quality_short_full_floor_and_chai_close_to_full(ref):
     # Cache Attention really ran: the clips differ from the full ones, and CHAI was faster.
     assert any(not np.array_equal(a, b) for a, b in zip(rep.modes["full30"].clips, rep.modes["chai8"].clips))
     assert rep.modes["chai8"].mean_latency_ms < rep.modes["full30"].mean_latency_ms
+
+
+def test_full_mode_alone_runs_no_warm_prompts_and_scores_the_same(ref):
+    """A CFG sweep asks for full30 only: no warm prompts, no lookup (no store needed), same clips."""
+    model, enc = ref
+    items = heldout_prompts(2)
+    alone = run_quality(model, enc, items, modes=("full30",))
+    assert alone.warm_prompts == [] and alone.lookup_hits == {} and list(alone.modes) == ["full30"]
+    with_chai = run_quality(model, enc, items, lookup=False, modes=("full30", "chai8"))
+    assert len(with_chai.warm_prompts) == 2
+    for a, b in zip(alone.modes["full30"].clips, with_chai.modes["full30"].clips):
+        np.testing.assert_array_equal(a, b)
