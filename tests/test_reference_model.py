@@ -17,12 +17,15 @@ from comfyui_chai.refmodel.quality import heldout_prompts, run_quality, warm_sce
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = R.default_model_dir()
 
-# Short quality run: 8 held-out prompts (deterministic: fixed prompts, noise seeds and weights).
-N_QUALITY_PROMPTS = 8
+# Short quality run: 16 held-out prompts served through the real entity lookup, like the benchmark
+# (deterministic: fixed prompts, noise seeds and weights). 8 prompts were too few for a 0.05 tolerance:
+# the step-22,000 checkpoint measured -0.051 on 8 prompts each served its own warm entry, -0.045 on the same
+# 8 through the lookup and -0.033 on 16 through the lookup, against -0.046 on the 200-prompt benchmark.
+N_QUALITY_PROMPTS = 16
 # The issue's target for the 200-prompt benchmark is 0.80 and the bundled checkpoint does not reach it yet
-# (0.50, MODEL_CARD.md). This floor guards what it does reach (0.445 on these 8 prompts), well above the
+# (0.69, MODEL_CARD.md). This floor guards what it does reach (0.773 on these 16 prompts), well above the
 # evaluator's chance level (0.161 for a coherent clip of the wrong scene); raise it with every better checkpoint.
-FULL_SCORE_FLOOR = 0.40
+FULL_SCORE_FLOOR = 0.65
 CHAI_TOLERANCE = 0.05
 
 
@@ -209,12 +212,14 @@ def test_warm_prompt_shares_exactly_the_object():
         assert shared == f"{spec.colors[0]} {spec.shapes[0]}"
 
 
-def test_quality_short_full_floor_and_chai_close_to_full(ref):
+def test_quality_short_full_floor_and_chai_close_to_full(ref, tmp_path):
     """Short version of bench/quality_bench.py: CHAI 8 steps (Cache Attention on another prompt's latents that
     share one entity) stays within 0.05 of the full 30-step mode, which clears the score floor (see
     FULL_SCORE_FLOOR: the checkpoint's floor, not yet the issue's 0.80)."""
     model, enc = ref
-    rep = run_quality(model, enc, heldout_prompts(N_QUALITY_PROMPTS), lookup=False, modes=("full30", "chai8"))
+    rep = run_quality(model, enc, heldout_prompts(N_QUALITY_PROMPTS), store_dir=str(tmp_path / "store"),
+                      modes=("full30", "chai8"))
+    assert rep.lookup_hits == {"chai8": N_QUALITY_PROMPTS}, rep.summary()
     full, chai = rep.modes["full30"].mean(), rep.modes["chai8"].mean()
     assert full >= FULL_SCORE_FLOOR, rep.summary()
     assert chai >= full - CHAI_TOLERANCE, rep.summary()
