@@ -251,19 +251,20 @@ def _add_generate_parser(sub) -> None:
                      help="caption encoder of --model tiny: MiniLM token states or hashed words (no model)")
     gen.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default: 1 for --model tiny/reference on cpu, else torch's default)")
-    ca = gen.add_argument_group("CHAI knobs (opensora.cache_attention.CacheAttentionConfig)")
-    ca.add_argument("--fast-steps", type=int, default=8, help="steps on a hit")
-    ca.add_argument("--cache-steps", type=int, nargs="*", default=[2, 3, 4], help="1-based Cache Attention steps")
-    ca.add_argument("--full-steps", type=int, default=30, help="steps on a miss")
-    ca.add_argument("--cfg-scale", type=float, default=None,
-                    help="classifier-free guidance scale (default: the reference model's config.json, else 7.0)")
-    ca.add_argument("--block-index", type=int, default=0, help="spatial block that attends to the cache")
+    # Every knob defaults to None: the reference model's config.json, else CacheAttentionConfig's default.
+    ca = gen.add_argument_group("CHAI knobs (opensora.cache_attention.CacheAttentionConfig; a flag left out "
+                                "takes the reference model's config.json, else the paper's default)")
+    ca.add_argument("--fast-steps", type=int, default=None, help="steps on a hit (8)")
+    ca.add_argument("--cache-steps", type=int, nargs="*", default=None,
+                    help="1-based Cache Attention steps (2 3 4; none given: no Cache Attention)")
+    ca.add_argument("--full-steps", type=int, default=None, help="steps on a miss (30)")
+    ca.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (7.0)")
+    ca.add_argument("--block-index", type=int, default=None, help="spatial block that attends to the cache (0)")
     ca.add_argument("--attention-mode", choices=["replace", "concat"], default=None,
-                    help="replace the block's K/V (paper) or concatenate with them (default: the reference "
-                         "model's config.json, else replace)")
-    ca.add_argument("--branches", choices=["cond", "both"], default="cond", help="CFG halves that use the cache")
-    ca.add_argument("--fusion", choices=["best", "per_entity"], default="best",
-                    help="one best entry (paper) or one per matched entity, K/V concatenated")
+                    help="replace the block's K/V (paper) or concatenate with them (replace)")
+    ca.add_argument("--branches", choices=["cond", "both"], default=None, help="CFG halves that use the cache (cond)")
+    ca.add_argument("--fusion", choices=["best", "per_entity"], default=None,
+                    help="one best entry (paper) or one per matched entity, K/V concatenated (best)")
     ca.add_argument("--threshold", type=float, default=None, help="hit similarity (default: the lookup's, 0.72)")
     ca.add_argument("--capture-dtype", choices=["float16", "float32"], default="float16", help="stored latent dtype")
     ca.add_argument("--lookup-mode", choices=["entity", "prompt"], default="entity",
@@ -285,7 +286,8 @@ def _generate_pipeline(args, lookup):
         from .refmodel.model import cache_attention_defaults, read_model_config
 
         model_defaults = cache_attention_defaults(read_model_config(args.model[1] if len(args.model) == 2 else None))
-    flags = {"fast_steps": args.fast_steps, "cache_steps": tuple(args.cache_steps), "block_index": args.block_index,
+    cache_steps = None if args.cache_steps is None else tuple(args.cache_steps)
+    flags = {"fast_steps": args.fast_steps, "cache_steps": cache_steps, "block_index": args.block_index,
              "mode": args.attention_mode, "branches": args.branches, "threshold": args.threshold,
              "fusion": args.fusion, "capture_dtype": args.capture_dtype, "full_steps": args.full_steps,
              "cfg_scale": args.cfg_scale}

@@ -366,11 +366,14 @@ def run_demo(out_dir: Union[str, Path] = "out/demo", store_dir: Optional[Union[s
         t_load = time.perf_counter()
         store = LatentStore(store_path, budget_bytes=int(budget_mb * 1e6) if budget_mb else None)
         with store:
+            defaults = cache_attention_defaults(read_model_config(model_dir))
+            # The model's (else the paper's) cache steps, cut to a shorter --fast-steps.
+            cache_steps = defaults.get("cache_steps", CacheAttentionConfig.cache_steps)
             mine = {"threshold": threshold, "fast_steps": int(fast_steps),
-                    "cache_steps": tuple(s for s in (2, 3, 4) if s <= int(fast_steps))}
+                    "cache_steps": tuple(s for s in cache_steps if s <= int(fast_steps))}
             if full_steps:
                 mine["full_steps"] = int(full_steps)
-            config = CacheAttentionConfig(**{**cache_attention_defaults(read_model_config(model_dir)), **mine})
+            config = CacheAttentionConfig(**{**defaults, **mine})
             pipe = ChaiPipeline.reference(CacheLookup(store, EntityExtractor(), Embedder()), config,
                                           model_dir=model_dir)
             # Load every lazy model and run the sampler once, so no timed request pays for loading.

@@ -5,8 +5,8 @@ a request is a hit when one of its entities is close enough (cosine similarity >
 an entity of an earlier request stored under the same compatibility key. The best entry is the
 one with the highest similarity; ties go to the entry that matches more of the prompt's entities,
 then to the one whose matched entity fewer stored entries share (the more specific match: "red fox"
-over "blue background" when many entries share the background), then to the newest. Its latents are read and checked before the result says "hit", so a hit can
-always be served.
+over "blue background" when many entries share the background), then to the newest. Its latents
+are read and checked before the result says "hit", so a hit can always be served.
 """
 
 from __future__ import annotations

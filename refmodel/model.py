@@ -113,15 +113,15 @@ class ReferenceClip:
 CLIP = ReferenceClip()
 
 # CFG 1.5 was chosen on the validation prompt stream (bench/quality_bench.py --validation, 24 prompts, full 30
-# steps: CFG 1 / 1.5 / 2 / 3 / 4.5 scored 0.511 / 0.532 / 0.508 / 0.480 / 0.400); OpenSora's 7 over-saturates
-# this small model and makes its clips flicker.
+# steps; step-22,000 checkpoint: CFG 1 / 1.5 / 2 / 3 scored 0.671 / 0.711 / 0.704 / 0.662); OpenSora's 7
+# over-saturates this small model and makes its clips flicker.
 #: Sampler settings: OpenSora's RFLOW without the timestep shift (undefined below 17 frames).
 SAMPLER: Dict[str, Any] = {"use_timestep_transform": False, "cfg_scale": 1.5, "num_sampling_steps": 30}
 
 # Cache Attention on this 3-block model concatenates the cached K/V after block 0's own instead of
 # replacing them (the paper's setting, made for OpenSora's 28 blocks, where block 0 is 1/28 of the
 # network, not 1/3). Chosen on the validation prompt stream (32 prompts, real entity lookup, CHAI 8 steps
-# minus full 30 steps, overall score): replace -0.184, concat -0.056.
+# minus full 30 steps, overall score, step-14,000 checkpoint): replace -0.184, concat -0.056.
 #: Cache Attention settings of the reference model (``config.json`` "cache_attention").
 CACHE_ATTENTION: Dict[str, Any] = {"mode": "concat"}
 _CACHE_ATTENTION_KEYS = ("mode", "branches", "cache_steps", "block_index", "fusion", "max_fused")

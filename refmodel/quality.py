@@ -227,8 +227,8 @@ def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *
             raise ValueError(f"unknown mode {m!r}; choose from {', '.join(known)}")
     if not items:
         raise ValueError("no prompts given")
-    if not any(known[m][2] for m in modes):
-        lookup = False  # no CHAI mode asked for: no cache to warm or look up (half the work of a CFG sweep)
+    cached_modes = any(known[m][2] for m in modes)
+    lookup = lookup and cached_modes  # no CHAI mode: no cache to warm or look up (half a CFG sweep's work)
     if lookup and not store_dir:
         raise ValueError("lookup=True needs store_dir (an empty directory for the latent store)")
     modes = ["full30"] + [m for m in modes if m != "full30"]
@@ -259,7 +259,6 @@ def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *
 
     # Warm prompts and their full runs (the cache a later hit reads).
     rng = np.random.default_rng(WARM_SEED)
-    cached_modes = any(known[m][2] for m in modes)
     warm = [warm_scene_for(spec, text, rng, extractor) for spec, text in items] if cached_modes else []
     warm_entries: List[Dict[int, Dict[str, torch.Tensor]]] = []
     entry_scene: Dict[Tuple[int, int], scenes.SceneSpec] = {}

@@ -231,6 +231,13 @@ def test_reference_settings_reach_generate_and_the_node_model(model_dir, tmp_pat
     assert (flagged.mode, flagged.cfg_scale) == ("replace", 4.0)
     tiny = config_of("--model", "tiny")
     assert (tiny.mode, tiny.cfg_scale) == ("replace", 7.0)
+    # Every knob the folder may set reaches generate, not only CFG and the K/V mode.
+    cfg["cache_attention"] = {"mode": "concat", "cache_steps": [2, 3], "branches": "both"}
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    ref = config_of("--model", "reference", str(model_dir))
+    assert (ref.cache_steps, ref.branches, ref.fast_steps, ref.full_steps) == ((2, 3), "both", 8, 30)
+    assert config_of("--model", "reference", str(model_dir), "--cache-steps").cache_steps == ()
+    assert (tiny.cache_steps, tiny.branches) == ((2, 3, 4), "cond")
     folder = node_models.bundled_models()
     name = next(n for n, f in folder.items() if f.name == "reference_v1")
     assert node_models.load_stdit3(name).cache_attention == {"mode": "concat"}

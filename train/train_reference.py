@@ -48,8 +48,8 @@ import torch.nn.functional as F
 
 try:
     from comfyui_chai.refmodel import scenes
-    from comfyui_chai.refmodel.model import (CACHE_ATTENTION, CLIP, REFERENCE_CONFIG, SAMPLER, MiniLMTokenStates, build_reference_model,
-                                             count_parameters, cosine_lr, pixels_to_model)
+    from comfyui_chai.refmodel.model import (CACHE_ATTENTION, CLIP, REFERENCE_CONFIG, SAMPLER, MiniLMTokenStates,
+                                             build_reference_model, count_parameters, cosine_lr, pixels_to_model)
 except ImportError as e:  # pragma: no cover - environment problem, say what to do
     raise SystemExit(f"cannot import comfyui_chai ({e}); run `pip install -c constraints.txt --no-deps -e .` first")
 
