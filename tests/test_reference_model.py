@@ -185,6 +185,36 @@ def test_training_resume_is_exact(tmp_path):
     assert m.reference_config["training"]["steps"] == 2
 
 
+def test_loss_weights_object_pixels_and_the_sigma_floor():
+    """--object-weight weights the pixels at and next to the objects; --loss-sigma-floor caps low-noise weights."""
+    tr = _train_module()
+    vids, caps, objects = tr.batch_for_step(3, 2, 1, 0.0, 0.0, 0.0, with_objects=True)
+    plain_vids, plain_caps = tr.batch_for_step(3, 2, 1, 0.0, 0.0, 0.0)
+    assert np.array_equal(vids, plain_vids) and caps == plain_caps
+    assert objects.shape == vids.shape[:4] and objects.dtype == np.float32
+    g = np.random.default_rng([1, 3 * 2])  # the first clip's scene, as batch_for_step draws it
+    spec = scenes.sample_scene(g, two_shape_prob=0.0, position_jitter=0.0, position_snap=0.0)
+    cover = scenes.object_masks(spec).max(axis=0)
+    inside, outside = cover >= 0.5, objects[0] == 0
+    assert np.all(objects[0][inside] >= 0.5)
+    # The ring one pixel outside the shape is included, pixels two away are not.
+    ring = (objects[0] > 0) & (cover == 0)
+    assert ring.any() and outside.any()
+    ys, xs = np.nonzero(ring[0])
+    near = cover[0][np.clip(ys[:, None] + [-1, 0, 1], 0, 31)[:, :, None], np.clip(xs[:, None] + [-1, 0, 1], 0, 31)[:, None, :]]
+    assert np.all(near.reshape(len(ys), -1).max(axis=1) > 0)
+    w = tr.pixel_weights(torch.from_numpy(objects), 4.0)
+    assert w.shape == (2, 1) + objects.shape[1:] and abs(float(w.mean()) - 1.0) < 1e-5
+    on, off = w[0, 0][torch.from_numpy(objects[0] == 1)], w[0, 0][torch.from_numpy(outside)]
+    torch.testing.assert_close(on / off.mean(), torch.full_like(on, 5.0))
+    assert torch.equal(tr.pixel_weights(torch.from_numpy(objects), 0.0), torch.ones_like(w))
+    s = torch.tensor([0.01, 0.05, 0.1, 0.25, 0.5, 0.9])
+    torch.testing.assert_close(tr.loss_sigma_factor(s, 0.05), torch.ones(6))
+    # Floor 0.25: the clean-clip error weight is 1/max(s, 0.25)^2, i.e. the factor is (max(s, 0.05)/0.25)^2 below it.
+    torch.testing.assert_close(tr.loss_sigma_factor(s, 0.25),
+                               torch.tensor([0.04, 0.04, 0.16, 1.0, 1.0, 1.0]))
+
+
 def test_warm_start_copies_all_and_reinitialises_patch_tensors_when_the_patch_differs():
     tr = _train_module()
     same, same_ema = R.build_reference_model(seed=6), R.build_reference_model(seed=6)

@@ -76,6 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="share of noise levels drawn uniformly (the rest logit-normal)")
     p.add_argument("--ln-mean", type=float, default=1.2, help="logit-normal mean of the noise level s")
     p.add_argument("--ln-std", type=float, default=1.0, help="logit-normal std of the noise level s")
+    p.add_argument("--object-weight", type=float, default=0.0,
+                   help="extra loss weight on pixels within one pixel of an object (0 = plain mean); see pixel_weights")
+    p.add_argument("--loss-sigma-floor", type=float, default=0.05,
+                   help="noise level below which the loss weight stops growing (0.05 = the plain velocity loss); "
+                        "see loss_sigma_factor")
     p.add_argument("--patch-size", default=None,
                    help="STDiT3 patch T,H,W (default: REFERENCE_CONFIG's); a resumed run must keep it")
     p.add_argument("--hidden-size", type=int, default=None, help="STDiT3 width (default: REFERENCE_CONFIG's)")
@@ -116,6 +121,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--position-jitter must be in [0, 1]")
     if not 0.0 <= a.position_snap <= 8.0:
         p.error("--position-snap must be in [0, 8] pixels")
+    if a.object_weight < 0.0:
+        p.error("--object-weight must be >= 0")
+    if not 0.0 < a.loss_sigma_floor < 1.0:
+        p.error("--loss-sigma-floor must be in (0, 1)")
     if not 0.0 <= a.uniform_frac <= 1.0:
         p.error("--uniform-frac must be in [0, 1]")
     if not 0.0 < a.ema < 1.0:
@@ -127,9 +136,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def batch_for_step(step: int, batch_size: int, seed: int, two_shape_prob: float,
-                   position_jitter: float = 1.0, position_snap: float = 0.0) -> Tuple[np.ndarray, List[str]]:
-    """Clips [B, F, H, W, 3] uint8 and captions of optimizer step ``step`` (deterministic)."""
-    vids, caps = [], []
+                   position_jitter: float = 1.0, position_snap: float = 0.0, with_objects: bool = False):
+    """Clips [B, F, H, W, 3] uint8 and captions of optimizer step ``step`` (deterministic).
+
+    With ``with_objects`` a third element is returned: float32 [B, F, H, W] in [0, 1], the pixels within one
+    pixel of any object in each frame (its coverage dilated by a 3x3 max filter), for :func:`pixel_weights`.
+    The clips and captions do not depend on it.
+    """
+    vids, caps, objs = [], [], []
     for i in range(step * batch_size, (step + 1) * batch_size):
         g = np.random.default_rng([seed, i])
         spec = scenes.sample_scene(g, two_shape_prob=two_shape_prob, num_frames=CLIP.num_frames,
@@ -137,7 +151,41 @@ def batch_for_step(step: int, batch_size: int, seed: int, two_shape_prob: float,
                                    position_snap=position_snap)
         vids.append(scenes.render(spec))
         caps.append(scenes.caption(spec, g))
+        if with_objects:
+            objs.append(_dilate(scenes.object_masks(spec).max(axis=0)))
+    if with_objects:
+        return np.stack(vids), caps, np.stack(objs)
     return np.stack(vids), caps
+
+
+def _dilate(cover: np.ndarray) -> np.ndarray:
+    """3x3 max filter over the last two axes of [F, H, W] (edge pixels just outside a shape count as its own)."""
+    padded = np.pad(cover, ((0, 0), (1, 1), (1, 1)))
+    h, w = cover.shape[-2:]
+    return np.max([padded[:, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], axis=0)
+
+
+def pixel_weights(objects: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights [B, 1, F, H, W] fp32 from object coverage [B, F, H, W]: ``1 + object_weight *
+    coverage``, divided by their batch mean so the loss keeps its scale. ``object_weight`` 0 gives all ones.
+
+    Why: a shape's outline is a few dozen of a clip's 8x32x32 pixels, so with a plain mean the error that
+    tells a star from a blob is a tiny part of the loss; weighting the object pixels makes it count.
+    """
+    w = 1.0 + float(object_weight) * objects.to(torch.float32)
+    return (w / w.mean()).unsqueeze(1)
+
+
+def loss_sigma_factor(s: torch.Tensor, floor: float, sigma_min: float = 0.05) -> torch.Tensor:
+    """Per-sample factor [B] on the velocity loss: ``(max(s, sigma_min) / max(s, floor))**2``.
+
+    The velocity loss is the clean-clip error divided by ``max(s, sigma_min)**2`` (refmodel/model.py), which
+    weights nearly clean inputs up to 400x more than noisy ones. With ``floor`` above ``sigma_min`` the
+    divisor becomes ``max(s, floor)**2``: low-noise samples weigh at most ``1/floor**2`` and the high-noise
+    levels, where the caption decides the shape, get a larger share of the gradient. ``floor <= sigma_min``
+    gives 1 (the plain velocity loss).
+    """
+    return (s.clamp(min=sigma_min) / s.clamp(min=max(floor, sigma_min))).pow(2)
 
 
 def sample_sigmas(n: int, gen: torch.Generator, uniform_frac: float = 0.2, mean: float = 1.2,
@@ -305,6 +353,7 @@ def export(out_dir: Path, ema, step: int, elapsed: float, args, rows: List[dict]
             "ema": args.ema, "seed": args.seed, "two_shape_prob": args.two_shape_prob,
             "position_jitter": args.position_jitter, "position_snap": args.position_snap,
             "uniform_frac": args.uniform_frac, "logit_normal": [args.ln_mean, args.ln_std],
+            "object_weight": args.object_weight, "loss_sigma_floor": args.loss_sigma_floor,
             "elapsed_s": round(elapsed, 1), "device": args.device, "threads": args.threads,
             "hardware": _hardware(torch.device(args.device)),
             "init_from": getattr(args, "init_info", None),
@@ -382,8 +431,10 @@ def main(argv=None) -> int:
     model.train()
     t_last = time.perf_counter()
     while step < args.steps:
-        vids, caps = batch_for_step(step, args.batch_size, args.seed, args.two_shape_prob, args.position_jitter,
-                                    args.position_snap)
+        weighted = args.object_weight > 0.0
+        batch = batch_for_step(step, args.batch_size, args.seed, args.two_shape_prob, args.position_jitter,
+                               args.position_snap, with_objects=weighted)
+        vids, caps = batch[0], batch[1]
         x0 = pixels_to_model(vids).to(device)
         y, mask = encoder(caps)  # [B, 1, L, 384], [B, L]
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
@@ -397,7 +448,10 @@ def main(argv=None) -> int:
         for g in opt.param_groups:
             g["lr"] = lr
         v = model(x_t, s * 1000.0, y, mask=mask, fps=fps, height=hw, width=hw)
-        loss = F.mse_loss(v, x0 - eps)
+        err = (v - (x0 - eps)).pow(2)
+        if weighted:
+            err = err * pixel_weights(torch.from_numpy(batch[2]).to(device), args.object_weight)
+        loss = (err.mean(dim=(1, 2, 3, 4)) * loss_sigma_factor(s, args.loss_sigma_floor)).mean()
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"non-finite loss at step {step}; lower --lr and resume from the last checkpoint")
