@@ -511,18 +511,21 @@ def render_background(background: str, height: int = DEFAULT_HEIGHT, width: int 
     return np.clip(img, 0.0, 255.0).astype(np.float32)
 
 
-def render(spec: SceneSpec) -> np.ndarray:
+def render(spec: SceneSpec, masks: Optional[np.ndarray] = None) -> np.ndarray:
     """Render a scene.
 
     Args:
         spec: the scene.
+        masks: ``object_masks(spec)`` when the caller has it already (training uses it for loss weights),
+            so it is not computed twice; default: computed here.
 
     Returns:
         uint8 array [F, H, W, 3], sRGB. Static background, objects alpha-composited by anti-aliased coverage.
     """
     bg = render_background(spec.background, spec.height, spec.width, spec.texture_seed)
     frames = np.broadcast_to(bg, (spec.num_frames, spec.height, spec.width, 3)).astype(np.float32).copy()
-    masks = object_masks(spec)
+    if masks is None:
+        masks = object_masks(spec)
     for k, obj in enumerate(spec.objects):
         a = masks[k][..., None]
         frames = frames * (1.0 - a) + np.asarray(obj.rgb, dtype=np.float32) * a

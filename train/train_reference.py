@@ -49,7 +49,8 @@ import torch.nn.functional as F
 try:
     from comfyui_chai.refmodel import scenes
     from comfyui_chai.refmodel.model import (CACHE_ATTENTION, CLIP, REFERENCE_CONFIG, SAMPLER, MiniLMTokenStates,
-                                             build_reference_model, count_parameters, cosine_lr, pixels_to_model)
+                                             ReferenceSTDiT3, build_reference_model, count_parameters, cosine_lr,
+                                             pixels_to_model)
 except ImportError as e:  # pragma: no cover - environment problem, say what to do
     raise SystemExit(f"cannot import comfyui_chai ({e}); run `pip install -c constraints.txt --no-deps -e .` first")
 
@@ -78,8 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ln-std", type=float, default=1.0, help="logit-normal std of the noise level s")
     p.add_argument("--object-weight", type=float, default=0.0,
                    help="extra loss weight on pixels within one pixel of an object (0 = plain mean); see pixel_weights")
-    p.add_argument("--loss-sigma-floor", type=float, default=0.05,
-                   help="noise level below which the loss weight stops growing (0.05 = the plain velocity loss); "
+    p.add_argument("--loss-sigma-floor", type=float, default=ReferenceSTDiT3.sigma_min,
+                   help="noise level below which the loss weight stops growing (default: the model's sigma_min, "
+                        f"{ReferenceSTDiT3.sigma_min}, i.e. the plain velocity loss); "
                         "see loss_sigma_factor")
     p.add_argument("--patch-size", default=None,
                    help="STDiT3 patch T,H,W (default: REFERENCE_CONFIG's); a resumed run must keep it")
@@ -143,26 +145,22 @@ def batch_for_step(step: int, batch_size: int, seed: int, two_shape_prob: float,
     pixel of any object in each frame (its coverage dilated by a 3x3 max filter), for :func:`pixel_weights`.
     The clips and captions do not depend on it.
     """
-    vids, caps, objs = [], [], []
+    vids, caps, covers = [], [], []
     for i in range(step * batch_size, (step + 1) * batch_size):
         g = np.random.default_rng([seed, i])
         spec = scenes.sample_scene(g, two_shape_prob=two_shape_prob, num_frames=CLIP.num_frames,
                                    height=CLIP.height, width=CLIP.width, position_jitter=position_jitter,
                                    position_snap=position_snap)
-        vids.append(scenes.render(spec))
+        masks = scenes.object_masks(spec) if with_objects else None
+        vids.append(scenes.render(spec, masks))
         caps.append(scenes.caption(spec, g))
         if with_objects:
-            objs.append(_dilate(scenes.object_masks(spec).max(axis=0)))
-    if with_objects:
-        return np.stack(vids), caps, np.stack(objs)
-    return np.stack(vids), caps
-
-
-def _dilate(cover: np.ndarray) -> np.ndarray:
-    """3x3 max filter over the last two axes of [F, H, W] (edge pixels just outside a shape count as its own)."""
-    padded = np.pad(cover, ((0, 0), (1, 1), (1, 1)))
-    h, w = cover.shape[-2:]
-    return np.max([padded[:, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], axis=0)
+            covers.append(masks.max(axis=0))
+    if not with_objects:
+        return np.stack(vids), caps
+    # Frames as channels: a 3x3 max pool per frame counts the pixels just outside a shape as its outline.
+    near = F.max_pool2d(torch.from_numpy(np.stack(covers)), kernel_size=3, stride=1, padding=1)
+    return np.stack(vids), caps, near.numpy()
 
 
 def pixel_weights(objects: torch.Tensor, object_weight: float) -> torch.Tensor:
@@ -176,10 +174,10 @@ def pixel_weights(objects: torch.Tensor, object_weight: float) -> torch.Tensor:
     return (w / w.mean()).unsqueeze(1)
 
 
-def loss_sigma_factor(s: torch.Tensor, floor: float, sigma_min: float = 0.05) -> torch.Tensor:
+def loss_sigma_factor(s: torch.Tensor, floor: float, sigma_min: float = ReferenceSTDiT3.sigma_min) -> torch.Tensor:
     """Per-sample factor [B] on the velocity loss: ``(max(s, sigma_min) / max(s, floor))**2``.
 
-    The velocity loss is the clean-clip error divided by ``max(s, sigma_min)**2`` (refmodel/model.py), which
+    The velocity loss is the clean-clip error divided by ``max(s, sigma_min)**2`` (``ReferenceSTDiT3``), which
     weights nearly clean inputs up to 400x more than noisy ones. With ``floor`` above ``sigma_min`` the
     divisor becomes ``max(s, floor)**2``: low-noise samples weigh at most ``1/floor**2`` and the high-noise
     levels, where the caption decides the shape, get a larger share of the gradient. ``floor <= sigma_min``
@@ -430,11 +428,10 @@ def main(argv=None) -> int:
     log_f = open(log_path, "a")
     model.train()
     t_last = time.perf_counter()
+    weighted = args.object_weight > 0.0
     while step < args.steps:
-        weighted = args.object_weight > 0.0
-        batch = batch_for_step(step, args.batch_size, args.seed, args.two_shape_prob, args.position_jitter,
-                               args.position_snap, with_objects=weighted)
-        vids, caps = batch[0], batch[1]
+        vids, caps, *covers = batch_for_step(step, args.batch_size, args.seed, args.two_shape_prob,
+                                             args.position_jitter, args.position_snap, with_objects=weighted)
         x0 = pixels_to_model(vids).to(device)
         y, mask = encoder(caps)  # [B, 1, L, 384], [B, L]
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
@@ -450,7 +447,7 @@ def main(argv=None) -> int:
         v = model(x_t, s * 1000.0, y, mask=mask, fps=fps, height=hw, width=hw)
         err = (v - (x0 - eps)).pow(2)
         if weighted:
-            err = err * pixel_weights(torch.from_numpy(batch[2]).to(device), args.object_weight)
+            err = err * pixel_weights(torch.from_numpy(covers[0]).to(device), args.object_weight)
         loss = (err.mean(dim=(1, 2, 3, 4)) * loss_sigma_factor(s, args.loss_sigma_floor)).mean()
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
