@@ -15,8 +15,7 @@ Only safetensors weights are loaded (never pickles), and the model package's own
 never imported: its folder is located with ``importlib.util.find_spec``.
 
 Threads: with PyTorch's default of one intra-op thread per core, one short phrase takes 10-15x
-longer on a 2-core machine than with a single thread (../shared/reference/offline_assets.md,
-"torch threads"). :meth:`Embedder.encode` therefore runs inputs of up to ``single_thread_max``
+longer on a 2-core machine than with a single thread (measured on the development machine). :meth:`Embedder.encode` therefore runs inputs of up to ``single_thread_max``
 texts with ``torch.set_num_threads(1)`` and restores the previous count afterwards.
 """
 

@@ -1,8 +1,8 @@
 """Building blocks of STDiT3 (OpenSora 1.2), clean-room.
 
 Every module here follows a layer of the official `opensora/models/layers/blocks.py` (v1.2.0,
-commit 17cce908) and of `rotary_embedding_torch` 0.5.3, restated from the facts in
-`shared/reference/opensora.md` §2. Attribute names equal the official ones so that the
+commit 17cce908) and of `rotary_embedding_torch` 0.5.3, read for facts (names, shapes, equations)
+only. Attribute names equal the official ones so that the
 checkpoint `hpcai-tech/OpenSora-STDiT-v3` loads with ``strict=True``.
 
 Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention` (SDPA), which

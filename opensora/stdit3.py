@@ -1,7 +1,7 @@
 """STDiT3 (OpenSora 1.2 video diffusion transformer), clean-room, with a Cache Attention hook.
 
-Follows `opensora/models/stdit/stdit3.py` of OpenSora v1.2.0 (commit 17cce908) as restated in
-`shared/reference/opensora.md` §2. Module and parameter names equal the official ones, so the
+Follows `opensora/models/stdit/stdit3.py` of OpenSora v1.2.0 (commit 17cce908), read for facts
+(names, shapes, equations) only. Module and parameter names equal the official ones, so the
 `hpcai-tech/OpenSora-STDiT-v3` safetensors (973 tensors) load with ``strict=True``.
 
 Quick use::

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: offline model loading, one torch thread, paths to ../shared."""
+"""Shared pytest fixtures: offline model loading, one torch thread, the golden fixtures folder."""
 
 import os
 from pathlib import Path
@@ -13,14 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _shared_dir() -> Path:
-    env = os.environ.get("CHAI_SHARED_DIR")
-    return Path(env) if env else REPO_ROOT.parent / "shared"
-
-
-SHARED_DIR = _shared_dir()
-FIXTURES_DIR = SHARED_DIR / "fixtures" / "opensora_v1_2"
-VBENCH_DIR = SHARED_DIR / "data" / "vbench"
+# Golden tensors and key lists from the official OpenSora 1.2 code, copied into the repository so a
+# fresh clone passes its tests with nothing beside it (how they were made: the folder's README.md).
+FIXTURES_DIR = REPO_ROOT / "tests" / "fixtures" / "opensora_v1_2"
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -36,7 +31,7 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    """The golden OpenSora 1.2 fixtures (../shared/fixtures/opensora_v1_2, or $CHAI_SHARED_DIR)."""
+    """The golden OpenSora 1.2 fixtures (tests/fixtures/opensora_v1_2)."""
     if not FIXTURES_DIR.is_dir():
-        pytest.fail(f"golden fixtures not found at {FIXTURES_DIR}; set CHAI_SHARED_DIR to the shared/ folder")
+        pytest.fail(f"golden fixtures not found at {FIXTURES_DIR}; the repository's tests/fixtures folder is incomplete")
     return FIXTURES_DIR

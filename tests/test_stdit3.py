@@ -1,6 +1,6 @@
 """STDiT3 against the official OpenSora 1.2 goldens, plus the Cache Attention K/V hook.
 
-Fixtures (see shared/fixtures/opensora_v1_2/README.md): the XL/2 key list, the tiny model's
+Fixtures (see tests/fixtures/opensora_v1_2/README.md): the XL/2 key list, the tiny model's
 config + weights and its cases, all produced by the official v1.2.0 code on CPU.
 
 Tolerances:
