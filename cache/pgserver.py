@@ -162,6 +162,8 @@ def _free_port(host: str = "127.0.0.1") -> int:
 
 def _port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As PostgreSQL binds: a port left in TIME_WAIT by a server just stopped counts as free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
             return True
@@ -237,7 +239,7 @@ def start(directory: str | os.PathLike, port: int | None = None, listen: str = "
     state = _read_state(root)
     if state is not None and _running(bin_dir, data, user):
         return state
-    if port is None:
+    if port is None:  # the same port as last time, so the URLs clients hold keep working
         port = state.port if state is not None and _port_free(state.port) else _free_port()
     elif not _port_free(port):
         raise EmbeddedServerError(f"port {port} is in use; give another with --port or leave it out")

@@ -113,7 +113,10 @@ def redact_url(url: str) -> str:
     host = parts.get("host") or "localhost"
     port = f":{parts['port']}" if parts.get("port") else ""
     user = f"{parts['user']}@" if parts.get("user") else ""
-    return f"postgresql://{user}{host}{port}/{parts.get('dbname') or ''}"
+    db = parts.get("dbname") or ""
+    if host.startswith("/"):  # a Unix socket folder
+        return f"postgresql://{user}/{db}?host={host}" + (f"&port={parts['port']}" if parts.get("port") else "")
+    return f"postgresql://{user}{host}{port}/{db}"
 
 
 def _parse_url(url: str) -> dict:
@@ -327,9 +330,12 @@ class PostgresStore:
         self._prepare_vector(conn)
         try:
             with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITER_LOCK,))
-                for statement in _SCHEMA:
-                    conn.execute(statement)
+                # DDL needs CREATE on the schema even with IF NOT EXISTS: skip it when the store
+                # exists, so farm clients with only read/write rights on its tables can open it.
+                if conn.execute("SELECT to_regclass('chai_meta') IS NULL").fetchone()[0]:
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITER_LOCK,))
+                    for statement in _SCHEMA:
+                        conn.execute(statement)
                 meta = dict(conn.execute("SELECT key, value FROM chai_meta").fetchall())
                 if not meta:
                     rows = {"schema_version": SCHEMA_VERSION, "budget_bytes": str(self.config.budget_bytes),
@@ -349,8 +355,10 @@ class PostgresStore:
                     self._create_entities(conn, int(dim), meta)
                     meta["dim"] = str(int(dim))
         except psycopg.errors.InsufficientPrivilege as exc:
-            raise StoreError(f"role may not create the CHAI tables in {self.location} ({_last_line(str(exc))}); "
-                             "grant it CREATE on the database's schema or let an owner open the store once") from None
+            raise StoreError(f"user {conn.info.user!r} may not create or use the CHAI tables in {self.location} "
+                             f"({_last_line(str(exc))}); let the database owner open the store once, then grant "
+                             "this user SELECT, INSERT, UPDATE, DELETE on the chai_* tables and USAGE on their "
+                             "sequences") from None
         stored = int(meta["dim"]) if "dim" in meta else None
         if dim is not None and stored is not None and int(dim) != stored:
             raise StoreError(f"store {self.location} holds {stored}-d embeddings but the embedder gives {dim}-d; "
