@@ -51,7 +51,8 @@ from .store import (
     _validate_budget,
 )
 
-__all__ = ["PostgresStore", "is_postgres_url", "redact_url", "SCHEMA_VERSION"]
+__all__ = ["PostgresStore", "is_postgres_url", "open_location", "read_location_stats", "location_exists",
+           "SCHEMA_VERSION"]
 
 log = logging.getLogger("comfyui_chai.pgstore")
 
@@ -99,24 +100,6 @@ _SCHEMA = (
 def is_postgres_url(location: object) -> bool:
     """True when ``location`` is a ``postgresql://`` (or ``postgres://``) URL, not a folder."""
     return isinstance(location, str) and location.strip().lower().startswith(("postgresql://", "postgres://"))
-
-
-def redact_url(url: str) -> str:
-    """``postgresql://user@host:port/db``: what may appear in reports and logs (never a password,
-    never query options)."""
-    try:
-        from psycopg.conninfo import conninfo_to_dict
-
-        parts = conninfo_to_dict(url)
-    except Exception:  # an unparsable URL: show only its scheme
-        return url.split("://", 1)[0] + "://(unparsable URL)"
-    host = parts.get("host") or "localhost"
-    port = f":{parts['port']}" if parts.get("port") else ""
-    user = f"{parts['user']}@" if parts.get("user") else ""
-    db = parts.get("dbname") or ""
-    if host.startswith("/"):  # a Unix socket folder
-        return f"postgresql://{user}/{db}?host={host}" + (f"&port={parts['port']}" if parts.get("port") else "")
-    return f"postgresql://{user}{host}{port}/{db}"
 
 
 def _parse_url(url: str) -> dict:
@@ -198,7 +181,8 @@ class PostgresStore:
                  blobs: str | None = None, retry_seconds: float = 60.0, connect_timeout: int = 10) -> None:
         self._conninfo = url.strip()
         _parse_url(self._conninfo)
-        self.location = redact_url(self._conninfo)
+        # Safe to show: a URL with a password is refused above.
+        self.location = self._conninfo
         base = config or StoreConfig()
         if budget_bytes is not None:
             base = _replace(base, budget_bytes=budget_bytes)
@@ -229,8 +213,38 @@ class PostgresStore:
 
     @property
     def path(self) -> str:
-        """The redacted URL (``postgresql://user@host:port/db``), where a folder store has its path."""
+        """The URL (no password in it), where a folder store has its path."""
         return self.location
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran."""
+        return self._closed
+
+    @property
+    def budget_bytes(self) -> int:
+        """The byte budget in force (the persisted one, read from the database)."""
+        return self.stats(last=0).budget_bytes
+
+    @property
+    def policy(self) -> str:
+        """The eviction policy in force: ``"lru"``, ``"lfu"`` or ``"fifo"`` (persisted)."""
+        return self.stats(last=0).policy
+
+    def set_policy(self, policy: str | EvictionPolicy) -> None:
+        """Persist a new eviction policy; every client's next eviction follows it.
+
+        Raises:
+            ValueError: an unknown policy.
+        """
+        parsed = EvictionPolicy.parse(policy)
+        self._run(lambda c: c.execute("UPDATE chai_meta SET value=%s WHERE key='policy'", (parsed.value,)))
+        self.config = _replace(self.config, policy=parsed)
+
+    def compat_keys(self) -> list[str]:
+        """The distinct compatibility keys that hold entries, sorted."""
+        return [r[0] for r in self._run(lambda c: c.execute(
+            "SELECT DISTINCT compat_key FROM chai_entries ORDER BY 1").fetchall(), transaction=False)]
 
     # ------------------------------------------------------------------ connections
     def _new_connection(self):
@@ -965,3 +979,60 @@ class PostgresStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------------------------------- factory hooks
+_STORE_OPTIONS = ("blobs", "retry_seconds", "connect_timeout")
+
+
+def open_location(location: str, *, budget_bytes: int | None = None, policy: str | None = None,
+                  dim: int | None = None, create: bool = True, options: Mapping | None = None) -> PostgresStore:
+    """Open the store at a ``postgresql://`` URL (the factory's signature).
+
+    Args:
+        options: :class:`StoreConfig` fields (``durable``, ``index_ef_search``, ...) plus ``blobs``,
+            ``retry_seconds`` and ``connect_timeout`` of :class:`PostgresStore`.
+
+    Raises:
+        StoreError: see :class:`PostgresStore`; with ``create=False``, no store in that database.
+        ValueError: an unknown option, a bad budget or policy.
+    """
+    options = dict(options or {})
+    extra = {k: options.pop(k) for k in _STORE_OPTIONS if k in options}
+    if not create and not location_exists(location):
+        raise StoreError(f"the database at {location} holds no CHAI store; check the URL, or create the store "
+                         "by running a request with it")
+    from dataclasses import fields
+
+    known = {f.name for f in fields(StoreConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown PostgreSQL store option(s) {unknown}; use {sorted(known | set(_STORE_OPTIONS))}")
+    config = StoreConfig(**options) if options else None
+    return PostgresStore(location, config=config, dim=dim, budget_bytes=budget_bytes, policy=policy, **extra)
+
+
+def location_exists(location: str) -> bool:
+    """True when the database at ``location`` holds a CHAI store (nothing is created).
+
+    Raises:
+        StoreError: bad URL or server unreachable (the message says what to do).
+    """
+    import psycopg
+
+    _parse_url(location)
+    try:
+        with psycopg.connect(location.strip(), autocommit=True, connect_timeout=10) as conn:
+            return bool(conn.execute("SELECT to_regclass('chai_meta') IS NOT NULL").fetchone()[0])
+    except psycopg.OperationalError as exc:
+        raise _connect_error(exc, location) from None
+
+
+def read_location_stats(location: str, last: int = 10) -> StoreStats:
+    """Statistics of the store at ``location``; nothing is created or repaired.
+
+    Raises:
+        StoreError: no store there, bad URL, server unreachable.
+    """
+    with open_location(location, create=False) as store:
+        return store.stats(last=last)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from _store_util import DIM, KEYS, assert_seeded_entry, put_seeded, seeded_entry, unit_vectors
-from comfyui_chai.cache.pgstore import PostgresStore, is_postgres_url, redact_url
+from comfyui_chai.cache.pgstore import PostgresStore, is_postgres_url, location_exists, open_location
 from comfyui_chai.cache.store import LatentStore, StoreError
 
 HERE = Path(__file__).resolve().parent
@@ -76,8 +76,12 @@ def test_round_trip_search_stats_and_reopen(pg_url):
         generation = store.generation
         store.record_lookup(e["prompt"], e["entities"], best[0].entry_id, e["entities"][0], best[0].text, 1.0, 2.5)
         store.record_lookup("miss", ["a cat"], None, "a cat", None, None, 1.5)
-    with PostgresStore(pg_url) as store:  # reopen: dimension, budget and counters come from the database
-        assert store.dim == DIM and store.generation == generation
+    with open_location(pg_url, create=False, options={"index_ef_search": 40}) as store:
+        # reopen: dimension, budget and counters come from the database
+        assert store.dim == DIM and store.generation == generation and store.config.index_ef_search == 40
+        assert store.compat_keys() == sorted({seeded_entry(s)["compat_key"] for s in seeds})
+        store.set_policy("FIFO")
+        assert store.policy == "fifo" and store.budget_bytes == 1 << 30 and not store.closed
         stats = store.stats()
         assert (stats.entries, stats.inserts, stats.hits, stats.misses, stats.lookups) == (40, 40, 1, 1, 2)
         assert stats.hit_rate == 0.5 and stats.lookup_ms_mean == pytest.approx(2.0)
@@ -207,7 +211,16 @@ def test_bad_urls_are_clear_errors():
         PostgresStore("postgresql://chai:secret@localhost/chai")
     with pytest.raises(StoreError, match="bad PostgreSQL URL.*postgresql://USER@HOST:PORT/DATABASE"):
         PostgresStore("postgresql://chai@localhost/chai?nonsense=1")
-    assert redact_url("postgresql://u:pw@db.example:5433/cache?sslmode=require") == "postgresql://u@db.example:5433/cache"
+
+
+def test_open_without_create_needs_an_existing_store(pg_url):
+    assert not location_exists(pg_url)
+    with pytest.raises(StoreError, match="holds no CHAI store"):
+        open_location(pg_url, create=False)
+    with pytest.raises(ValueError, match="unknown PostgreSQL store option"):
+        open_location(pg_url, options={"no_such_option": 1})
+    open_location(pg_url, budget_bytes=10**6, dim=DIM).close()
+    assert location_exists(pg_url)
 
 
 def test_server_down_is_a_clear_error():
