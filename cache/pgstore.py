@@ -169,6 +169,8 @@ class PostgresStore:
             the store is created; later clients read it from the database).
         retry_seconds: how long an operation keeps retrying after the connection dropped.
         connect_timeout: seconds to wait for a connection (libpq ``connect_timeout``).
+        config_is_default: ``config``'s budget and policy only apply to a new store (an existing
+            one keeps its own unless ``budget_bytes`` / ``policy`` are given).
 
     Raises:
         StoreError: bad URL, server unreachable, login refused, no pgvector, a store of another
@@ -178,7 +180,8 @@ class PostgresStore:
 
     def __init__(self, url: str, config: StoreConfig | None = None, dim: int | None = None,
                  budget_bytes: int | None = None, policy: str | EvictionPolicy | None = None, *,
-                 blobs: str | None = None, retry_seconds: float = 60.0, connect_timeout: int = 10) -> None:
+                 blobs: str | None = None, retry_seconds: float = 60.0, connect_timeout: int = 10,
+                 config_is_default: bool = False) -> None:
         self._conninfo = url.strip()
         _parse_url(self._conninfo)
         # Safe to show: a URL with a password is refused above.
@@ -190,8 +193,9 @@ class PostgresStore:
             base = _replace(base, policy=EvictionPolicy.parse(policy))
         _validate_budget(base.budget_bytes)
         self.config = _replace(base, policy=EvictionPolicy.parse(base.policy))
-        self._explicit_budget = budget_bytes is not None or config is not None
-        self._explicit_policy = policy is not None or config is not None
+        from_config = config is not None and not config_is_default
+        self._explicit_budget = budget_bytes is not None or from_config
+        self._explicit_policy = policy is not None or from_config
         self.retry_seconds = float(retry_seconds)
         self.connect_timeout = int(connect_timeout)
         self._local = threading.local()
@@ -1009,7 +1013,8 @@ def open_location(location: str, *, budget_bytes: int | None = None, policy: str
     if unknown:
         raise ValueError(f"unknown PostgreSQL store option(s) {unknown}; use {sorted(known | set(_STORE_OPTIONS))}")
     config = StoreConfig(**options) if options else None
-    return PostgresStore(location, config=config, dim=dim, budget_bytes=budget_bytes, policy=policy, **extra)
+    return PostgresStore(location, config=config, dim=dim, budget_bytes=budget_bytes, policy=policy,
+                         config_is_default=True, **extra)
 
 
 def location_exists(location: str) -> bool:

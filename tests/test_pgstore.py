@@ -82,6 +82,8 @@ def test_round_trip_search_stats_and_reopen(pg_url):
         assert store.compat_keys() == sorted({seeded_entry(s)["compat_key"] for s in seeds})
         store.set_policy("FIFO")
         assert store.policy == "fifo" and store.budget_bytes == 1 << 30 and not store.closed
+    with open_location(pg_url, options={"budget_bytes": 10**6, "durable": False}) as store:
+        assert store.budget_bytes == 1 << 30 and store.policy == "fifo", "options never replace the stored budget"
         stats = store.stats()
         assert (stats.entries, stats.inserts, stats.hits, stats.misses, stats.lookups) == (40, 40, 1, 1, 2)
         assert stats.hit_rate == 0.5 and stats.lookup_ms_mean == pytest.approx(2.0)
