@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_generate_parser(sub)
     _add_demo_parser(sub)
+    from .farm import add_parsers as add_farm_parsers
+
+    add_farm_parsers(sub)  # db, worker, cache migrate, generate --queue (farm.py)
     return parser
 
 
@@ -471,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        from . import farm
+
+        if farm.handles(args):
+            return farm.run(args)
         if args.command == "cache":
             return _cmd_cache(args)
         if args.command == "simulate":

@@ -307,10 +307,18 @@ class PostgresStore:
             except Exception:
                 pass
 
+    def run(self, fn: Callable[..., _T], transaction: bool = True) -> _T:
+        """Run ``fn(conn)`` (a psycopg connection; in one transaction unless told otherwise),
+        reconnecting after a dropped connection and retrying after a deadlock or serialisation
+        failure, for up to ``retry_seconds``. For modules that keep their own tables in the store's
+        database (the farm job queue). ``fn`` may run more than once: it must be idempotent.
+
+        Raises:
+            StoreError: the connection did not come back in time, or another operational error.
+        """
+        return self._run(fn, transaction)
+
     def _run(self, fn: Callable[..., _T], transaction: bool = True) -> _T:
-        """Run ``fn(conn)`` (in one transaction unless told otherwise), reconnecting after a dropped
-        connection and retrying after a deadlock or serialisation failure, for up to
-        ``retry_seconds``."""
         import psycopg
         from psycopg import errors
 
