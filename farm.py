@@ -169,9 +169,13 @@ def migrate(src: str, dst: str, blobs: str | None = None, progress: bool = False
         stats = source.stats(last=0)
         vectors = _entity_vectors(source, records)
         extra = {"blobs": blobs} if blobs and is_postgres_url(dst) else {}
+        if not _store_exists(dst):  # a new destination takes the source's budget and policy
+            extra.update(budget_bytes=stats.budget_bytes, policy=stats.policy)
         with open_any_store(dst, dim=source.dim, **extra) as target:
-            if len(target) == 0 and target.stats(last=0).budget_bytes < stats.budget_bytes:
-                target.set_budget(stats.budget_bytes)
+            room = target.stats(last=0)
+            if room.bytes + stats.bytes > room.budget_bytes:
+                raise ValueError(f"{dst} has a budget of {room.budget_bytes:,} bytes and holds {room.bytes:,}; "
+                                 f"the {stats.bytes:,} bytes of {src} would evict entries: raise its budget first")
             copied = nbytes = 0
             for rec in tqdm(records, desc="migrate", unit="entry", disable=not progress):
                 tensors = source.load(rec.entry_id)
@@ -194,9 +198,15 @@ def migrate(src: str, dst: str, blobs: str | None = None, progress: bool = False
     return {"copied": copied, "bytes": nbytes}
 
 
+def _store_exists(location: str) -> bool:
+    from .cache.pgstore import is_postgres_url, location_exists
+
+    return location_exists(location) if is_postgres_url(location) else (Path(location) / "manifest.sqlite").is_file()
+
+
 def _entity_vectors(store, records) -> dict:
     """entry id -> [n, dim] float32 embeddings of its entities, in the order of ``rec.entities``
-    (searched back by exact text from the store's own vectors)."""
+    (both stores list an entry's entities by label, i.e. insertion order)."""
     import numpy as np
 
     from .cache.pgstore import PostgresStore
@@ -208,7 +218,7 @@ def _entity_vectors(store, records) -> dict:
             "SELECT entry_id, embedding FROM chai_entities WHERE entry_id = ANY(%s) ORDER BY label", (ids,)).fetchall(),
             transaction=False)
         for entry_id, vec in rows:
-            out.setdefault(int(entry_id), []).append(np.asarray(vec, dtype=np.float32))
+            out.setdefault(int(entry_id), []).append(vec.to_numpy().astype(np.float32))
     else:  # a folder store: its manifest, read only (the vectors are not part of the store API)
         import sqlite3
 
@@ -218,7 +228,8 @@ def _entity_vectors(store, records) -> dict:
                 out.setdefault(int(entry_id), []).append(np.frombuffer(blob, dtype=np.float32))
         finally:
             conn.close()
-    return {k: np.stack(v) for k, v in out.items() if k in set(ids)}
+    wanted = set(ids)
+    return {k: np.stack(v) for k, v in out.items() if k in wanted}
 
 
 # ---------------------------------------------------------------------------------------------- queue

@@ -410,7 +410,9 @@ class PostgresStore:
                                  "or newer on it (package postgresql-NN-pgvector) or use the embedded server "
                                  "(python -m comfyui_chai db start DIR)")
             try:
-                conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+                with conn.transaction():  # serialised: two first clients would both try to create it
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITER_LOCK,))
+                    conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
             except psycopg.errors.InsufficientPrivilege:
                 db = conn.info.dbname
                 raise StoreError(f"database {db!r} at {self.location} has no pgvector extension and user "

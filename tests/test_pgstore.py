@@ -389,3 +389,34 @@ def test_killed_clients_leave_no_partial_entry(pg_url, tmp_path):
 @pytest.mark.slow
 def test_twenty_killed_clients(pg_url, tmp_path):
     print(check_killed_clients(pg_url, tmp_path, clients=20))
+
+
+def test_replay_gives_the_same_hits_on_postgres_and_folder_stores(pg_url, tmp_path):
+    """The simulate replay (in order, one worker, real extraction and MiniLM embeddings) over 60
+    VBench prompts: the same prompts hit, matching the same stored prompts, on both backends."""
+    from comfyui_chai.cache.embed import Embedder
+    from comfyui_chai.cache.entities import EntityExtractor
+    from comfyui_chai.cache.lookup import CacheLookup, LookupConfig
+    from comfyui_chai.cache.planner import natural_plan, replay_farm
+    from comfyui_chai.cache.simulate import entry_tensors, read_prompts
+    from comfyui_chai.cli import default_prompt_file
+
+    prompts = read_prompts(default_prompt_file())[:60]
+    extractor, embedder = EntityExtractor(), Embedder()
+    tensors = entry_tensors((2, 2, 2, 2), cache_steps=1)
+    runs = {}
+    for name, store in (("folder", LatentStore(tmp_path / "f")), ("postgres", PostgresStore(pg_url))):
+        with store:
+            lookup = CacheLookup(store, extractor, embedder, LookupConfig())
+            matched = []
+            original = lookup.lookup
+
+            def spy(*args, **kwargs):
+                result = original(*args, **kwargs)
+                matched.append(result.prompt_matched)
+                return result
+
+            lookup.lookup = spy
+            runs[name] = (replay_farm(natural_plan(prompts), 1, lookup, tensors, 1.0, 1.0).hit_index, matched)
+    assert runs["postgres"][0] == runs["folder"][0] and sum(runs["folder"][0]) >= 15
+    assert runs["postgres"][1] == runs["folder"][1]
