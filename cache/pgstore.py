@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import threading
 import time
 import uuid
@@ -141,7 +142,8 @@ def _connect_error(exc: Exception, where: str) -> StoreError:
         return StoreError(f"PostgreSQL at {where}: {_last_line(text)}; fix the user in the URL")
     if any(s in low for s in ("connection refused", "no such file or directory", "could not connect",
                               "timeout expired", "could not translate host", "failed to resolve",
-                              "is the server running", "server closed the connection", "name or service")):
+                              "is the server running", "server closed the connection", "name or service",
+                              "the database system is")):  # shutting down, starting up, in recovery
         return StoreError(f"cannot reach PostgreSQL at {where} ({_last_line(text)}); start the server "
                           "(python -m comfyui_chai db start DIR for the embedded one) or fix host and port in the URL")
     return StoreError(f"cannot use PostgreSQL at {where} ({_last_line(text)})")
@@ -678,7 +680,7 @@ class PostgresStore:
             raise ValueError(f"query vectors are {vectors.shape[1]}-d but the store holds {self.dim}-d vectors")
         rows = self._run(lambda c: c.execute(
             "SELECT q.i - 1, e.label, e.entry_id, e.text, 1 - (e.embedding <=> q.v) FROM "
-            "unnest(%s::vector[]) WITH ORDINALITY AS q(v, i) CROSS JOIN LATERAL ("
+            "unnest(%b::vector[]) WITH ORDINALITY AS q(v, i) CROSS JOIN LATERAL ("
             "SELECT label, entry_id, text, embedding FROM chai_entities WHERE compat_key = %s "
             "ORDER BY embedding <=> q.v LIMIT %s) e",
             (list(vectors), compat_key, int(k))).fetchall(), transaction=False)
@@ -701,8 +703,9 @@ class PostgresStore:
         """
         from safetensors.torch import load as load_bytes
 
+        # Binary results: bytea comes as raw bytes, not hex text twice its size.
         row = self._run(lambda c: c.execute("SELECT nbytes, sha256, blob, blob_key FROM chai_entries WHERE id=%s",
-                                            (int(entry_id),)).fetchone(), transaction=False)
+                                            (int(entry_id),), binary=True).fetchone(), transaction=False)
         if row is None:
             return None
         nbytes, digest, blob, blob_key = row
@@ -793,22 +796,28 @@ class PostgresStore:
         hit = hit_entry is not None
         texts = sorted(set(query_entities))  # sorted: rows locked in one order by every client
 
-        def record(conn):
-            if hit:
-                conn.execute("UPDATE chai_entries SET last_access=%s, access_count=access_count+1 WHERE id=%s",
-                             (now, int(hit_entry)))
-            self._bump(conn, lookups=1, hits=int(hit), misses=int(not hit), lookup_ms_sum=float(ms))
-            if texts:
-                conn.execute("INSERT INTO chai_entity_counts SELECT t, 1 FROM unnest(%s::text[]) AS t ON CONFLICT (text) "
-                             "DO UPDATE SET count = chai_entity_counts.count + 1", (texts,))
-            log_id = int(conn.execute(
-                "INSERT INTO chai_lookup_log(time, prompt, hit, entity, matched, similarity, ms) "
-                "VALUES(%s,%s,%s,%s,%s,%s,%s) RETURNING id",
-                (now, prompt[:500], hit, entity, matched, similarity, float(ms))).fetchone()[0])
-            if log_id % 100 == 0:
-                conn.execute("DELETE FROM chai_lookup_log WHERE id <= %s", (log_id - LOOKUP_LOG_KEEP,))
+        prune = random.random() < 0.01  # keep the log near LOOKUP_LOG_KEEP rows, pruning now and then
 
-        self._run(record)
+        def record(conn):
+            # One pipeline: every statement and the COMMIT go in one round trip. Statistics need no
+            # WAL flush before returning: a crash may lose the last moment's counts, never corrupts.
+            with conn.pipeline(), conn.transaction():
+                conn.execute("SET LOCAL synchronous_commit TO OFF")
+                if hit:
+                    conn.execute("UPDATE chai_entries SET last_access=%s, access_count=access_count+1 WHERE id=%s",
+                                 (now, int(hit_entry)))
+                self._bump(conn, lookups=1, hits=int(hit), misses=int(not hit), lookup_ms_sum=float(ms))
+                if texts:
+                    conn.execute("INSERT INTO chai_entity_counts SELECT t, 1 FROM unnest(%s::text[]) AS t "
+                                 "ON CONFLICT (text) DO UPDATE SET count = chai_entity_counts.count + 1", (texts,))
+                conn.execute("INSERT INTO chai_lookup_log(time, prompt, hit, entity, matched, similarity, ms) "
+                             "VALUES(%s,%s,%s,%s,%s,%s,%s)",
+                             (now, prompt[:500], hit, entity, matched, similarity, float(ms)))
+                if prune:
+                    conn.execute("DELETE FROM chai_lookup_log WHERE id < (SELECT max(id) FROM chai_lookup_log) - %s",
+                                 (LOOKUP_LOG_KEEP,))
+
+        self._run(record, transaction=False)
 
     def stats(self, last: int = 10) -> StoreStats:
         """Counters, sizes and recent lookups (see :class:`StoreStats`)."""

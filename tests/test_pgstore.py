@@ -289,10 +289,12 @@ def test_server_restart_mid_run_loses_nothing_committed(pg_server, pg_url):
 
     out = Path(pg_server.dir) / "restart.log"
     out.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, str(HERE / "_pg_worker.py"), pg_url, "8", "1", str(out)],
+    proc = subprocess.Popen([sys.executable, str(HERE / "_pg_worker.py"), pg_url, "12", "1", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        time.sleep(3)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not out.is_file() or len(out.read_text().splitlines()) < 3):
+            time.sleep(0.2)  # the client is up and committing
         assert pgserver.stop(pg_server.dir)
         time.sleep(1.5)
         pgserver.start(pg_server.dir)
