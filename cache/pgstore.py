@@ -353,6 +353,9 @@ class PostgresStore:
     def _init_schema(self, conn, dim: int | None, blobs: str | None) -> None:
         import psycopg
 
+        from .blobs import open_blob_store
+
+        given_blobs = None
         self._ensure_vector(conn)
         self._vector_ready = True
         self._prepare_vector(conn)
@@ -366,6 +369,8 @@ class PostgresStore:
                         conn.execute(statement)
                 meta = dict(conn.execute("SELECT key, value FROM chai_meta").fetchall())
                 if not meta:
+                    # A new store's bucket is checked first: failing here rolls everything back.
+                    given_blobs = open_blob_store(blobs) if blobs else None
                     rows = {"schema_version": SCHEMA_VERSION, "budget_bytes": str(self.config.budget_bytes),
                             "policy": self.config.policy.value, "blobs": blobs or "",
                             "index_params": json.dumps({"M": self.config.index_M,
@@ -396,9 +401,7 @@ class PostgresStore:
             raise StoreError(f"store {self.location} keeps its latents in {meta.get('blobs') or 'the database'}, "
                              f"not {blobs}; leave the blob option out or use another database")
         if meta.get("blobs"):
-            from .blobs import open_blob_store
-
-            self.blobs = open_blob_store(meta["blobs"])
+            self.blobs = given_blobs or open_blob_store(meta["blobs"])
 
     def _ensure_vector(self, conn) -> None:
         """Check that pgvector (>= 0.5, for HNSW) is in the database; create it when allowed."""
