@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("verify", "check and repair the store (exit 1 if anything needed repair)"),
                        ("compact", "rebuild the index without tombstones")):
         p = cache_sub.add_parser(name, help=text)
-        p.add_argument("store", help="store folder")
+        p.add_argument("store", help="store folder, or postgresql:// URL")
         if name == "stats":
             p.add_argument("--json", action="store_true", help="print JSON")
             p.add_argument("--read-only", action="store_true",
@@ -144,8 +144,16 @@ def _print_stats(path: Path, stats, as_json: bool) -> None:
 
 
 def _cmd_cache(args) -> int:
+    from .cache.pgstore import is_postgres_url, open_location
     from .cache.store import LatentStore, StoreError, read_stats
 
+    if is_postgres_url(args.store):  # a farm's store (cache/pgstore.py): never created by a maintenance command
+        try:
+            store = open_location(args.store, create=False)
+        except StoreError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return _cache_command(store, args.store, args)
     path = Path(args.store)
     if not (path / "manifest.sqlite").is_file():
         print(f"error: {path} is not a CHAI store (no manifest.sqlite in it)", file=sys.stderr)
@@ -165,6 +173,11 @@ def _cmd_cache(args) -> int:
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return _cache_command(store, path, args)
+
+
+def _cache_command(store, path, args) -> int:
+    """stats, verify or compact on an open store (closed on return)."""
     with store:
         for line in store.open_report:
             print(f"repaired on open: {line}")
@@ -234,7 +247,8 @@ def _add_generate_parser(sub) -> None:
                          epilog=_GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     gen.add_argument("--prompts", required=True, help="prompt file: one per line, or a JSON list")
     gen.add_argument("--out", required=True, help="folder for the mp4 files and report.{json,md}")
-    gen.add_argument("--store", required=True, help="cache store folder (created if missing)")
+    gen.add_argument("--store", required=True,
+                     help="cache store folder (created if missing), or a postgresql:// URL shared by a farm")
     gen.add_argument("--model", nargs="+", default=["tiny"], metavar="tiny|reference|PATH",
                      help="'tiny', 'reference' [DIR], or STDIT3 VAE T5 [TOKENIZER] weight paths (see below)")
     gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -398,7 +412,8 @@ def _cmd_generate(args) -> int:
     from .cache.entities import EntityExtractor
     from .cache.lookup import CacheLookup, LookupConfig
     from .cache.simulate import read_prompts
-    from .cache.store import LatentStore, StoreError
+    from .cache.store import StoreError
+    from .farm import open_any_store
     from .pipeline import write_video
 
     prompts = read_prompts(args.prompts)
@@ -418,8 +433,8 @@ def _cmd_generate(args) -> int:
         height, width = 64, 64
     num_frames = args.num_frames or (17 if tiny else None)  # None: the model's default (51; reference: 8)
     try:
-        store = LatentStore(args.store, budget_bytes=int(args.budget_mb * 1e6) if args.budget_mb else None,
-                            policy=args.policy)
+        store = open_any_store(args.store, budget_bytes=int(args.budget_mb * 1e6) if args.budget_mb else None,
+                               policy=args.policy)
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -183,3 +183,30 @@ def test_db_start_prints_the_url_last_and_stop_keeps_the_data(tmp_path_factory, 
     assert main(["db", "stop", str(tmp_path_factory.mktemp("empty"))]) == 2
     assert "holds no embedded PostgreSQL" in capsys.readouterr().err
 
+
+
+def test_cache_commands_and_generate_on_a_url(pg_url, tmp_path, monkeypatch, capsys):
+    import comfyui_chai.cache.embed as embed_mod
+    import comfyui_chai.cache.entities as entities_mod
+    from test_pipeline import CommaExtractor, WordBagEmbedder
+
+    assert main(["cache", "stats", pg_url]) == 2  # nothing is created by a maintenance command
+    assert "holds no CHAI store" in capsys.readouterr().err
+
+    class Extractor(CommaExtractor):
+        def __init__(self, mode="entity"):
+            self.mode = mode
+
+    monkeypatch.setattr(entities_mod, "EntityExtractor", Extractor)
+    monkeypatch.setattr(embed_mod, "Embedder", WordBagEmbedder)
+    (tmp_path / "p.txt").write_text("a red fox, snowy forest\nred fox, a river\n")
+    assert main(["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "out"), "--store", pg_url,
+                 "--model", "tiny", "--captions", "hashed", "--no-progress", "--budget-mb", "50"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [r["hit"] for r in report["prompts"]] == [False, True] and report["run"]["store"] == pg_url
+    capsys.readouterr()
+    assert main(["cache", "stats", "--json", pg_url]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["entries"], stats["hits"], stats["misses"], stats["budget_bytes"]) == (1, 1, 1, 50_000_000)
+    assert main(["cache", "verify", pg_url]) == 0 and "OK: store is consistent" in capsys.readouterr().out
+    assert main(["cache", "compact", pg_url]) == 0 and "1 partition(s)" in capsys.readouterr().out
