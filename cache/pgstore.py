@@ -230,12 +230,14 @@ class PostgresStore:
     @property
     def budget_bytes(self) -> int:
         """The byte budget in force (the persisted one, read from the database)."""
-        return self.stats(last=0).budget_bytes
+        self._run(self._adopt_meta, transaction=False)
+        return self.config.budget_bytes
 
     @property
     def policy(self) -> str:
         """The eviction policy in force: ``"lru"``, ``"lfu"`` or ``"fifo"`` (persisted)."""
-        return self.stats(last=0).policy
+        self._run(self._adopt_meta, transaction=False)
+        return self.config.policy.value
 
     def set_policy(self, policy: str | EvictionPolicy) -> None:
         """Persist a new eviction policy; every client's next eviction follows it.
@@ -582,9 +584,9 @@ class PostgresStore:
                          "unnest(%s::text[], %s::float8[]) AS d(name, delta) WHERE c.name = d.name",
                          (names, [float(deltas[n]) for n in names]))
 
-    def _evict_locked(self, conn, incoming: int, exclude: int | None, budget: int | None = None) -> list[str]:
+    def _evict_locked(self, conn, incoming: int, exclude: int | None, budget: int | None = None) -> list:
         """Delete entries in policy order until ``held + incoming <= budget`` (caller holds the
-        writer lock). Returns the bucket keys of the deleted entries, to remove after COMMIT."""
+        writer lock). Returns the deleted entries' bucket keys (None for bytea), to remove after COMMIT."""
         budget = self.config.budget_bytes if budget is None else budget
         held = int(conn.execute("SELECT value FROM chai_counters WHERE name='bytes_held'").fetchone()[0])
         excess = held + incoming - budget
@@ -607,7 +609,7 @@ class PostgresStore:
             batch *= 4
         conn.execute("DELETE FROM chai_entries WHERE id = ANY(%s)", ([v[0] for v in victims],))
         self._bump(conn, bytes_held=-freed, evictions=len(victims), generation=1)
-        return [v[2] for v in victims if v[2]]
+        return [v[2] for v in victims]
 
     def _delete_blobs(self, keys: Iterable[str]) -> None:
         keys = [k for k in keys if k]
@@ -628,7 +630,6 @@ class PostgresStore:
             ValueError: budget <= 0.
         """
         _validate_budget(budget_bytes)
-        before = self.stats(last=0).evictions
 
         def apply(conn):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITER_LOCK,))
@@ -636,8 +637,9 @@ class PostgresStore:
             self._adopt_meta(conn)
             return self._evict_locked(conn, 0, exclude=None)
 
-        self._delete_blobs(self._run(apply))
-        return self.stats(last=0).evictions - before
+        victims = self._run(apply)
+        self._delete_blobs(victims)
+        return len(victims)
 
     def delete(self, entry_ids: Sequence[int], reason: str = "deleted") -> int:
         """Remove entries (rows, vectors and latents). Unknown ids are ignored.
