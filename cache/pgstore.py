@@ -112,7 +112,6 @@ def _parse_url(url: str) -> dict:
     if not is_postgres_url(url):
         raise StoreError(f"{url!r} is not a postgresql:// URL")
     try:
-        import psycopg  # noqa: F401
         from psycopg.conninfo import conninfo_to_dict
     except ImportError as exc:
         raise StoreError("a postgresql:// store needs psycopg and pgvector: pip install 'psycopg[binary]' pgvector "
@@ -830,7 +829,9 @@ class PostgresStore:
             self._reload_dim()
         has_entities = self.dim is not None
 
-        def read(conn):
+        def snapshot(conn):
+            # One snapshot: REPEATABLE READ makes every query of the report see the same state.
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             meta = dict(conn.execute("SELECT key, value FROM chai_meta").fetchall())
             counters = {k: float(v) for k, v in conn.execute("SELECT name, value FROM chai_counters").fetchall()}
             entries, held = conn.execute("SELECT count(*), coalesce(sum(nbytes), 0) FROM chai_entries").fetchone()
@@ -843,11 +844,6 @@ class PostgresStore:
                       for r in conn.execute("SELECT time, prompt, hit, entity, matched, similarity, ms FROM "
                                             "chai_lookup_log ORDER BY id DESC LIMIT %s", (int(last),))]
             return meta, counters, int(entries), int(held), int(n_entities), ms, top, recent
-
-        # One snapshot: REPEATABLE READ makes every query of the report see the same state.
-        def snapshot(conn):
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            return read(conn)
 
         meta, counters, entries, held, n_entities, ms, top, recent = self._run(snapshot)
         lookups = int(counters.get("lookups", 0))

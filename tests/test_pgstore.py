@@ -8,7 +8,6 @@ a dropped connection or a server restart is survived, and every bad setup is a c
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import psycopg
 import pytest
 import torch
 
-from _store_util import DIM, KEYS, assert_seeded_entry, put_seeded, seeded_entry, unit_vectors
+from _store_util import DIM, assert_seeded_entry, put_seeded, seeded_entry, unit_vectors
 from comfyui_chai.cache.pgstore import PostgresStore, is_postgres_url, location_exists, open_location
 from comfyui_chai.cache.store import LatentStore, StoreError
 
