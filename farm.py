@@ -442,6 +442,9 @@ def run_worker(url: str, name: str | None = None, batch_id: int | None = None, e
                 else:
                     print(f"worker {name}: batch {job.batch_id} prompt {job.index}: "
                           f"{'hit' if result.hit else 'miss'} {result.timings.total_ms / 1000:.2f} s", flush=True)
+            except KeyboardInterrupt:  # hand the job back now rather than after the lease
+                queue.fail(job, "the worker was interrupted")
+                raise
             except Exception as exc:  # the job goes back to the queue; the worker carries on
                 status = 1
                 queue.fail(job, f"{type(exc).__name__}: {exc}")
