@@ -210,3 +210,37 @@ def test_cache_commands_and_generate_on_a_url(pg_url, tmp_path, monkeypatch, cap
     assert (stats["entries"], stats["hits"], stats["misses"], stats["budget_bytes"]) == (1, 1, 1, 50_000_000)
     assert main(["cache", "verify", pg_url]) == 0 and "OK: store is consistent" in capsys.readouterr().out
     assert main(["cache", "compact", pg_url]) == 0 and "1 partition(s)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_sigkilled_worker_process_has_its_job_taken_again(pg_url, tmp_path):
+    """A real worker process (real extractor and embedder, tiny model) is SIGKILLed while it holds a
+    job; after the lease a second worker takes that job again and the batch completes, every job
+    exactly once."""
+    import signal
+    import subprocess
+    import sys
+
+    from comfyui_chai.farm import run_worker
+
+    prompts = ["a red fox in the snow", "a lighthouse at night", "a sailboat on a lake"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    assert main(["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "out"), "--store", pg_url,
+                 "--model", "tiny", "--captions", "hashed", "--queue", "--no-wait", "--no-plan"]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "comfyui_chai", "worker", "--store", pg_url, "--lease-s", "3",
+                             "--name", "doomed"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with PostgresStore(pg_url) as store:
+        queue = JobQueue(store)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and queue.counts(1)["running"] == 0:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        held = [j for j in queue.results(1) if j["state"] == "running"]
+        assert len(held) == 1 and held[0]["worker"] == "doomed"
+        assert run_worker(pg_url, name="rescuer", exit_when_idle=True, poll_s=0.5) == 0
+        jobs = queue.results(1)
+    assert [j["state"] for j in jobs] == ["done"] * 3
+    taken = next(j for j in jobs if j["index"] == held[0]["index"])
+    assert taken["worker"] == "rescuer" and taken["attempt"] == 2
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.mp4")) == sorted(j["result"]["video"] for j in jobs)
