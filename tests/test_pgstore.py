@@ -366,9 +366,13 @@ def check_killed_clients(url: str, out_dir: Path, clients: int, rng_seed: int = 
     rng = np.random.default_rng(rng_seed)
     procs = _run_workers(url, clients, 60, out_dir)
     try:
-        time.sleep(2.5)  # interpreter start-up and imports
+        # Kill only once every client is inserting (start-up takes seconds on a busy machine).
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and any(
+                not (out_dir / f"w{w}.log").is_file() or not (out_dir / f"w{w}.log").read_text() for w in range(clients)):
+            time.sleep(0.1)
         for p in procs:
-            time.sleep(float(rng.uniform(0.05, 0.4)))
+            time.sleep(float(rng.uniform(0.0, 0.3)))
             p.send_signal(signal.SIGKILL)
     finally:
         for p in procs:
@@ -379,6 +383,7 @@ def check_killed_clients(url: str, out_dir: Path, clients: int, rng_seed: int = 
     with PostgresStore(url) as store:
         for entry_id, seed in committed:
             assert_seeded_entry(store, entry_id, seed)
+    assert len(committed) >= clients, "every client committed before it was killed"
     assert counts["entries"] >= len(committed)  # a kill between COMMIT and the log line leaves one unlogged
     return {"clients": clients, "committed_logged": len(committed), "entries": counts["entries"]}
 
