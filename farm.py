@@ -137,8 +137,8 @@ def open_any_store(location: str, **kwargs):
 
 
 def migrate(src: str, dst: str, blobs: str | None = None, progress: bool = False) -> dict:
-    """Copy every entry of ``src`` into ``dst`` (oldest first, so LRU/FIFO order carries over) and
-    read each one back from ``dst`` to compare tensors, entities, prompt and info. Counters and
+    """Copy every entry of ``src`` into ``dst`` (least recently used first, so the LRU order carries
+    over) and read each one back from ``dst`` to compare tensors, entities, prompt and info. Counters and
     the lookup log are not copied; the destination keeps its own budget, or takes the source's
     when new.
 
@@ -163,7 +163,7 @@ def migrate(src: str, dst: str, blobs: str | None = None, progress: bool = False
     if not is_postgres_url(src) and not (Path(src) / "manifest.sqlite").is_file():
         raise StoreError(f"{src} is not a CHAI store (no manifest.sqlite in it)")
     with open_any_store(src) as source:
-        records = source.entries()
+        records = sorted(source.entries(), key=lambda r: (r.last_access, r.entry_id))
         if not records:
             raise ValueError(f"{src} holds no entry to copy")
         stats = source.stats(last=0)

@@ -143,7 +143,8 @@ def test_migrate_folder_to_postgres_and_back(pg_url, tmp_path, capsys):
         assert pg.search(e["embeddings"][:1], e["compat_key"], k=1)[0].similarity == pytest.approx(1.0, abs=1e-5)
     assert main(["cache", "migrate", pg_url, str(tmp_path / "back")]) == 0
     with LatentStore(tmp_path / "back") as back:
-        assert [r.prompt for r in back.entries()] == [seeded_entry(s)["prompt"] for s in seeds]
+        # Least recently used first: entry 0, served once in the source, comes last.
+        assert [r.prompt for r in back.entries()] == [seeded_entry(s)["prompt"] for s in seeds[1:] + [0]]
         e = seeded_entry(9)
         hit = back.search(e["embeddings"], e["compat_key"], k=1)[0]
         assert back.entry(hit.entry_id).prompt == e["prompt"] and back.verify().ok
