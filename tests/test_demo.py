@@ -1,4 +1,4 @@
-"""The newcomer's path: ``python -m comfyui_chai demo`` (demo.py), ``generate --model reference``, the
+"""The newcomer's path: ``python -m comfyui_chai demo`` (cli/demo.py), ``generate --model reference``, the
 pixel-space ``ChaiPipeline.reference()``, and the errors ``ChaiPipeline.from_files`` gives for missing or
 wrong OpenSora 1.2 weight files."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from comfyui_chai import cli
-from comfyui_chai.demo import DEMO_PROMPTS, run_demo, upscale_frames
+from comfyui_chai.cli.demo import DEMO_PROMPTS, run_demo, upscale_frames
 from comfyui_chai.pipeline import ChaiPipeline, tiny_components
 
 BUNDLED = Path(__file__).resolve().parents[1] / "models" / "reference_v1"

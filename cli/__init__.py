@@ -9,7 +9,7 @@ Commands:
     simulate                 replay a prompt list through the cache at several budgets (no video model)
     generate                 run prompts through CHAI (lookup, fast or full mode, store): one mp4 each + report
     demo                     the CHAI batch on the bundled reference model over 12 related prompts, against an
-                             all-full run of the same batch: mp4s, a contact sheet, report.{md,json} (demo.py)
+                             all-full run of the same batch: mp4s, a contact sheet, report.{md,json} (cli/demo.py)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser", "default_prompt_file"]
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 def default_prompt_file() -> Path:
@@ -107,7 +107,7 @@ def _add_demo_parser(sub) -> None:
 def _cmd_demo(args) -> int:
     import torch
 
-    from .cache.store import StoreError
+    from ..cache.store import StoreError
     from .demo import run_demo
 
     torch.set_num_threads(max(1, args.threads))
@@ -141,7 +141,7 @@ def _print_stats(path: Path, stats, as_json: bool) -> None:
 
 
 def _cmd_cache(args) -> int:
-    from .cache.store import LatentStore, StoreError, read_stats
+    from ..cache.store import LatentStore, StoreError, read_stats
 
     path = Path(args.store)
     if not (path / "manifest.sqlite").is_file():
@@ -184,7 +184,7 @@ def _cmd_cache(args) -> int:
 
 
 def _cmd_simulate(args) -> int:
-    from .cache.simulate import read_prompts, simulate
+    from ..cache.simulate import read_prompts, simulate
 
     prompts = read_prompts(args.prompts)
     if args.limit:
@@ -278,12 +278,12 @@ def _generate_pipeline(args, lookup):
     """The ChaiPipeline of ``--model`` with the CHAI knobs of ``args``."""
     import torch
 
-    from .opensora.cache_attention import CacheAttentionConfig
-    from .pipeline import ChaiPipeline
+    from ..opensora.cache_attention import CacheAttentionConfig
+    from ..pipeline import ChaiPipeline
 
     model_defaults = {}
     if args.model[0] == "reference":  # the bundled model's own settings, unless a flag says otherwise
-        from .refmodel.model import cache_attention_defaults, read_model_config
+        from ..refmodel.model import cache_attention_defaults, read_model_config
 
         model_defaults = cache_attention_defaults(read_model_config(args.model[1] if len(args.model) == 2 else None))
     cache_steps = None if args.cache_steps is None else tuple(args.cache_steps)
@@ -391,12 +391,12 @@ def _cmd_generate(args) -> int:
     import re
     import time
 
-    from .cache.embed import Embedder
-    from .cache.entities import EntityExtractor
-    from .cache.lookup import CacheLookup, LookupConfig
-    from .cache.simulate import read_prompts
-    from .cache.store import LatentStore, StoreError
-    from .pipeline import write_video
+    from ..cache.embed import Embedder
+    from ..cache.entities import EntityExtractor
+    from ..cache.lookup import CacheLookup, LookupConfig
+    from ..cache.simulate import read_prompts
+    from ..cache.store import LatentStore, StoreError
+    from ..pipeline import write_video
 
     prompts = read_prompts(args.prompts)
     if args.limit:

@@ -331,14 +331,14 @@ def run_demo(out_dir: Union[str, Path] = "out/demo", store_dir: Optional[Union[s
     """
     from tqdm import tqdm
 
-    from .cache.embed import Embedder
-    from .cache.entities import EntityExtractor
-    from .cache.lookup import CacheLookup
-    from .cache.store import LatentStore
-    from .opensora.cache_attention import CacheAttentionConfig
-    from .pipeline import ChaiPipeline, write_video
-    from .refmodel import evaluator
-    from .refmodel.model import cache_attention_defaults, read_model_config
+    from ..cache.embed import Embedder
+    from ..cache.entities import EntityExtractor
+    from ..cache.lookup import CacheLookup
+    from ..cache.store import LatentStore
+    from ..opensora.cache_attention import CacheAttentionConfig
+    from ..pipeline import ChaiPipeline, write_video
+    from ..refmodel import evaluator
+    from ..refmodel.model import cache_attention_defaults, read_model_config
 
     batch = list(prompts)
     if limit is not None:
