@@ -20,7 +20,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from .embed import Embedder
     from .entities import EntityExtractor
-    from .store import LatentStore
+    from .backend import StoreBackend
 
 __all__ = ["LookupConfig", "EntityScore", "LookupTimings", "LookupResult", "CacheLookup", "DEFAULT_THRESHOLD"]
 
@@ -139,7 +139,7 @@ class LookupResult:
 
 
 class CacheLookup:
-    """Runs lookups against a :class:`LatentStore` and inserts requests after a miss.
+    """Runs lookups against a store (``cache.backend.StoreBackend``) and inserts requests after a miss.
 
     Args:
         store: the open store.
@@ -148,7 +148,7 @@ class CacheLookup:
         config: :class:`LookupConfig`.
     """
 
-    def __init__(self, store: "LatentStore", extractor: "EntityExtractor", embedder: "Embedder",
+    def __init__(self, store: "StoreBackend", extractor: "EntityExtractor", embedder: "Embedder",
                  config: LookupConfig | None = None) -> None:
         self.store = store
         self.extractor = extractor
@@ -273,6 +273,6 @@ class CacheLookup:
             The new entry id.
 
         Raises:
-            ValueError: see :meth:`LatentStore.put`.
+            ValueError: see ``StoreBackend.put``.
         """
         return self.store.put(tensors, result.entities, result.embeddings, result.compat_key, result.prompt, info)

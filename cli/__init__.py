@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--prompts", default=str(default_prompt_file()),
                      help="prompt file: one per line, or JSON (default: the 946 VBench prompts shipped with the pack)")
     sim.add_argument("--budget-mb", type=float, nargs="+", default=[25, 50, 100, 200, 400, 1000],
-                     help="cache budgets in MB (10^6 bytes); several give a curve")
+                     help="cache budgets in MiB (2^20 bytes); several give a curve")
     sim.add_argument("--mode", choices=["entity", "prompt", "both"], default="both",
                      help="entity-level (CHAI), whole-prompt (baseline) or both")
     sim.add_argument("--threshold", type=float, default=None, help="similarity threshold (default: the pack's)")
@@ -95,7 +95,8 @@ def _add_demo_parser(sub) -> None:
     demo.add_argument("--seed", type=int, default=42, help="noise seed of prompt i is seed + i (both runs)")
     demo.add_argument("--model-dir", default=None, help="reference-model folder (default: the bundled models/reference_v1)")
     demo.add_argument("--threshold", type=float, default=None, help="hit similarity (default: the lookup's, 0.72)")
-    demo.add_argument("--budget-mb", type=float, default=None, help="store budget in MB (default: kept / 1 GiB new)")
+    demo.add_argument("--budget-mb", type=float, default=None,
+                      help="store budget in MiB (2^20 bytes; default: kept, 1024 when new)")
     demo.add_argument("--full-steps", type=int, default=None, help="steps on a miss and of the full-mode twins (default 30)")
     demo.add_argument("--fast-steps", type=int, default=8, help="steps on a hit (default 8)")
     demo.add_argument("--scale", type=int, default=8, help="nearest-neighbour upscaling of the mp4 files (32 -> 256 px)")
@@ -141,24 +142,18 @@ def _print_stats(path: Path, stats, as_json: bool) -> None:
 
 
 def _cmd_cache(args) -> int:
-    from ..cache.store import LatentStore, StoreError, read_stats
+    from ..cache.backend import open_store, read_stats
+    from ..cache.store import StoreError
 
-    path = Path(args.store)
-    if not (path / "manifest.sqlite").is_file():
-        print(f"error: {path} is not a CHAI store (no manifest.sqlite in it)", file=sys.stderr)
-        return 2
-    if args.cache_command == "stats" and (args.read_only or not os.access(path, os.W_OK)):
-        try:
-            stats = read_stats(path)
-        except StoreError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        if not args.json:
-            print("read-only: manifest read as is (no repair, nothing written)")
-        _print_stats(path, stats, args.json)
-        return 0
+    location = args.store
     try:
-        store = LatentStore(path)
+        if args.cache_command == "stats" and (args.read_only or not os.access(Path(location).expanduser(), os.W_OK)):
+            stats = read_stats(location)
+            if not args.json:
+                print("read-only: manifest read as is (no repair, nothing written)")
+            _print_stats(Path(location), stats, args.json)
+            return 0
+        store = open_store(location, create=False)
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -166,7 +161,7 @@ def _cmd_cache(args) -> int:
         for line in store.open_report:
             print(f"repaired on open: {line}")
         if args.cache_command == "stats":
-            _print_stats(path, store.stats(), args.json)
+            _print_stats(Path(location), store.stats(), args.json)
             return 0
         if args.cache_command == "verify":
             report = store.verify(full=not args.quick)
@@ -269,7 +264,8 @@ def _add_generate_parser(sub) -> None:
     ca.add_argument("--capture-dtype", choices=["float16", "float32"], default="float16", help="stored latent dtype")
     ca.add_argument("--lookup-mode", choices=["entity", "prompt"], default="entity",
                     help="entity-level keys (CHAI) or the whole prompt (NIRVANA-style baseline)")
-    ca.add_argument("--budget-mb", type=float, default=None, help="store budget in MB (10^6 bytes; default: kept)")
+    ca.add_argument("--budget-mb", type=float, default=None,
+                    help="store budget in MiB (2^20 bytes, as the ComfyUI Cache node; default: kept, 1024 when new)")
     ca.add_argument("--policy", choices=["lru", "lfu", "fifo"], default=None, help="eviction policy (default: kept)")
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -395,7 +391,8 @@ def _cmd_generate(args) -> int:
     from ..cache.entities import EntityExtractor
     from ..cache.lookup import CacheLookup, LookupConfig
     from ..cache.simulate import read_prompts
-    from ..cache.store import LatentStore, StoreError
+    from ..cache.backend import mib_to_bytes, open_store
+    from ..cache.store import StoreError
     from ..pipeline import write_video
 
     prompts = read_prompts(args.prompts)
@@ -415,8 +412,8 @@ def _cmd_generate(args) -> int:
         height, width = 64, 64
     num_frames = args.num_frames or (17 if tiny else None)  # None: the model's default (51; reference: 8)
     try:
-        store = LatentStore(args.store, budget_bytes=int(args.budget_mb * 1e6) if args.budget_mb else None,
-                            policy=args.policy)
+        store = open_store(args.store, budget_bytes=mib_to_bytes(args.budget_mb) if args.budget_mb else None,
+                           policy=args.policy)
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -434,7 +431,7 @@ def _cmd_generate(args) -> int:
         before = store.stats()
         header = {"model": "tiny" if tiny else " ".join(args.model), "height": height, "width": width,
                   "num_frames": frames, "device": str(pipe.device), "config": pipe.config.tag(),
-                  "compat_key": pipe.compat_key(height, width, frames), "store": str(store.path),
+                  "compat_key": pipe.compat_key(height, width, frames), "store": store.location,
                   "load_s": round(load_s, 2), "seed": args.seed}
         rows: list[dict] = []
         from tqdm import tqdm

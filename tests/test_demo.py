@@ -205,7 +205,7 @@ def test_generate_with_the_reference_model(model_dir, tmp_path):
     assert [p["steps"] for p in report["prompts"]] == [FULL, FAST]
     cache = report["totals"]["cache"]
     assert cache["entries"] == 1 and cache["inserts"] == 1 and cache["evictions"] == 0
-    assert cache["budget_bytes"] == 100_000_000 and 3 * 3 * 8 * 32 * 32 * 2 < cache["bytes"] < 3 * 3 * 8 * 32 * 32 * 2 + 4096
+    assert cache["budget_bytes"] == 100 << 20 and 3 * 3 * 8 * 32 * 32 * 2 < cache["bytes"] < 3 * 3 * 8 * 32 * 32 * 2 + 4096
     n, shape = _video_info(out / report["prompts"][0]["video"])
     assert n == 8 and shape == (32, 32, 3)
     assert "Store after the run: 1 entries" in (out / "report.md").read_text()
