@@ -246,9 +246,12 @@ def _add_generate_parser(sub) -> None:
                      help="caption encoder of --model tiny: MiniLM token states or hashed words (no model)")
     gen.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default: 1 for --model tiny/reference on cpu, else torch's default)")
-    # Every knob defaults to None: the reference model's config.json, else CacheAttentionConfig's default.
-    ca = gen.add_argument_group("CHAI knobs (opensora.cache_attention.CacheAttentionConfig; a flag left out "
-                                "takes the reference model's config.json, else the paper's default)")
+    gen.add_argument("--mode", choices=_mode_choices(), default="chai",
+                     help="sampling mode (registered modes: " + "; ".join(_mode_help()) + ")")
+    # Every knob defaults to None: pipeline.settings.resolve_settings takes the model's config.json, else
+    # the built-in default (OpenSora 1.2 / the CHAI paper).
+    ca = gen.add_argument_group("CHAI settings (pipeline.settings; a flag left out takes the model's own setting from "
+                                "its config.json, else the paper's default)")
     ca.add_argument("--fast-steps", type=int, default=None, help="steps on a hit (8)")
     ca.add_argument("--cache-steps", type=int, nargs="*", default=None,
                     help="1-based Cache Attention steps (2 3 4; none given: no Cache Attention)")
@@ -261,7 +264,8 @@ def _add_generate_parser(sub) -> None:
     ca.add_argument("--fusion", choices=["best", "per_entity"], default=None,
                     help="one best entry (paper) or one per matched entity, K/V concatenated (best)")
     ca.add_argument("--threshold", type=float, default=None, help="hit similarity (default: the lookup's, 0.72)")
-    ca.add_argument("--capture-dtype", choices=["float16", "float32"], default="float16", help="stored latent dtype")
+    ca.add_argument("--capture-dtype", choices=["float16", "float32"], default=None,
+                    help="stored latent dtype (float16)")
     ca.add_argument("--lookup-mode", choices=["entity", "prompt"], default="entity",
                     help="entity-level keys (CHAI) or the whole prompt (NIRVANA-style baseline)")
     ca.add_argument("--budget-mb", type=float, default=None,
@@ -270,42 +274,54 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _mode_choices() -> list:
+    from ..pipeline.modes import mode_choices
+
+    return mode_choices()
+
+
+def _mode_help() -> list:
+    from ..pipeline.modes import get_mode, mode_names
+
+    return [f"{name}: {get_mode(name).description}" for name in mode_names()]
+
+
+def _generate_settings(args) -> dict:
+    """The CHAI settings the command line names (None = not given): the user layer of resolve_settings."""
+    return {"fast_steps": args.fast_steps, "cache_steps": None if args.cache_steps is None else tuple(args.cache_steps),
+            "block_index": args.block_index, "mode": args.attention_mode, "branches": args.branches,
+            "threshold": args.threshold, "fusion": args.fusion, "capture_dtype": args.capture_dtype,
+            "full_steps": args.full_steps, "cfg_scale": args.cfg_scale}
+
+
 def _generate_pipeline(args, lookup):
-    """The ChaiPipeline of ``--model`` with the CHAI knobs of ``args``."""
+    """The ChaiPipeline of ``--model``, its settings resolved from the model's defaults and the flags."""
     import torch
 
-    from ..opensora.cache_attention import CacheAttentionConfig
     from ..pipeline import ChaiPipeline
+    from ..pipeline.settings import resolve_settings
 
-    model_defaults = {}
-    if args.model[0] == "reference":  # the bundled model's own settings, unless a flag says otherwise
-        from ..refmodel.model import cache_attention_defaults, read_model_config
-
-        model_defaults = cache_attention_defaults(read_model_config(args.model[1] if len(args.model) == 2 else None))
-    cache_steps = None if args.cache_steps is None else tuple(args.cache_steps)
-    flags = {"fast_steps": args.fast_steps, "cache_steps": cache_steps, "block_index": args.block_index,
-             "mode": args.attention_mode, "branches": args.branches, "threshold": args.threshold,
-             "fusion": args.fusion, "capture_dtype": args.capture_dtype, "full_steps": args.full_steps,
-             "cfg_scale": args.cfg_scale}
-    config = CacheAttentionConfig(**{**model_defaults, **{k: v for k, v in flags.items() if v is not None}})
+    flags = _generate_settings(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model == ["tiny"]:
-        pipe = ChaiPipeline.tiny(lookup, config, captions=args.captions)
+        pipe = ChaiPipeline.tiny(lookup, settings=resolve_settings(None, flags), captions=args.captions)
         pipe.model.to(device)
         pipe.vae.to(device)
         return pipe
     if args.model[0] == "reference":
         if len(args.model) > 2:
             raise ValueError("--model reference takes at most one folder: --model reference [DIR]")
-        return ChaiPipeline.reference(lookup, config, model_dir=args.model[1] if len(args.model) == 2 else None,
+        pipe = ChaiPipeline.reference(lookup, model_dir=args.model[1] if len(args.model) == 2 else None,
                                       device=device)
+        return pipe.with_settings(flags)
     if len(args.model) not in (3, 4):
         raise ValueError("--model takes 'tiny', 'reference' [DIR] or 3-4 paths: STDIT3 VAE T5 [TOKENIZER]")
     default = torch.bfloat16 if device.startswith("cuda") else torch.float32
     dtype = getattr(torch, args.dtype) if args.dtype else default
     stdit, vae, t5 = args.model[:3]
     tokenizer = args.model[3] if len(args.model) == 4 else None
-    return ChaiPipeline.from_files(stdit, vae, t5, tokenizer, lookup, config, device=device, dtype=dtype)
+    return ChaiPipeline.from_files(stdit, vae, t5, tokenizer, lookup, settings=resolve_settings(None, flags),
+                                   device=device, dtype=dtype)
 
 
 def _cache_behaviour(before, after) -> dict:
@@ -430,7 +446,8 @@ def _cmd_generate(args) -> int:
         height, width, frames = pipe.resolve_size(resolution or "240p", args.aspect_ratio, height, width, num_frames)
         before = store.stats()
         header = {"model": "tiny" if tiny else " ".join(args.model), "height": height, "width": width,
-                  "num_frames": frames, "device": str(pipe.device), "config": pipe.config.tag(),
+                  "num_frames": frames, "device": str(pipe.device), "mode": args.mode,
+                  "config": pipe.settings.tag(), "settings": pipe.settings.to_dict(),
                   "compat_key": pipe.compat_key(height, width, frames), "store": store.location,
                   "load_s": round(load_s, 2), "seed": args.seed}
         rows: list[dict] = []
@@ -440,7 +457,8 @@ def _cmd_generate(args) -> int:
         status = 0
         try:
             for i, prompt in enumerate(prompts):
-                result = pipe.generate(prompt, seed=args.seed + i, height=height, width=width, num_frames=frames)
+                result = pipe.generate(prompt, seed=args.seed + i, height=height, width=width, num_frames=frames,
+                                       mode=args.mode)
                 slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
                 video = write_video(result.frames, out / f"{i:03d}_{slug}.mp4", fps=args.fps or pipe.fps)
                 row = result.summary()

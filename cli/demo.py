@@ -335,10 +335,8 @@ def run_demo(out_dir: Union[str, Path] = "out/demo", store_dir: Optional[Union[s
     from ..cache.entities import EntityExtractor
     from ..cache.lookup import CacheLookup
     from ..cache.backend import mib_to_bytes, open_store, store_exists
-    from ..opensora.cache_attention import CacheAttentionConfig
     from ..pipeline import ChaiPipeline, write_video
     from ..refmodel import evaluator
-    from ..refmodel.model import cache_attention_defaults, read_model_config
 
     batch = list(prompts)
     if limit is not None:
@@ -366,16 +364,10 @@ def run_demo(out_dir: Union[str, Path] = "out/demo", store_dir: Optional[Union[s
         t_load = time.perf_counter()
         store = open_store(store_path, budget_bytes=mib_to_bytes(budget_mb) if budget_mb else None)
         with store:
-            defaults = cache_attention_defaults(read_model_config(model_dir))
-            # The model's (else the paper's) cache steps, cut to a shorter --fast-steps.
-            cache_steps = defaults.get("cache_steps", CacheAttentionConfig.cache_steps)
-            mine = {"threshold": threshold, "fast_steps": int(fast_steps),
-                    "cache_steps": tuple(s for s in cache_steps if s <= int(fast_steps))}
-            if full_steps:
-                mine["full_steps"] = int(full_steps)
-            config = CacheAttentionConfig(**{**defaults, **mine})
-            pipe = ChaiPipeline.reference(CacheLookup(store, EntityExtractor(), Embedder()), config,
-                                          model_dir=model_dir)
+            # The model's own settings (its config.json), then the demo's: pipeline.settings.resolve_settings.
+            pipe = ChaiPipeline.reference(CacheLookup(store, EntityExtractor(), Embedder()), model_dir=model_dir)
+            pipe = pipe.with_settings({"threshold": threshold, "fast_steps": int(fast_steps),
+                                       "full_steps": int(full_steps) if full_steps else None})
             # Load every lazy model and run the sampler once, so no timed request pays for loading.
             pipe.lookup.keys_for(batch[0])
             pipe.lookup.embedder.encode([batch[0]])

@@ -19,6 +19,7 @@ from ..opensora.vae import OpenSoraVAE
 from .captions import HashedWordCaptions, MiniLMCaptions, T5Captions
 from .core import ChaiPipeline
 from .fingerprints import files_fingerprint
+from .settings import RequestSettings
 
 __all__ = [
     "TINY_STDIT3_CONFIG",
@@ -28,6 +29,7 @@ __all__ = [
     "tiny_components",
     "tiny_pipeline",
     "reference_pipeline",
+    "reference_pipeline_for",
     "opensora_pipeline",
 ]
 
@@ -94,10 +96,10 @@ def tiny_components(seed: int = 0, captions: str = "hashed") -> Tuple[STDiT3, Op
 
 
 def tiny_pipeline(lookup: Optional[CacheLookup] = None, config: Optional[CacheAttentionConfig] = None, *,
-         seed: int = 0, captions: str = "hashed") -> "ChaiPipeline":
-    """The small CPU configuration of :func:`tiny_components` (size conditioning in fp32)."""
+                  seed: int = 0, captions: str = "hashed", settings: Optional[RequestSettings] = None) -> ChaiPipeline:
+    """The small CPU configuration of :func:`tiny_components` (size conditioning in fp32) as a pipeline."""
     model, vae, enc = tiny_components(seed, captions)
-    return ChaiPipeline(model, vae, enc, lookup, config, size_dtype=torch.float32)
+    return ChaiPipeline(model, vae, enc, lookup, config, settings=settings, size_dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------ weight files
@@ -158,21 +160,23 @@ def _explain_weights_error(exc: Exception, kind: str, path: Union[str, Path]) ->
 
 
 def reference_pipeline(lookup: Optional[CacheLookup] = None, config: Optional[CacheAttentionConfig] = None, *,
-              model_dir: Optional[Union[str, Path]] = None,
-              device: Union[str, torch.device] = "cpu") -> "ChaiPipeline":
+                       model_dir: Optional[Union[str, Path]] = None, device: Union[str, torch.device] = "cpu",
+                       settings: Optional[RequestSettings] = None) -> ChaiPipeline:
     """The bundled CPU reference model (``refmodel.model.load_reference_model``) as a pixel-space pipeline.
 
     The model (a 3-block STDiT3, 1.9 M parameters, trained on ``refmodel.scenes`` shape videos)
     denoises 8-frame 32 x 32 RGB clips in [-1, 1]; captions are all-MiniLM-L6-v2 token states
-    (:class:`..refmodel.model.MiniLMTokenStates`, 32 rows of 384). Sampler settings come from the
-    folder's ``config.json`` ("sampler": RFLOW without OpenSora's timestep shift); the size
-    conditioning is fp32; the cache key holds the SHA-256 of ``model.safetensors``, so entries of
-    another checkpoint are never served.
+    (``refmodel.model.MiniLMTokenStates``, 32 rows of 384). Sampler settings come from the folder's
+    ``config.json`` ("sampler": RFLOW without OpenSora's timestep shift); the size conditioning is
+    fp32; the cache key holds the SHA-256 of ``model.safetensors``, so entries of another checkpoint
+    are never served.
 
     Args:
-        lookup: as the constructor.
-        config: CHAI knobs; default: the folder's own (``refmodel.model.cache_attention_defaults``:
-            its sampler's ``cfg_scale`` and ``num_sampling_steps``, its "cache_attention" section).
+        lookup: as the :class:`ChaiPipeline` constructor.
+        config / settings: CHAI settings (give at most one); default: the folder's own
+            (``refmodel.model.cache_attention_defaults``: its sampler's ``cfg_scale`` and
+            ``num_sampling_steps``, its "cache_attention" section), which is also the pipeline's
+            ``model_defaults`` layer.
         model_dir: folder with ``config.json`` and ``model.safetensors`` (default
             ``models/reference_v1`` of the pack).
         device: torch device.
@@ -181,27 +185,36 @@ def reference_pipeline(lookup: Optional[CacheLookup] = None, config: Optional[Ca
         refmodel.model.ModelFilesError (a FileNotFoundError): a missing or malformed file,
             or weights that do not match the config (the message names the file).
     """
-    from ..refmodel.model import cache_attention_defaults, load_reference_model
+    from ..refmodel.model import load_reference_model
 
     model, encoder = load_reference_model(model_dir, device=device)
+    return reference_pipeline_for(model, encoder, lookup, config, settings=settings)
+
+
+def reference_pipeline_for(model: torch.nn.Module, encoder: Any, lookup: Optional[CacheLookup] = None,
+                           config: Optional[CacheAttentionConfig] = None, *,
+                           settings: Optional[RequestSettings] = None) -> ChaiPipeline:
+    """:func:`reference_pipeline` for a reference model already loaded (``load_reference_model``: the model
+    with its ``reference_config`` and ``fingerprint``, and its caption encoder)."""
+    from ..refmodel.model import cache_attention_defaults
+
     cfg = model.reference_config
     sampler = dict(cfg["sampler"])
     rflow = RFlow(**{k: v for k, v in sampler.items() if k in RFlow.__dataclass_fields__})
-    if config is None:
-        config = CacheAttentionConfig(**cache_attention_defaults(cfg))
     clip = cfg["clip"]
-    pipe = ChaiPipeline(model, None, encoder, lookup, config, model_fingerprint=str(model.fingerprint),
-               size_dtype=torch.float32, rflow=rflow, pixel_space=True,
-               native_size=(int(clip["height"]), int(clip["width"])), default_frames=int(clip["num_frames"]),
-               fps=int(clip.get("fps", 24)))
-    return pipe
+    return ChaiPipeline(model, None, encoder, lookup, config, settings=settings,
+                        model_defaults=cache_attention_defaults(cfg), model_fingerprint=str(model.fingerprint),
+                        size_dtype=torch.float32, rflow=rflow, pixel_space=True,
+                        native_size=(int(clip["height"]), int(clip["width"])), default_frames=int(clip["num_frames"]),
+                        fps=int(clip.get("fps", 24)))
 
 
 def opensora_pipeline(stdit3: Union[str, Path], vae: Optional[Union[str, Path]], t5: Union[str, Path],
-               tokenizer: Optional[Union[str, Path]] = None, lookup: Optional[CacheLookup] = None,
-               config: Optional[CacheAttentionConfig] = None, *, device: Union[str, torch.device] = "cpu",
-               dtype: torch.dtype = torch.float32, t5_dtype: torch.dtype = torch.float32,
-               vae_spatial_config: Optional[Mapping[str, Any]] = None) -> "ChaiPipeline":
+                      tokenizer: Optional[Union[str, Path]] = None, lookup: Optional[CacheLookup] = None,
+                      config: Optional[CacheAttentionConfig] = None, *, device: Union[str, torch.device] = "cpu",
+                      dtype: torch.dtype = torch.float32, t5_dtype: torch.dtype = torch.float32,
+                      vae_spatial_config: Optional[Mapping[str, Any]] = None,
+                      settings: Optional[RequestSettings] = None) -> ChaiPipeline:
     """Load the real OpenSora 1.2 weights (safetensors only) without a second copy in memory.
 
     Args:
@@ -211,7 +224,7 @@ def opensora_pipeline(stdit3: Union[str, Path], vae: Optional[Union[str, Path]],
             ``config.json`` there is read as the official pipeline config), or None.
         t5: T5-v1.1-XXL: an HF folder or a single file such as ComfyUI's ``t5xxl_fp16.safetensors``.
         tokenizer: T5 tokenizer folder (required for a single T5 file; default the T5 folder).
-        lookup, config: as the constructor.
+        lookup, config, settings: as the :class:`ChaiPipeline` constructor.
         device: e.g. "cuda". dtype: STDiT3 and VAE dtype (OpenSora: bf16 on GPU).
         t5_dtype: T5 dtype (OpenSora: fp32). vae_spatial_config: AutoencoderKL config when the
             VAE is not the SDXL-VAE layout.
@@ -258,5 +271,5 @@ def opensora_pipeline(stdit3: Union[str, Path], vae: Optional[Union[str, Path]],
     except (CheckpointFormatError, StateDictMismatchError) as exc:
         raise _explain_weights_error(exc, "t5", t5)
     captions = T5Captions(encoder, files_fingerprint(t5))
-    return ChaiPipeline(model, vae_model, captions, lookup, config,
-               model_fingerprint=f"stdit3-{files_fingerprint(stdit_path)}")
+    return ChaiPipeline(model, vae_model, captions, lookup, config, settings=settings,
+                        model_fingerprint=f"stdit3-{files_fingerprint(stdit_path)}")

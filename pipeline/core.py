@@ -1,28 +1,37 @@
 """The request path: one :class:`ChaiPipeline` call per request (see the package docstring).
 
-This module is the only place where the cache engine (``cache/``) meets the OpenSora stack
+This package is the only place where the cache engine (``cache/``) meets the OpenSora stack
 (``opensora/``). What crosses between them is small and typed: a ``name -> tensor`` dict of
 latents, a compatibility-key string, and the step schedule (``CacheAttentionConfig``).
+
+A request: resolve the size and the compatibility key (:func:`.settings.compat_key`); look the
+prompt up when its sampling mode asks for it; encode the caption; draw the noise; let the mode
+(:mod:`.modes`) sample, with any requested model hooks attached; decode; insert what the mode asked to
+store, only once the whole request completed (a cancelled or failed request leaves the store as it was).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..cache.lookup import CacheLookup, LookupResult
+from ..cache.lookup import CacheLookup, LookupQuery, LookupResult
 from ..opensora.buckets import get_image_size, get_num_frames
-from ..opensora.cache_attention import CacheAttentionConfig, sample_fast, sample_full
+from ..opensora.cache_attention import CacheAttentionConfig
+from ..opensora.hooks import HookRegistry
 from ..opensora.rflow import RFlow, StepState, make_noise
 from ..opensora.stdit3 import STDiT3
 from ..opensora.vae import OpenSoraVAE, latent_shape
 from .captions import check_prompt
 from .fingerprints import module_fingerprint
+from .modes import DEFAULT_MODE, ModeRequest, get_mode, make_model_hook
+from .settings import RequestSettings, compat_key, resolve_settings
 from .video import frames_to_uint8
 
 __all__ = ["ChaiPipeline", "GenerationResult", "LatencySplit", "ProgressFn"]
@@ -75,6 +84,7 @@ class GenerationResult:
         latent: clean latent [C, T, H, W] fp32 on the CPU.
         frames: decoded video [F, H, W, 3] float32 in [0, 1] on the CPU (None without decode).
         timings: :class:`LatencySplit`. lookup: the full ``LookupResult`` (None without a cache).
+        sampling_mode: the registered mode that ran (``"chai"``, ``"full"``, ``"plain"``, ...).
     """
 
     prompt: str
@@ -96,6 +106,7 @@ class GenerationResult:
     inserted_entry_id: Optional[int] = None
     timings: LatencySplit = field(default_factory=LatencySplit)
     lookup: Optional[LookupResult] = None
+    sampling_mode: str = DEFAULT_MODE
 
     def frames_uint8(self) -> torch.Tensor:
         """frames as uint8 [F, H, W, 3] (round to nearest). Raises ValueError when not decoded."""
@@ -107,7 +118,8 @@ class GenerationResult:
         """JSON-friendly view (no tensors): the request, hit/miss, match, steps and latency split."""
         return {
             "prompt": self.prompt, "seed": self.seed, "height": self.height, "width": self.width,
-            "num_frames": self.num_frames, "mode": self.mode, "hit": self.hit, "steps": self.steps,
+            "num_frames": self.num_frames, "mode": self.mode, "sampling_mode": self.sampling_mode,
+            "hit": self.hit, "steps": self.steps,
             "entity": self.entity, "matched": self.matched,
             "similarity": None if self.similarity is None else round(float(self.similarity), 4),
             "entry_id": self.entry_id, "fused_entry_ids": list(self.fused_entry_ids),
@@ -124,7 +136,7 @@ def _sync(device: torch.device) -> None:
 
 
 class ChaiPipeline:
-    """CHAI text-to-video for OpenSora 1.2: one :meth:`generate` call per request.
+    """CHAI text-to-video for OpenSora 1.2 (and any STDiT3 family): one :meth:`generate` call per request.
 
     Args:
         model: an STDiT3 (any dtype/device; the noise and captions follow it).
@@ -134,15 +146,20 @@ class ChaiPipeline:
             :class:`HashedWordCaptions`); L must equal the model's ``model_max_length``.
         lookup: a ``cache.lookup.CacheLookup`` on an open store, or None (every request is then a
             full run and nothing is stored).
-        config: :class:`CacheAttentionConfig` (all CHAI knobs). A non-None ``config.threshold``
-            replaces the lookup's threshold.
+        config: a ``CacheAttentionConfig`` naming every setting (kept for callers of the flat
+            config); give either it or ``settings``.
+        settings: the :class:`.settings.RequestSettings` of every request (default: resolved from
+            ``model_defaults`` by :func:`.settings.resolve_settings`). A lookup threshold in it
+            replaces the lookup's own.
+        model_defaults: the model's own settings (flat keys, e.g. from its ``config.json``), the layer
+            :meth:`with_settings` resolves user overrides on top of.
         model_fingerprint: identifies the denoiser's weights; default :func:`module_fingerprint`
             of the model (reads all weights once). The cache key also holds the caption encoder's
             fingerprint, the model dtype and the size-conditioning dtype.
         size_dtype: dtype of the size conditioning (torch.bfloat16 = OpenSora's default config).
         rflow: the sampler (default ``RFlow()``: OpenSora 1.2's settings).
         pixel_space: the model denoises RGB pixels in [-1, 1] directly (no VAE; latent
-            [C, frames, height, width]); see the module docstring.
+            [C, frames, height, width]); see the package docstring.
         native_size: (height, width) in pixels used when a request gives no size (pixel-space
             models; ignored otherwise).
         default_frames: frames when a request gives none (OpenSora 1.2: 51 = "2s").
@@ -151,17 +168,24 @@ class ChaiPipeline:
 
     Raises:
         ValueError: a caption length that differs from the model's ``model_max_length``; a
-            pixel-space ``native_size`` or ``default_frames`` below 1.
+            pixel-space ``native_size`` or ``default_frames`` below 1; both ``config`` and ``settings``.
     """
 
     def __init__(self, model: STDiT3, vae: Optional[OpenSoraVAE], captions: Any, lookup: Optional[CacheLookup] = None,
-                 config: Optional[CacheAttentionConfig] = None, *, model_fingerprint: Optional[str] = None,
+                 config: Optional[CacheAttentionConfig] = None, *, settings: Optional[RequestSettings] = None,
+                 model_defaults: Optional[Mapping[str, Any]] = None, model_fingerprint: Optional[str] = None,
                  size_dtype: torch.dtype = torch.bfloat16, rflow: Optional[RFlow] = None, pixel_space: bool = False,
                  native_size: Optional[Tuple[int, int]] = None, default_frames: int = 51, fps: int = 24) -> None:
+        if config is not None and settings is not None:
+            raise ValueError("give either config= (a CacheAttentionConfig) or settings= (RequestSettings), not both")
         self.model = model
         self.vae = vae
         self.captions = captions
-        self.config = config or CacheAttentionConfig()
+        self.model_defaults: Dict[str, Any] = dict(model_defaults or {})
+        if settings is None:
+            settings = RequestSettings.from_config(config) if config is not None \
+                else resolve_settings(self.model_defaults)
+        self.settings = settings
         self.rflow = rflow or RFlow()
         self.size_dtype = size_dtype
         self.pixel_space = bool(pixel_space)
@@ -176,43 +200,68 @@ class ChaiPipeline:
         if length is not None and int(length) != max_length:
             raise ValueError(f"the caption encoder gives {length} tokens but the model's model_max_length is "
                              f"{max_length}; they must match (OpenSora 1.2: 300)")
-        if lookup is not None and self.config.threshold is not None \
-                and float(self.config.threshold) != float(lookup.config.threshold):
-            lookup = CacheLookup(lookup.store, lookup.extractor, lookup.embedder,
-                                 replace(lookup.config, threshold=float(self.config.threshold)))
         self.lookup = lookup
         weights = model_fingerprint or module_fingerprint(model, "stdit3")
+        self._weights_fingerprint = weights
         self.model_fingerprint = f"{weights}+{captions.fingerprint}+{str(model.dtype).replace('torch.', '')}"
+
+    @property
+    def lookup(self) -> Optional[CacheLookup]:
+        """The cache lookup (None: no store), with this pipeline's lookup threshold applied."""
+        return self._lookup
+
+    @lookup.setter
+    def lookup(self, lookup: Optional[CacheLookup]) -> None:
+        threshold = self.settings.lookup.threshold
+        if lookup is not None and threshold is not None and float(threshold) != float(lookup.config.threshold):
+            lookup = lookup.with_config(threshold=float(threshold))
+        self._lookup = lookup
+
+    @property
+    def config(self) -> CacheAttentionConfig:
+        """Every setting as one flat ``CacheAttentionConfig`` (what the sampling functions take)."""
+        return self.settings.cache_attention_config()
+
+    def with_settings(self, *overrides: Optional[Mapping[str, Any]], lookup: Any = "same") -> "ChaiPipeline":
+        """A pipeline sharing this one's model, VAE, captions (and lookup, unless given) whose settings are
+        these with ``overrides`` on top (:meth:`.settings.RequestSettings.updated`). Cheap: nothing is
+        copied or re-fingerprinted."""
+        return ChaiPipeline(self.model, self.vae, self.captions, self._lookup if lookup == "same" else lookup,
+                            settings=self.settings.updated(*overrides), model_defaults=self.model_defaults,
+                            model_fingerprint=self._weights_fingerprint, size_dtype=self.size_dtype,
+                            rflow=self.rflow, pixel_space=self.pixel_space, native_size=self.native_size,
+                            default_frames=self.default_frames, fps=self.fps)
 
     # ---------------------------------------------------------------- builders
     @classmethod
     def tiny(cls, lookup: Optional[CacheLookup] = None, config: Optional[CacheAttentionConfig] = None, *,
-             seed: int = 0, captions: str = "hashed") -> "ChaiPipeline":
+             seed: int = 0, captions: str = "hashed", settings: Optional[RequestSettings] = None) -> "ChaiPipeline":
         """The small CPU configuration (``builders.tiny_pipeline``)."""
         from .builders import tiny_pipeline
 
-        return tiny_pipeline(lookup, config, seed=seed, captions=captions)
+        return tiny_pipeline(lookup, config, seed=seed, captions=captions, settings=settings)
 
     @classmethod
     def reference(cls, lookup: Optional[CacheLookup] = None, config: Optional[CacheAttentionConfig] = None, *,
-                  model_dir: Optional[Union[str, Path]] = None,
-                  device: Union[str, torch.device] = "cpu") -> "ChaiPipeline":
+                  model_dir: Optional[Union[str, Path]] = None, device: Union[str, torch.device] = "cpu",
+                  settings: Optional[RequestSettings] = None) -> "ChaiPipeline":
         """The bundled CPU reference model as a pixel-space pipeline (``builders.reference_pipeline``)."""
         from .builders import reference_pipeline
 
-        return reference_pipeline(lookup, config, model_dir=model_dir, device=device)
+        return reference_pipeline(lookup, config, model_dir=model_dir, device=device, settings=settings)
 
     @classmethod
     def from_files(cls, stdit3: Union[str, Path], vae: Optional[Union[str, Path]], t5: Union[str, Path],
                    tokenizer: Optional[Union[str, Path]] = None, lookup: Optional[CacheLookup] = None,
                    config: Optional[CacheAttentionConfig] = None, *, device: Union[str, torch.device] = "cpu",
                    dtype: torch.dtype = torch.float32, t5_dtype: torch.dtype = torch.float32,
-                   vae_spatial_config: Optional[Mapping[str, Any]] = None) -> "ChaiPipeline":
+                   vae_spatial_config: Optional[Mapping[str, Any]] = None,
+                   settings: Optional[RequestSettings] = None) -> "ChaiPipeline":
         """The real OpenSora 1.2 weights (``builders.opensora_pipeline``; its errors name the file)."""
         from .builders import opensora_pipeline
 
         return opensora_pipeline(stdit3, vae, t5, tokenizer, lookup, config, device=device, dtype=dtype,
-                                 t5_dtype=t5_dtype, vae_spatial_config=vae_spatial_config)
+                                 t5_dtype=t5_dtype, vae_spatial_config=vae_spatial_config, settings=settings)
 
     # ---------------------------------------------------------------- keys
     @property
@@ -266,55 +315,28 @@ class ChaiPipeline:
         return latent_shape(num_frames, height, width, latent_channels=int(self.model.in_channels))
 
     def compat_key(self, height: int, width: int, num_frames: int) -> str:
-        """The cache's compatibility key of a request at this size.
-
-        ``<model>+<captions>+<dtype>|<C>x<T>x<H>x<W>|<height>x<width>f<frames>|<size dtype>|<config>``:
-        the denoiser and caption weights, the latent shape, the pixel size and frame count (they
-        set the position-embedding scale and the timestep shift), the size-conditioning dtype and
-        ``CacheAttentionConfig.fingerprint()``. Only entries of the same key are ever matched.
+        """The cache's compatibility key of a request at this size (:func:`.settings.compat_key`):
+        denoiser, caption encoder and dtype, latent shape, pixel size and frames, size-conditioning
+        dtype and the store fingerprint of the settings. Only entries of the same key are ever matched.
         """
-        c, t, h, w = self.latent_shape(height, width, num_frames)
-        size = str(self.size_dtype).replace("torch.", "")
-        return f"{self.model_fingerprint}|{c}x{t}x{h}x{w}|{height}x{width}f{num_frames}|{size}|{self.config.fingerprint()}"
+        return compat_key(self.model_fingerprint, self.latent_shape(height, width, num_frames), height, width,
+                          num_frames, self.size_dtype, self.settings)
 
     # ---------------------------------------------------------------- the request
-    def _entries_for(self, result: LookupResult, want: Tuple[int, ...]) -> Tuple[List[Dict[str, torch.Tensor]], List[int]]:
-        """The cached entries to attend to: the served one, plus (per_entity fusion) the best entry
-        of every other matched entity. Entries lacking a latent or of another shape are skipped."""
-
-        def usable(latents: Optional[Mapping[str, torch.Tensor]]) -> bool:
-            return latents is not None and all(
-                n in latents and tuple(latents[n].shape) == want for n in self.config.latent_names)
-
-        entries: List[Dict[str, torch.Tensor]] = []
-        ids: List[int] = []
-        if usable(result.latents):
-            entries.append(dict(result.latents))  # type: ignore[arg-type]
-            ids.append(int(result.entry_id))  # type: ignore[arg-type]
-        else:
-            log.warning("entry %s does not hold %s of shape %s; treated as a miss",
-                        result.entry_id, self.config.latent_names, want)
-            return [], []
-        if self.config.fusion == "per_entity" and self.lookup is not None:
-            ranked = sorted((s for s in result.per_entity if s.hit and s.entry_id is not None),
-                            key=lambda s: -s.similarity)
-            for score in ranked:
-                if len(entries) >= self.config.max_fused:
-                    break
-                if score.entry_id in ids:
-                    continue
-                latents = self.lookup.store.load(int(score.entry_id))
-                if usable(latents):
-                    entries.append(dict(latents))  # type: ignore[arg-type]
-                    ids.append(int(score.entry_id))
-        return entries, ids
+    def query(self, prompt: str, entities: Optional[Sequence[str]] = None) -> Optional[LookupQuery]:
+        """The prompt's lookup keys and embeddings, made once for :meth:`generate` to reuse (``query=``);
+        None without a lookup. ``entities``: keys already extracted (e.g. by an entity-extractor node)."""
+        if self.lookup is None:
+            return None
+        return self.lookup.query(check_prompt(prompt), None if entities is None else list(entities))
 
     @torch.no_grad()
     def generate(self, prompt: str, *, seed: int = 0, resolution: Optional[str] = "240p", aspect_ratio: str = "9:16",
                  height: Optional[int] = None, width: Optional[int] = None, num_frames: Union[int, str, None] = None,
-                 mode: str = "auto", decode: bool = True, store: bool = True,
+                 mode: str = DEFAULT_MODE, decode: bool = True, store: bool = True,
                  progress: Optional[ProgressFn] = None, should_cancel: Optional[Callable[[], bool]] = None,
-                 on_step: Optional[Callable[[StepState], None]] = None) -> GenerationResult:
+                 on_step: Optional[Callable[[StepState], None]] = None, query: Optional[LookupQuery] = None,
+                 hooks: Sequence[str] = ()) -> GenerationResult:
         """Generate one video for ``prompt``.
 
         Args:
@@ -325,27 +347,32 @@ class ChaiPipeline:
                 (their ``native_size`` is the default there).
             num_frames: pixel frames (51 = OpenSora's "2s") or a name such as "4s"; 1 = image;
                 None = the model's ``default_frames`` (51; the reference model: 8).
-            mode: ``"auto"`` (CHAI: lookup, fast on a hit, full + store on a miss), ``"full"``
-                (baseline: full_steps, no lookup, nothing stored) or ``"plain_fast"`` (baseline:
-                fast_steps without cache).
+            mode: a registered sampling mode (:mod:`.modes`): ``"chai"`` (default; legacy ``"auto"``:
+                lookup, fast on a hit, full + store on a miss), ``"full"`` (baseline: full_steps, no
+                lookup, nothing stored), ``"plain"`` (legacy ``"plain_fast"``: fast_steps without
+                cache), ``"warm"`` (full + store whatever the lookup finds), or any mode registered since.
             decode: decode the latent into frames (needs a VAE, except in pixel space).
-            store: insert a miss's captured latents (auto mode with a lookup only).
+            store: insert what the mode asks to store (a CHAI miss's capture) once the request completed.
             progress: ``fn(done_steps, total_steps)`` after every denoising step.
             should_cancel: ``fn() -> bool`` checked before every step; True raises
                 ``opensora.rflow.SamplingCancelled`` and nothing is stored.
             on_step: ``fn(StepState)`` after every step (latents before/after, velocity).
+            query: the prompt's :meth:`query`, made earlier for this request (extraction and embedding
+                are then not repeated).
+            hooks: names of registered model hooks (``modes.register_model_hook``) attached to the model
+                for this request.
 
         Returns:
             :class:`GenerationResult`.
 
         Raises:
-            ValueError / TypeError: empty prompt, bad size, unknown mode, decode without a VAE.
+            ValueError / TypeError: empty prompt, bad size, unknown mode or hook, decode without a VAE,
+                a query of another prompt.
             SamplingCancelled: cancelled; the store is unchanged.
         """
         t_start = time.perf_counter()
         check_prompt(prompt)
-        if mode not in ("auto", "full", "plain_fast"):
-            raise ValueError(f"mode must be 'auto', 'full' or 'plain_fast', got {mode!r}")
+        sampling = get_mode(mode)
         if decode and self.vae is None and not self.pixel_space:
             raise ValueError("decode=True needs a VAE; build the pipeline with one or pass decode=False")
         height, width, frames = self.resolve_size(resolution, aspect_ratio, height, width, num_frames)
@@ -353,19 +380,14 @@ class ChaiPipeline:
         key = self.compat_key(height, width, frames)
         device = self.device
         timings = LatencySplit()
-        cfg = self.config
+        lookup = self.lookup
 
-        # 1. lookup
+        # 1. lookup (when the mode asks for one and there is a store)
         lookup_result: Optional[LookupResult] = None
-        entries: List[Dict[str, torch.Tensor]] = []
-        entry_ids: List[int] = []
-        if mode == "auto" and self.lookup is not None:
+        if sampling.uses_lookup and lookup is not None:
             t0 = time.perf_counter()
-            lookup_result = self.lookup.lookup(prompt, key)
-            if lookup_result.hit and cfg.enabled:
-                entries, entry_ids = self._entries_for(lookup_result, tuple(shape))
+            lookup_result = lookup.lookup(prompt, key, load=sampling.loads_latents, query=query)
             timings.lookup_ms = (time.perf_counter() - t0) * 1000.0
-        hit = bool(entries)
 
         # 2. caption
         t0 = time.perf_counter()
@@ -375,36 +397,32 @@ class ChaiPipeline:
         _sync(device)
         timings.text_ms = (time.perf_counter() - t0) * 1000.0
 
-        # 3. denoise
-        z = make_noise((1, *shape), seed, device=device)
-        kwargs = dict(y=y, y_mask=y_mask, y_null=self.model.y_embedder.y_embedding, height=height, width=width,
-                      num_frames=frames, size_dtype=self.size_dtype, should_cancel=should_cancel)
-        total = cfg.fast_steps if (hit or mode == "plain_fast") else cfg.full_steps
-
+        # 3. denoise: the mode samples, with the requested model hooks attached
         def callback(state: StepState) -> None:
             if on_step is not None:
                 on_step(state)
             if progress is not None:
                 progress(state.info.index + 1, state.info.total)
 
+        request = ModeRequest(
+            prompt=prompt, seed=int(seed), height=height, width=width, num_frames=frames, settings=self.settings,
+            model=self.model, rflow=self.rflow, noise=make_noise((1, *shape), seed, device=device),
+            sample_kwargs=dict(y=y, y_mask=y_mask, y_null=self.model.y_embedder.y_embedding, height=height,
+                               width=width, num_frames=frames, size_dtype=self.size_dtype,
+                               should_cancel=should_cancel),
+            callback=callback, lookup=lookup_result, load_entry=None if lookup is None else lookup.store.load,
+            measure=device.type == "cuda")
         t0 = time.perf_counter()
-        captured: Dict[str, torch.Tensor] = {}
-        run_info: Dict[str, Any] = {}
-        if hit:
-            latent, ca = sample_fast(self.rflow, self.model, z, cfg, cached=entries, callback=callback,
-                                     measure=device.type == "cuda", **kwargs)
-            timings.cache_kv_ms = ca.kv_ms if ca is not None else 0.0
-            run_mode = "fast"
-        elif mode == "plain_fast":
-            latent, _ = sample_fast(self.rflow, self.model, z, cfg, cached=None, callback=callback, **kwargs)
-            run_mode = "plain_fast"
-        else:
-            run = sample_full(self.rflow, self.model, z, cfg, callback=callback, **kwargs)
-            latent, captured = run.latent, run.captured
-            run_info = {"full_step_index": run.plan, "full_timestep": run.timesteps}
-            run_mode = "full"
+        with contextlib.ExitStack() as attached:
+            registry = HookRegistry.of(self.model)
+            for name in hooks:
+                attached.enter_context(registry.attached(make_model_hook(name, request)))
+            out = sampling.sample(request)
         _sync(device)
-        timings.denoise_ms = (time.perf_counter() - t0) * 1000.0
+        timings.denoise_ms = (time.perf_counter() - t0) * 1000.0 - out.load_ms
+        timings.lookup_ms += out.load_ms
+        timings.cache_kv_ms = out.kv_ms
+        latent = out.latent
 
         # 4. decode
         frames_out = None
@@ -418,23 +436,20 @@ class ChaiPipeline:
             _sync(device)
             timings.decode_ms = (time.perf_counter() - t0) * 1000.0
 
-        # 5. store (a miss that completed)
+        # 5. store (the request completed)
         inserted = None
-        if run_mode == "full" and mode == "auto" and store and self.lookup is not None and lookup_result is not None \
-                and cfg.enabled:
+        if store and out.store is not None and lookup is not None and lookup_result is not None:
             t0 = time.perf_counter()
-            info = {"seed": int(seed), "height": height, "width": width, "num_frames": frames,
-                    "config": cfg.tag(), "cache_steps": list(cfg.cache_steps), **run_info}
-            inserted = self.lookup.insert(lookup_result, captured, info)
+            inserted = lookup.insert(lookup_result, out.store, out.store_info)
             timings.store_ms = (time.perf_counter() - t0) * 1000.0
 
         timings.total_ms = (time.perf_counter() - t_start) * 1000.0
         lr = lookup_result
         return GenerationResult(
-            prompt=prompt, seed=int(seed), height=height, width=width, num_frames=frames, mode=run_mode, hit=hit,
-            steps=total, compat_key=key, latent=latent[0].float().cpu(), frames=frames_out,
+            prompt=prompt, seed=int(seed), height=height, width=width, num_frames=frames, mode=out.label,
+            hit=out.hit, steps=out.steps, compat_key=key, latent=latent[0].float().cpu(), frames=frames_out,
             entity=lr.entity if lr is not None else None, matched=lr.matched if lr is not None else None,
             similarity=float(lr.similarity) if lr is not None and lr.matched is not None else None,
-            entry_id=entry_ids[0] if hit else None, fused_entry_ids=entry_ids, inserted_entry_id=inserted,
-            timings=timings, lookup=lr,
+            entry_id=out.entry_ids[0] if out.hit and out.entry_ids else None, fused_entry_ids=list(out.entry_ids),
+            inserted_entry_id=inserted, timings=timings, lookup=lr, sampling_mode=sampling.name,
         )
