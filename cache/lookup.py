@@ -263,7 +263,7 @@ class CacheLookup:
             t1 = t2 - query.embed_ms / 1000
         else:  # made earlier for this request: no extraction or embedding here
             self._check_query(query, prompt)
-            t1 = t2 = time.perf_counter()
+            t1 = t2 = t0
         entities, embeddings = query.entities, query.embeddings
         matches = self.store.search(embeddings, key, k=self.config.neighbours)
         t3 = time.perf_counter()
