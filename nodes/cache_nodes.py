@@ -91,7 +91,9 @@ class CHAICache:
         """Returns (CHAI_CACHE,). Raises ValueError (bad name, budget, policy) or StoreError."""
         if isinstance(budget_mb, bool) or not isinstance(budget_mb, int) or budget_mb < 1:
             raise ValueError(f"budget_mb must be a whole number of MiB >= 1, got {budget_mb!r}")
-        return (registry.open_store(folder, budget_bytes=int(budget_mb) << 20, policy=policy),)
+        from ..cache.backend import mib_to_bytes
+
+        return (registry.open_store(folder, budget_bytes=mib_to_bytes(budget_mb), policy=policy),)
 
 
 class CHAICacheLookup:
