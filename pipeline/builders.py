@@ -1,6 +1,11 @@
-"""Builders of a :class:`.core.ChaiPipeline` for each model family: the small CPU configuration
+"""What a :class:`.core.ChaiPipeline` is built from, per model family: the small CPU configuration
 (seeded random weights), the bundled reference model (``refmodel/``) and the real OpenSora 1.2 files;
 plus the help that weight-file errors carry (which file, where it comes from, where ComfyUI keeps it).
+
+Each ``*_parts`` function returns the keyword arguments of the :class:`.core.ChaiPipeline` constructor
+(model, VAE, captions, the model's own settings, fingerprint, sampler, geometry); the builders
+``ChaiPipeline.tiny`` / ``.reference`` / ``.from_reference_model`` / ``.from_files`` add the lookup and
+the user's settings. A new model family is one ``*_parts`` function and one builder.
 """
 
 from __future__ import annotations
@@ -11,15 +16,11 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..cache.lookup import CacheLookup
-from ..opensora.cache_attention import CacheAttentionConfig
 from ..opensora.rflow import RFlow
 from ..opensora.stdit3 import STDiT3, STDiT3Config, stdit3_xl2_config
 from ..opensora.vae import OpenSoraVAE
 from .captions import HashedWordCaptions, MiniLMCaptions, T5Captions
-from .core import ChaiPipeline
 from .fingerprints import files_fingerprint
-from .settings import RequestSettings
 
 __all__ = [
     "TINY_STDIT3_CONFIG",
@@ -27,10 +28,9 @@ __all__ = [
     "TINY_VAE_TEMPORAL_CONFIG",
     "OPENSORA_WEIGHT_FILES",
     "tiny_components",
-    "tiny_pipeline",
-    "reference_pipeline",
-    "reference_pipeline_for",
-    "opensora_pipeline",
+    "tiny_parts",
+    "reference_parts",
+    "opensora_parts",
 ]
 
 # ------------------------------------------------------------------------------------ tiny config
@@ -95,11 +95,10 @@ def tiny_components(seed: int = 0, captions: str = "hashed") -> Tuple[STDiT3, Op
 
 
 
-def tiny_pipeline(lookup: Optional[CacheLookup] = None, config: Optional[CacheAttentionConfig] = None, *,
-                  seed: int = 0, captions: str = "hashed", settings: Optional[RequestSettings] = None) -> ChaiPipeline:
-    """The small CPU configuration of :func:`tiny_components` (size conditioning in fp32) as a pipeline."""
+def tiny_parts(seed: int = 0, captions: str = "hashed") -> Dict[str, Any]:
+    """Pipeline parts of the small CPU configuration (:func:`tiny_components`; size conditioning in fp32)."""
     model, vae, enc = tiny_components(seed, captions)
-    return ChaiPipeline(model, vae, enc, lookup, config, settings=settings, size_dtype=torch.float32)
+    return dict(model=model, vae=vae, captions=enc, size_dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------ weight files
@@ -154,68 +153,38 @@ def _explain_weights_error(exc: Exception, kind: str, path: Union[str, Path]) ->
     exc.args = (f"{exc.args[0] if exc.args else exc}\n{note}",) + tuple(exc.args[1:])
     return exc
 
-
-
 # ------------------------------------------------------------------------------------ builders
 
 
-def reference_pipeline(lookup: Optional[CacheLookup] = None, config: Optional[CacheAttentionConfig] = None, *,
-                       model_dir: Optional[Union[str, Path]] = None, device: Union[str, torch.device] = "cpu",
-                       settings: Optional[RequestSettings] = None) -> ChaiPipeline:
-    """The bundled CPU reference model (``refmodel.model.load_reference_model``) as a pixel-space pipeline.
+def reference_parts(model: torch.nn.Module, encoder: Any) -> Dict[str, Any]:
+    """Pipeline parts of the bundled CPU reference model, loaded by ``refmodel.model.load_reference_model``
+    (the model with its ``reference_config`` and ``fingerprint``, and its caption encoder).
 
-    The model (a 3-block STDiT3, 1.9 M parameters, trained on ``refmodel.scenes`` shape videos)
-    denoises 8-frame 32 x 32 RGB clips in [-1, 1]; captions are all-MiniLM-L6-v2 token states
-    (``refmodel.model.MiniLMTokenStates``, 32 rows of 384). Sampler settings come from the folder's
-    ``config.json`` ("sampler": RFLOW without OpenSora's timestep shift); the size conditioning is
-    fp32; the cache key holds the SHA-256 of ``model.safetensors``, so entries of another checkpoint
-    are never served.
-
-    Args:
-        lookup: as the :class:`ChaiPipeline` constructor.
-        config / settings: CHAI settings (give at most one); default: the folder's own
-            (``refmodel.model.cache_attention_defaults``: its sampler's ``cfg_scale`` and
-            ``num_sampling_steps``, its "cache_attention" section), which is also the pipeline's
-            ``model_defaults`` layer.
-        model_dir: folder with ``config.json`` and ``model.safetensors`` (default
-            ``models/reference_v1`` of the pack).
-        device: torch device.
-
-    Raises:
-        refmodel.model.ModelFilesError (a FileNotFoundError): a missing or malformed file,
-            or weights that do not match the config (the message names the file).
+    A pixel-space pipeline: the model (a 3-block STDiT3, 1.9 M parameters, trained on ``refmodel.scenes``
+    shape videos) denoises 8-frame 32 x 32 RGB clips in [-1, 1]; captions are all-MiniLM-L6-v2 token
+    states. Sampler settings come from the folder's ``config.json`` ("sampler": RFLOW without
+    OpenSora's timestep shift); its CHAI settings (``refmodel.model.cache_attention_defaults``: CFG,
+    steps, the "cache_attention" section) are the model-defaults layer; the size conditioning is fp32;
+    the cache key holds the SHA-256 of ``model.safetensors``, so entries of another checkpoint are
+    never served.
     """
-    from ..refmodel.model import load_reference_model
-
-    model, encoder = load_reference_model(model_dir, device=device)
-    return reference_pipeline_for(model, encoder, lookup, config, settings=settings)
-
-
-def reference_pipeline_for(model: torch.nn.Module, encoder: Any, lookup: Optional[CacheLookup] = None,
-                           config: Optional[CacheAttentionConfig] = None, *,
-                           settings: Optional[RequestSettings] = None) -> ChaiPipeline:
-    """:func:`reference_pipeline` for a reference model already loaded (``load_reference_model``: the model
-    with its ``reference_config`` and ``fingerprint``, and its caption encoder)."""
     from ..refmodel.model import cache_attention_defaults
 
     cfg = model.reference_config
     sampler = dict(cfg["sampler"])
-    rflow = RFlow(**{k: v for k, v in sampler.items() if k in RFlow.__dataclass_fields__})
     clip = cfg["clip"]
-    return ChaiPipeline(model, None, encoder, lookup, config, settings=settings,
-                        model_defaults=cache_attention_defaults(cfg), model_fingerprint=str(model.fingerprint),
-                        size_dtype=torch.float32, rflow=rflow, pixel_space=True,
-                        native_size=(int(clip["height"]), int(clip["width"])), default_frames=int(clip["num_frames"]),
-                        fps=int(clip.get("fps", 24)))
+    return dict(model=model, vae=None, captions=encoder, model_defaults=cache_attention_defaults(cfg),
+                model_fingerprint=str(model.fingerprint), size_dtype=torch.float32,
+                rflow=RFlow(**{k: v for k, v in sampler.items() if k in RFlow.__dataclass_fields__}),
+                pixel_space=True, native_size=(int(clip["height"]), int(clip["width"])),
+                default_frames=int(clip["num_frames"]), fps=int(clip.get("fps", 24)))
 
 
-def opensora_pipeline(stdit3: Union[str, Path], vae: Optional[Union[str, Path]], t5: Union[str, Path],
-                      tokenizer: Optional[Union[str, Path]] = None, lookup: Optional[CacheLookup] = None,
-                      config: Optional[CacheAttentionConfig] = None, *, device: Union[str, torch.device] = "cpu",
-                      dtype: torch.dtype = torch.float32, t5_dtype: torch.dtype = torch.float32,
-                      vae_spatial_config: Optional[Mapping[str, Any]] = None,
-                      settings: Optional[RequestSettings] = None) -> ChaiPipeline:
-    """Load the real OpenSora 1.2 weights (safetensors only) without a second copy in memory.
+def opensora_parts(stdit3: Union[str, Path], vae: Optional[Union[str, Path]], t5: Union[str, Path],
+                   tokenizer: Optional[Union[str, Path]] = None, *, device: Union[str, torch.device] = "cpu",
+                   dtype: torch.dtype = torch.float32, t5_dtype: torch.dtype = torch.float32,
+                   vae_spatial_config: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Pipeline parts of the real OpenSora 1.2 weights (safetensors only, without a second copy in memory).
 
     Args:
         stdit3: ``model.safetensors`` of ``hpcai-tech/OpenSora-STDiT-v3``, or its folder (its
@@ -224,7 +193,6 @@ def opensora_pipeline(stdit3: Union[str, Path], vae: Optional[Union[str, Path]],
             ``config.json`` there is read as the official pipeline config), or None.
         t5: T5-v1.1-XXL: an HF folder or a single file such as ComfyUI's ``t5xxl_fp16.safetensors``.
         tokenizer: T5 tokenizer folder (required for a single T5 file; default the T5 folder).
-        lookup, config, settings: as the :class:`ChaiPipeline` constructor.
         device: e.g. "cuda". dtype: STDiT3 and VAE dtype (OpenSora: bf16 on GPU).
         t5_dtype: T5 dtype (OpenSora: fp32). vae_spatial_config: AutoencoderKL config when the
             VAE is not the SDXL-VAE layout.
@@ -271,5 +239,5 @@ def opensora_pipeline(stdit3: Union[str, Path], vae: Optional[Union[str, Path]],
     except (CheckpointFormatError, StateDictMismatchError) as exc:
         raise _explain_weights_error(exc, "t5", t5)
     captions = T5Captions(encoder, files_fingerprint(t5))
-    return ChaiPipeline(model, vae_model, captions, lookup, config, settings=settings,
-                        model_fingerprint=f"stdit3-{files_fingerprint(stdit_path)}")
+    return dict(model=model, vae=vae_model, captions=captions,
+                model_fingerprint=f"stdit3-{files_fingerprint(stdit_path)}")

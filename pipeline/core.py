@@ -28,6 +28,7 @@ from ..opensora.hooks import HookRegistry
 from ..opensora.rflow import RFlow, StepState, make_noise
 from ..opensora.stdit3 import STDiT3
 from ..opensora.vae import OpenSoraVAE, latent_shape
+from .builders import opensora_parts, reference_parts, tiny_parts
 from .captions import check_prompt
 from .fingerprints import module_fingerprint
 from .modes import DEFAULT_MODE, ModeRequest, get_mode, make_model_hook
@@ -236,19 +237,37 @@ class ChaiPipeline:
     @classmethod
     def tiny(cls, lookup: Optional[CacheLookup] = None, config: Optional[CacheAttentionConfig] = None, *,
              seed: int = 0, captions: str = "hashed", settings: Optional[RequestSettings] = None) -> "ChaiPipeline":
-        """The small CPU configuration (``builders.tiny_pipeline``)."""
-        from .builders import tiny_pipeline
-
-        return tiny_pipeline(lookup, config, seed=seed, captions=captions, settings=settings)
+        """The small CPU configuration (:func:`.builders.tiny_components`: seeded random weights, noise-like
+        frames; the request path and its timing are real). ``captions``: ``"hashed"`` or ``"minilm"``."""
+        return cls(**tiny_parts(seed, captions), lookup=lookup, config=config, settings=settings)
 
     @classmethod
     def reference(cls, lookup: Optional[CacheLookup] = None, config: Optional[CacheAttentionConfig] = None, *,
                   model_dir: Optional[Union[str, Path]] = None, device: Union[str, torch.device] = "cpu",
                   settings: Optional[RequestSettings] = None) -> "ChaiPipeline":
-        """The bundled CPU reference model as a pixel-space pipeline (``builders.reference_pipeline``)."""
-        from .builders import reference_pipeline
+        """The bundled CPU reference model as a pixel-space pipeline (:func:`.builders.reference_parts`).
 
-        return reference_pipeline(lookup, config, model_dir=model_dir, device=device, settings=settings)
+        Args:
+            lookup, config, settings: as the constructor; without config or settings the folder's own
+                (its ``config.json``: CFG, steps, "cache_attention").
+            model_dir: folder with ``config.json`` and ``model.safetensors`` (default the bundled
+                ``models/reference_v1``). device: torch device.
+
+        Raises:
+            refmodel.model.ModelFilesError (a FileNotFoundError): a missing or malformed file, or
+                weights that do not match the config (the message names the file).
+        """
+        from ..refmodel.model import load_reference_model
+
+        model, encoder = load_reference_model(model_dir, device=device)
+        return cls.from_reference_model(model, encoder, lookup, config, settings=settings)
+
+    @classmethod
+    def from_reference_model(cls, model: torch.nn.Module, encoder: Any, lookup: Optional[CacheLookup] = None,
+                             config: Optional[CacheAttentionConfig] = None, *,
+                             settings: Optional[RequestSettings] = None) -> "ChaiPipeline":
+        """:meth:`reference` for a reference model already loaded (``refmodel.model.load_reference_model``)."""
+        return cls(**reference_parts(model, encoder), lookup=lookup, config=config, settings=settings)
 
     @classmethod
     def from_files(cls, stdit3: Union[str, Path], vae: Optional[Union[str, Path]], t5: Union[str, Path],
@@ -257,11 +276,24 @@ class ChaiPipeline:
                    dtype: torch.dtype = torch.float32, t5_dtype: torch.dtype = torch.float32,
                    vae_spatial_config: Optional[Mapping[str, Any]] = None,
                    settings: Optional[RequestSettings] = None) -> "ChaiPipeline":
-        """The real OpenSora 1.2 weights (``builders.opensora_pipeline``; its errors name the file)."""
-        from .builders import opensora_pipeline
+        """The real OpenSora 1.2 weights (:func:`.builders.opensora_parts`, whose errors name the file, what it
+        must be and its place in ``--model``).
 
-        return opensora_pipeline(stdit3, vae, t5, tokenizer, lookup, config, device=device, dtype=dtype,
-                                 t5_dtype=t5_dtype, vae_spatial_config=vae_spatial_config, settings=settings)
+        Args:
+            stdit3: ``model.safetensors`` of ``hpcai-tech/OpenSora-STDiT-v3``, or its folder.
+            vae: ``model.safetensors`` of ``hpcai-tech/OpenSora-VAE-v1.2`` or its folder, or None.
+            t5: T5-v1.1-XXL: an HF folder or a single file such as ComfyUI's ``t5xxl_fp16.safetensors``.
+            tokenizer: T5 tokenizer folder (required for a single T5 file).
+            lookup, config, settings: as the constructor. device, dtype (STDiT3 and VAE), t5_dtype,
+                vae_spatial_config: see :func:`.builders.opensora_parts`.
+
+        Raises:
+            FileNotFoundError, ValueError, ``opensora.loading.CheckpointFormatError``,
+            ``StateDictMismatchError``: see :func:`.builders.opensora_parts`.
+        """
+        parts = opensora_parts(stdit3, vae, t5, tokenizer, device=device, dtype=dtype, t5_dtype=t5_dtype,
+                               vae_spatial_config=vae_spatial_config)
+        return cls(**parts, lookup=lookup, config=config, settings=settings)
 
     # ---------------------------------------------------------------- keys
     @property

@@ -36,7 +36,7 @@ from ..cache.lookup import CacheLookup, LookupConfig
 from ..refmodel import evaluator, scenes
 from ..refmodel.model import model_to_pixels
 from ..refmodel.quality import WARM_SEED, share_kind, warm_scene_for
-from .builders import reference_pipeline_for
+from .core import ChaiPipeline
 from .modes import ModeSpec, get_mode, parse_mode_spec
 
 __all__ = ["DEFAULT_MODES", "REFERENCE_MODE", "ModeResult", "QualityReport", "run_quality", "format_table"]
@@ -216,7 +216,7 @@ def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *
         store = open_store(store_dir or scratch, dim=embedder.dim) if cached_specs else None
         try:
             cache = CacheLookup(store, extractor, embedder, LookupConfig()) if store is not None else None
-            base = reference_pipeline_for(model, encoder, cache)
+            base = ChaiPipeline.from_reference_model(model, encoder, cache)
             base = base.with_settings(HARNESS_SETTINGS, {"cfg_scale": cfg_scale})
             return _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress)
         finally:
