@@ -1,42 +1,39 @@
-"""One CHAI request end to end: prompt -> lookup -> fast mode (hit) or full mode with capture (miss)
--> decode -> insert into the store (misses only, once the request has completed).
+"""The CHAI request path: prompt -> settings -> lookup -> sampling mode -> decode -> store.
 
-This module is the only place where the cache engine (``cache/``) meets the OpenSora stack
-(``opensora/``). What crosses between them is small and typed: a ``name -> tensor`` dict of
-latents, a compatibility-key string, and the step schedule (``CacheAttentionConfig``).
+This package is the only place where the cache engine (``cache/``) meets the model stacks
+(``opensora/``; the reference model ``refmodel/``, an STDiT3 family of its own). What crosses between
+them is small and typed: a ``name -> tensor`` dict of latents, a compatibility-key string, and the
+request's settings. Modules, each with one job:
 
-Request path (DESIGN.md "The request path", steps 3-6; CHAI arXiv 2602.16132 section 3):
+* :mod:`.settings`: the request's settings (``ScheduleSettings``, ``AttentionSettings``,
+  ``LookupSettings``, together ``RequestSettings``), resolved in one function with one precedence
+  (built-in defaults < the model's ``config.json`` < the user's overrides), and the compatibility key;
+* :mod:`.modes`: sampling modes as plug-ins (``chai``, ``full``, ``plain``, ``warm``; a new one is one
+  class and one ``register_mode`` call) and named model hooks per request (``+hook``);
+* :mod:`.core`: :class:`ChaiPipeline`, one :meth:`ChaiPipeline.generate` call per request;
+* :mod:`.builders`: what a pipeline is built from per model family: the small CPU configuration
+  (seeded random weights), the bundled reference model (pixel space, no VAE) and the real OpenSora 1.2
+  files; :mod:`.captions` (T5, MiniLM token states, hashed words), :mod:`.fingerprints` (weights in
+  cache keys), :mod:`.video` (frames to mp4);
+* :mod:`.quality`: the quality harness, every mode side by side on the reference model.
 
-1. **Lookup** (``cache.lookup.CacheLookup``): entities of the prompt, their embeddings, k-NN among
-   entries of the same compatibility key (model fingerprint + latent shape and pixel size +
-   ``CacheAttentionConfig.fingerprint()``). A hit returns the entry's latents, size- and
-   SHA-256-checked.
-2. **Fast mode** on a hit: ``fast_steps`` (8) RFLOW steps with Cache Attention at steps 2-4
-   (``opensora.cache_attention``). With ``fusion="per_entity"`` the best entry of every matched
-   entity is loaded too (at most ``max_fused``) and their K/V are concatenated.
-3. **Full mode** on a miss: ``full_steps`` (30) RFLOW steps, CFG 7.0, OpenSora's timestep
-   transform, keeping the latents at the noise levels the fast schedule's cache steps use.
-4. **Decode** with the OpenSora VAE -> frames in [0, 1].
-5. **Store**: a miss's captured latents are inserted *after* the request completed (sampling and
-   decoding), so a request that raises or is cancelled leaves the store exactly as it was.
+A request (CHAI arXiv 2602.16132 section 3):
 
-Components of a :class:`ChaiPipeline`: an STDiT3, an OpenSora VAE (optional when only latents
-are wanted), a caption encoder (anything with ``encode(prompt) -> (y [1,1,L,D], mask [1,L])`` and
-a ``fingerprint`` string) and an optional ``CacheLookup``. Builders:
+1. **Size and key**: pixels, frames and latent shape; the compatibility key (model fingerprint, latent
+   shape, pixel size, size dtype, the settings' store fingerprint). Only entries of that key match.
+2. **Lookup**, when the mode asks for one (``chai``): entities of the prompt, their embeddings (once per
+   request: a ``LookupQuery`` made earlier, e.g. by the ComfyUI Cache Lookup node, is reused), k-NN
+   among entries of the key; a hit returns the entry's latents, size- and SHA-256-checked.
+3. **Sampling** by the mode: ``chai`` runs ``fast_steps`` (8) with Cache Attention (a model hook on
+   spatial block 0 at steps 2-4) on a hit, and ``full_steps`` (30) with capture of the latents a later
+   hit needs on a miss; ``full`` and ``plain`` are the uncached baselines.
+4. **Decode** with the OpenSora VAE -> frames in [0, 1] (pixel-space models: the clip itself).
+5. **Store** what the mode asked to store, only *after* the request completed (sampling and decoding),
+   so a request that raises or is cancelled leaves the store exactly as it was.
 
-* :meth:`ChaiPipeline.from_files`: the real OpenSora 1.2 weights (STDiT3 and VAE safetensors, a T5
-  folder or single file plus its tokenizer);
-* :meth:`ChaiPipeline.tiny`: a small CPU configuration with seeded random weights that runs a
-  request in about a second (tiny STDiT3, tiny VAE, and a caption encoder that is either MiniLM
-  token states projected to the model width or hashed word vectors; see :func:`tiny_components`);
-* :meth:`ChaiPipeline.reference`: the bundled, trained CPU reference model (``refmodel/``,
-  ``models/reference_v1``): a *pixel-space* STDiT3 without a VAE, whose "latent" is the RGB clip
-  itself in [-1, 1] (8 frames of 32 x 32 pixels), captioned by MiniLM token states.
-
-Pixel-space models (``pixel_space=True``): the latent shape is (C, frames, height, width) in pixels,
-sizes default to the model's ``native_size`` and ``default_frames``, OpenSora's VAE size rules and its
-17-frame minimum do not apply (the reference sampler has no timestep shift), and decoding maps the
-clip from [-1, 1] to [0, 1] without a VAE.
+Pixel-space models (``pixel_space=True``, the reference model): the latent shape is (C, frames, height,
+width) in pixels, sizes default to the model's ``native_size`` and ``default_frames``, OpenSora's VAE
+size rules and its 17-frame minimum do not apply, and decoding maps the clip from [-1, 1] to [0, 1].
 """
 
 from .builders import (
@@ -49,6 +46,8 @@ from .builders import (
 from .captions import HashedWordCaptions, MiniLMCaptions, T5Captions
 from .core import ChaiPipeline, GenerationResult, LatencySplit
 from .fingerprints import files_fingerprint, module_fingerprint
+from .modes import ModeOutput, ModeRequest, SamplingMode, parse_mode_spec, register_mode, register_model_hook
+from .settings import AttentionSettings, LookupSettings, RequestSettings, ScheduleSettings, resolve_settings
 from .video import frames_to_uint8, write_video
 
 __all__ = [
@@ -67,4 +66,15 @@ __all__ = [
     "frames_to_uint8",
     "write_video",
     "OPENSORA_WEIGHT_FILES",
+    "RequestSettings",
+    "ScheduleSettings",
+    "AttentionSettings",
+    "LookupSettings",
+    "resolve_settings",
+    "SamplingMode",
+    "ModeRequest",
+    "ModeOutput",
+    "register_mode",
+    "register_model_hook",
+    "parse_mode_spec",
 ]
