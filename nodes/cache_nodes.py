@@ -154,14 +154,14 @@ class CHAICacheLookup:
 def lookup_text(preview: Dict[str, Any], entries: int) -> str:
     """What the Cache Lookup node shows: the closest stored entry as a preview, never a verdict (the
     Sampler takes that at sampling time, under its own key, after earlier prompts of a batch stored theirs)."""
-    later = "the CHAI Sampler decides hit or miss when it samples this prompt"
+    later = "CHAI Sampler decides hit or miss when it samples this prompt"
     if preview["matched"] is None:
-        return f"preview: nothing comparable stored yet ({entries} entries); {later}"
+        return f"preview: nothing comparable stored yet ({entries} entries); the {later}"
     where = f" [{preview['entry_size']}]" if preview["entry_size"] else ""
     close = "above" if preview["hit"] else "below"
     return (f"preview: '{preview['entity']}' ~ '{preview['matched']}' similarity {preview['similarity']:.3f}, "
             f"{close} the threshold {preview['threshold']:.2f}; entry #{preview['entry_id']}{where}: "
-            f"{preview['entry_prompt']}. {later.capitalize()}, under its model, size and schedule")
+            f"{preview['entry_prompt']}. The {later}, under its model, size and schedule")
 
 
 def parse_cache_steps(text: str) -> tuple:
