@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("verify", "check and repair the store (exit 1 if anything needed repair)"),
                        ("compact", "rebuild the index without tombstones")):
         p = cache_sub.add_parser(name, help=text)
-        p.add_argument("store", help="store folder")
+        p.add_argument("store", help="store folder (or the URL of a registered store backend)")
         if name == "stats":
             p.add_argument("--json", action="store_true", help="print JSON")
             p.add_argument("--read-only", action="store_true",
