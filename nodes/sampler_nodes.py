@@ -8,13 +8,12 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from ..pipeline.modes import DEFAULT_MODE
 from . import host, registry
 from .cache_nodes import ChaiLookup
 from .models import ChaiConditioning, ChaiModel, ChaiVAE
 
 __all__ = ["CHAISampler", "CHAIVAEDecode", "LATENT_META_KEY"]
-
-DEFAULT_MODE = "chai"
 
 
 def _mode_choices() -> list:

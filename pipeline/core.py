@@ -446,9 +446,8 @@ class ChaiPipeline:
             measure=device.type == "cuda")
         t0 = time.perf_counter()
         with contextlib.ExitStack() as attached:
-            registry = HookRegistry.of(self.model)
             for name in hooks:
-                attached.enter_context(registry.attached(make_model_hook(name, request)))
+                attached.enter_context(HookRegistry.of(self.model).attached(make_model_hook(name, request)))
             out = sampling.sample(request)
         _sync(device)
         timings.denoise_ms = (time.perf_counter() - t0) * 1000.0 - out.load_ms
