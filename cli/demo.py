@@ -10,7 +10,7 @@ What it does (issue 7, item 2):
 3. Runs every prompt of :data:`DEMO_PROMPTS` (12 related prompts that share shapes, colours and
    backgrounds) twice, interleaved, from the same seed:
 
-   * **CHAI** (``mode="auto"``): lookup; a hit runs the fast schedule (8 steps, Cache Attention at
+   * **CHAI** (``mode="chai"``): lookup; a hit runs the fast schedule (8 steps, Cache Attention at
      steps 2-4 on the matched entry's latents), a miss runs the full schedule (30 steps) and stores
      its latents;
    * **full-mode twin** (``mode="full"``): the same prompt and seed, 30 steps, no lookup, nothing
@@ -371,7 +371,7 @@ def run_demo(out_dir: Union[str, Path] = "out/demo", store_dir: Optional[Union[s
             # Load every lazy model and run the sampler once, so no timed request pays for loading.
             pipe.lookup.keys_for(batch[0])
             pipe.lookup.embedder.encode([batch[0]])
-            pipe.generate(batch[0], seed=seed, mode="plain_fast", store=False)
+            pipe.generate(batch[0], seed=seed, mode="plain", store=False)
             load_s = time.perf_counter() - t_load
             height, width, frames = pipe.resolve_size(None, "", None, None, None)
             before = store.stats()
@@ -442,7 +442,7 @@ def _run_one(pipe, evaluator, write_video, tqdm, out: Path, i: int, n: int, prom
         return fn
 
     try:
-        chai = pipe.generate(prompt, seed=seed, mode="auto", progress=tick("chai"))
+        chai = pipe.generate(prompt, seed=seed, mode="chai", progress=tick("chai"))
         bar.set_postfix_str(f"{'hit' if chai.hit else 'miss'}, full twin")
         full = pipe.generate(prompt, seed=seed, mode="full", progress=tick("full"))
         score = evaluator.evaluate(chai.frames.numpy(), prompt)

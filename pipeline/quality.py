@@ -231,16 +231,16 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
 
     # Warm: once per distinct store key among the lookup modes.
     entry_scene: Dict[Tuple[str, int], scenes.SceneSpec] = {}
-    warm_keys: Dict[str, str] = {}
+    warm_keys: Dict[str, ModeSpec] = {}
     for s in cached_specs:
         pipe = pipes[s.text]
         h, w, f = pipe.resolve_size(None, "", None, None, None)
-        warm_keys.setdefault(pipe.compat_key(h, w, f), s.text)
+        warm_keys.setdefault(pipe.compat_key(h, w, f), s)
     t0 = time.perf_counter()
     for i, (wspec, wtext, _) in enumerate(warm):
-        for key, text in warm_keys.items():
-            r = pipes[text].generate(wtext, seed=seed + 100_000 + i, mode=get_mode(parse_mode_spec(text).mode).warm_with,
-                                     decode=False, **shape_args)
+        for key, s in warm_keys.items():
+            r = pipes[s.text].generate(wtext, seed=seed + 100_000 + i, mode=get_mode(s.mode).warm_with,
+                                       decode=False, **shape_args)
             if r.inserted_entry_id is not None:
                 entry_scene[(key, r.inserted_entry_id)] = wspec
         if progress:
