@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["add_parsers", "handles", "run", "run_worker", "migrate", "open_any_store"]
+__all__ = ["add_parsers", "handles", "run", "run_worker", "migrate"]
 
 
 # ---------------------------------------------------------------------------------------------- parsers
@@ -125,25 +125,14 @@ def _cmd_db(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- stores
-def open_any_store(location: str, **kwargs):
-    """A folder store or a PostgreSQL store, by the location's form."""
-    from .cache.pgstore import PostgresStore, is_postgres_url
-    from .cache.store import LatentStore
-
-    if is_postgres_url(location):
-        return PostgresStore(location, **kwargs)
-    kwargs.pop("blobs", None)
-    return LatentStore(location, **kwargs)
-
-
 def migrate(src: str, dst: str, blobs: str | None = None, progress: bool = False) -> dict:
     """Copy every entry of ``src`` into ``dst`` (least recently used first, so the LRU order carries
-    over) and read each one back from ``dst`` to compare tensors, entities, prompt and info. Counters and
-    the lookup log are not copied; the destination keeps its own budget, or takes the source's
-    when new.
+    over) and read each one back from ``dst`` to compare tensors, entities, prompt and info. Counters
+    and the lookup log are not copied; the destination keeps its own budget, or takes the source's
+    (and its policy) when new.
 
     Args:
-        src / dst: folders or ``postgresql://`` URLs; ``dst`` is created if missing.
+        src / dst: store locations (folders or ``postgresql://`` URLs); ``dst`` is created if missing.
         blobs: ``s3://bucket/prefix`` for a new PostgreSQL destination's latents.
 
     Returns:
@@ -152,26 +141,24 @@ def migrate(src: str, dst: str, blobs: str | None = None, progress: bool = False
     Raises:
         StoreError: either store cannot be opened, or a copied entry does not read back equal
             (the message names the entry; entries copied before it stay in ``dst``).
-        ValueError: ``src`` is empty, or ``dst`` has a smaller budget than ``src``'s content.
+        ValueError: ``src`` is empty, or ``dst``'s budget would make it evict.
     """
     import torch
     from tqdm import tqdm
 
-    from .cache.pgstore import is_postgres_url
-    from .cache.store import LatentStore, StoreError
+    from .cache.backend import entity_vectors, location_scheme, open_store, store_exists
+    from .cache.store import StoreError
 
-    if not is_postgres_url(src) and not (Path(src) / "manifest.sqlite").is_file():
-        raise StoreError(f"{src} is not a CHAI store (no manifest.sqlite in it)")
-    with open_any_store(src) as source:
+    with open_store(src, create=False) as source:
         records = sorted(source.entries(), key=lambda r: (r.last_access, r.entry_id))
         if not records:
             raise ValueError(f"{src} holds no entry to copy")
         stats = source.stats(last=0)
-        vectors = _entity_vectors(source, records)
-        extra = {"blobs": blobs} if blobs and is_postgres_url(dst) else {}
-        if not _store_exists(dst):  # a new destination takes the source's budget and policy
-            extra.update(budget_bytes=stats.budget_bytes, policy=stats.policy)
-        with open_any_store(dst, dim=source.dim, **extra) as target:
+        vectors = entity_vectors(source, [r.entry_id for r in records])
+        new = not store_exists(dst)  # a new destination takes the source's budget and policy
+        options = {"blobs": blobs} if blobs and location_scheme(dst) else None
+        with open_store(dst, dim=source.dim, options=options, budget_bytes=stats.budget_bytes if new else None,
+                        policy=stats.policy if new else None) as target:
             room = target.stats(last=0)
             if room.bytes + stats.bytes > room.budget_bytes:
                 raise ValueError(f"{dst} has a budget of {room.budget_bytes:,} bytes and holds {room.bytes:,}; "
@@ -193,43 +180,7 @@ def migrate(src: str, dst: str, blobs: str | None = None, progress: bool = False
                                      f"run 'cache verify {dst}'")
                 copied += 1
                 nbytes += rec.nbytes
-            if isinstance(target, LatentStore):
-                target.save_index()
     return {"copied": copied, "bytes": nbytes}
-
-
-def _store_exists(location: str) -> bool:
-    from .cache.pgstore import is_postgres_url, location_exists
-
-    return location_exists(location) if is_postgres_url(location) else (Path(location) / "manifest.sqlite").is_file()
-
-
-def _entity_vectors(store, records) -> dict:
-    """entry id -> [n, dim] float32 embeddings of its entities, in the order of ``rec.entities``
-    (both stores list an entry's entities by label, i.e. insertion order)."""
-    import numpy as np
-
-    from .cache.pgstore import PostgresStore
-
-    ids = [r.entry_id for r in records]
-    out: dict[int, list] = {}
-    if isinstance(store, PostgresStore):
-        rows = store.run(lambda c: c.execute(
-            "SELECT entry_id, embedding FROM chai_entities WHERE entry_id = ANY(%s) ORDER BY label", (ids,)).fetchall(),
-            transaction=False)
-        for entry_id, vec in rows:
-            out.setdefault(int(entry_id), []).append(vec.to_numpy().astype(np.float32))
-    else:  # a folder store: its manifest, read only (the vectors are not part of the store API)
-        import sqlite3
-
-        conn = sqlite3.connect(f"{(Path(store.path) / 'manifest.sqlite').as_uri()}?mode=ro", uri=True)
-        try:
-            for entry_id, blob in conn.execute("SELECT entry_id, embedding FROM entities ORDER BY label"):
-                out.setdefault(int(entry_id), []).append(np.frombuffer(blob, dtype=np.float32))
-        finally:
-            conn.close()
-    wanted = set(ids)
-    return {k: np.stack(v) for k, v in out.items() if k in wanted}
 
 
 # ---------------------------------------------------------------------------------------------- queue
@@ -238,7 +189,8 @@ def _cmd_queue(args) -> int:
     from .cache.entities import EntityExtractor
     from .cache.jobqueue import JobQueue
     from .cache.lookup import CacheLookup, LookupConfig
-    from .cache.pgstore import PostgresStore, is_postgres_url
+    from .cache.backend import mib_to_bytes, open_store
+    from .cache.pgstore import is_postgres_url
     from .cache.planner import natural_plan, plan_batch
     from .cache.simulate import read_prompts
 
@@ -250,7 +202,8 @@ def _cmd_queue(args) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("queue", "no_plan", "no_wait", "command")}
-    with PostgresStore(args.store) as store:
+    budget = mib_to_bytes(args.budget_mb) if args.budget_mb else None
+    with open_store(args.store, budget_bytes=budget, policy=args.policy) as store:
         if args.no_plan:
             plan = natural_plan(prompts)
         else:
@@ -378,9 +331,10 @@ class _Runner:
             num_frames = args.num_frames or (17 if tiny else None)
             size = pipe.resolve_size(resolution or "240p", args.aspect_ratio, height, width, num_frames)
             run = {"model": "tiny" if tiny else " ".join(args.model), "height": size[0], "width": size[1],
-                   "num_frames": size[2], "device": str(pipe.device), "config": pipe.config.tag(),
+                   "num_frames": size[2], "device": str(pipe.device), "mode": args.mode,
+                   "config": pipe.settings.tag(),
                    "compat_key": pipe.compat_key(*size)}
-            self._built[key] = (pipe, size, args.fps or pipe.fps, run)
+            self._built[key] = (pipe, size, args.fps or pipe.fps, args.mode, run)
         return self._built[key]
 
 
@@ -407,13 +361,16 @@ def run_worker(url: str, name: str | None = None, batch_id: int | None = None, e
     Raises:
         StoreError: the store cannot be reached past its retry time.
     """
+    from .cache.backend import open_store
     from .cache.jobqueue import JobQueue
-    from .cache.pgstore import PostgresStore
+    from .cache.pgstore import is_postgres_url
     from .pipeline import write_video
 
     name = name or f"{socket.gethostname()}:{os.getpid()}"
     status, done = 0, 0
-    with PostgresStore(url) as store:
+    if not is_postgres_url(url):
+        raise ValueError("worker needs a postgresql:// --store (the queue lives in the store's database)")
+    with open_store(url, create=False) as store:
         queue = JobQueue(store, lease_s=lease_s)
         runner = _Runner(store, device, threads)
         while not (stop is not None and stop.is_set()) and (max_jobs is None or done < max_jobs):
@@ -427,8 +384,9 @@ def run_worker(url: str, name: str | None = None, batch_id: int | None = None, e
             done += 1
             try:
                 with _Heartbeat(queue, job) as beat:
-                    pipe, (height, width, frames), fps, run = runner.pipeline(job.settings)
-                    result = pipe.generate(job.prompt, seed=job.seed, height=height, width=width, num_frames=frames)
+                    pipe, (height, width, frames), fps, mode, run = runner.pipeline(job.settings)
+                    result = pipe.generate(job.prompt, seed=job.seed, height=height, width=width, num_frames=frames,
+                                           mode=mode)
                     slug = re.sub(r"[^a-z0-9]+", "-", job.prompt.lower()).strip("-")[:40] or "prompt"
                     final = Path(job.out_dir) / f"{job.index:03d}_{slug}.mp4"
                     tmp = final.with_name(f".{final.stem}.{name.replace(':', '-')}.{job.attempt}.mp4")

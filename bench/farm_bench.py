@@ -56,8 +56,8 @@ import cache_bench  # noqa: E402  (its ANN data generator and pack import)
 cache_bench._import_pack()
 
 from comfyui_chai.cache import pgserver  # noqa: E402
+from comfyui_chai.cache.backend import open_store  # noqa: E402
 from comfyui_chai.cache.pgstore import PostgresStore  # noqa: E402
-from comfyui_chai.cache.store import LatentStore, StoreConfig  # noqa: E402
 
 KEY = "bench|farm"
 EF_SWEEP = (16, 24, 32, 48, 64, 96, 128, 200, 400)
@@ -167,10 +167,9 @@ def phase_lookup(args, server, out: Path) -> dict:
     rng = np.random.default_rng(0)
     for n in args.lookup_sizes:
         vectors, _ = _data(out, 3 * n, 1, seed=1000 + n)
-        folder = LatentStore(out / f"farm_lookup_{_label(n)}", config=StoreConfig(budget_bytes=1 << 40, durable=False),
-                             dim=vectors.shape[1])
-        pg = PostgresStore(_database(server, f"farm_lookup_{_label(n)}"), dim=vectors.shape[1], budget_bytes=1 << 40,
-                           config=StoreConfig(budget_bytes=1 << 40, durable=False))
+        fast = {"budget_bytes": 1 << 40, "dim": vectors.shape[1], "options": {"durable": False}}
+        folder = open_store(str(out / f"farm_lookup_{_label(n)}"), **fast)
+        pg = open_store(_database(server, f"farm_lookup_{_label(n)}"), **fast)
         row = {}
         for name, store in (("folder", folder), ("postgres", pg)):
             built = _fill(store, vectors, n)
@@ -187,8 +186,8 @@ def phase_lookup(args, server, out: Path) -> dict:
     big = {f"step_{i}": torch.randn(4, 15, 30, 53) for i in (2, 3, 4)}
     vec = np.eye(1, vectors.shape[1], dtype=np.float32)
     load = {}
-    for name, store in (("folder", LatentStore(out / "farm_big", dim=vec.shape[1])),
-                        ("postgres", PostgresStore(_database(server, "farm_big"), dim=vec.shape[1]))):
+    for name, store in (("folder", open_store(str(out / "farm_big"), dim=vec.shape[1])),
+                        ("postgres", open_store(_database(server, "farm_big"), dim=vec.shape[1]))):
         with store:
             entry = store.put(big, ["big"], vec, KEY + "|big", "big")
             times = []
@@ -292,7 +291,7 @@ def _insert_client(url: str, count: int, seed: int, queue) -> None:
     import torch
 
     torch.set_num_threads(1)
-    store = PostgresStore(url)
+    store = open_store(url)
     tensors = {f"step_{i}": torch.randn(4, 15, 30, 53) for i in (2, 3, 4)}
     rng = np.random.default_rng(seed)
     v = rng.standard_normal((count, 3, 384)).astype(np.float32)
@@ -315,7 +314,7 @@ def phase_insert(args, server, out: Path) -> dict:
     v /= np.linalg.norm(v, axis=2, keepdims=True)
     folder = out / "farm_insert_folder"
     shutil.rmtree(folder, ignore_errors=True)
-    with LatentStore(folder, dim=384, budget_bytes=1 << 40) as store:
+    with open_store(str(folder), dim=384, budget_bytes=1 << 40) as store:
         t0 = time.perf_counter()
         for i in range(args.inserts):
             store.put(tensors, ["a", "b", "c"], v[i], KEY, f"entry {i}")
@@ -328,7 +327,7 @@ def phase_insert(args, server, out: Path) -> dict:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("DROP TABLE IF EXISTS chai_entities, chai_entries, chai_meta, chai_counters, chai_partitions, "
                          "chai_entity_counts, chai_lookup_log, chai_events, chai_quarantine CASCADE")
-        PostgresStore(url, dim=384, budget_bytes=1 << 40).close()
+        open_store(url, dim=384, budget_bytes=1 << 40).close()
         queue = ctx.Queue()
         per = max(1, args.inserts // clients)
         procs = [ctx.Process(target=_insert_client, args=(url, per, c, queue)) for c in range(clients)]

@@ -783,6 +783,19 @@ class PostgresStore:
         return [EntryRecord(int(r[0]), r[1], r[2], list(r[8]), int(r[3]), float(r[4]), float(r[5]), int(r[6]),
                             json.loads(r[7])) for r in rows]
 
+    def entity_vectors(self, entry_ids: Sequence[int]) -> dict[int, np.ndarray]:
+        """entry id -> [n, dim] float32 embeddings of its entities, in the order of
+        :meth:`entry`'s ``entities`` (for copying entries to another store). Unknown ids are left out."""
+        if self.dim is None:
+            return {}
+        rows = self._run(lambda c: c.execute(
+            "SELECT entry_id, embedding FROM chai_entities WHERE entry_id = ANY(%s) ORDER BY label",
+            ([int(i) for i in entry_ids],), binary=True).fetchall(), transaction=False)
+        out: dict[int, list] = {}
+        for entry_id, vec in rows:
+            out.setdefault(int(entry_id), []).append(vec.to_numpy().astype(np.float32))
+        return {k: np.stack(v) for k, v in out.items()}
+
     def __len__(self) -> int:
         return int(self._run(lambda c: c.execute("SELECT count(*) FROM chai_entries").fetchone()[0], transaction=False))
 

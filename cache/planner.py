@@ -249,7 +249,7 @@ def compare_orders(prompts: Sequence[str], workers: Sequence[int] = (1, 2, 4, 8)
     from .entities import EntityExtractor
     from .lookup import CacheLookup, LookupConfig
     from .simulate import _MemoEmbedder, _MemoExtractor, entry_tensors
-    from .store import LatentStore, StoreConfig
+    from .backend import open_store
 
     embedder = _MemoEmbedder(embedder or Embedder())
     memo_extractor = _MemoExtractor(extractor or EntityExtractor(), prompts)
@@ -258,8 +258,8 @@ def compare_orders(prompts: Sequence[str], workers: Sequence[int] = (1, 2, 4, 8)
     rows = []
     with tempfile.TemporaryDirectory(dir=workdir, prefix="chai-farm-") as tmp:
         def folder_store(name: str):
-            return LatentStore(Path(tmp) / name, config=StoreConfig(budget_bytes=budget_bytes, durable=False,
-                                                                    autosave_every=10**9))
+            return open_store(str(Path(tmp) / name), budget_bytes=budget_bytes,
+                              options={"durable": False, "autosave_every": 10**9})
 
         opener = store_opener or folder_store
         planner_lookup = CacheLookup(None, memo_extractor, embedder, config)
