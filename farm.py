@@ -370,7 +370,7 @@ def run_worker(url: str, name: str | None = None, batch_id: int | None = None, e
     status, done = 0, 0
     if not is_postgres_url(url):
         raise ValueError("worker needs a postgresql:// --store (the queue lives in the store's database)")
-    with open_store(url, create=False) as store:
+    with open_store(url) as store:  # a worker may start before the first batch creates the store
         queue = JobQueue(store, lease_s=lease_s)
         runner = _Runner(store, device, threads)
         while not (stop is not None and stop.is_set()) and (max_jobs is None or done < max_jobs):

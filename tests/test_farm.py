@@ -208,7 +208,7 @@ def test_cache_commands_and_generate_on_a_url(pg_url, tmp_path, monkeypatch, cap
     capsys.readouterr()
     assert main(["cache", "stats", "--json", pg_url]) == 0
     stats = json.loads(capsys.readouterr().out)
-    assert (stats["entries"], stats["hits"], stats["misses"], stats["budget_bytes"]) == (1, 1, 1, 50_000_000)
+    assert (stats["entries"], stats["hits"], stats["misses"], stats["budget_bytes"]) == (1, 1, 1, 50 << 20)
     assert main(["cache", "verify", pg_url]) == 0 and "OK: store is consistent" in capsys.readouterr().out
     assert main(["cache", "compact", pg_url]) == 0 and "1 partition(s)" in capsys.readouterr().out
 
