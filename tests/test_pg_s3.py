@@ -88,6 +88,7 @@ def test_missing_or_damaged_objects_are_quarantined_and_orphans_collected(pg_url
     assert_consistent(pg_url)
 
 
+@pytest.mark.slow
 def test_killed_clients_leave_no_partial_entry_with_s3(pg_url, s3, tmp_path):
     PostgresStore(pg_url, dim=DIM, blobs=BLOBS).close()
     check_killed_clients(pg_url, tmp_path, clients=3, rng_seed=1)
