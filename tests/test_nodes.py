@@ -269,7 +269,7 @@ def test_modes_without_cache(tiny):
     assert full["result"][0]["chai"]["mode"] == "full" and fast["result"][0]["chai"]["mode"] == "plain_fast"
     assert torch.equal(full["result"][0]["samples"], again["result"][0]["samples"])  # seeded: reproducible
     assert "chai_stats" not in full["ui"]  # no store involved
-    assert NODES["CHAI_Sampler"].IS_CHANGED(mode="full") == ""
+    assert NODES["CHAI_Sampler"].IS_CHANGED(mode=["full"]) == ("",)  # ComfyUI passes lists (PROMPT_BATCH)
 
 
 def test_sampler_input_errors(tiny, tmp_path):
@@ -403,10 +403,13 @@ def test_comfyui_progress_placement_and_event(tmp_path, monkeypatch):
     assert patchers[0].size == sum(p.numel() * 4 for p in model.module.parameters()) + \
         sum(b.numel() * b.element_size() for b in model.module.buffers())
     assert calls["empty"] >= 1
-    (event, data, sid), = calls["events"]
+    (event, data, sid), = [e for e in calls["events"] if e[0] == registry.STATS_EVENT]
     assert event == registry.STATS_EVENT and sid is None and data["id"] == cache.id
     assert data["stats"]["entries"] == 1 and data["last_run"]["mode"] == "full"
     assert out["ui"]["chai_stats"][0]["stats"]["inserts"] == 1
+    progress = [d for e, d, _sid in calls["events"] if e == host.PROGRESS_EVENT]  # one prompt: "prompt 1 of 1"
+    assert [(d["index"], d["count"], d["step"], d["steps"]) for d in progress] == [(0, 1, i, 6) for i in range(1, 7)]
+    assert progress[-1]["overall"] == 1.0
 
 
 def test_comfyui_cancel_stores_nothing(tmp_path, monkeypatch):
