@@ -21,7 +21,7 @@ import torch
 
 from comfyui_chai.nodes import NODE_CLASS_MAPPINGS as NODES
 from comfyui_chai.nodes import NODE_DISPLAY_NAME_MAPPINGS as NAMES
-from comfyui_chai.nodes import host, models, registry, routes
+from comfyui_chai.nodes import adapter, host, models, registry, routes
 from comfyui_chai.nodes.cache_nodes import ChaiLookup, parse_cache_steps
 from comfyui_chai.nodes.models import ChaiConditioning
 from comfyui_chai.nodes.text_nodes import ChaiEntities, parse_prompt_list
@@ -338,10 +338,16 @@ class _Interrupt(Exception):
     pass
 
 
-def _fake_comfy(monkeypatch, interrupt_after=None):
-    """Minimal stand-ins for comfy.utils, comfy.model_management, comfy.model_patcher and server."""
+def _fake_comfy(monkeypatch, interrupt_after=None, cancel_after=None, executing=None):
+    """Minimal stand-ins for comfy.utils, comfy.model_management, comfy.model_patcher and server.
+
+    ``interrupt_after``: the n-th progress update raises (ComfyUI's progress hook on Cancel).
+    ``cancel_after``: the n-th update sets the interrupt flag only (what POST /interrupt does;
+    the next check of ``processing_interrupted`` sees it). ``executing``: (prompt_id, node_id) of
+    the node ComfyUI is running, served by a stand-in ``comfy_execution.utils``.
+    """
     calls = {"bars": [], "loads": [], "empty": 0, "events": [], "routes": []}
-    state = {"updates": 0}
+    state = {"updates": 0, "cancelled": False}
 
     class ProgressBar:
         def __init__(self, total, node_id=None):
@@ -353,6 +359,8 @@ def _fake_comfy(monkeypatch, interrupt_after=None):
             state["updates"] += 1
             if interrupt_after is not None and state["updates"] >= interrupt_after:
                 raise _Interrupt()  # ComfyUI's progress hook raises on Cancel
+            if cancel_after is not None and state["updates"] >= cancel_after:
+                state["cancelled"] = True
 
     mm = types.ModuleType("comfy.model_management")
     mm.InterruptProcessingException = _Interrupt
@@ -361,7 +369,7 @@ def _fake_comfy(monkeypatch, interrupt_after=None):
     mm.intermediate_device = lambda: torch.device("cpu")
     mm.load_models_gpu = lambda patchers, **kw: calls["loads"].append((patchers, kw))
     mm.soft_empty_cache = lambda force=False: calls.__setitem__("empty", calls["empty"] + 1)
-    mm.processing_interrupted = lambda: False
+    mm.processing_interrupted = lambda: state["cancelled"]
     mm.interrupt_current_processing = lambda value=True: None
     mm.throw_exception_if_processing_interrupted = lambda: None
 
@@ -387,7 +395,17 @@ def _fake_comfy(monkeypatch, interrupt_after=None):
     monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
     monkeypatch.setitem(sys.modules, "comfy.model_patcher", patcher)
     monkeypatch.setitem(sys.modules, "server", server)
+    if executing is not None:
+        context = types.SimpleNamespace(prompt_id=executing[0], node_id=executing[1], list_index=None)
+        monkeypatch.setitem(sys.modules, "comfy_execution.utils",
+                            types.SimpleNamespace(get_executing_context=lambda: context))
     return calls
+
+
+def comfy_call(node_id, **inputs):
+    """Call a node the way ComfyUI does: through the registered class's FUNCTION (nodes/adapter.py)."""
+    cls = NODES[node_id]
+    return getattr(cls(), cls.FUNCTION)(**inputs)
 
 
 def test_comfyui_progress_placement_and_event(tmp_path, monkeypatch):
@@ -434,6 +452,85 @@ def test_cancel_flag_outside_progress_stops_sampling(tmp_path, monkeypatch):
     with pytest.raises(SamplingCancelled):  # outside ComfyUI the pipeline's own exception surfaces
         run_prompt((model, None, enc), cache, "a red fox")
     assert len(cache.store) == 0
+
+
+def test_errors_name_the_node_by_its_display_name(tmp_path):
+    with pytest.raises(ValueError, match=r"^CHAI Cache: the cache folder is empty"):
+        comfy_call("CHAI_Cache", folder="  ", budget_mb=64, policy="lru")
+    with pytest.raises(TypeError, match=r"^CHAI Cache Lookup: cache must come from a CHAI Cache node"):
+        comfy_call("CHAI_CacheLookup", cache="x", entities=None, threshold=0.72)
+
+    class TwoArgs(Exception):
+        def __init__(self, code, detail):
+            super().__init__(code, detail)
+
+    renamed = adapter.named_error(TwoArgs(2, "no such file"), "CHAI Cache")
+    assert type(renamed) is RuntimeError and str(renamed) == "CHAI Cache: TwoArgs: (2, 'no such file')"
+    same = ValueError("CHAI Cache: already named")
+    assert adapter.named_error(same, "CHAI Cache") is same
+
+
+def test_node_display_data_goes_to_the_page_not_into_the_history(tiny, monkeypatch):
+    """Inside ComfyUI a node's ``ui`` becomes a chai.ui websocket event: ComfyUI's Queue counts
+    every list item of a ``ui`` dict as an output (6 videos showed as 38 outputs)."""
+    calls = _fake_comfy(monkeypatch, executing=("prompt-1", "5"))
+    out = comfy_call("CHAI_EntityExtractor", conditioning=encode(tiny[2], "a red fox in snow"), mode="entity")
+    assert "ui" not in out and isinstance(out["result"][0], ChaiEntities)
+    (event, data, sid), = calls["events"]
+    assert (event, sid) == (adapter.UI_EVENT, None)
+    assert data == {"node": "5", "prompt_id": "prompt-1", "ui": {"text": ["red fox, snow"]}}
+    outside = NODES["CHAI_EntityExtractor"]().extract(encode(tiny[2], "a red fox in snow"), "entity")
+    assert outside["ui"] == {"text": ["red fox, snow"]}  # called directly, the node keeps its ui
+
+
+def _batch_inputs(tiny, cache, prompts, seed=3):
+    """ComfyUI's lists for the sampler of a batch (every prompt's conditioning and lookup)."""
+    model, _vae, enc = tiny
+    conds = [encode(enc, p) for p in prompts]
+    lookups = [NODES["CHAI_CacheLookup"]().lookup(
+        cache, NODES["CHAI_EntityExtractor"]().extract(c, "entity")["result"][0], 0.72)["result"][0] for c in conds]
+    return dict({k: [v] for k, v in SMALL.items()}, model=[model], conditioning=conds, lookup=lookups, seed=[seed],
+                mode=["auto"], store_on_miss=[True], unique_id=["8"])
+
+
+def test_batch_progress_prompt_k_of_n_and_one_bar_for_the_whole_batch(tiny, tmp_path, monkeypatch):
+    calls = _fake_comfy(monkeypatch, executing=("prompt-1", "8"))
+    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
+    prompts = ["a red fox running through snow", "a red fox sleeping in a forest", "a lighthouse at night"]
+    out = comfy_call("CHAI_Sampler", **_batch_inputs(tiny, cache, prompts))
+    latents, reports = out["result"]
+    assert len(latents) == len(reports) == 3 and "ui" not in out
+    assert [lat["chai"]["mode"] for lat in latents] == ["full", "fast", "full"]
+    progress = [d for e, d, _sid in calls["events"] if e == host.PROGRESS_EVENT]
+    steps = {"full": 6, "fast": 4}
+    expected = [(k, 3, i, steps[lat["chai"]["mode"]]) for k, lat in enumerate(latents)
+                for i in range(1, steps[lat["chai"]["mode"]] + 1)]
+    assert [(d["index"], d["count"], d["step"], d["steps"]) for d in progress] == expected
+    assert all(d["node"] == "8" and d["prompt_id"] == "prompt-1" for d in progress)
+    overall = [d["overall"] for d in progress]
+    assert overall == sorted(overall) and len(set(overall)) == len(overall) and overall[-1] == 1.0
+    assert overall[steps["full"] - 1] == pytest.approx(1 / 3, abs=1e-3)  # prompt 1 done: a third of the batch
+    values = [v for bar in calls["bars"] for v in bar.values]  # ComfyUI's bar: the batch, never restarting
+    assert {bar.total for bar in calls["bars"]} == {1000} and values == sorted(values) and values[-1] == 1000
+    assert len(values) == len(expected)
+    reports_shown = [d["ui"]["text"][0] for e, d, _sid in calls["events"] if e == adapter.UI_EVENT]
+    assert reports_shown == list(reports)
+
+
+def test_interrupt_in_a_batch_stops_at_once_and_keeps_the_store(tiny, tmp_path, monkeypatch):
+    """POST /interrupt during prompt 2 of 3: no further step runs, prompt 3 never starts, and the
+    store holds exactly what prompt 1 stored before (prompt 2's capture is dropped)."""
+    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
+    prompts = ["a red fox running through snow", "a lighthouse at night", "a golden retriever on a beach"]
+    inputs = _batch_inputs(tiny, cache, prompts)
+    calls = _fake_comfy(monkeypatch, cancel_after=6 + 2, executing=("prompt-1", "8"))  # prompt 1: 6 steps
+    with pytest.raises(_Interrupt) as caught:
+        comfy_call("CHAI_Sampler", **inputs)
+    assert str(caught.value) == ""  # Cancel is ComfyUI's exception, unchanged (not an error with a name)
+    progress = [(d["index"], d["step"]) for e, d, _sid in calls["events"] if e == host.PROGRESS_EVENT]
+    assert progress[-1] == (1, 2) and len(progress) == 8  # stopped right after the step that saw the Cancel
+    assert len(cache.store) == 1 and cache.store.entries()[0].prompt == prompts[0]
+    assert cache.store.generation == 1  # only prompt 1's insert
 
 
 def test_routes_register_with_a_prompt_server(monkeypatch):
