@@ -1,0 +1,309 @@
+"""Check the pack in a running ComfyUI server, through its HTTP API and in a real browser.
+
+Run it against a server that has this repository in ``custom_nodes/`` (docs/comfyui.md says how
+one was set up here; this script installs nothing and starts nothing):
+
+    python tools/comfyui_check.py --url http://127.0.0.1:8188 --out out/comfyui_check
+    python tools/comfyui_check.py --url ... --browser --screenshots docs/   # + Browse Templates, panel
+    python tools/comfyui_check.py --url ... --write-thumbnails              # workflows/*.jpg
+
+What it checks (each failure is printed and makes the exit status 1):
+
+* every node of the pack is registered (``/object_info``: id, display name, category CHAI), the
+  panel's script is served, ``/chai/stats`` answers;
+* every API workflow in ``workflows/api/`` runs through ``POST /prompt`` to ``success`` on a
+  fresh store, and its history lists exactly its videos as outputs (one per prompt), each a
+  readable mp4;
+* ``POST /interrupt`` during prompt 2 of a batch stops the run within a second and leaves the
+  store as prompt 1 left it (entries and generation from ``/chai/stats``);
+* with ``--browser`` (Playwright for Python driving Chromium, ``--chromium`` names the binary):
+  Workflow -> Browse Templates lists exactly the UI workflows of ``workflows/``, titled by their
+  file names, each with its thumbnail loaded; each opens without a warning, node for node as
+  saved, every node on screen at the saved zoom in a 1600x1000 window and none overlapping; each
+  runs from the page; the cache panel follows the store of the run and lists every open store in
+  its selector; the sampler shows "prompt k of n" during a batch; an error dialog names the node.
+
+``--write-thumbnails`` writes each UI workflow's thumbnail from the videos its API twin just
+produced (the middle frame of each video; a batch shows one frame per prompt side by side).
+Needs: PyAV and Pillow (installed with the pack), and for ``--browser`` the ``playwright``
+package with a Chromium it can start (never ``playwright install``: point ``--chromium`` at one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+API_WORKFLOWS = WORKFLOWS / "api"
+THUMBNAIL_WIDTH = 384
+CLIENT_ID = f"chai-check-{uuid.uuid4().hex[:8]}"
+
+
+class Check:
+    """Collects results: ``ok(name, detail)`` / ``fail(name, detail)``; ``failed`` counts failures."""
+
+    def __init__(self) -> None:
+        self.failed = 0
+        self.results: List[Dict[str, Any]] = []
+
+    def record(self, passed: bool, name: str, detail: str = "") -> bool:
+        self.results.append({"check": name, "passed": bool(passed), "detail": detail})
+        print(f"{'PASS' if passed else 'FAIL'}  {name}{': ' + detail if detail else ''}", flush=True)
+        self.failed += 0 if passed else 1
+        return passed
+
+
+# ------------------------------------------------------------------------------ HTTP
+
+
+def call(url: str, path: str, body: Optional[dict] = None, timeout: float = 30.0) -> Tuple[int, Any]:
+    """(status, JSON body) of GET ``path`` (or POST ``body``) on the server at ``url``."""
+    data = None if body is None else json.dumps(body).encode("utf-8")
+    request = urllib.request.Request(url.rstrip("/") + path, data=data,
+                                     headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read()
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        raw, status = exc.read(), exc.code
+    try:
+        return status, json.loads(raw.decode("utf-8")) if raw else None
+    except ValueError:
+        return status, raw
+
+
+def fetch_bytes(url: str, path: str) -> bytes:
+    with urllib.request.urlopen(url.rstrip("/") + path, timeout=60) as response:
+        return response.read()
+
+
+def queue(url: str, prompt: dict) -> str:
+    """POST /prompt; returns the prompt id. Raises RuntimeError with the server's node errors."""
+    status, body = call(url, "/prompt", {"prompt": prompt, "client_id": CLIENT_ID})
+    if status != 200:
+        raise RuntimeError(f"POST /prompt answered {status}: {json.dumps(body)[:800]}")
+    return body["prompt_id"]
+
+
+def wait(url: str, prompt_id: str, timeout: float = 600.0) -> dict:
+    """The history entry of ``prompt_id`` once it finished (polls /history every 50 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, body = call(url, f"/history/{prompt_id}")
+        if status == 200 and body and prompt_id in body and body[prompt_id].get("status", {}).get("completed") \
+                is not None and body[prompt_id]["status"].get("status_str") in ("success", "error"):
+            return body[prompt_id]
+        time.sleep(0.05)
+    raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout:.0f} s")
+
+
+def with_store(prompt: dict, folder: str) -> dict:
+    """A copy of an API prompt whose CHAI Cache nodes open store ``folder``."""
+    prompt = json.loads(json.dumps(prompt))
+    for node in prompt.values():
+        if node["class_type"] == "CHAI_Cache":
+            node["inputs"]["folder"] = folder
+    return prompt
+
+
+def outputs_listed(entry: dict) -> int:
+    """How many outputs ComfyUI's Queue lists for a history entry (every item of every key of
+    every node's outputs, ``animated`` aside: frontend 1.27.10's TaskItemImpl.calculateFlatOutputs)."""
+    return sum(len(items) for node in entry.get("outputs", {}).values() for key, items in node.items()
+               if key != "animated" and isinstance(items, list))
+
+
+def saved_videos(url: str, entry: dict) -> List[bytes]:
+    """The mp4 files a run saved, in output order, read back through /view."""
+    files = []
+    for node in entry.get("outputs", {}).values():
+        for item in node.get("images", []):
+            if isinstance(item, dict) and str(item.get("filename", "")).endswith(".mp4"):
+                query = urllib.parse.urlencode({k: item.get(k, "") for k in ("filename", "subfolder", "type")})
+                files.append(fetch_bytes(url, f"/view?{query}"))
+    return files
+
+
+def video_frames(data: bytes):
+    """(frames as RGB uint8 arrays, fps) of an mp4, decoded with PyAV."""
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        return frames, float(stream.average_rate or 0)
+
+
+def thumbnail(videos: List[bytes]):
+    """A JPEG-ready PIL image: the middle frame of each video side by side (3 to a row), upscaled
+    without smoothing to :data:`THUMBNAIL_WIDTH` pixels wide."""
+    from PIL import Image
+
+    tiles = []
+    for data in videos:
+        frames, _fps = video_frames(data)
+        tiles.append(Image.fromarray(frames[len(frames) // 2]))
+    columns = min(3, len(tiles))
+    rows = math.ceil(len(tiles) / columns)
+    tile_w = THUMBNAIL_WIDTH // columns
+    tile_h = round(tile_w * tiles[0].height / tiles[0].width)
+    sheet = Image.new("RGB", (tile_w * columns, tile_h * rows), (0, 0, 0))
+    for i, tile in enumerate(tiles):
+        sheet.paste(tile.resize((tile_w, tile_h), Image.NEAREST), ((i % columns) * tile_w, (i // columns) * tile_h))
+    return sheet
+
+
+def store_state(url: str, folder_suffix: str) -> Optional[dict]:
+    """``stats`` of the open store whose path ends with ``folder_suffix`` (from /chai/stats)."""
+    status, body = call(url, "/chai/stats")
+    for payload in (body or {}).get("stores", []) if status == 200 else []:
+        if str(payload.get("path", "")).endswith(folder_suffix):
+            return payload["stats"]
+    return None
+
+
+# ------------------------------------------------------------------------------ API checks
+
+
+def check_registration(url: str, check: Check) -> None:
+    from comfyui_chai.nodes import NODE_DISPLAY_NAME_MAPPINGS as nodes
+
+    status, info = call(url, "/object_info", timeout=120)
+    check.record(status == 200, "GET /object_info", f"{len(info or {})} node types")
+    for node_id, display in nodes.items():
+        entry = (info or {}).get(node_id)
+        check.record(entry is not None and entry.get("display_name") == display and entry.get("category") == "CHAI",
+                     f"node {node_id} registered", f"display name {entry.get('display_name')!r}" if entry else "missing")
+    status, scripts = call(url, "/extensions")
+    check.record(status == 200 and any(s.endswith("/chai_panel.js") for s in scripts or []), "panel script served",
+                 next((s for s in scripts or [] if s.endswith("chai_panel.js")), "not listed"))
+    status, body = call(url, "/chai/stats")
+    check.record(status == 200 and isinstance(body, dict) and "stores" in body, "GET /chai/stats", f"status {status}")
+    status, templates = call(url, "/workflow_templates")
+    listed = sorted(name for names in (templates or {}).values() for name in names if name.startswith("CHAI"))
+    expected = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+    check.record(listed == expected, "GET /workflow_templates lists exactly the UI workflows", ", ".join(listed))
+
+
+def api_twins() -> Dict[str, Path]:
+    """UI workflow name -> its API twin (the twin named in tests/test_workflows.py's TWINS)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_workflows import TWINS  # one table of twins for the tests and this check
+
+    return {ui: API_WORKFLOWS / api for ui, api in TWINS.items()}
+
+
+def check_api_runs(url: str, check: Check, run_tag: str, out: Path, write_thumbnails: bool) -> None:
+    for ui_name, path in api_twins().items():
+        prompt = with_store(json.loads(path.read_text(encoding="utf-8")), f"{run_tag}-{path.stem}")
+        lists = [n for n in prompt.values() if n["class_type"] == "CHAI_PromptList"]
+        n_prompts = len([ln for ln in lists[0]["inputs"]["prompts"].splitlines() if ln.strip()]) if lists else 1
+        t0 = time.monotonic()
+        try:
+            entry = wait(url, queue(url, prompt))
+        except (RuntimeError, TimeoutError) as exc:
+            check.record(False, f"POST /prompt {path.name}", str(exc))
+            continue
+        status = entry["status"]["status_str"]
+        check.record(status == "success", f"POST /prompt {path.name}",
+                     f"{status} in {time.monotonic() - t0:.1f} s" + ("" if status == "success" else
+                                                                    f": {json.dumps(entry['status'])[:600]}"))
+        videos = saved_videos(url, entry)
+        listed = outputs_listed(entry)
+        check.record(len(videos) == n_prompts == listed, f"{path.name}: outputs",
+                     f"{len(videos)} mp4 for {n_prompts} prompt(s); the Queue lists {listed} output(s)")
+        shapes = []
+        for data in videos:
+            frames, fps = video_frames(data)
+            shapes.append(f"{len(frames)}x{frames[0].shape[0]}x{frames[0].shape[1]}@{fps:g}")
+        check.record(bool(videos), f"{path.name}: videos decode", ", ".join(sorted(set(shapes))))
+        stats = store_state(url, f"{run_tag}-{path.stem}")
+        if stats is not None:
+            check.record(stats["lookups"] == n_prompts, f"{path.name}: store",
+                         f"{stats['hits']} hits, {stats['misses']} misses, {stats['entries']} entries")
+        if videos:
+            image = thumbnail(videos)
+            target = (WORKFLOWS if write_thumbnails else out) / f"{Path(ui_name).stem}.jpg"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            image.save(target, "JPEG", quality=90)
+            print(f"      thumbnail {target} {image.size}")
+
+
+def check_interrupt(url: str, check: Check, run_tag: str) -> None:
+    """Interrupt prompt 2 of a batch of long runs; the store must be as prompt 1 left it."""
+    prompt = with_store(json.loads((API_WORKFLOWS / "chai_batch.json").read_text(encoding="utf-8")),
+                        f"{run_tag}-interrupt")
+    for node in prompt.values():
+        if node["class_type"] == "CHAI_Sampler":
+            node["inputs"].update(steps=40, seed=7)
+        if node["class_type"] == "CHAI_PromptList":
+            node["inputs"]["prompts"] = "a blue kite over a hill\na copper kettle on a stove\na blue kite at dusk"
+    prompt_id = queue(url, prompt)
+    folder = f"{run_tag}-interrupt"
+    before = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # prompt 1 stored its entry: prompt 2 is sampling
+        before = store_state(url, folder)
+        if before is not None and before["entries"] == 1:
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    call(url, "/interrupt", {})
+    entry = wait(url, prompt_id, timeout=60)
+    stopped = time.monotonic() - t0
+    after = store_state(url, folder)
+    messages = [m[0] for m in entry["status"].get("messages", [])]
+    check.record("execution_interrupted" in messages and stopped < 1.0, "POST /interrupt in prompt 2 of 3",
+                 f"stopped in {stopped:.2f} s ({', '.join(messages)})")
+    same = before is not None and after is not None and (after["entries"], after["generation"]) == (
+        before["entries"], before["generation"])
+    check.record(same, "store unchanged by the interrupted prompt",
+                 f"entries/generation {before and (before['entries'], before['generation'])} -> "
+                 f"{after and (after['entries'], after['generation'])}")
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8188", help="the ComfyUI server")
+    parser.add_argument("--out", type=Path, default=ROOT / "out" / "comfyui_check", help="report and screenshots")
+    parser.add_argument("--write-thumbnails", action="store_true", help="write workflows/<name>.jpg from the runs")
+    parser.add_argument("--browser", action="store_true", help="also check the frontend in headless Chromium")
+    parser.add_argument("--browser-only", action="store_true", help="only the registration and browser checks")
+    parser.add_argument("--chromium", default="/usr/bin/chromium", help="Chromium binary for --browser")
+    parser.add_argument("--screenshots", type=Path, default=None, help="folder for the docs screenshots")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    check = Check()
+    run_tag = f"check-{int(time.time())}"
+    check_registration(args.url, check)
+    if not args.browser_only:
+        check_api_runs(args.url, check, run_tag, args.out, args.write_thumbnails)
+        check_interrupt(args.url, check, run_tag)
+    if args.browser or args.browser_only:
+        from comfyui_browser_check import browser_checks
+
+        browser_checks(args.url, check, run_tag, args.out, args.screenshots, args.chromium)
+    (args.out / "report.json").write_text(json.dumps(check.results, indent=2), encoding="utf-8")
+    print(f"{len(check.results) - check.failed} passed, {check.failed} failed; report {args.out / 'report.json'}")
+    return 1 if check.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
