@@ -206,32 +206,32 @@ def browser_checks(url: str, check: Check, run_tag: str, out: Path, screenshots:
 
 def _panel_and_progress(page: Page, check: Check, url: str, run_tag: str, pack: str, twins: Dict[str, Path],
                         screenshots: Optional[Path], out: Path) -> None:
-    """Reference batch on store A, then the tiny batch on store B: the panel follows each run as
-    soon as its sampler reports (before Cache State runs), lists both stores, and the sampler
-    shows "prompt k of n" while the batch runs."""
-    reference = next(n for n, api in twins.items() if api.stem == "chai_batch_reference")
+    """The tiny batch on store A, then the reference batch on store B: the panel follows the run
+    as soon as its sampler reports (long before Cache State runs at the end), its selector lists
+    every open store, the sampler shows "prompt k of n" while the batch runs, and choosing store
+    A in the selector shows A."""
     batch = next(n for n, api in twins.items() if api.stem == "chai_batch")
-    first, second = f"{run_tag}-ui-reference", f"{run_tag}-ui-batch"
-    load_template(page, None, pack, reference, out, None)
-    run_loaded(page, check, url, reference, first)
-    shown = page.js("() => document.querySelector('.chai-store-select')?.selectedOptions[0]?.title ?? ''")
-    check.record(shown.endswith(first), "panel shows the reference run's store", shown)
-
+    reference = next(n for n, api in twins.items() if api.stem == "chai_batch_reference")
+    first, second = f"{run_tag}-batch", f"{run_tag}-reference"
+    selected = "() => document.querySelector('.chai-store-select')?.selectedOptions[0]?.title ?? ''"
     load_template(page, None, pack, batch, out, None)
+    run_loaded(page, check, url, batch, first)
+    check.record(page.js(selected).endswith(first), "panel shows the store of the batch just run", page.js(selected))
+
+    load_template(page, None, pack, reference, out, None)
     seen: Dict[str, Any] = {}
 
     def watch(pg: Page, prompt_id: str) -> None:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            state = pg.js("""() => ({store: document.querySelector('.chai-store-select')?.selectedOptions[0]?.title ?? '',
-                                    progress: document.querySelector('.chai-progress-label')?.textContent ?? '',
-                                    cacheStateRan: false})""")
+            store = pg.js(selected)
+            progress = pg.js("() => document.querySelector('.chai-progress-label')?.textContent ?? ''")
             status, history = call(url, f"/history/{prompt_id}")
             finished = bool(history and prompt_id in history)
-            if state["store"].endswith(second) and "switched" not in seen:
+            if store.endswith(second) and "switched" not in seen:
                 seen["switched"] = not finished
-            if "prompt 2 of 6" in state["progress"] and "progress" not in seen:
-                seen["progress"] = state["progress"]
+            if "prompt 2 of 6" in progress and "progress" not in seen:
+                seen["progress"] = progress
                 clip = node_clip(pg, "CHAI_Sampler")
                 if screenshots is not None and clip:
                     pg.shot(screenshots / "comfyui_batch_progress.png", clip)
@@ -239,8 +239,8 @@ def _panel_and_progress(page: Page, check: Check, url: str, run_tag: str, pack: 
                 return
             time.sleep(0.1)
 
-    entry = run_loaded(page, check, url, batch, second, watch)
-    check.record(bool(seen.get("switched")), "panel switches to the batch's store during the run",
+    entry = run_loaded(page, check, url, reference, second, watch)
+    check.record(bool(seen.get("switched")), "panel switches to the running batch's store during the run",
                  "on the sampler's first chai.stats, before the run ended" if seen.get("switched") else str(seen))
     check.record("progress" in seen, "sampler shows 'prompt k of n' during the batch", seen.get("progress", ""))
     options = page.js("() => [...document.querySelector('.chai-store-select')?.options ?? []].map(o => o.title)")
@@ -257,13 +257,18 @@ def _panel_and_progress(page: Page, check: Check, url: str, run_tag: str, pack: 
     if screenshots is not None and clip:
         page.shot(screenshots / "comfyui_cache_panel.png", clip)
         page.shot(screenshots / "comfyui_batch_reference.png")
-    # Select the other store by hand: the panel shows it and keeps updating it.
-    page.js("""(id) => { const s = document.querySelector('.chai-store-select');
-                         const o = [...s.options].find(o => o.title.endsWith(id)); s.value = o.value;
-                         s.dispatchEvent(new Event('change')); }""", first)
+        # The selector's options drawn as a list (a headless screenshot cannot show an open dropdown).
+        page.js("() => { const s = document.querySelector('.chai-store-select'); s.size = Math.min(6, s.options.length); }")
+        time.sleep(0.5)
+        page.shot(screenshots / "comfyui_store_selector.png", clip)
+        page.js("() => { document.querySelector('.chai-store-select').size = 0; }")
+    page.js("""(path) => { const s = document.querySelector('.chai-store-select');
+                           const o = [...s.options].find(o => o.title.endsWith(path)); s.value = o.value;
+                           s.dispatchEvent(new Event('change')); }""", first)
     time.sleep(1.5)
     entries = page.js("() => document.querySelector('.chai-entries')?.textContent")
-    check.record(entries == "3", "selecting another store shows it", f"{first}: {entries} entries")
+    check.record(page.js(selected).endswith(first) and entries == "3", "choosing another store in the selector shows it",
+                 f"{first}: {entries} entries")
 
 
 def _error_dialog(page: Page, check: Check, pack: str, twins: Dict[str, Path], out: Path,
