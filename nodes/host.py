@@ -32,6 +32,7 @@ __all__ = [
     "in_comfyui",
     "ProgressReporter",
     "interrupted",
+    "interruptible",
     "raise_interrupted",
     "Placement",
     "register_model_folders",
@@ -205,6 +206,32 @@ class ProgressReporter:
         send_event(PROGRESS_EVENT, {"node": self.node_id, "index": self.index, "count": self.count, "step": done,
                                     "steps": total, "overall": round(self.overall(done, total), 4)})
         self._bar.update_absolute(value, maximum)
+
+
+@contextlib.contextmanager
+def interruptible(module: torch.nn.Module) -> Iterator[None]:
+    """Let Cancel stop ``module`` between two of its blocks, not only between denoising steps.
+
+    Before every block of each ``nn.ModuleList`` child of ``module`` (STDiT3's spatial and
+    temporal blocks) ComfyUI's ``throw_exception_if_processing_interrupted`` runs, so a Cancel
+    waits for one block instead of a whole step (a step of OpenSora 1.2 at 720p, or of any model
+    on a busy CPU, takes seconds). The hooks are removed on exit. Nothing happens outside ComfyUI.
+
+    Raises:
+        ComfyUI's ``InterruptProcessingException`` from inside the model's forward on Cancel.
+    """
+    mm = comfy_module("comfy.model_management")
+    check = getattr(mm, "throw_exception_if_processing_interrupted", None) if mm is not None else None
+    if check is None:
+        yield
+        return
+    handles = [block.register_forward_pre_hook(lambda _block, _args: check())
+               for blocks in module.children() if isinstance(blocks, torch.nn.ModuleList) for block in blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def interrupted() -> bool:

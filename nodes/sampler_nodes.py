@@ -158,7 +158,7 @@ class CHAISampler:
         size = pipe.resolve_size(None if height else resolution, aspect_ratio, height or None, width or None, frames)
         progress = host.ProgressReporter(unique_id)
         try:
-            with host.model_compute():
+            with host.model_compute(), host.interruptible(model.module):
                 if model.placement is not None:
                     model.placement.load()
                 result = pipe.generate(cond.prompt, seed=int(seed), height=size[0], width=size[1], num_frames=size[2],

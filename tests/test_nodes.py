@@ -346,8 +346,8 @@ def _fake_comfy(monkeypatch, interrupt_after=None, cancel_after=None, executing=
     the next check of ``processing_interrupted`` sees it). ``executing``: (prompt_id, node_id) of
     the node ComfyUI is running, served by a stand-in ``comfy_execution.utils``.
     """
-    calls = {"bars": [], "loads": [], "empty": 0, "events": [], "routes": []}
     state = {"updates": 0, "cancelled": False}
+    calls = {"bars": [], "loads": [], "empty": 0, "events": [], "routes": [], "state": state}
 
     class ProgressBar:
         def __init__(self, total, node_id=None):
@@ -371,7 +371,13 @@ def _fake_comfy(monkeypatch, interrupt_after=None, cancel_after=None, executing=
     mm.soft_empty_cache = lambda force=False: calls.__setitem__("empty", calls["empty"] + 1)
     mm.processing_interrupted = lambda: state["cancelled"]
     mm.interrupt_current_processing = lambda value=True: None
-    mm.throw_exception_if_processing_interrupted = lambda: None
+
+    def throw_exception_if_processing_interrupted():  # ComfyUI's: consume the flag, raise
+        if state["cancelled"]:
+            state["cancelled"] = False
+            raise _Interrupt()
+
+    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
 
     class ModelPatcher:
         def __init__(self, model, load_device, offload_device, size=0):
@@ -531,6 +537,33 @@ def test_interrupt_in_a_batch_stops_at_once_and_keeps_the_store(tiny, tmp_path, 
     assert progress[-1] == (1, 2) and len(progress) == 8  # stopped right after the step that saw the Cancel
     assert len(cache.store) == 1 and cache.store.entries()[0].prompt == prompts[0]
     assert cache.store.generation == 1  # only prompt 1's insert
+
+
+def test_cancel_in_the_middle_of_a_step_stops_before_the_next_block(tmp_path, monkeypatch):
+    """A denoising step can take seconds (a big model, a busy CPU): Cancel is checked before every
+    transformer block, so the sampler stops inside the step, and stores nothing."""
+    calls = _fake_comfy(monkeypatch)
+    model, = NODES["CHAI_LoadSTDiT3"]().load(models.TINY)
+    enc, = NODES["CHAI_LoadTextEncoder"]().load(models.TINY_HASHED)
+    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
+    blocks = [*model.module.spatial_blocks, *model.module.temporal_blocks]  # 4 blocks run per step
+    ran = []
+
+    def spy(block, _args):
+        ran.append(block)
+        if len(ran) == len(blocks) + 2:  # step 2, before its third block: the user presses Cancel
+            calls["state"]["cancelled"] = True
+
+    handles = [b.register_forward_pre_hook(spy) for b in blocks]
+    try:
+        with pytest.raises(_Interrupt):
+            run_prompt((model, None, enc), cache, "a red fox running through snow")
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(ran) == len(blocks) + 2  # no block ran after the Cancel
+    assert [v for bar in calls["bars"] for v in bar.values] == [1]  # step 2 never completed
+    assert len(cache.store) == 0 and not model.module.spatial_blocks[0]._forward_pre_hooks  # hooks removed
 
 
 def test_routes_register_with_a_prompt_server(monkeypatch):
