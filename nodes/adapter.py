@@ -8,7 +8,8 @@ plain node class (which tests and scripts call directly) whose entry point adds 
   *id* (``CHAI_Cache``); the message is prefixed with the display name ("CHAI Cache: ..."), so
   the dialog, ``/history`` and the log say which node failed in words the user sees on the
   canvas. The exception keeps its type and traceback. Cancel (``InterruptProcessingException``)
-  and out-of-memory errors pass unchanged: ComfyUI treats them specially.
+  and out-of-memory errors pass unchanged: ComfyUI treats them specially. On Cancel the page is
+  told when the node stopped (:data:`host.PROGRESS_EVENT` with ``"cancelled": true`` and ``"time"``).
 * **Display data goes to the page, not into the history.** ComfyUI stores a node's ``ui`` dict
   in ``/history`` and the Queue counts every list item of it as an output (6 videos showed as 38
   outputs). The ``ui`` of the pack's nodes (entities, lookup and sampler reports, the cache
@@ -26,6 +27,7 @@ returns it. Host facts: reference/comfyui.md sections 1.8, 4 (list semantics), 6
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Dict, Iterator, List
 
 import torch
@@ -54,12 +56,23 @@ def map_lists(lists: Dict[str, List[Any]]) -> Iterator[Dict[str, Any]]:
         yield {name: values[min(i, len(values) - 1)] for name, values in lists.items() if values}
 
 
-def _passes_unchanged(exc: BaseException) -> bool:
+def _is_interrupt(exc: BaseException) -> bool:
     mm = host.comfy_module("comfy.model_management")
     interrupt = getattr(mm, "InterruptProcessingException", None) if mm is not None else None
-    if interrupt is not None and isinstance(exc, interrupt):
-        return True
-    return isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError))
+    return interrupt is not None and isinstance(exc, interrupt)
+
+
+def _report_cancel() -> None:
+    """Tell the page that the node stopped on Cancel, and when (``time``, UNIX seconds). Both this
+    event and ComfyUI's ``execution_interrupted`` can reach the page up to a second later than
+    the stop: ComfyUI runs ``gc.collect()`` after a prompt, holding the GIL (about 1 s for a
+    process with 700k Python objects on a busy 2-core CPU)."""
+    running = host.executing_node()
+    if running is None:
+        return
+    index, count = host.batch_position()
+    host.send_event(host.PROGRESS_EVENT, {"node": running[1], "prompt_id": running[0], "index": index,
+                                          "count": count, "cancelled": True, "time": time.time()})
 
 
 def named_error(exc: Exception, display_name: str) -> Exception:
@@ -99,7 +112,10 @@ def _call_named(method: Callable[..., Any], kwargs: Dict[str, Any], where: str) 
     try:
         return _send_ui(method(**kwargs))
     except Exception as exc:
-        if _passes_unchanged(exc):
+        if _is_interrupt(exc):
+            _report_cancel()
+            raise
+        if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):  # ComfyUI frees memory on these
             raise
         new = named_error(exc, where)
         if new is exc:

@@ -13,6 +13,7 @@ import asyncio
 import math
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -533,8 +534,10 @@ def test_interrupt_in_a_batch_stops_at_once_and_keeps_the_store(tiny, tmp_path, 
     with pytest.raises(_Interrupt) as caught:
         comfy_call("CHAI_Sampler", **inputs)
     assert str(caught.value) == ""  # Cancel is ComfyUI's exception, unchanged (not an error with a name)
-    progress = [(d["index"], d["step"]) for e, d, _sid in calls["events"] if e == host.PROGRESS_EVENT]
-    assert progress[-1] == (1, 2) and len(progress) == 8  # stopped right after the step that saw the Cancel
+    *progress, cancelled = [d for e, d, _sid in calls["events"] if e == host.PROGRESS_EVENT]
+    assert [(d["index"], d["step"]) for d in progress][-1] == (1, 2) and len(progress) == 8  # no step after it
+    assert time.time() - 5 < cancelled.pop("time") <= time.time()
+    assert cancelled == {"node": "8", "prompt_id": "prompt-1", "index": 1, "count": 3, "cancelled": True}
     assert len(cache.store) == 1 and cache.store.entries()[0].prompt == prompts[0]
     assert cache.store.generation == 1  # only prompt 1's insert
 

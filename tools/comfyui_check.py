@@ -4,8 +4,8 @@ Run it against a server that has this repository in ``custom_nodes/`` (docs/comf
 one was set up here; this script installs nothing and starts nothing):
 
     python tools/comfyui_check.py --url http://127.0.0.1:8188 --out out/comfyui_check
-    python tools/comfyui_check.py --url ... --browser --screenshots docs/   # + Browse Templates, panel
-    python tools/comfyui_check.py --url ... --write-thumbnails              # workflows/*.jpg
+    python tools/comfyui_check.py --url ... --checks api,interrupt,browser --screenshots docs/
+    python tools/comfyui_check.py --url ... --checks api --write-thumbnails   # workflows/*.jpg
 
 What it checks (each failure is printed and makes the exit status 1):
 
@@ -14,9 +14,11 @@ What it checks (each failure is printed and makes the exit status 1):
 * every API workflow in ``workflows/api/`` runs through ``POST /prompt`` to ``success`` on a
   fresh store, and its history lists exactly its videos as outputs (one per prompt), each a
   readable mp4;
-* ``POST /interrupt`` during prompt 2 of a batch stops the run within a second and leaves the
-  store as prompt 1 left it (entries and generation from ``/chai/stats``);
-* with ``--browser`` (Playwright for Python driving Chromium, ``--chromium`` names the binary):
+* ``POST /interrupt`` at step 3 of prompt 2 of a batch stops the sampler within a second (the
+  time stamped in its "cancelled" ``chai.progress`` event, so run this on the server's machine;
+  the events themselves can arrive later, since ComfyUI runs ``gc.collect()`` after a prompt)
+  and leaves the store as prompt 1 left it (entries and generation from ``/chai/stats``);
+* with ``--checks ...,browser`` (Playwright for Python driving Chromium, ``--chromium`` names it):
   Workflow -> Browse Templates lists exactly the UI workflows of ``workflows/``, titled by their
   file names, each with its thumbnail loaded; each opens without a warning, node for node as
   saved, every node on screen at the saved zoom in a 1600x1000 window and none overlapping; each
@@ -25,8 +27,11 @@ What it checks (each failure is printed and makes the exit status 1):
 
 ``--write-thumbnails`` writes each UI workflow's thumbnail from the videos its API twin just
 produced (the middle frame of each video; a batch shows one frame per prompt side by side).
-Needs: PyAV and Pillow (installed with the pack), and for ``--browser`` the ``playwright``
+Needs: PyAV and Pillow (installed with the pack), ``websocket-client`` for the interrupt check,
+and for the browser checks the ``playwright``
 package with a Chromium it can start (never ``playwright install``: point ``--chromium`` at one).
+A Cancel is honoured before every transformer block; the interrupt check prints the time one
+denoising step took in the same run, since on a busy CPU one block can itself take a while.
 """
 
 from __future__ import annotations
@@ -243,32 +248,51 @@ def check_api_runs(url: str, check: Check, run_tag: str, out: Path, write_thumbn
 
 
 def check_interrupt(url: str, check: Check, run_tag: str) -> None:
-    """Interrupt prompt 2 of a batch of long runs; the store must be as prompt 1 left it."""
-    prompt = with_store(json.loads((API_WORKFLOWS / "chai_batch.json").read_text(encoding="utf-8")),
-                        f"{run_tag}-interrupt")
+    """Interrupt a batch of 3 at step 3 of prompt 2, timed to ComfyUI's ``execution_interrupted``
+    event on the websocket (what the page shows); the store must be as prompt 1 left it."""
+    import websocket  # websocket-client, as ComfyUI's own execution tests use
+
+    folder = f"{run_tag}-interrupt"
+    prompt = with_store(json.loads((API_WORKFLOWS / "chai_batch.json").read_text(encoding="utf-8")), folder)
     for node in prompt.values():
         if node["class_type"] == "CHAI_Sampler":
             node["inputs"].update(steps=40, seed=7)
         if node["class_type"] == "CHAI_PromptList":
             node["inputs"]["prompts"] = "a blue kite over a hill\na copper kettle on a stove\na blue kite at dusk"
-    prompt_id = queue(url, prompt)
-    folder = f"{run_tag}-interrupt"
-    before = None
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # prompt 1 stored its entry: prompt 2 is sampling
-        before = store_state(url, folder)
-        if before is not None and before["entries"] == 1:
-            break
-        time.sleep(0.05)
-    time.sleep(0.5)
-    t0 = time.monotonic()
-    call(url, "/interrupt", {})
-    entry = wait(url, prompt_id, timeout=60)
-    stopped = time.monotonic() - t0
+    ws = websocket.WebSocket()
+    ws.connect(url.replace("http", "ws", 1).rstrip("/") + f"/ws?clientId={CLIENT_ID}", timeout=600)
+    try:
+        prompt_id = queue(url, prompt)
+        before, t0, steps, stopped, event, sampler_stopped = None, None, [], None, None, None
+        while stopped is None:
+            message = ws.recv()
+            if not isinstance(message, str):
+                continue
+            message = json.loads(message)
+            data = message.get("data") or {}
+            if message["type"] == "chai.progress" and data.get("cancelled") and t0 is not None:
+                sampler_stopped = data["time"] - posted  # the node's own clock: same machine as this script
+            elif message["type"] == "chai.progress" and data.get("prompt_id") == prompt_id:
+                steps.append((data["index"], data["step"], time.monotonic()))
+                if t0 is None and data["index"] == 1 and data["step"] == 3:
+                    before = store_state(url, folder)
+                    t0, posted = time.monotonic(), time.time()
+                    call(url, "/interrupt", {})
+            elif message["type"] in ("execution_interrupted", "execution_success", "execution_error") \
+                    and data.get("prompt_id") == prompt_id:
+                stopped, event = time.monotonic() - (t0 or time.monotonic()), message["type"]
+    finally:
+        ws.close()
+    wait(url, prompt_id, timeout=60)
     after = store_state(url, folder)
-    messages = [m[0] for m in entry["status"].get("messages", [])]
-    check.record("execution_interrupted" in messages and stopped < 1.0, "POST /interrupt in prompt 2 of 3",
-                 f"stopped in {stopped:.2f} s ({', '.join(messages)})")
+    later = [(i, s) for i, s, t in steps if t0 is not None and t > t0]
+    gaps = sorted(b[2] - a[2] for a, b in zip(steps, steps[1:]) if a[0] == b[0])
+    step_s = gaps[len(gaps) // 2] if gaps else float("nan")
+    check.record(event == "execution_interrupted" and sampler_stopped is not None and sampler_stopped < 1.0,
+                 "POST /interrupt at step 3 of prompt 2 of 3",
+                 f"the sampler stopped {sampler_stopped if sampler_stopped is None else round(sampler_stopped, 2)} s "
+                 f"later, after {len(later)} more step(s) (a step takes {step_s:.2f} s here); ComfyUI's {event} "
+                 f"reached this client {stopped:.2f} s after the POST")
     same = before is not None and after is not None and (after["entries"], after["generation"]) == (
         before["entries"], before["generation"])
     check.record(same, "store unchanged by the interrupted prompt",
@@ -284,19 +308,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8188", help="the ComfyUI server")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "comfyui_check", help="report and screenshots")
     parser.add_argument("--write-thumbnails", action="store_true", help="write workflows/<name>.jpg from the runs")
-    parser.add_argument("--browser", action="store_true", help="also check the frontend in headless Chromium")
-    parser.add_argument("--browser-only", action="store_true", help="only the registration and browser checks")
+    parser.add_argument("--checks", default="api,interrupt",
+                        help="comma-separated: api (every API twin runs), interrupt, browser (the frontend in "
+                             "headless Chromium); the registration is always checked")
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="Chromium binary for --browser")
     parser.add_argument("--screenshots", type=Path, default=None, help="folder for the docs screenshots")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     check = Check()
     run_tag = f"check-{int(time.time())}"
+    checks = {c.strip() for c in args.checks.split(",") if c.strip()}
+    unknown = checks - {"api", "interrupt", "browser"}
+    if unknown:
+        parser.error(f"unknown checks {sorted(unknown)}: use api, interrupt, browser")
     check_registration(args.url, check)
-    if not args.browser_only:
+    if "api" in checks:
         check_api_runs(args.url, check, run_tag, args.out, args.write_thumbnails)
+    if "interrupt" in checks:
         check_interrupt(args.url, check, run_tag)
-    if args.browser or args.browser_only:
+    if "browser" in checks:
         from comfyui_browser_check import browser_checks
 
         browser_checks(args.url, check, run_tag, args.out, args.screenshots, args.chromium)

@@ -6,7 +6,8 @@
 //   * "chai.ui" {node, prompt_id, ui}: a node's display data (nodes/adapter.py sends it instead of
 //     ComfyUI's `ui` output, which the Queue would count as outputs);
 //   * "chai.stats" {id, name, path, stats, ..., prompt_id}: a store's state, after every sampler run;
-//   * "chai.progress" {node, index, count, step, steps, overall}: the sampler's progress;
+//   * "chai.progress" {node, index, count, step, steps, overall} or {node, index, count, cancelled}:
+//     the sampler's progress;
 //   * GET /chai/stats[?store=<id>]: every store this ComfyUI process opened (the selector, Refresh).
 // The panel follows the work: the first "chai.stats" of a run this page queued selects that run's
 // store; the selector shows any other open store, and every store's events update it live.
@@ -310,6 +311,10 @@ class TextDisplay {
     if (!this.progress) return;
     const batch = p.count > 1;
     this.progress.style.display = "flex";
+    if (p.cancelled) {
+      this.progressLabel.textContent = `cancelled${batch ? ` in prompt ${p.index + 1} of ${p.count}` : ""}`;
+      return;
+    }
     this.batchTrack.style.display = batch ? "block" : "none";
     const prompt = batch ? `prompt ${p.index + 1} of ${p.count} \u00b7 ` : "";
     this.progressLabel.textContent =
