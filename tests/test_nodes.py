@@ -477,6 +477,18 @@ def test_errors_name_the_node_by_its_display_name(tmp_path):
     assert adapter.named_error(same, "CHAI Cache") is same
 
 
+def test_batch_mapping_follows_comfyui_list_rule():
+    """One call per element of the longest list; a shorter list repeats its last element."""
+    calls = list(adapter.map_lists({"prompt": ["a", "b", "c"], "seed": [7], "mode": ["auto", "full"]}))
+    assert calls == [{"prompt": "a", "seed": 7, "mode": "auto"}, {"prompt": "b", "seed": 7, "mode": "full"},
+                     {"prompt": "c", "seed": 7, "mode": "full"}]
+    with pytest.raises(TypeError, match="must arrive as a list"):
+        list(adapter.map_lists({"prompt": "a"}))
+    sampler = NODES["CHAI_Sampler"]
+    assert sampler.INPUT_IS_LIST is True and sampler.OUTPUT_IS_LIST == (True, True)
+    assert not hasattr(NODES["CHAI_Cache"], "INPUT_IS_LIST")  # only PROMPT_BATCH nodes take lists whole
+
+
 def test_node_display_data_goes_to_the_page_not_into_the_history(tiny, monkeypatch):
     """Inside ComfyUI a node's ``ui`` becomes a chai.ui websocket event: ComfyUI's Queue counts
     every list item of a ``ui`` dict as an output (6 videos showed as 38 outputs)."""

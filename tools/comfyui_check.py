@@ -13,7 +13,8 @@ What it checks (each failure is printed and makes the exit status 1):
   panel's script is served, ``/chai/stats`` answers;
 * every API workflow in ``workflows/api/`` runs through ``POST /prompt`` to ``success`` on a
   fresh store, and its history lists exactly its videos as outputs (one per prompt), each a
-  readable mp4;
+  readable mp4; queued again, a workflow re-runs after its store changed and, with the store
+  unchanged, re-runs only CHAI Cache State;
 * ``POST /interrupt`` at step 3 of prompt 2 of a batch stops the sampler within a second (the
   time stamped in its "cancelled" ``chai.progress`` event, so run this on the server's machine;
   the events themselves can arrive later, since ComfyUI runs ``gc.collect()`` after a prompt)
@@ -247,6 +248,27 @@ def check_api_runs(url: str, check: Check, run_tag: str, out: Path, write_thumbn
             print(f"      thumbnail {target} {image.size}")
 
 
+def check_requeue(url: str, check: Check, run_tag: str) -> None:
+    """Queue the single workflow three times on a fresh store: the second run follows the store's
+    new generation (the sampler now hits), the third, with the store unchanged, re-runs only
+    CHAI Cache State and takes everything else from ComfyUI's cache."""
+    prompt = with_store(json.loads((API_WORKFLOWS / "chai_single.json").read_text(encoding="utf-8")),
+                        f"{run_tag}-requeue")
+    state_nodes = {k for k, v in prompt.items() if v["class_type"] == "CHAI_CacheState"}
+    samplers = {k for k, v in prompt.items() if v["class_type"] == "CHAI_Sampler"}
+    runs = []
+    for _ in range(3):
+        entry = wait(url, queue(url, prompt))
+        cached = {n for m in entry["status"].get("messages", []) if m[0] == "execution_cached" for n in m[1]["nodes"]}
+        runs.append((entry["status"]["status_str"], cached))
+    stats = store_state(url, f"{run_tag}-requeue") or {}
+    check.record(runs[1][0] == "success" and stats.get("hits") == 2 and not runs[1][1] & samplers,
+                 "re-queue after the store changed re-runs the sampler", f"{stats.get('hits')} hits in 3 runs")
+    check.record(runs[2][0] == "success" and runs[2][1] == set(prompt) - state_nodes,
+                 "re-queue with the store unchanged: all but Cache State from ComfyUI's cache",
+                 f"cached {sorted(runs[2][1], key=int)}")
+
+
 def check_interrupt(url: str, check: Check, run_tag: str) -> None:
     """Interrupt a batch of 3 at step 3 of prompt 2, timed to ComfyUI's ``execution_interrupted``
     event on the websocket (what the page shows); the store must be as prompt 1 left it."""
@@ -324,6 +346,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     check_registration(args.url, check)
     if "api" in checks:
         check_api_runs(args.url, check, run_tag, args.out, args.write_thumbnails)
+        check_requeue(args.url, check, run_tag)
     if "interrupt" in checks:
         check_interrupt(args.url, check, run_tag)
     if "browser" in checks:

@@ -177,7 +177,7 @@ class CachePanel {
   // A store's new state arrived (any store): follow the run, or update if it is the one shown.
   onStats(payload) {
     const run = this.awaitingRun;
-    if (run && (!payload.prompt_id || payload.prompt_id === run)) {
+    if (run && (run === true || !payload.prompt_id || payload.prompt_id === run)) {
       this.awaitingRun = null;
       this.show(payload.id);
     } else if (!this.selected) {
