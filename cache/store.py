@@ -1131,6 +1131,47 @@ class LatentStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # ------------------------------------------------------------------ StoreBackend members (cache/backend.py)
+    @property
+    def location(self) -> str:
+        """The store folder as a resolved path string (the location it was opened from)."""
+        return str(self.path)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran."""
+        return self._closed
+
+    @property
+    def budget_bytes(self) -> int:
+        """The persisted byte budget (adopted: another process may have changed it)."""
+        rows = dict(self._conn().execute(
+            "SELECT key, value FROM meta WHERE key IN ('budget_bytes', 'policy')").fetchall())
+        self._adopt_config(int(rows["budget_bytes"]), rows["policy"])
+        return self.config.budget_bytes
+
+    @property
+    def policy(self) -> str:
+        """The persisted eviction policy, ``"lru"``, ``"lfu"`` or ``"fifo"``."""
+        return EvictionPolicy.parse(self._conn().execute(
+            "SELECT value FROM meta WHERE key='policy'").fetchone()[0]).value
+
+    def set_policy(self, policy: str | EvictionPolicy) -> None:
+        """Persist a new eviction policy; every process's next eviction follows it. Raises ValueError."""
+        parsed = EvictionPolicy.parse(policy)
+        with self._tx() as c:
+            c.execute("UPDATE meta SET value=? WHERE key='policy'", (parsed.value,))
+        self.config = _replace(self.config, policy=parsed)
+
+    def compat_keys(self) -> list[str]:
+        """The distinct compatibility keys that hold entries, sorted."""
+        return [r[0] for r in self._conn().execute("SELECT DISTINCT compat_key FROM entries ORDER BY compat_key")]
+
+    @staticmethod
+    def exists(path: str | os.PathLike) -> bool:
+        """True when the folder ``path`` holds a store (its manifest); nothing is created or opened."""
+        return (Path(path).expanduser() / "manifest.sqlite").is_file()
+
 
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT on an autocommit connection; rolls back on any exception."""
