@@ -28,7 +28,7 @@ returns it. Host facts: reference/comfyui.md sections 1.8, 4 (list semantics), 6
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Sequence
 
 import torch
 
@@ -41,15 +41,16 @@ UI_EVENT = "chai.ui"
 _ENTRY = "run_in_comfyui"
 
 
-def map_lists(lists: Dict[str, List[Any]]) -> Iterator[Dict[str, Any]]:
+def map_lists(lists: Dict[str, Sequence[Any]]) -> Iterator[Dict[str, Any]]:
     """ComfyUI's list mapping: one keyword dict per element of the longest list; a shorter list
     repeats its last element. Yields nothing when every list is empty.
 
     Raises:
-        TypeError: a value that is not a list (ComfyUI always passes lists to INPUT_IS_LIST nodes).
+        TypeError: a value that is neither a list nor a tuple (ComfyUI passes lists to
+            INPUT_IS_LIST nodes, and ``(None,)`` for a linked input ``IS_CHANGED`` does not see).
     """
     for name, values in lists.items():
-        if not isinstance(values, list):
+        if not isinstance(values, (list, tuple)):
             raise TypeError(f"input {name!r} must arrive as a list, got {type(values).__name__}")
     count = max((len(v) for v in lists.values()), default=0)
     for i in range(count):

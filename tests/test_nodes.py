@@ -486,6 +486,10 @@ def test_batch_mapping_follows_comfyui_list_rule():
         list(adapter.map_lists({"prompt": "a"}))
     sampler = NODES["CHAI_Sampler"]
     assert sampler.INPUT_IS_LIST is True and sampler.OUTPUT_IS_LIST == (True, True)
+    # ComfyUI asks IS_CHANGED with literals only: a linked input arrives as (None,). The answer must
+    # be a plain, repeatable value, or ComfyUI re-runs the sampler on every queue.
+    asked = dict(model=(None,), conditioning=(None,), lookup=(None,), seed=[42], mode=["chai"], unique_id=["8"])
+    assert sampler.IS_CHANGED(**asked) == sampler.IS_CHANGED(**asked) == ("",)  # no store open here
     assert not hasattr(NODES["CHAI_Cache"], "INPUT_IS_LIST")  # only PROMPT_BATCH nodes take lists whole
 
 

@@ -65,6 +65,7 @@ class Page:
         self.close_dialogs()
 
     def close_dialogs(self) -> None:
+        """Press Escape until no dialog is open (the first-run template dialog, an error dialog)."""
         for _ in range(5):
             if not self.page.locator(".p-dialog").count():
                 return
@@ -72,23 +73,28 @@ class Page:
             time.sleep(0.7)
 
     def js(self, code: str, arg: Any = None) -> Any:
+        """Evaluate a JavaScript function in the page."""
         return self.page.evaluate(code, arg)
 
     def warnings_since(self, mark: int) -> List[str]:
+        """Console warnings and errors after console line ``mark``, known page-load noise aside."""
         lines = self.console[mark:]
         return [ln for ln in lines if ln.split(":")[0] in ("warning", "error", "pageerror")
                 and not any(n in ln for n in NOISE)]
 
     def toasts(self) -> List[str]:
+        """Texts of the toast messages on screen (where the frontend shows workflow warnings)."""
         return self.js("() => [...document.querySelectorAll('.p-toast-message')].map(e => e.textContent.trim())")
 
     def shot(self, path: Path, clip: Optional[Dict[str, float]] = None) -> None:
+        """Screenshot of the window (or of ``clip``) to ``path``."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.page.screenshot(path=str(path), clip=clip)
         print(f"      screenshot {path}")
 
 
 def node_clip(page: Page, node_type: str, pad: int = 12) -> Optional[Dict[str, float]]:
+    """Screen rectangle of the first node of ``node_type`` (title and badge included), padded."""
     geometry = page.js(GEOMETRY_JS)
     for node in geometry["nodes"]:
         if node["type"] == node_type:
@@ -99,11 +105,13 @@ def node_clip(page: Page, node_type: str, pad: int = 12) -> Optional[Dict[str, f
 
 
 def set_widget(page: Page, node_type: str, name: str, value: Any) -> None:
+    """Set widget ``name`` of every node of ``node_type`` in the open graph."""
     page.js("""([type, name, value]) => { for (const n of app.graph._nodes) if (n.type === type)
                for (const w of n.widgets ?? []) if (w.name === name) w.value = value; }""", [node_type, name, value])
 
 
 def queue_from_page(page: Page) -> str:
+    """Queue the open graph the way the Run button does; returns the prompt id."""
     return page.js("""async () => { const { api } = await import('/scripts/api.js');
                       const res = await api.queuePrompt(0, await app.graphToPrompt()); return res.prompt_id; }""")
 
@@ -181,6 +189,7 @@ def run_loaded(page: Page, check: Check, url: str, name: str, store: str, watch=
 
 def browser_checks(url: str, check: Check, run_tag: str, out: Path, screenshots: Optional[Path],
                    chromium: str) -> None:
+    """Every browser check (see comfyui_check.py), in one fresh headless Chromium profile."""
     from playwright.sync_api import sync_playwright
 
     status, templates = call(url, "/workflow_templates")
