@@ -292,7 +292,7 @@ def check_interrupt(url: str, check: Check, run_tag: str) -> None:
     ws.connect(url.replace("http", "ws", 1).rstrip("/") + f"/ws?clientId={CLIENT_ID}", timeout=600)
     try:
         prompt_id = queue(url, prompt)
-        before, t0, steps, stopped, event, sampler_stopped = None, None, [], None, None, None
+        before, t0, posted, steps, stopped, event, sampler_stopped = None, None, 0.0, [], None, None, None
         while stopped is None:
             message = ws.recv()
             if not isinstance(message, str):
