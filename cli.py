@@ -144,8 +144,8 @@ def _cmd_cache(args) -> int:
     from .cache.store import LatentStore, StoreError, read_stats
 
     path = Path(args.store)
-    if not (path / "manifest.sqlite").is_file():
-        print(f"error: {path} is not a CHAI store (no manifest.sqlite in it)", file=sys.stderr)
+    if not path.is_dir():
+        print(f"error: {path} is not a CHAI store (not a folder)", file=sys.stderr)
         return 2
     if args.cache_command == "stats" and (args.read_only or not os.access(path, os.W_OK)):
         try:
@@ -158,13 +158,16 @@ def _cmd_cache(args) -> int:
         _print_stats(path, stats, args.json)
         return 0
     try:
-        store = LatentStore(path)
+        store = LatentStore(path, create=False)
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with store:
-        for line in store.open_report:
-            print(f"repaired on open: {line}")
+        for line in store.notes:
+            print(f"note: {line}", file=sys.stderr if args.json else sys.stdout)
+        repaired_on_open = list(store.open_report)
+        for line in repaired_on_open:
+            print(f"repaired on open: {line}", file=sys.stderr if args.json else sys.stdout)
         if args.cache_command == "stats":
             _print_stats(path, store.stats(), args.json)
             return 0
@@ -173,8 +176,11 @@ def _cmd_cache(args) -> int:
             print(f"checked {report.entries_checked} entries")
             for problem in report.problems:
                 print(f"repaired: {problem}")
-            print("OK: store is consistent" if report.ok else f"{len(report.problems)} problem(s) found and repaired")
-            return 0 if report.ok else 1
+            for name in report.left_alone:
+                print(f"left alone (not the store's own file, never touched): {name}")
+            found = len(report.problems) + len(repaired_on_open)
+            print("OK: store is consistent" if not found else f"{found} problem(s) found and repaired")
+            return 0 if not found else 1
         if args.cache_command == "compact":
             result = store.compact()
             print(f"compacted {result['partitions']} partition(s): {result['vectors']} vectors kept, "

@@ -35,3 +35,10 @@ def fixtures_dir() -> Path:
     if not FIXTURES_DIR.is_dir():
         pytest.fail(f"golden fixtures not found at {FIXTURES_DIR}; the repository's tests/fixtures folder is incomplete")
     return FIXTURES_DIR
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_config_dir(tmp_path_factory):
+    """Keep the per-user index key (cache/index_file.py) of the test run out of the real home."""
+    os.environ["CHAI_CONFIG_DIR"] = str(tmp_path_factory.mktemp("chai-config"))
+    yield
