@@ -11,6 +11,7 @@ are read and checked before the result says "hit", so a hit can always be served
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Mapping
@@ -26,6 +27,8 @@ __all__ = ["LookupConfig", "EntityScore", "LookupTimings", "LookupResult", "Cach
 
 # Chosen by bench/threshold_sweep.py on the 946 VBench prompts (README, "Choosing the threshold").
 DEFAULT_THRESHOLD = 0.72
+
+log = logging.getLogger("comfyui_chai.lookup")
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class LookupResult:
         per_entity: the best stored match of every prompt entity (for fusion and reports).
         latents: name -> tensor of the served entry (None on a miss).
         timings: :class:`LookupTimings`.
+        not_stored: why :meth:`CacheLookup.insert` stored nothing for this request (None otherwise).
     """
 
     prompt: str
@@ -126,6 +130,7 @@ class LookupResult:
     per_entity: list[EntityScore] = field(default_factory=list)
     latents: Mapping | None = None
     timings: LookupTimings = field(default_factory=LookupTimings)
+    not_stored: str | None = None
 
     def summary(self) -> dict:
         """JSON-friendly view (no tensors, no embeddings)."""
@@ -135,6 +140,7 @@ class LookupResult:
             "matched": self.matched, "similarity": round(float(self.similarity), 4),
             "entities_matched": self.entities_matched, "entity_sharers": self.entity_sharers,
             "per_entity": [asdict(s) for s in self.per_entity], "timings_ms": asdict(self.timings),
+            "not_stored": self.not_stored,
         }
 
 
@@ -164,16 +170,16 @@ class CacheLookup:
     def keys_for(self, prompt: str) -> list[str]:
         """The strings a prompt is looked up (and later stored) by.
 
-        Entity mode: its entities; when none is found, the whole normalised prompt, so every
-        prompt can still hit an identical earlier one. Prompt mode: the whole normalised prompt.
+        Entity mode: its entities, possibly none (a prompt of filler or stop words such as "a the
+        of" names nothing: its lookup is a miss and nothing is stored for it). Prompt mode: the
+        whole normalised prompt.
 
         Raises:
             ValueError: an empty or whitespace-only prompt, or one over the extractor's length limit.
         """
         if self.config.mode == "prompt":
             return [self.extractor.normalize_prompt(prompt)]
-        entities = self.extractor.extract(prompt)
-        return entities or [self.extractor.normalize_prompt(prompt)]
+        return self.extractor.extract(prompt)
 
     def lookup(self, prompt: str, compat_key: str, load: bool = True, record: bool = True) -> LookupResult:
         """Look a prompt up.
@@ -195,9 +201,14 @@ class CacheLookup:
         key = self.full_key(compat_key)
         entities = self.keys_for(prompt)
         t1 = time.perf_counter()
-        embeddings = self.embedder.encode(entities)
-        t2 = time.perf_counter()
-        matches = self.store.search(embeddings, key, k=self.config.neighbours)
+        if entities:
+            embeddings = self.embedder.encode(entities)
+            t2 = time.perf_counter()
+            matches = self.store.search(embeddings, key, k=self.config.neighbours)
+        else:  # nothing to look up: a miss, and insert() will store nothing
+            embeddings = np.zeros((0, self.store.dim or 0), dtype=np.float32)
+            t2 = time.perf_counter()
+            matches = []
         t3 = time.perf_counter()
         result = LookupResult(prompt=prompt, mode=self.config.mode, entities=entities, embeddings=embeddings,
                               compat_key=key)
@@ -261,8 +272,12 @@ class CacheLookup:
             result.timings.record_ms = (time.perf_counter() - t4) * 1000
         return result
 
-    def insert(self, result: LookupResult, tensors: Mapping, info: Mapping | None = None) -> int:
+    def insert(self, result: LookupResult, tensors: Mapping, info: Mapping | None = None) -> int | None:
         """Store a request's latents under the keys and embeddings its lookup computed.
+
+        A request is not stored, with a warning (logged, and kept in ``result.not_stored``), when
+        its prompt has no entity to be found by, or when its latents are larger than the store's
+        whole budget: the request itself (its video) is unaffected.
 
         Args:
             result: the :class:`LookupResult` of this request (normally a miss).
@@ -270,9 +285,22 @@ class CacheLookup:
             info: JSON-serialisable metadata (seed, steps, timesteps ...).
 
         Returns:
-            The new entry id.
+            The new entry id, or None when nothing was stored.
 
         Raises:
-            ValueError: see :meth:`LatentStore.put`.
+            ValueError: see :meth:`LatentStore.put` (bad tensors or embeddings).
+            StoreError: the store cannot be written (read-only, disk full).
         """
-        return self.store.put(tensors, result.entities, result.embeddings, result.compat_key, result.prompt, info)
+        from .store_types import EntryTooLargeError
+
+        if not result.entities:
+            result.not_stored = (f"not cached: the prompt {result.prompt[:60]!r} has no entity to be found by "
+                                 "(only filler or stop words)")
+        else:
+            try:
+                return self.store.put(tensors, result.entities, result.embeddings, result.compat_key, result.prompt,
+                                      info)
+            except EntryTooLargeError as exc:
+                result.not_stored = f"not cached: {exc}"
+        log.warning("CHAI: %s", result.not_stored)
+        return None

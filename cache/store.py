@@ -59,7 +59,6 @@ from .store_files import (
     LOCK_NAME,
     MANIFEST_NAME,
     MARKER_NAME,
-    STORE_SUBDIRS,
     BlobError,
     StoreFiles,
     check_safetensors,
@@ -121,8 +120,6 @@ __all__ = [
 log = logging.getLogger("comfyui_chai.store")
 
 FORMAT_VERSION = SCHEMA_VERSION
-# What a format-1 store folder holds at its top level (it had no marker).
-_V1_NAMES = set(MANIFEST_SIDE_FILES) | set(STORE_SUBDIRS) | {LOCK_NAME}
 _MARKER_TMP = re.compile(r"^\.chai-store\.json\.tmp-[0-9a-f]{32}$")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -163,9 +160,7 @@ def identify_folder(path: Path) -> tuple[str, dict | ManifestInfo | None]:
     if MANIFEST_NAME in names:
         files.check_top_level(MANIFEST_SIDE_FILES)
         manifest = path / MANIFEST_NAME
-        info = probe_manifest(manifest, immutable=True)
-        if info is None and set(names) <= _V1_NAMES and MANIFEST_NAME + "-wal" in names:
-            info = probe_manifest(manifest, immutable=False)  # a store whose schema is still in its WAL
+        info = probe_manifest(manifest)  # immutable: reads the file alone, creates no side file
         if info is not None:
             return "unmarked", info
         raise ContainmentError(

@@ -210,16 +210,15 @@ def schema_version(conn: sqlite3.Connection) -> int | None:
     return version
 
 
-def probe_manifest(manifest: Path, immutable: bool = True) -> ManifestInfo | None:
-    """Recognise a CHAI manifest without writing anything; None when it is not one.
+def probe_manifest(manifest: Path) -> ManifestInfo | None:
+    """Recognise a CHAI manifest without writing anything (SQLite ``immutable``: the database file
+    alone is read, no ``-wal``/``-shm`` is opened or created); None when it is not one.
 
     Args:
         manifest: path of a ``manifest.sqlite`` (already checked to be a regular file).
-        immutable: read the database file alone (creates no ``-shm``/``-wal``); False reads its WAL
-            too (``mode=ro``), which may create SQLite's ``-shm`` side file.
     """
     try:
-        conn = connect_read_only(manifest, immutable)
+        conn = connect_read_only(manifest, immutable=True)
     except sqlite3.Error:
         return None
     try:

@@ -31,9 +31,9 @@ __all__ = [
 DEFAULT_BUDGET_BYTES = 1 << 30  # the paper's 1 GB cache (CHAI section 4)
 # Larger than any real budget (1 PiB), small enough that byte sums never leave SQLite's int64.
 MAX_BUDGET_BYTES = 1 << 50
-# Hard cap on one latent file. The largest OpenSora 1.2 entry (720p, 16 s: 3 latents of
+# Hard cap on one latent file (256 MiB). The largest OpenSora 1.2 entry (720p, 16 s: 3 latents of
 # 4x120x90x160 in float32) is about 83 MB; a manifest asking for more is not ours to trust.
-MAX_ENTRY_BYTES = 1 << 30
+MAX_ENTRY_BYTES = 1 << 28
 ALLOWED_DTYPES = ("float16", "bfloat16", "float32")
 
 

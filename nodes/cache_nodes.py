@@ -63,6 +63,11 @@ class CHAICache:
                 "default": "lru",
                 "tooltip": "Which entry goes first when the budget is full: least recently used (the paper's), "
                            "least frequently used, or oldest."}),
+        }, "optional": {
+            "evict_to_fit": ("BOOLEAN", {
+                "default": False,
+                "tooltip": "Allow a budget smaller than what the store holds: the entries beyond it are evicted. "
+                           "Off: such a budget is refused with an error that says how much would go."}),
         }}
 
     RETURN_TYPES = ("CHAI_CACHE",)
@@ -75,7 +80,7 @@ class CHAICache:
                    "lookup or a sample made against an older state of the store.")
 
     @classmethod
-    def IS_CHANGED(cls, folder, budget_mb=1024, policy="lru"):
+    def IS_CHANGED(cls, folder, budget_mb=1024, policy="lru", evict_to_fit=False):
         """The store's path and manifest generation: every node downstream re-runs after an insert,
         eviction or repair (also by another process), and only then."""
         try:
@@ -84,11 +89,14 @@ class CHAICache:
             return f"invalid:{exc}"
         return f"{path}@{registry.peek_generation(path)}"
 
-    def open(self, folder, budget_mb=1024, policy="lru"):
-        """Returns (CHAI_CACHE,). Raises ValueError (bad name, budget, policy) or StoreError."""
-        if isinstance(budget_mb, bool) or not isinstance(budget_mb, int) or budget_mb < 1:
-            raise ValueError(f"budget_mb must be a whole number of MiB >= 1, got {budget_mb!r}")
-        return (registry.open_store(folder, budget_bytes=int(budget_mb) << 20, policy=policy),)
+    def open(self, folder, budget_mb=1024, policy="lru", evict_to_fit=False):
+        """Returns (CHAI_CACHE,). Raises ValueError (bad name, budget, policy) or StoreError
+        (the folder is not empty and not a store; BudgetError: the budget would evict entries and
+        ``evict_to_fit`` is off)."""
+        if isinstance(budget_mb, bool) or not isinstance(budget_mb, int) or not 1 <= budget_mb <= 1 << 30:
+            raise ValueError(f"budget_mb must be a whole number of MiB from 1 to {1 << 30}, got {budget_mb!r}")
+        return (registry.open_store(folder, budget_bytes=int(budget_mb) << 20, policy=policy,
+                                    evict_to_fit=bool(evict_to_fit)),)
 
 
 def preview_lookup(lookup: Any, prompt: str, limit_neighbours: Optional[int] = None) -> Dict[str, Any]:
@@ -106,7 +114,7 @@ def preview_lookup(lookup: Any, prompt: str, limit_neighbours: Optional[int] = N
     keys = lookup.keys_for(prompt)
     partitions = sorted({e.compat_key for e in store.entries() if e.compat_key.endswith(suffix)})
     best: Dict[int, Any] = {}
-    if partitions:
+    if partitions and keys:
         vectors = lookup.embedder.encode(keys)
         for key in partitions:
             for m in store.search(vectors, key, k=limit_neighbours or lookup.config.neighbours):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -76,22 +75,14 @@ def resolve_store_path(folder: str) -> Path:
 
 def peek_generation(path: Path) -> Optional[int]:
     """The manifest generation of the store at ``path`` read without opening it (read-only SQLite),
-    or None when there is no store there yet. Cheap: used by ``IS_CHANGED`` before every prompt."""
+    or None when there is no CHAI store there (nothing is written in a folder that is not a store).
+    Cheap: used by ``IS_CHANGED`` before every prompt."""
     handle = _STORES.get(str(path))
     if handle is not None and not handle.closed:
         return int(handle.store.generation)
-    manifest = path / "manifest.sqlite"
-    if not manifest.is_file():
-        return None
-    try:
-        conn = sqlite3.connect(f"file:{manifest}?mode=ro", uri=True, timeout=5)
-        try:
-            row = conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return None
-    return int(row[0]) if row else None
+    from ..cache.store import peek_generation as peek
+
+    return peek(path)
 
 
 @dataclass
@@ -117,17 +108,21 @@ class StoreHandle:
         return bool(getattr(self.store, "_closed", False))
 
 
-def open_store(folder: str, budget_bytes: Optional[int] = None, policy: Optional[str] = None) -> StoreHandle:
+def open_store(folder: str, budget_bytes: Optional[int] = None, policy: Optional[str] = None,
+               evict_to_fit: bool = False) -> StoreHandle:
     """Open (or create) a store, or return this process's open one, applying budget and policy.
 
     Args:
         folder: see :func:`resolve_store_path`.
-        budget_bytes: byte budget (> 0); None keeps the persisted one. A smaller budget evicts now.
+        budget_bytes: byte budget (> 0); None keeps the persisted one. A budget smaller than what
+            the store holds is refused unless ``evict_to_fit`` (then it evicts now).
         policy: ``"lru"``, ``"lfu"`` or ``"fifo"``; None keeps the persisted one.
+        evict_to_fit: confirm evicting down to a smaller budget.
 
     Raises:
         ValueError: bad folder, budget or policy. ``cache.store.StoreError``: the folder is not a
-        usable store (a file, not writable, another schema); the message says what to do.
+        usable store (a file, not writable, not empty and not a store, another format;
+        ``BudgetError``: the budget would evict); the message says what to do.
     """
     from ..cache.store import LatentStore
 
@@ -144,10 +139,12 @@ def open_store(folder: str, budget_bytes: Optional[int] = None, policy: Optional
                 store.close()  # the policy is part of the store's config: reopen with the new one
                 handle = None
             elif budget_bytes is not None and int(budget_bytes) != int(store.config.budget_bytes):
-                store.set_budget(int(budget_bytes))
+                store.set_budget(int(budget_bytes), evict_to_fit=evict_to_fit)
         if handle is None or handle.closed:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            store = LatentStore(path, budget_bytes=None if budget_bytes is None else int(budget_bytes), policy=policy)
+            if not os.path.isabs(os.path.expanduser(folder.strip())):
+                path.parent.mkdir(parents=True, exist_ok=True)  # the store root; an absolute path's parent must exist
+            store = LatentStore(path, budget_bytes=None if budget_bytes is None else int(budget_bytes), policy=policy,
+                                evict_to_fit=evict_to_fit)
             handle = StoreHandle(id=store_id(path), path=path, store=store, name=folder, opened_at=time.time(),
                                  last_run=_STORES[str(path)].last_run if str(path) in _STORES else None)
             _STORES[str(path)] = handle
