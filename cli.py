@@ -203,11 +203,12 @@ def _cmd_cache(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with store:
+        report_to = sys.stderr if getattr(args, "json", False) else sys.stdout  # --json keeps stdout pure JSON
         for line in store.notes:
-            print(f"note: {line}", file=sys.stderr if args.json else sys.stdout)
+            print(f"note: {line}", file=report_to)
         repaired_on_open = list(store.open_report)
         for line in repaired_on_open:
-            print(f"repaired on open: {line}", file=sys.stderr if args.json else sys.stdout)
+            print(f"repaired on open: {line}", file=report_to)
         if args.cache_command == "stats":
             _print_stats(path, store.stats(), args.json)
             return 0

@@ -107,23 +107,30 @@ def check_hnsw_file(buf, dim: int, M: int, ef_construction: int, max_count: int)
     level0_end = HNSW_HEADER_BYTES + count * size_data
     if level0_end + 4 * count > size:
         raise IndexFileError(f"index file is {size} bytes, too short for {count} elements")
-    level0 = np.frombuffer(buf, dtype=np.uint8, count=count * size_data, offset=HNSW_HEADER_BYTES)
-    level0 = level0.reshape(count, size_data)
-    head = level0[:, :4].copy().view(np.uint32)[:, 0]
-    counts0 = head & _LINK_COUNT_MASK
-    if int(counts0.max()) > 2 * M:
-        raise IndexFileError(f"an element has {int(counts0.max())} level-0 neighbours, more than maxM0 = {2 * M}")
-    neighbours0 = level0[:, 4:links0].copy().view(np.uint32)
-    used0 = np.arange(2 * M)[None, :] < counts0[:, None]
-    if used0.any() and int(neighbours0[used0].max()) >= count:
-        raise IndexFileError("a level-0 neighbour id points past the last element")
-    vectors = level0[:, links0:links0 + 4 * dim].copy().view(np.float32)
-    if not np.isfinite(vectors).all():
-        raise IndexFileError("the index holds a vector with NaN or Inf")
-    labels = level0[:, label_offset:label_offset + 8].copy().view(np.uint64)[:, 0]
-    if int(labels.max()) >= 1 << 63 or np.unique(labels).size != count:
+    # Level 0, in chunks copied out of ``buf`` (no view of a caller's mmap outlives this call, and
+    # a large file is never copied whole): link counts and ids, vectors, labels, delete marks.
+    labels_parts, deleted_parts = [], []
+    step = max(1, (16 << 20) // size_data)
+    for first in range(0, count, step):
+        n = min(step, count - first)
+        start = HNSW_HEADER_BYTES + first * size_data
+        level0 = np.frombuffer(bytes(buf[start:start + n * size_data]), dtype=np.uint8).reshape(n, size_data)
+        head = level0[:, :4].copy().view(np.uint32)[:, 0]
+        counts0 = head & _LINK_COUNT_MASK
+        if int(counts0.max()) > 2 * M:
+            raise IndexFileError(f"an element has {int(counts0.max())} level-0 neighbours, more than maxM0 = {2 * M}")
+        neighbours0 = level0[:, 4:links0].copy().view(np.uint32)
+        used0 = np.arange(2 * M)[None, :] < counts0[:, None]
+        if used0.any() and int(neighbours0[used0].max()) >= count:
+            raise IndexFileError("a level-0 neighbour id points past the last element")
+        if not np.isfinite(level0[:, links0:links0 + 4 * dim].copy().view(np.float32)).all():
+            raise IndexFileError("the index holds a vector with NaN or Inf")
+        labels_parts.append(level0[:, label_offset:label_offset + 8].copy().view(np.uint64)[:, 0])
+        deleted_parts.append(((head >> 16) & _DELETE_MARK).astype(bool))
+    labels = np.concatenate(labels_parts)
+    if int(labels.max()) >= 1 << 63 or int(labels.min()) < 1 or np.unique(labels).size != count:
         raise IndexFileError("index labels are not unique positive 63-bit integers")
-    deleted = ((head >> 16) & _DELETE_MARK).astype(bool)
+    deleted = np.concatenate(deleted_parts)
 
     # Upper levels: per element a uint32 byte size, then `level` blocks of (count, maxM ids).
     links = M * 4 + 4

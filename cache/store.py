@@ -317,6 +317,8 @@ class LatentStore:
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise self._os_error(exc, "write in the store folder") from exc
             raise StoreError(
                 f"store folder {self.path} is not writable ({exc.strerror or exc}); give a folder you can write to, "
                 "or copy the store somewhere writable (`cache stats --read-only` reads it where it is)") from exc

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from .store_types import ALLOWED_DTYPES, MAX_ENTRY_BYTES, ContainmentError
+from .store_types import MAX_ENTRY_BYTES, ContainmentError
 
 __all__ = [
     "BlobError",
@@ -573,8 +573,8 @@ def check_safetensors(blob: bytes, spec: Mapping[str, list]) -> None:
         if not isinstance(desc, dict) or set(desc) != {"dtype", "shape", "data_offsets"}:
             raise BlobError(f"latent file is not valid safetensors (tensor {name!r} lacks dtype/shape/data_offsets)")
         dtype, shape, offsets = desc["dtype"], desc["shape"], desc["data_offsets"]
-        if dtype not in _ST_DTYPES or _ST_DTYPES[dtype][0] != want_dtype or want_dtype not in ALLOWED_DTYPES:
-            raise BlobError(f"tensor {name!r} has dtype {dtype!r}, the store expects {want_dtype}")
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES or _ST_DTYPES[dtype][0] != want_dtype:
+            raise BlobError(f"tensor {name!r} has dtype {dtype!r:.40}, the store expects {want_dtype}")
         if not isinstance(shape, list) or shape != list(want_shape) or not all(
                 type(x) is int and x > 0 for x in shape):
             raise BlobError(f"tensor {name!r} has shape {shape!r:.80}, the store expects {list(want_shape)}")

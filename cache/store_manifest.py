@@ -468,7 +468,7 @@ class Manifest:
         conn = self.conn()
         bad: dict[int, str] = {}
         for (entry_id,) in conn.execute(
-                "SELECT id FROM entries WHERE typeof(nbytes)!='integer' OR nbytes<1 OR nbytes>? "
+                "SELECT id FROM entries WHERE id<1 OR typeof(nbytes)!='integer' OR nbytes<1 OR nbytes>? "
                 "OR typeof(sha256)!='text' OR length(sha256)!=64 OR typeof(compat_key)!='text' "
                 "OR typeof(prompt)!='text' OR typeof(info)!='text' OR typeof(access_count)!='integer' "
                 "OR typeof(created_at) NOT IN ('real','integer') OR typeof(last_access) NOT IN ('real','integer')",

@@ -1,0 +1,136 @@
+"""Fuzz: a store from elsewhere with a crafted index file or latent header never crashes the process.
+
+Issue 14, deliverable 6: at least 500 mutated hnswlib index files and 500 mutated safetensors
+headers, each opened in a child process (forked from this one, under an address-space limit so a
+runaway allocation fails instead of swapping). The attacker controls the whole store, so the
+manifest is rewritten to agree with each mutated file (the recorded index size and a plain
+SHA-256; the entry's size and SHA-256). Each child must exit normally with a clear outcome: the
+partition rebuilt from the manifest (or loaded, when the mutation left a valid graph), the entry
+quarantined with a reason (or served with exactly its key's tensor spec), or the store refused
+with an error. Through an audit hook the child also reports every path it touched through Python:
+none may lie outside the store (its own code and the index-key folder aside), and a folder next
+to the stores must be byte-identical after all cases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import _store_fuzz
+from _store_util import DIM, KEYS, put_seeded, seeded_entry
+from comfyui_chai.cache.index import partition_file_name
+from comfyui_chai.cache.store import LatentStore, StoreConfig
+
+N_INDEX = int(os.environ.get("CHAI_FUZZ_N", 500))
+N_HEADER = int(os.environ.get("CHAI_FUZZ_N", 500))
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, request):
+    """A small store (about 40 entries over three keys, index saved) and its entries by key."""
+    root = tmp_path_factory.mktemp("fuzz")
+    if os.access("/dev/shm", os.W_OK):  # a thousand stores are created and fsynced: keep them in memory
+        root = Path(tempfile.mkdtemp(prefix="chai-fuzz-", dir="/dev/shm"))
+        request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
+    path = root / "base"
+    ids: dict[str, list[int]] = {k: [] for k in KEYS}
+    with LatentStore(path, dim=DIM, config=StoreConfig(autosave_every=1)) as store:
+        for seed in range(7000, 7040):
+            ids[seeded_entry(seed)["compat_key"]].append(put_seeded(store, seed))
+        store.save_index()
+    assert min(len(v) for v in ids.values()) >= 5
+    outside = root / "outside"
+    outside.mkdir()
+    (outside / "notes.txt").write_text("someone's notes")
+    (outside / "latents").mkdir()
+    (outside / "latents" / "1.safetensors").write_bytes((path / "latents" / "1.safetensors").read_bytes())
+    return root, path, ids
+
+
+def _limit_memory() -> None:
+    """Cap the child's address space at what it maps now plus 2 GiB: a crafted size that makes it
+    allocate gigabytes raises MemoryError (a finding) instead of exhausting the machine."""
+    try:
+        import resource
+
+        pages = int(Path("/proc/self/statm").read_text().split()[0])
+        limit = pages * os.sysconf("SC_PAGE_SIZE") + (2 << 30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    except (ImportError, OSError, ValueError):
+        pass
+
+
+def _child(store_dir: str, verdict: str, config_dir: str) -> None:
+    _limit_memory()
+    _store_fuzz.fuzz_child(store_dir, verdict, config_dir)
+
+
+def _run(kind: str, n: int, base) -> dict:
+    root, path, ids = base
+    outside_before = _tree(root / "outside")
+    ctx = mp.get_context("fork")
+    config_dir = os.environ["CHAI_CONFIG_DIR"]
+    outcomes: dict[str, int] = {}
+    index_name = partition_file_name(KEYS[0])
+    for case in range(n):
+        rng = _store_fuzz.seeded_rng(case if kind == "index" else 100_000 + case)
+        work = root / f"{kind}-{case}"
+        store = work / "store"
+        shutil.copytree(path, store)
+        if kind == "index":
+            data, desc = _store_fuzz.mutate_index((path / "index" / index_name).read_bytes(), rng)
+            _store_fuzz.record_attack(store, "index", index_name, data)
+            target = None
+        else:
+            target = rng.choice([i for key_ids in ids.values() for i in key_ids])
+            data, desc = _store_fuzz.mutate_header((path / "latents" / f"{target}.safetensors").read_bytes(), rng)
+            _store_fuzz.record_attack(store, "latent", target, data)
+        verdict_path = work / "verdict.json"
+        child = ctx.Process(target=_child, args=(str(store), str(verdict_path), config_dir))
+        child.start()
+        child.join(120)
+        where = f"{kind} case {case} ({desc})"
+        assert child.exitcode == 0, f"{where}: the child died with exit code {child.exitcode} (a crash)"
+        verdict = json.loads(verdict_path.read_text())
+        assert verdict["ok"], f"{where}: {verdict.get('error')}\n{verdict.get('trace')}"
+        assert not verdict["outside"], f"{where}: touched paths outside the store: {verdict['outside']}"
+        if verdict["outcome"] == "refused":
+            outcome = "refused"
+        elif kind == "index":
+            rebuilt = any(line.startswith("index_rebuilt") and index_name in line for line in verdict["report"])
+            outcome = "rebuilt" if rebuilt else "loaded (valid graph)"
+        else:
+            flagged = [e for e in verdict["events"] if f"entry {target}:" in e]
+            outcome = "quarantined" if flagged else "served (valid header)"
+            if flagged:
+                assert any(w in flagged[0] for w in ("safetensors", "tensor", "bytes", "SHA-256")), flagged[0]
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        shutil.rmtree(work)
+    assert _tree(root / "outside") == outside_before, "a file outside the stores changed"
+    print(f"\n{n} mutated {kind} files: {outcomes}")
+    return outcomes
+
+
+def test_500_mutated_index_files_never_crash_and_stay_inside(base):
+    outcomes = _run("index", N_INDEX, base)
+    assert sum(outcomes.values()) == N_INDEX
+    assert outcomes.get("rebuilt", 0) >= N_INDEX // 2, f"most mutations must be caught and rebuilt: {outcomes}"
+
+
+def test_500_mutated_safetensors_headers_never_crash_and_stay_inside(base):
+    outcomes = _run("latent", N_HEADER, base)
+    assert sum(outcomes.values()) == N_HEADER
+    assert outcomes.get("quarantined", 0) >= N_HEADER * 3 // 4, f"most mutations must be quarantined: {outcomes}"
