@@ -512,19 +512,6 @@ class StoreFiles:
                 continue
         return report
 
-    def latent_names(self) -> dict[int, bool]:
-        """entry id -> is a regular file, for every ``latents/<id>.safetensors`` name."""
-        out: dict[int, bool] = {}
-        try:
-            with self.folder("latents") as d:
-                for name in d.names():
-                    m = _LATENT_RE.match(name)
-                    if m:
-                        out[int(m.group(1))] = d.regular(name)
-        except FileNotFoundError:
-            pass
-        return out
-
     def rename_legacy_latent(self, old: str, entry_id: int) -> bool:
         """Upgrade step: rename a format-1 latent (``<uuid hex>.safetensors``) to its entry id's name.
 

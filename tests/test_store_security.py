@@ -793,3 +793,32 @@ def test_someones_folder_is_byte_identical_after_every_command_and_node(tmp_path
     assert tree(folder) == before
     registry.close_all()
 
+
+
+def test_without_directory_descriptors_the_same_rules_hold(tmp_path, monkeypatch):
+    """Where the OS has no ``dir_fd`` (Windows) the files module works on checked paths: the store
+    works, a link in place of a store folder is refused and a linked latent is never followed."""
+    from comfyui_chai.cache import store_files
+
+    monkeypatch.setattr(store_files, "USE_DIR_FD", False)
+    path = tmp_path / "s"
+    ids = _store(path, range(40, 48))
+    with LatentStore(path) as store:
+        for entry_id, seed in ids.items():
+            assert_seeded_entry(store, entry_id, seed)
+        first, second = list(ids)[:2]
+        assert store.delete([first]) == 1 and not latent_path(path, first).exists()
+        outside = tmp_path / "outside.bin"
+        outside.write_bytes(latent_path(path, second).read_bytes())
+        latent_path(path, second).unlink()
+        latent_path(path, second).symlink_to(outside)
+        assert store.load(second) is None and outside.exists() and latent_path(path, second).is_symlink()
+        assert store.verify().ok
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "photo.jpg").write_bytes(b"precious")
+    shutil.rmtree(path / "quarantine")
+    (path / "quarantine").symlink_to(victim, target_is_directory=True)
+    with pytest.raises(ContainmentError, match="quarantine is a link or not a folder"):
+        LatentStore(path)
+    assert tree(victim) == {"photo.jpg": ("file", b"precious", (victim / "photo.jpg").stat().st_mode)}
