@@ -211,6 +211,14 @@ class LatentStore:
         ContainmentError: the folder is not empty and not a CHAI store, or a part of it is a link.
         BudgetError: ``budget_bytes`` would evict entries and ``evict_to_fit`` is False.
         ValueError: a non-positive budget or an unknown policy.
+
+    Attributes:
+        path: the resolved store folder. store_id: its id (32 hex, from its marker).
+        config: the :class:`StoreConfig` in force (budget and policy follow the manifest).
+        open_report: repairs made since the store was opened ("kind: detail"), e.g. an index
+            rebuilt or a file quarantined. notes: what the open did that is not a repair (an upgrade).
+        left_alone: ``sub/name`` of files in ``latents/`` or ``index/`` the store did not make
+            (never touched).
     """
 
     def __init__(self, path: str | os.PathLike, config: StoreConfig | None = None, dim: int | None = None,
@@ -272,8 +280,9 @@ class LatentStore:
                 self._sync = IndexSync(self._manifest, self._files, self.store_id, meta["index_params"],
                                        self.config.durable, IndexKey.for_user(), self._event)
                 self._sync.set_dim(meta["dim"])
-                self._repair_rows(meta["dim"])
+                self._repair_rows()
                 self._sync.load_all()
+                self._remove_invalid(self._sync.take_bad_entries())
                 self._collect_garbage(legacy=meta["upgraded_from"] is not None)
                 self._apply_config(evict_to_fit)
         except sqlite3.Error as exc:
@@ -368,25 +377,36 @@ class LatentStore:
             meta["dim"] = int(dim)
         return meta
 
-    def _repair_rows(self, dim: int | None) -> None:
+    def _repair_rows(self) -> None:
         """Remove entries whose manifest rows CHAI could not have written (a store from elsewhere)."""
         orphans = self._manifest.orphan_entities()
-        bad = self._manifest.invalid_entries(dim)
         if orphans:
             with self._manifest.tx() as c:
                 self._event(c, "rows_removed", f"{orphans} entity row(s) without their entry")
+        self._remove_invalid(self._manifest.invalid_entries())
+
+    def _remove_invalid(self, bad: list[tuple[int, str]]) -> int:
+        """Delete entries that cannot be trusted ((id, reason) pairs) with one repair event each
+        (the first 20); their files, where regular, go to quarantine/. Caller holds the writer lock.
+        Returns how many were removed."""
         if not bad:
-            return
+            return 0
         with self._manifest.tx() as c:
-            Manifest.delete_entries(c, [b[0] for b in bad], Manifest.bump_generation(c))
-            c.execute("UPDATE counters SET value=value+? WHERE name='repairs'", (len(bad),))
-            for entry_id, reason in bad[:20]:
+            present = [b for b in bad if c.execute("SELECT 1 FROM entries WHERE id=?", (b[0],)).fetchone()]
+            if not present:
+                return 0
+            Manifest.delete_entries(c, [b[0] for b in present], Manifest.bump_generation(c))
+            c.execute("UPDATE counters SET value=value+? WHERE name='repairs'", (len(present),))
+            for entry_id, reason in present[:20]:
                 self._event(c, "rows_removed", f"entry {entry_id}: {reason}")
-            if len(bad) > 20:
-                self._event(c, "rows_removed", f"{len(bad) - 20} more entries with invalid rows")
-        for entry_id, _ in bad:
+            if len(present) > 20:
+                self._event(c, "rows_removed", f"{len(present) - 20} more entries with invalid rows")
+        for entry_id, _ in present:
             if 0 < entry_id < 1 << 63:
                 self._files.quarantine_latent(entry_id)
+        if self._sync.index is not None:
+            self.sync()
+        return len(present)
 
     def _apply_config(self, evict_to_fit: bool) -> None:
         """Persist an explicitly given policy and budget (a smaller budget only with ``evict_to_fit``)."""
@@ -590,6 +610,7 @@ class LatentStore:
                 if self.dim is None:
                     self._init_dim(embeddings.shape[1])
                 self.sync()
+                self._remove_invalid(self._sync.take_bad_entries())  # found by a sync without the lock
                 tmp = self._files.write_latent_temp(blob, self.config.durable)
             except OSError as exc:  # read-only mount, disk full, permissions
                 raise self._os_error(exc, f"write a latent file in {self.path / 'latents'}") from exc
@@ -731,8 +752,9 @@ class LatentStore:
         conn = self._conn()
         for start in range(0, len(flat), 500):
             chunk = flat[start:start + 500]
-            q = f"SELECT label, entry_id, text FROM entities WHERE compat_key=? AND label IN ({','.join('?' * len(chunk))})"
-            for label, entry_id, text in conn.execute(q, (compat_key, *chunk)):
+            q = ("SELECT e.label, e.entry_id, e.text FROM entities e JOIN entries n ON n.id=e.entry_id "
+                 f"WHERE e.compat_key=? AND n.compat_key=? AND e.label IN ({','.join('?' * len(chunk))})")
+            for label, entry_id, text in conn.execute(q, (compat_key, compat_key, *chunk)):
                 rows[int(label)] = (int(entry_id), str(text))
         stale = [label for label in flat if label not in rows]
         if stale:
@@ -880,6 +902,12 @@ class LatentStore:
         with self._lock:
             self.sync()
             conn = self._conn()
+            bad = dict(self._sync.take_bad_entries())
+            bad.update(self._manifest.invalid_entries() + self._manifest.invalid_entities(self.dim))
+            for entry_id, reason in sorted(bad.items()):
+                report.problems.append(f"entry {entry_id}: {reason}")
+                report.rows_removed += 1
+            self._remove_invalid(sorted(bad.items()))
             rows = conn.execute("SELECT id FROM entries ORDER BY id").fetchall()
             report.entries_checked = len(rows)
             for (entry_id,) in rows:

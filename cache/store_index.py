@@ -55,6 +55,9 @@ class IndexSync:
         index: the :class:`EntityIndex` (None until the store knows its dimension).
         dim: embedding dimension (None for a store without entries yet).
         changes_since_save: changes this process made since the index files were written.
+        bad_entries: entry id -> reason, for entities whose embedding blob is not ``dim`` float32
+            values (only a crafted manifest has them): never indexed; the store removes them
+            under its writer lock (:meth:`take_bad_entries`).
     """
 
     def __init__(self, manifest: Manifest, files: StoreFiles, store_id: str, index_params: dict, durable: bool,
@@ -71,6 +74,7 @@ class IndexSync:
         self.synced_generation = 0
         self.max_label = 0
         self.changes_since_save = 0
+        self.bad_entries: dict[int, str] = {}  # entries with an embedding that cannot be indexed
         self._sync_lock = threading.RLock()  # threads of this process sync one at a time
 
     def set_dim(self, dim: int | None) -> None:
@@ -155,19 +159,35 @@ class IndexSync:
         conn = self.manifest.conn()
         known = self.index.labels(key)
         top = max(known) if known else 0
-        rows = conn.execute("SELECT label, embedding FROM entities WHERE compat_key=? AND label>?",
+        rows = conn.execute("SELECT label, entry_id, embedding FROM entities WHERE compat_key=? AND label>?",
                             (key, top)).fetchall()
-        rows = [r for r in rows if r[0] not in known]
-        if rows:
-            self.index.add(np.asarray([r[0] for r in rows], np.int64), self._vectors([r[1] for r in rows]), key)
+        labels, vectors = self._vectors([r for r in rows if r[0] not in known])
+        if labels.size:
+            self.index.add(labels, vectors, key)
         gone = [r[0] for r in conn.execute(
             "SELECT label FROM deleted_labels WHERE compat_key=? AND generation>?", (key, since_generation))]
         if gone:
             self.index.delete(gone, key)
 
-    def _vectors(self, blobs: list[bytes]) -> np.ndarray:
-        """[n, dim] float32 from embedding blobs (their length was checked when the store opened)."""
-        return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), self.dim)
+    def _vectors(self, rows: list) -> tuple[np.ndarray, np.ndarray]:
+        """(labels [n] int64, vectors [n, dim] float32) from manifest rows (label, entry id, blob).
+        A row whose blob is not ``dim`` float32 values, or whose label is not positive, is left out
+        and its entry recorded in :attr:`bad_entries`."""
+        width = 4 * self.dim
+        good = []
+        for label, entry_id, blob in rows:
+            if isinstance(blob, bytes) and len(blob) == width and isinstance(label, int) and 0 < label < 1 << 63:
+                good.append((label, blob))
+            else:
+                self.bad_entries[int(entry_id)] = f"an entity embedding is not {self.dim} float32 values"
+        labels = np.asarray([g[0] for g in good], dtype=np.int64)
+        vectors = np.frombuffer(b"".join(g[1] for g in good), dtype=np.float32).reshape(len(good), self.dim)
+        return labels, vectors
+
+    def take_bad_entries(self) -> list[tuple[int, str]]:
+        """The entries recorded in :attr:`bad_entries` so far, as (id, reason); clears the record."""
+        bad, self.bad_entries = sorted(self.bad_entries.items()), {}
+        return bad
 
     # ------------------------------------------------------------------ repair
     def rebuild(self, key: str, reason: str) -> None:
@@ -181,11 +201,8 @@ class IndexSync:
 
     def manifest_vectors(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(labels [n] int64, vectors [n, dim] float32) the manifest holds under ``key``."""
-        rows = self.manifest.conn().execute(
-            "SELECT label, embedding FROM entities WHERE compat_key=? ORDER BY label", (key,)).fetchall()
-        labels = np.asarray([r[0] for r in rows], dtype=np.int64)
-        vectors = self._vectors([r[1] for r in rows]) if rows else np.zeros((0, self.dim), np.float32)
-        return labels, vectors
+        return self._vectors(self.manifest.conn().execute(
+            "SELECT label, entry_id, embedding FROM entities WHERE compat_key=? ORDER BY label", (key,)).fetchall())
 
     # ------------------------------------------------------------------ running
     def sync(self) -> None:
@@ -203,17 +220,16 @@ class IndexSync:
     def _sync_locked(self) -> None:
         conn = self.manifest.conn()
         generation = Manifest.generation(conn)
-        rows = conn.execute("SELECT label, compat_key, embedding FROM entities WHERE label>? ORDER BY label",
+        rows = conn.execute("SELECT label, compat_key, entry_id, embedding FROM entities WHERE label>? ORDER BY label",
                             (self.max_label,)).fetchall()
         by_key: dict[str, list] = {}
-        for label, key, emb in rows:
-            by_key.setdefault(key, []).append((label, emb))
+        for label, key, entry_id, emb in rows:
+            by_key.setdefault(key, []).append((label, entry_id, emb))
         for key, items in by_key.items():
-            known = self.index.known_labels([label for label, _ in items], key)
-            items = [it for it in items if it[0] not in known]
-            if items:
-                self.index.add(np.asarray([label for label, _ in items], np.int64),
-                               self._vectors([e for _, e in items]), key)
+            known = self.index.known_labels([it[0] for it in items if isinstance(it[0], int)], key)
+            labels, vectors = self._vectors([it for it in items if it[0] not in known])
+            if labels.size:
+                self.index.add(labels, vectors, key)
         if rows:
             self.max_label = max(self.max_label, rows[-1][0])
         for label, key in conn.execute("SELECT label, compat_key FROM deleted_labels WHERE generation>?",

@@ -6,12 +6,11 @@ about the database itself:
 
 * connections: one per thread, WAL, ``trusted_schema`` off (a crafted schema cannot run functions
   with side effects), ``cell_size_check`` on, text that is not UTF-8 read with replacement;
-* recognising a manifest without altering it (:func:`probe_manifest`, read-only, ``immutable``
-  where the folder may be someone else's), so another application's ``manifest.sqlite`` is never
-  touched;
+* recognising a manifest without altering it (:func:`probe_manifest`: SQLite ``immutable``, which
+  opens no side file), so another application's ``manifest.sqlite`` is never touched;
 * creating the schema (format 2) and upgrading a format-1 manifest in place, every entry kept;
 * checking the schema, the ``meta`` values and every row before the store trusts them
-  (:meth:`Manifest.validate`, :meth:`Manifest.invalid_entries`);
+  (:meth:`Manifest.validate`, :meth:`Manifest.invalid_entries`, :meth:`Manifest.invalid_entities`);
 * turning SQLite errors into :class:`StoreError` messages that say what happened (disk full with
   the bytes free, read-only, locked, damaged).
 """
@@ -461,35 +460,39 @@ class Manifest:
                                    f"store {store_id}; a manifest was copied between stores: open a new store folder")
         return meta
 
-    def invalid_entries(self, dim: int | None) -> list[tuple[int, str]]:
-        """Entries whose rows CHAI could not have written, as (entry id, reason): a size outside
-        1..MAX_ENTRY_BYTES, a malformed checksum, a key without a partition or with an invalid tensor
-        spec, entities whose embedding is not ``dim`` float32 values or whose key differs."""
+    def invalid_entries(self) -> list[tuple[int, str]]:
+        """Entries whose rows CHAI could not have written, as (entry id, reason): an id below 1, a
+        size outside 1..MAX_ENTRY_BYTES (a negative one would also bypass the budget), a malformed
+        checksum, a value of the wrong type, or a key without a valid tensor spec. One scan of
+        ``entries`` (embeddings are checked where they are read: :meth:`invalid_entities`)."""
         conn = self.conn()
-        bad: dict[int, str] = {}
-        for (entry_id,) in conn.execute(
-                "SELECT id FROM entries WHERE id<1 OR typeof(nbytes)!='integer' OR nbytes<1 OR nbytes>? "
-                "OR typeof(sha256)!='text' OR length(sha256)!=64 OR typeof(compat_key)!='text' "
-                "OR typeof(prompt)!='text' OR typeof(info)!='text' OR typeof(access_count)!='integer' "
-                "OR typeof(created_at) NOT IN ('real','integer') OR typeof(last_access) NOT IN ('real','integer')",
-                (MAX_ENTRY_BYTES,)):
-            bad[int(entry_id)] = "its manifest row holds a value CHAI never writes (size, checksum or type)"
-        specs = {}
+        valid_keys = []
         for key, spec in conn.execute("SELECT compat_key, tensor_spec FROM partitions"):
             try:
-                specs[key] = parse_tensor_spec(spec)
+                parse_tensor_spec(spec)
+                valid_keys.append(key)
             except ValueError:
                 pass
-        for entry_id, key in conn.execute("SELECT id, compat_key FROM entries"):
-            if key not in specs:
-                bad.setdefault(int(entry_id), "its compatibility key has no valid tensor spec")
+        marks = ",".join("?" * len(valid_keys))
+        rows = conn.execute(
+            "SELECT id FROM entries WHERE id<1 OR typeof(nbytes)!='integer' OR nbytes<1 OR nbytes>? "
+            "OR typeof(sha256)!='text' OR length(sha256)!=64 OR typeof(compat_key)!='text' "
+            "OR typeof(prompt)!='text' OR typeof(info)!='text' OR typeof(access_count)!='integer' "
+            "OR typeof(created_at) NOT IN ('real','integer') OR typeof(last_access) NOT IN ('real','integer') "
+            f"OR compat_key NOT IN ({marks})", (MAX_ENTRY_BYTES, *valid_keys)).fetchall()
+        return [(int(r[0]), "its manifest row holds a value CHAI never writes (id, size, checksum, type or key)")
+                for r in rows]
+
+    def invalid_entities(self, dim: int | None) -> list[tuple[int, str]]:
+        """Entries with an entity CHAI could not have written, as (entry id, reason): an embedding
+        that is not ``dim`` float32 values, a label below 1, or another key than its entry's.
+        Reads every embedding (about a second per 300,000 entities): run by :meth:`LatentStore.verify`."""
         width = -1 if dim is None else 4 * int(dim)
-        for (entry_id,) in conn.execute(
-                "SELECT DISTINCT e.entry_id FROM entities e JOIN entries n ON n.id=e.entry_id "
-                "WHERE typeof(e.embedding)!='blob' OR length(e.embedding)!=? OR typeof(e.text)!='text' "
-                "OR e.compat_key IS NOT n.compat_key OR e.label<1", (width,)):
-            bad.setdefault(int(entry_id), f"an entity embedding is not {dim} float32 values, or names another key")
-        return sorted(bad.items())
+        return [(int(r[0]), f"an entity embedding is not {dim} float32 values, or names another key")
+                for r in self.conn().execute(
+                    "SELECT DISTINCT e.entry_id FROM entities e JOIN entries n ON n.id=e.entry_id "
+                    "WHERE typeof(e.embedding)!='blob' OR length(e.embedding)!=? OR typeof(e.text)!='text' "
+                    "OR e.compat_key IS NOT n.compat_key OR e.label<1", (width,))]
 
     def orphan_entities(self) -> int:
         """Delete entity rows whose entry is gone (only a crafted manifest has them); returns how many."""

@@ -73,52 +73,73 @@ def _limit_memory() -> None:
         pass
 
 
-def _child(store_dir: str, verdict: str, config_dir: str) -> None:
+def _child(store_dir: str, verdict: str, config_dir: str, target: int | None) -> None:
     _limit_memory()
-    _store_fuzz.fuzz_child(store_dir, verdict, config_dir)
+    _store_fuzz.fuzz_child(store_dir, verdict, config_dir, target)
+
+
+def _prepare(kind: str, case: int, base) -> tuple[Path, str, int | None]:
+    """Copy the base store and apply case ``case``'s mutation. Returns (work folder, description, target entry)."""
+    root, path, ids = base
+    rng = _store_fuzz.seeded_rng(case if kind == "index" else 100_000 + case)
+    work = root / f"{kind}-{case}"
+    store = work / "store"
+    shutil.copytree(path, store)
+    if kind == "index":
+        name = partition_file_name(KEYS[0])
+        data, desc = _store_fuzz.mutate_index((path / "index" / name).read_bytes(), rng)
+        _store_fuzz.record_attack(store, "index", name, data)
+        return work, desc, None
+    target = rng.choice([i for key_ids in ids.values() for i in key_ids])
+    data, desc = _store_fuzz.mutate_header((path / "latents" / f"{target}.safetensors").read_bytes(), rng)
+    _store_fuzz.record_attack(store, "latent", target, data)
+    return work, desc, target
+
+
+def _outcome(kind: str, case: int, work: Path, desc: str, target: int | None, exitcode) -> str:
+    """Check one finished child and name what happened."""
+    where = f"{kind} case {case} ({desc})"
+    assert exitcode == 0, f"{where}: the child died with exit code {exitcode} (a crash)"
+    verdict = json.loads((work / "verdict.json").read_text())
+    assert verdict["ok"], f"{where}: {verdict.get('error')}\n{verdict.get('trace')}"
+    assert not verdict["outside"], f"{where}: touched paths outside the store: {verdict['outside']}"
+    if verdict["outcome"] == "refused":
+        return "refused"
+    if kind == "index":
+        name = partition_file_name(KEYS[0])
+        rebuilt = any(line.startswith("index_rebuilt") and name in line for line in verdict["report"])
+        return "rebuilt" if rebuilt else "loaded (valid graph)"
+    flagged = [e for e in verdict["events"] if f"entry {target}:" in e]
+    if flagged:
+        assert any(w in flagged[0] for w in ("safetensors", "tensor", "bytes", "SHA-256")), flagged[0]
+    return "quarantined" if flagged else "served (valid header)"
 
 
 def _run(kind: str, n: int, base) -> dict:
-    root, path, ids = base
+    """Run ``n`` cases, one child process each, as many at a time as there are CPU cores (at most 4)."""
+    root = base[0]
     outside_before = _tree(root / "outside")
     ctx = mp.get_context("fork")
     config_dir = os.environ["CHAI_CONFIG_DIR"]
     outcomes: dict[str, int] = {}
-    index_name = partition_file_name(KEYS[0])
-    for case in range(n):
-        rng = _store_fuzz.seeded_rng(case if kind == "index" else 100_000 + case)
-        work = root / f"{kind}-{case}"
-        store = work / "store"
-        shutil.copytree(path, store)
-        if kind == "index":
-            data, desc = _store_fuzz.mutate_index((path / "index" / index_name).read_bytes(), rng)
-            _store_fuzz.record_attack(store, "index", index_name, data)
-            target = None
-        else:
-            target = rng.choice([i for key_ids in ids.values() for i in key_ids])
-            data, desc = _store_fuzz.mutate_header((path / "latents" / f"{target}.safetensors").read_bytes(), rng)
-            _store_fuzz.record_attack(store, "latent", target, data)
-        verdict_path = work / "verdict.json"
-        child = ctx.Process(target=_child, args=(str(store), str(verdict_path), config_dir))
-        child.start()
+    running: list = []
+
+    def finish(item) -> None:
+        case, child, work, desc, target = item
         child.join(120)
-        where = f"{kind} case {case} ({desc})"
-        assert child.exitcode == 0, f"{where}: the child died with exit code {child.exitcode} (a crash)"
-        verdict = json.loads(verdict_path.read_text())
-        assert verdict["ok"], f"{where}: {verdict.get('error')}\n{verdict.get('trace')}"
-        assert not verdict["outside"], f"{where}: touched paths outside the store: {verdict['outside']}"
-        if verdict["outcome"] == "refused":
-            outcome = "refused"
-        elif kind == "index":
-            rebuilt = any(line.startswith("index_rebuilt") and index_name in line for line in verdict["report"])
-            outcome = "rebuilt" if rebuilt else "loaded (valid graph)"
-        else:
-            flagged = [e for e in verdict["events"] if f"entry {target}:" in e]
-            outcome = "quarantined" if flagged else "served (valid header)"
-            if flagged:
-                assert any(w in flagged[0] for w in ("safetensors", "tensor", "bytes", "SHA-256")), flagged[0]
+        outcome = _outcome(kind, case, work, desc, target, child.exitcode)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         shutil.rmtree(work)
+
+    for case in range(n):
+        work, desc, target = _prepare(kind, case, base)
+        child = ctx.Process(target=_child, args=(str(work / "store"), str(work / "verdict.json"), config_dir, target))
+        child.start()
+        running.append((case, child, work, desc, target))
+        if len(running) >= min(4, os.cpu_count() or 1):
+            finish(running.pop(0))
+    for item in running:
+        finish(item)
     assert _tree(root / "outside") == outside_before, "a file outside the stores changed"
     print(f"\n{n} mutated {kind} files: {outcomes}")
     return outcomes

@@ -498,6 +498,52 @@ def test_rows_chai_never_writes_are_repaired_not_trusted(tmp_path, capsys):
     assert code == 0 and f"entries      {len(kept)} (" in out
 
 
+@pytest.mark.parametrize("when", ["rebuild on open", "sync of another process", "verify"])
+def test_an_embedding_of_the_wrong_length_is_never_indexed(tmp_path, when):
+    """A short embedding blob is caught wherever vectors are read from the manifest (a rebuild, a
+    catch-up, another process's insert) and by verify: never reshaped, never indexed, removed."""
+    path = tmp_path / "s"
+    ids = _store(path, range(20, 30))
+    victim = list(ids)[2]
+    key = seeded_entry(ids[victim])["compat_key"]
+
+    def corrupt():
+        conn = sqlite3.connect(path / "manifest.sqlite")
+        conn.execute("UPDATE entities SET embedding=x'00' WHERE entry_id=?", (victim,))
+        conn.commit()
+        conn.close()
+
+    if when == "rebuild on open":
+        corrupt()
+        (path / "index" / partition_file_name(key)).unlink()
+        store = LatentStore(path)
+        assert any(f"entry {victim}: an entity embedding" in line for line in store.open_report)
+    elif when == "sync of another process":
+        store = LatentStore(path)
+        other = LatentStore(path)
+        labels = store.index.labels(key)
+        new = put_seeded(other, 99)  # a later row, then a crafted one the reader has not seen yet
+        corrupt_label = manifest_rows(path, "SELECT MAX(label) FROM entities")[0][0]
+        conn = sqlite3.connect(path / "manifest.sqlite")
+        conn.execute("UPDATE entities SET embedding=x'00' WHERE label=?", (corrupt_label,))
+        conn.commit()
+        conn.close()
+        other.close()
+        store.search(unit_vectors(np.random.default_rng(0), 2), key)  # sync: must not raise
+        assert corrupt_label not in store.index.labels(seeded_entry(99)["compat_key"]) | labels
+        victim = new
+        put_seeded(store, 100)  # the next locked write removes it
+    else:
+        corrupt()
+        store = LatentStore(path)
+        report = store.verify()
+        assert f"entry {victim}: an entity embedding is not {DIM} float32 values, or names another key" in \
+            report.problems
+    assert store.entry(victim) is None
+    assert store.verify().ok
+    store.close()
+
+
 @pytest.mark.parametrize("key,value", [("budget_bytes", "abc"), ("budget_bytes", "-5"), ("generation", "x"),
                                        ("policy", "mru"), ("index_params", "[]"), ("dim", "0")])
 def test_meta_values_chai_never_writes_are_a_clear_error(tmp_path, capsys, key, value):
