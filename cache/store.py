@@ -265,12 +265,12 @@ class LatentStore:
             store_id = found["store_id"]
         else:
             store_id = found.store_id  # None for format 1: set by the upgrade
+        import filelock
+
         try:
             self._files.check_top_level(MANIFEST_SIDE_FILES + (MARKER_NAME, LOCK_NAME))
             self._files.make_folders()
             self._check_writable()
-            import filelock
-
             self._lock = filelock.FileLock(str(self._files.ensure_lock_file()), timeout=120)
             with self._lock:
                 if kind == "unmarked":
@@ -289,6 +289,9 @@ class LatentStore:
             raise sqlite_store_error(exc, self.path, "open the manifest") from exc
         except OSError as exc:
             raise self._os_error(exc, "open the store") from exc
+        except filelock.Timeout as exc:
+            raise StoreError(f"the store {self.path} stayed locked by another process for two minutes; close the other "
+                             "CHAI process (ComfyUI, the command line) and run again") from exc
 
     def _create_folder(self, missing: bool) -> str:
         """Make a new store: the folder (its parent must exist) and its marker. Returns the store id."""
@@ -378,11 +381,8 @@ class LatentStore:
         return meta
 
     def _repair_rows(self) -> None:
-        """Remove entries whose manifest rows CHAI could not have written (a store from elsewhere)."""
-        orphans = self._manifest.orphan_entities()
-        if orphans:
-            with self._manifest.tx() as c:
-                self._event(c, "rows_removed", f"{orphans} entity row(s) without their entry")
+        """Remove entries whose manifest rows CHAI could not have written (a store from elsewhere).
+        Entity rows without their entry are harmless (search joins entries) and left to verify."""
         self._remove_invalid(self._manifest.invalid_entries())
 
     def _remove_invalid(self, bad: list[tuple[int, str]]) -> int:
@@ -902,6 +902,9 @@ class LatentStore:
         with self._lock:
             self.sync()
             conn = self._conn()
+            orphans = self._manifest.orphan_entities()
+            if orphans:
+                report.problems.append(f"{orphans} entity row(s) without their entry")
             bad = dict(self._sync.take_bad_entries())
             bad.update(self._manifest.invalid_entries() + self._manifest.invalid_entities(self.dim))
             for entry_id, reason in sorted(bad.items()):

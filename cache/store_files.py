@@ -80,7 +80,7 @@ _READ_FLAGS = os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_BINARY | _O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY | _O_CLOEXEC
 # openat/unlinkat/renameat/fstatat relative to directory descriptors (Linux, macOS, BSD).
 USE_DIR_FD = bool(_O_NOFOLLOW and _O_DIRECTORY) and all(
-    f in os.supports_dir_fd for f in (os.open, os.unlink, os.rename, os.stat, os.mkdir)) and os.listdir in os.supports_fd
+    f in os.supports_dir_fd for f in (os.open, os.unlink, os.rename, os.stat, os.mkdir)) and os.scandir in os.supports_fd
 
 
 class BlobError(Exception):
@@ -141,8 +141,11 @@ class _Dir:
         else:
             os.replace(self.path / name, dest.path / dest_name)
 
-    def names(self) -> list[str]:
-        return os.listdir(self.fd) if self.fd is not None else os.listdir(self.path)
+    def entries(self) -> list[tuple[str, bool]]:
+        """(name, is a regular file) of everything in the folder; links and special files are not
+        regular. Types come from the directory listing where the file system gives them."""
+        with os.scandir(self.fd if self.fd is not None else self.path) as it:
+            return [(e.name, e.is_file(follow_symlinks=False)) for e in it]
 
     def fsync(self) -> None:
         if self.fd is not None:
@@ -492,21 +495,30 @@ class StoreFiles:
         ``left_alone``. Run only under the writer lock.
         """
         report = CleanupReport()
-        rules = {
-            "latents": lambda n: ((m := _LATENT_RE.match(n)) is not None and int(m.group(1)) not in live_ids)
-            or bool(_LATENT_TMP_RE.match(n)) or (legacy and bool(_V1_LATENT_RE.match(n))),
-            "index": lambda n: (bool(_INDEX_RE.match(n)) and n not in partition_names)
-            or bool(_INDEX_TMP_RE.match(n)) or (legacy and bool(_V1_INDEX_TMP_RE.match(n))),
-        }
-        ours = {"latents": lambda n: bool(_LATENT_RE.match(n)), "index": lambda n: bool(_INDEX_RE.match(n))}
-        for sub, stale in rules.items():
+
+        def stale(sub: str, name: str) -> bool | None:
+            """True: the store made it and nothing needs it; False: the store's and in use; None: not the store's."""
+            if sub == "latents":
+                if name.endswith(".safetensors") and _LATENT_RE.match(name):
+                    return int(name[:-12]) not in live_ids
+                if _LATENT_TMP_RE.match(name) or (legacy and _V1_LATENT_RE.match(name)):
+                    return True
+            else:
+                if _INDEX_RE.match(name):
+                    return name not in partition_names
+                if _INDEX_TMP_RE.match(name) or (legacy and _V1_INDEX_TMP_RE.match(name)):
+                    return True
+            return None
+
+        for sub in ("latents", "index"):
             try:
                 with self.folder(sub) as d:
-                    for name in d.names():
-                        if stale(name) and d.regular(name):
+                    for name, regular in d.entries():  # file types from the directory: no stat per file
+                        verdict = stale(sub, name) if regular else None
+                        if verdict:
                             _unlink_quietly(d, name)
                             report.removed.append(f"{sub}/{name}")
-                        elif not (ours[sub](name) and d.regular(name)):
+                        elif verdict is None:
                             report.left_alone.append(f"{sub}/{name}")
             except FileNotFoundError:
                 continue
