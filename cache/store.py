@@ -984,6 +984,47 @@ class LatentStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # ------------------------------------------------------------------ StoreBackend members (cache/backend.py)
+    @property
+    def location(self) -> str:
+        """The store folder as a resolved path string (the location it was opened from)."""
+        return str(self.path)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran."""
+        return self._closed
+
+    @property
+    def budget_bytes(self) -> int:
+        """The persisted byte budget (adopted: another process may have changed it)."""
+        return self._policy_and_budget()[1]
+
+    @property
+    def policy(self) -> str:
+        """The persisted eviction policy, ``"lru"``, ``"lfu"`` or ``"fifo"``."""
+        return self._policy_and_budget()[0].value
+
+    def set_policy(self, policy: str | EvictionPolicy) -> None:
+        """Persist a new eviction policy; every process's next eviction follows it. Raises ValueError."""
+        parsed = EvictionPolicy.parse(policy)
+        with self._tx() as c:
+            c.execute("UPDATE meta SET value=? WHERE key='policy'", (parsed.value,))
+        self.config = replace(self.config, policy=parsed)
+
+    def compat_keys(self) -> list[str]:
+        """The distinct compatibility keys that hold entries, sorted."""
+        return [r[0] for r in self._conn().execute("SELECT DISTINCT compat_key FROM entries ORDER BY compat_key")]
+
+    @staticmethod
+    def exists(path: str | os.PathLike) -> bool:
+        """True when the folder ``path`` is a CHAI store (its marker, or a manifest of the previous
+        format); nothing is created, opened for writing or changed."""
+        try:
+            return identify_folder(Path(path).expanduser().resolve())[0] in ("marked", "unmarked")
+        except StoreError:
+            return False
+
 
 def _loads(text):
     """JSON from a manifest text field; None when it is not JSON."""
