@@ -198,10 +198,7 @@ def _folder(location: "str | os.PathLike[str]") -> Path:
 def _open_folder(location: "str | os.PathLike[str]", *, budget_bytes: Optional[int] = None,
                  policy: Optional[str] = None, dim: Optional[int] = None, create: bool = True,
                  options: Optional[Mapping[str, Any]] = None, evict_to_fit: bool = False) -> StoreBackend:
-    path = _folder(location)
-    if not create and not LatentStore.exists(path):
-        raise StoreError(f"{path} is not a CHAI store (no store in it); check the path, or create the store by "
-                         "running a request with it")
+    path = _folder(location)  # create=False: LatentStore refuses, saying what the folder is instead
     config = StoreConfig(**dict(options)) if options else None
     return LatentStore(path, config=config, dim=dim, budget_bytes=budget_bytes, policy=policy, create=create,
                        evict_to_fit=evict_to_fit)

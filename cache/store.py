@@ -144,7 +144,8 @@ def identify_folder(path: Path) -> tuple[str, dict | ManifestInfo | None]:
     except OSError as exc:
         raise StoreError(f"cannot reach the store folder {path} ({exc.strerror or exc})") from exc
     if not stat.S_ISDIR(st.st_mode):
-        raise StoreError(f"store path {path} is a file; give a folder (it is created if missing)")
+        raise StoreError(f"store path {path} is not a CHAI store but a file; give a folder (it is created if "
+                         "missing)")
     try:
         names = os.listdir(path)
     except OSError as exc:
@@ -259,7 +260,8 @@ class LatentStore:
         kind, found = identify_folder(self.path)
         if kind in ("missing", "empty"):
             if not create:
-                raise ContainmentError(f"{self.path} is not a CHAI store (no {MARKER_NAME}); give a store folder")
+                raise ContainmentError(f"{self.path} is not a CHAI store (no {MARKER_NAME}); check the path, or create "
+                                       "the store by running a request with it")
             store_id = self._create_folder(kind == "missing")
         elif kind == "marked":
             store_id = found["store_id"]
@@ -381,9 +383,15 @@ class LatentStore:
         return meta
 
     def _repair_rows(self) -> None:
-        """Remove entries whose manifest rows CHAI could not have written (a store from elsewhere).
-        Entity rows without their entry are harmless (search joins entries) and left to verify."""
+        """Remove entries whose manifest rows CHAI could not have written (a store from elsewhere),
+        then partitions whose key or tensor spec is not one CHAI writes (their entries went with
+        them). Entity rows without their entry are harmless (search joins entries): left to verify."""
         self._remove_invalid(self._manifest.invalid_entries())
+        dropped = self._manifest.drop_invalid_partitions()
+        if dropped:
+            with self._manifest.tx() as c:
+                self._event(c, "rows_removed", f"{dropped} partition row(s) with a key or tensor spec CHAI never "
+                                               "writes")
 
     def _remove_invalid(self, bad: list[tuple[int, str]]) -> int:
         """Delete entries that cannot be trusted ((id, reason) pairs) with one repair event each
@@ -427,7 +435,7 @@ class LatentStore:
         """Remove the store's own files that no row names (an interrupted write); report the rest."""
         conn = self._manifest.conn()
         live = {int(r[0]) for r in conn.execute("SELECT id FROM entries")}
-        parts = {partition_file_name(r[0]) for r in conn.execute("SELECT compat_key FROM partitions")}
+        parts = {partition_file_name(r[0]) for r in conn.execute("SELECT compat_key FROM partitions WHERE typeof(compat_key)='text'")}
         result = self._files.collect_garbage(live, parts, legacy)
         if result.removed:
             with self._manifest.tx() as c:
@@ -744,6 +752,10 @@ class LatentStore:
         self.sync()
         if self.index is None:
             return []
+        width = np.shape(vectors)[-1] if np.ndim(vectors) else 0
+        if width != self.dim:
+            raise ValueError(f"query vectors are {width}-d but the store {self.path} holds {self.dim}-d embeddings; "
+                             "use the embedder the store was built with, or another store folder")
         labels, sims = self.index.query(vectors, k, compat_key)
         if labels.size == 0:
             return []
@@ -923,7 +935,7 @@ class LatentStore:
                         report.files_quarantined.append(f"{entry_id}.safetensors")
                     self._quarantine(int(entry_id), problem)
             live = {int(r[0]) for r in conn.execute("SELECT id FROM entries")}
-            parts = {partition_file_name(r[0]) for r in conn.execute("SELECT compat_key FROM partitions")}
+            parts = {partition_file_name(r[0]) for r in conn.execute("SELECT compat_key FROM partitions WHERE typeof(compat_key)='text'")}
             legacy = conn.execute("SELECT 1 FROM meta WHERE key='upgraded_from'").fetchone() is not None
             cleanup = self._files.collect_garbage(live, parts, legacy)
             for name in cleanup.removed:
@@ -931,7 +943,7 @@ class LatentStore:
                 report.orphans_removed.append(name.split("/", 1)[1])
             report.left_alone = cleanup.left_alone
             if self.index is not None:
-                keys = set(r[0] for r in conn.execute("SELECT DISTINCT compat_key FROM entities"))
+                keys = set(r[0] for r in conn.execute("SELECT DISTINCT compat_key FROM entities WHERE typeof(compat_key)='text'"))
                 for key in keys | set(self.index.keys()):
                     want = set(r[0] for r in conn.execute("SELECT label FROM entities WHERE compat_key=?", (key,)))
                     have = self.index.labels(key)
@@ -1014,7 +1026,8 @@ class LatentStore:
 
     def compat_keys(self) -> list[str]:
         """The distinct compatibility keys that hold entries, sorted."""
-        return [r[0] for r in self._conn().execute("SELECT DISTINCT compat_key FROM entries ORDER BY compat_key")]
+        return [r[0] for r in self._conn().execute(
+            "SELECT DISTINCT compat_key FROM entries WHERE typeof(compat_key)='text' ORDER BY compat_key")]
 
     @staticmethod
     def exists(path: str | os.PathLike) -> bool:

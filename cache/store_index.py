@@ -98,9 +98,9 @@ class IndexSync:
             return
         conn = self.manifest.conn()
         generation = Manifest.generation(conn)
-        keys = [r[0] for r in conn.execute("SELECT DISTINCT compat_key FROM entities")]
+        keys = [r[0] for r in conn.execute("SELECT DISTINCT compat_key FROM entities WHERE typeof(compat_key)='text'")]
         recorded = {r[0]: r for r in conn.execute(
-            "SELECT compat_key, index_mac, index_size, index_generation, index_deleted FROM partitions")}
+            "SELECT compat_key, index_mac, index_size, index_generation, index_deleted FROM partitions WHERE typeof(compat_key)='text'")}
         self.max_label = int(conn.execute("SELECT COALESCE(MAX(label), 0) FROM entities").fetchone()[0])
         self.synced_generation = generation
         for key in keys:
@@ -224,7 +224,8 @@ class IndexSync:
                             (self.max_label,)).fetchall()
         by_key: dict[str, list] = {}
         for label, key, entry_id, emb in rows:
-            by_key.setdefault(key, []).append((label, entry_id, emb))
+            if isinstance(key, str):  # a key CHAI never writes is never indexed (verify removes its entry)
+                by_key.setdefault(key, []).append((label, entry_id, emb))
         for key, items in by_key.items():
             known = self.index.known_labels([it[0] for it in items if isinstance(it[0], int)], key)
             labels, vectors = self._vectors([it for it in items if it[0] not in known])
@@ -331,10 +332,12 @@ def _labels(text) -> list[int]:
 
 
 def _int(value, default: int = -1) -> int:
+    """A manifest number as an int64, or ``default`` when it is not one (a crafted manifest)."""
     try:
-        return int(value)
-    except (TypeError, ValueError):
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
         return default
+    return number if -(1 << 63) <= number < 1 << 63 else default
 
 
 def _read_head(fd: int) -> bytes:

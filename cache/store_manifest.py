@@ -18,6 +18,7 @@ about the database itself:
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import sqlite3
@@ -240,6 +241,11 @@ def sqlite_store_error(exc: sqlite3.Error, folder: Path, doing: str) -> StoreErr
     text = str(exc).lower()
     manifest = Path(folder) / MANIFEST_NAME
     free = _free_bytes(folder)
+    if (primary == 13 or "disk is full" in text) and free > (256 << 20):
+        # SQLITE_FULL with room to spare: the manifest's row ids are used up or it hit a page limit.
+        return StoreError(f"could not {doing}: {manifest} reports it is full although the disk has {free:,} bytes "
+                          "free (its row ids are used up: it was altered outside CHAI); move the store away and "
+                          "start a new store folder")
     if primary == 13 or "disk is full" in text or (primary == 10 and 0 <= free < (1 << 20)):
         return DiskFullError(
             f"could not {doing}: the disk holding {folder} is full ({free:,} bytes free); free some space "
@@ -467,7 +473,7 @@ class Manifest:
         ``entries`` (embeddings are checked where they are read: :meth:`invalid_entities`)."""
         conn = self.conn()
         valid_keys = []
-        for key, spec in conn.execute("SELECT compat_key, tensor_spec FROM partitions"):
+        for key, spec in conn.execute("SELECT compat_key, tensor_spec FROM partitions WHERE typeof(compat_key)='text'"):
             try:
                 parse_tensor_spec(spec)
                 valid_keys.append(key)
@@ -493,6 +499,26 @@ class Manifest:
                     "SELECT DISTINCT e.entry_id FROM entities e JOIN entries n ON n.id=e.entry_id "
                     "WHERE typeof(e.embedding)!='blob' OR length(e.embedding)!=? OR typeof(e.text)!='text' "
                     "OR e.compat_key IS NOT n.compat_key OR e.label<1", (width,))]
+
+    def drop_invalid_partitions(self) -> int:
+        """Delete partition rows whose key is not text or whose tensor spec is not valid, once no
+        entry uses them (:meth:`invalid_entries` flags those entries first). Returns how many."""
+        conn = self.conn()
+        bad = []
+        for rowid, key, spec in conn.execute("SELECT rowid, compat_key, tensor_spec FROM partitions"):
+            try:
+                if not isinstance(key, str):
+                    raise ValueError("key is not text")
+                parse_tensor_spec(spec)
+            except ValueError:
+                bad.append(rowid)
+        if not bad:
+            return 0
+        with self.tx() as c:
+            for rowid in bad:
+                c.execute("DELETE FROM partitions WHERE rowid=? AND (typeof(compat_key)!='text' OR compat_key NOT IN "
+                          "(SELECT compat_key FROM entries))", (rowid,))
+        return len(bad)
 
     def orphan_entities(self) -> int:
         """Delete entity rows whose entry is gone (only a crafted manifest has them); returns how many."""
@@ -570,8 +596,13 @@ def parse_tensor_spec(text) -> dict:
 def _int_or(value, default: int) -> int:
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return default
+
+
+def _count(value) -> int:
+    """A counter as a whole number >= 0 (a crafted NaN, infinity or negative value reads as 0)."""
+    return int(value) if isinstance(value, float) and math.isfinite(value) and value > 0 else 0
 
 
 def parse_meta(meta: dict, manifest: Path) -> dict:
@@ -624,7 +655,7 @@ def read_stats_from(conn: sqlite3.Connection, manifest: Path, last: int = 10) ->
     """:class:`StoreStats` from a manifest connection (read-only queries; values checked or cast,
     so a crafted manifest gives an error naming the field, never a traceback)."""
     meta = parse_meta(dict(conn.execute("SELECT key, value FROM meta").fetchall()), manifest)
-    counters = {name: float(value or 0) for name, value in conn.execute(
+    counters = {name: _count(value) for name, value in conn.execute(
         "SELECT CAST(name AS TEXT), CAST(value AS REAL) FROM counters")}
     entries, held = conn.execute("SELECT COUNT(*), COALESCE(SUM(CAST(nbytes AS INTEGER)), 0) FROM entries").fetchone()
     n_entities = conn.execute("SELECT COUNT(*) FROM entities").fetchone()[0]
@@ -640,12 +671,12 @@ def read_stats_from(conn: sqlite3.Connection, manifest: Path, last: int = 10) ->
         row = dict(zip(("time", "prompt", "hit", "entity", "matched", "similarity", "ms"), r))
         row["hit"] = bool(row["hit"])
         recent.append(row)
-    lookups = int(counters.get("lookups", 0))
+    lookups = counters.get("lookups", 0)
     return StoreStats(
         entries=int(entries), entities=int(n_entities), bytes=int(held), budget_bytes=meta["budget_bytes"],
-        hits=int(counters.get("hits", 0)), misses=int(counters.get("misses", 0)), lookups=lookups,
-        evictions=int(counters.get("evictions", 0)), inserts=int(counters.get("inserts", 0)),
-        repairs=int(counters.get("repairs", 0)), quarantined=int(counters.get("quarantined", 0)),
+        hits=counters.get("hits", 0), misses=counters.get("misses", 0), lookups=lookups,
+        evictions=counters.get("evictions", 0), inserts=counters.get("inserts", 0),
+        repairs=counters.get("repairs", 0), quarantined=counters.get("quarantined", 0),
         hit_rate=(counters.get("hits", 0) / lookups) if lookups > 0 else 0.0,
         lookup_ms_mean=float(np.mean(ms)) if ms else 0.0,
         lookup_ms_p50=float(np.percentile(ms, 50)) if ms else 0.0,

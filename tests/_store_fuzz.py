@@ -2,10 +2,11 @@
 
 Each fuzz case is a copy of a small store in which one file was mutated the way an attacker who
 controls the whole folder would: an hnswlib partition file (header fields, link counts, neighbour
-ids, levels, labels, sizes, random bytes) or a latent file's safetensors header (length, JSON,
-dtype, shape, offsets, names). The attacker also rewrites the manifest so the mutation is not
-caught by a size or SHA-256 check alone: the recorded index size, or the entry's size and
-SHA-256, match the mutated file.
+ids, levels, labels, sizes, random bytes), a latent file's safetensors header (length, JSON,
+dtype, shape, offsets, names), or cells of the manifest (types and values CHAI never writes).
+For the first two the attacker also rewrites the manifest so the mutation is not caught by a size
+or SHA-256 check alone: the recorded index size, or the entry's size and SHA-256, match the
+mutated file.
 
 :func:`fuzz_child` runs in a forked child: it installs an audit hook that records every file the
 process touches through Python (open, rename, remove, mkdir, listdir, sqlite3.connect), opens the
@@ -27,7 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _store_util import KEYS, unit_vectors  # noqa: E402
+from _store_util import KEYS, put_seeded, unit_vectors  # noqa: E402
+from comfyui_chai.cache.store_types import StoreError  # noqa: E402
 
 _HEADER = struct.Struct("<QQQQQQiIQQQdQ")
 # (name, offset, struct format) of every field of hnswlib's header
@@ -201,6 +203,42 @@ def mutate_header(blob: bytes, rng: random.Random) -> tuple[bytes, str]:
     return struct.pack("<Q", length) + text + body, desc
 
 
+# Cells of the manifest an attacker may rewrite, and values CHAI never writes there.
+_MANIFEST_COLUMNS = {
+    "entries": ["id", "compat_key", "prompt", "nbytes", "sha256", "created_at", "last_access", "access_count", "info"],
+    "entities": ["label", "entry_id", "compat_key", "text", "embedding"],
+    "partitions": ["compat_key", "tensor_spec", "index_mac", "index_size", "index_generation", "index_deleted"],
+    "meta": ["value"], "counters": ["value"], "deleted_labels": ["label", "compat_key", "generation"],
+    "lookup_log": ["time", "prompt", "hit", "entity", "matched", "similarity", "ms"], "entity_counts": ["text", "count"],
+}
+_MANIFEST_VALUES = [None, 0, -1, 1, (1 << 63) - 1, -(1 << 63), 1.5, float("nan"), "", "x", "../../etc/passwd",
+                    "/etc/passwd", b"\x00\xff", b"", "[]", "{}", '{"a": [1]}', "null", "1e999", "9" * 30,
+                    json.dumps({"step_2": ["float16", [4, 3, 5, 7]]}), json.dumps([1] * 5000)]
+
+
+def mutate_manifest(store_dir: Path, rng: random.Random) -> str:
+    """Rewrite one to three random cells of the manifest with values CHAI never writes."""
+    conn = sqlite3.connect(store_dir / "manifest.sqlite")
+    done = []
+    try:
+        for _ in range(rng.randint(1, 3)):
+            table = rng.choice(list(_MANIFEST_COLUMNS))
+            column = rng.choice(_MANIFEST_COLUMNS[table])
+            rows = conn.execute(f"SELECT rowid FROM {table}").fetchall()
+            if not rows:
+                continue
+            rowid, value = rng.choice(rows)[0], rng.choice(_MANIFEST_VALUES)
+            try:
+                conn.execute(f"UPDATE {table} SET {column}=? WHERE rowid=?", (value, rowid))
+                done.append(f"{table}.{column}[{rowid}]={value!r:.24}")
+            except sqlite3.Error:
+                continue  # a NOT NULL or UNIQUE constraint refused it
+        conn.commit()
+    finally:
+        conn.close()
+    return ",".join(done) or "none"
+
+
 def record_attack(store_dir: Path, kind: str, target: str | int, data: bytes) -> None:
     """Write the mutated file and make the manifest agree with it (what an attacker can do)."""
     import hashlib
@@ -220,9 +258,11 @@ def record_attack(store_dir: Path, kind: str, target: str | int, data: bytes) ->
         conn.close()
 
 
-def fuzz_child(store_dir: str, verdict_path: str, config_dir: str, target: int | None = None) -> None:
+def fuzz_child(store_dir: str, verdict_path: str, config_dir: str, target: int | None = None,
+               errors_allowed: bool = False) -> None:
     """Open the store, search every key, load what is found and the entry ``target``; write a JSON
-    verdict. Exit 0.
+    verdict. Exit 0. With ``errors_allowed`` (a crafted manifest) a one-line StoreError or ValueError
+    from any call is a clear outcome too, and an insert is tried after the reads.
 
     ``verdict["outside"]`` lists every path the process touched through Python outside the store,
     the index-key folder and its own code (empty when containment holds)."""
@@ -245,7 +285,7 @@ def fuzz_child(store_dir: str, verdict_path: str, config_dir: str, target: int |
 
     verdict: dict = {"ok": False}
     try:
-        from comfyui_chai.cache.store import LatentStore, StoreError
+        from comfyui_chai.cache.store import LatentStore
 
         sys.addaudithook(hook)
         try:
@@ -256,11 +296,13 @@ def fuzz_child(store_dir: str, verdict_path: str, config_dir: str, target: int |
             with store:
                 served = quarantined = 0
                 gone: set[int] = set()  # quarantined by a load below: later matches may still name them
+                checked: set[int] = set()
                 rng = np.random.default_rng(0)
                 for key in KEYS:
                     for m in store.search(unit_vectors(rng, 3), key, k=8):
-                        if m.entry_id in gone:
+                        if m.entry_id in gone or m.entry_id in checked:
                             continue
+                        checked.add(m.entry_id)
                         rec = store.entry(m.entry_id)
                         assert rec is not None and rec.compat_key == key, "search returned a row that is not there"
                         tensors = store.load(m.entry_id)
@@ -275,10 +317,17 @@ def fuzz_child(store_dir: str, verdict_path: str, config_dir: str, target: int |
                         served += 1
                 if target is not None and target not in gone and store.load(target) is None:
                     quarantined += 1
+                if errors_allowed:
+                    store.stats()
+                    store.verify()
+                    put_seeded(store, 424242)
                 verdict.update(ok=True, outcome="opened", report=list(store.open_report), served=served,
                                quarantined=quarantined, events=[e["detail"] for e in store.events(20)])
     except BaseException as exc:  # noqa: BLE001 - any other error is a finding the parent reports
-        verdict.update(ok=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-2000:])
+        if errors_allowed and isinstance(exc, (StoreError, ValueError)) and "\n" not in str(exc):
+            verdict.update(ok=True, outcome="error", detail=str(exc)[:200])
+        else:
+            verdict.update(ok=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-2000:])
     outside = [p for p in touched if os.path.isabs(p) and not (p + os.sep).startswith(allowed)]
     relative = [p for p in touched if not os.path.isabs(p) and (os.sep in p or p in ("..", "."))]
     verdict["outside"] = sorted(set(outside + relative))[:10]

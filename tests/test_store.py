@@ -421,7 +421,7 @@ def test_bad_open_arguments(tmp_path):
         LatentStore(path, policy="mru")
     a_file = tmp_path / "file.txt"
     a_file.write_text("not a folder")
-    with pytest.raises(StoreError, match="is a file; give a folder"):
+    with pytest.raises(StoreError, match="is not a CHAI store but a file; give a folder"):
         LatentStore(a_file)
     assert a_file.read_text() == "not a folder"
     garbage = tmp_path / "garbage"

@@ -7,7 +7,8 @@ manifest is rewritten to agree with each mutated file (the recorded index size a
 SHA-256; the entry's size and SHA-256). Each child must exit normally with a clear outcome: the
 partition rebuilt from the manifest (or loaded, when the mutation left a valid graph), the entry
 quarantined with a reason (or served with exactly its key's tensor spec), or the store refused
-with an error. Through an audit hook the child also reports every path it touched through Python:
+with an error. A third fuzz rewrites cells of the manifest itself (200 cases): the store repairs
+them or says in one line what is wrong. Through an audit hook the child also reports every path it touched through Python:
 none may lie outside the store (its own code and the index-key folder aside), and a folder next
 to the stores must be byte-identical after all cases.
 """
@@ -31,6 +32,7 @@ from comfyui_chai.cache.store import LatentStore, StoreConfig
 
 N_INDEX = int(os.environ.get("CHAI_FUZZ_N", 500))
 N_HEADER = int(os.environ.get("CHAI_FUZZ_N", 500))
+N_MANIFEST = int(os.environ.get("CHAI_FUZZ_N", 200))
 
 
 def _tree(folder: Path) -> dict:
@@ -73,15 +75,15 @@ def _limit_memory() -> None:
         pass
 
 
-def _child(store_dir: str, verdict: str, config_dir: str, target: int | None) -> None:
+def _child(store_dir: str, verdict: str, config_dir: str, target: int | None, errors_allowed: bool) -> None:
     _limit_memory()
-    _store_fuzz.fuzz_child(store_dir, verdict, config_dir, target)
+    _store_fuzz.fuzz_child(store_dir, verdict, config_dir, target, errors_allowed)
 
 
 def _prepare(kind: str, case: int, base) -> tuple[Path, str, int | None]:
     """Copy the base store and apply case ``case``'s mutation. Returns (work folder, description, target entry)."""
     root, path, ids = base
-    rng = _store_fuzz.seeded_rng(case if kind == "index" else 100_000 + case)
+    rng = _store_fuzz.seeded_rng({"index": 0, "latent": 100_000, "manifest": 200_000}[kind] + case)
     work = root / f"{kind}-{case}"
     store = work / "store"
     shutil.copytree(path, store)
@@ -90,6 +92,8 @@ def _prepare(kind: str, case: int, base) -> tuple[Path, str, int | None]:
         data, desc = _store_fuzz.mutate_index((path / "index" / name).read_bytes(), rng)
         _store_fuzz.record_attack(store, "index", name, data)
         return work, desc, None
+    if kind == "manifest":
+        return work, _store_fuzz.mutate_manifest(store, rng), None
     target = rng.choice([i for key_ids in ids.values() for i in key_ids])
     data, desc = _store_fuzz.mutate_header((path / "latents" / f"{target}.safetensors").read_bytes(), rng)
     _store_fuzz.record_attack(store, "latent", target, data)
@@ -103,8 +107,10 @@ def _outcome(kind: str, case: int, work: Path, desc: str, target: int | None, ex
     verdict = json.loads((work / "verdict.json").read_text())
     assert verdict["ok"], f"{where}: {verdict.get('error')}\n{verdict.get('trace')}"
     assert not verdict["outside"], f"{where}: touched paths outside the store: {verdict['outside']}"
-    if verdict["outcome"] == "refused":
-        return "refused"
+    if verdict["outcome"] in ("refused", "error"):
+        return f"{verdict['outcome']} with a one-line error"
+    if kind == "manifest":
+        return "repaired" if verdict["report"] else "opened as is"
     if kind == "index":
         name = partition_file_name(KEYS[0])
         rebuilt = any(line.startswith("index_rebuilt") and name in line for line in verdict["report"])
@@ -133,7 +139,8 @@ def _run(kind: str, n: int, base) -> dict:
 
     for case in range(n):
         work, desc, target = _prepare(kind, case, base)
-        child = ctx.Process(target=_child, args=(str(work / "store"), str(work / "verdict.json"), config_dir, target))
+        child = ctx.Process(target=_child, args=(str(work / "store"), str(work / "verdict.json"), config_dir, target,
+                                                 kind == "manifest"))
         child.start()
         running.append((case, child, work, desc, target))
         if len(running) >= min(4, os.cpu_count() or 1):
@@ -155,3 +162,10 @@ def test_500_mutated_safetensors_headers_never_crash_and_stay_inside(base):
     outcomes = _run("latent", N_HEADER, base)
     assert sum(outcomes.values()) == N_HEADER
     assert outcomes.get("quarantined", 0) >= N_HEADER * 3 // 4, f"most mutations must be quarantined: {outcomes}"
+
+
+def test_200_mutated_manifests_never_crash_and_stay_inside(base):
+    """Cells of the manifest rewritten with types and values CHAI never writes: the store opens and
+    repairs, or says in one line what is wrong; no traceback, no crash, nothing touched outside."""
+    outcomes = _run("manifest", N_MANIFEST, base)
+    assert sum(outcomes.values()) == N_MANIFEST

@@ -639,7 +639,7 @@ def test_a_request_larger_than_the_budget_keeps_its_video(tmp_path, monkeypatch,
     rows = json.loads((out / "report.json").read_text())["prompts"]
     assert [r["hit"] for r in rows] == [False, False] and all("not cached" in r["not_stored"] for r in rows)
     assert all((out / r["video"]).stat().st_size > 0 for r in rows)
-    assert "more than the store's whole budget of 1,000 bytes" in err
+    assert "more than the store's whole budget of 1,049 bytes" in err  # 0.001 MiB
     assert read_stats(store_dir).entries == 0
 
 
@@ -704,9 +704,15 @@ def test_a_full_disk_is_reported_as_a_full_disk(tmp_path):
         subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
-def test_sqlite_errors_are_named_for_what_they_mean(tmp_path):
+def test_sqlite_errors_are_named_for_what_they_mean(tmp_path, monkeypatch):
+    from comfyui_chai.cache import store_manifest
+
+    monkeypatch.setattr(store_manifest, "_free_bytes", lambda folder: 4096)
     full = sqlite_store_error(sqlite3.OperationalError("database or disk is full"), tmp_path, "write the manifest")
-    assert isinstance(full, DiskFullError) and "is full" in str(full) and "bytes free" in str(full)
+    assert isinstance(full, DiskFullError) and "is full (4,096 bytes free)" in str(full)
+    monkeypatch.setattr(store_manifest, "_free_bytes", lambda folder: 50 << 30)  # SQLITE_FULL with room to spare:
+    ids = sqlite_store_error(sqlite3.OperationalError("database or disk is full"), tmp_path, "write the manifest")
+    assert not isinstance(ids, DiskFullError) and "row ids are used up" in str(ids)  # not a disk-full story
     ro = sqlite_store_error(sqlite3.OperationalError("attempt to write a readonly database"), tmp_path, "x")
     assert "read-only" in str(ro)
     locked = sqlite_store_error(sqlite3.OperationalError("database is locked"), tmp_path, "x")
@@ -757,7 +763,7 @@ def test_verify_exits_1_whenever_it_repaired_something(tmp_path, capsys):
     (["simulate", "--prompts", "{obj}"], "holds a JSON dict, not a list"),
     (["simulate", "--prompts", "{broken}"], "is not valid JSON"),
     (["simulate", "--limit", "0"], "argument --limit: must be a whole number >= 1, got '0'"),
-    (["simulate", "--budget-mb", "inf"], "argument --budget-mb: must be a number of MB above 0"),
+    (["simulate", "--budget-mb", "inf"], "argument --budget-mb: must be a number of MiB above 0"),
     (["generate", "--prompts", "{txt}", "--out", "{o}", "--store", "{s}", "--limit", "-1"], "argument --limit"),
     (["generate", "--prompts", "{txt}", "--out", "{o}", "--store", "{s}", "--budget-mb", "nan"],
      "argument --budget-mb"),
