@@ -107,7 +107,6 @@ __all__ = [
     "StoreStats",
     "VerifyReport",
     "read_stats",
-    "peek_generation",
     "identify_folder",
     "ALLOWED_DTYPES",
     "DEFAULT_BUDGET_BYTES",
@@ -370,8 +369,9 @@ class LatentStore:
                       "compact_tombstone_share": self.config.compact_tombstone_share}
             self._manifest.create(store_id, self.config.budget_bytes, self.config.policy, dim, params)
         meta = self._manifest.validate(store_id)
-        with self._manifest.tx() as c:
-            Manifest.recount_bytes(c)  # the trigger-kept byte counter starts each open exact
+        if Manifest.counted_bytes_drifted(self._manifest.conn()):  # the trigger-kept counter starts each open exact
+            with self._manifest.tx() as c:
+                Manifest.recount_bytes(c)
         stored_dim = meta["dim"]
         if dim is not None and stored_dim is not None and int(dim) != stored_dim:
             raise StoreError(f"store {self.path} holds {stored_dim}-d embeddings but the embedder gives {dim}-d; "
@@ -417,18 +417,17 @@ class LatentStore:
         return len(present)
 
     def _apply_config(self, evict_to_fit: bool) -> None:
-        """Persist an explicitly given policy and budget (a smaller budget only with ``evict_to_fit``)."""
+        """Persist an explicitly given policy and budget (a smaller budget only with ``evict_to_fit``);
+        adopt the persisted ones otherwise. Writes only what changes."""
+        policy, budget = self._policy_and_budget_persisted()
+        wanted_policy = self.config.policy if self._explicit_policy else policy
+        wanted_budget = self.config.budget_bytes if self._explicit_budget else budget
+        self.config = replace(self.config, policy=wanted_policy, budget_bytes=wanted_budget)
+        if (wanted_policy, wanted_budget) == (policy, budget):
+            return
         with self._manifest.tx() as c:
-            meta = dict(c.execute("SELECT key, value FROM meta WHERE key IN ('budget_bytes', 'policy')").fetchall())
-            if self._explicit_policy:
-                c.execute("UPDATE meta SET value=? WHERE key='policy'", (self.config.policy.value,))
-            else:
-                self.config = replace(self.config, policy=EvictionPolicy.parse(meta["policy"]))
-            victims = []
-            if self._explicit_budget:
-                victims = change_budget(c, self.config.budget_bytes, self.config.policy, evict_to_fit, str(self.path))
-            else:
-                self.config = replace(self.config, budget_bytes=int(meta["budget_bytes"]))
+            c.execute("UPDATE meta SET value=? WHERE key='policy'", (wanted_policy.value,))
+            victims = change_budget(c, wanted_budget, wanted_policy, evict_to_fit, str(self.path))
         self._after_delete(victims)
 
     def _collect_garbage(self, legacy: bool) -> None:
@@ -484,12 +483,17 @@ class LatentStore:
         return StoreError(f"could not {doing} in {self.path} ({exc.strerror or exc}); the store folder must be "
                           "writable and have free space: free some space, or use another folder")
 
+    def _policy_and_budget_persisted(self, c=None) -> tuple[EvictionPolicy, int]:
+        """The policy and budget the manifest holds."""
+        rows = dict((c or self._conn()).execute(
+            "SELECT key, value FROM meta WHERE key IN ('budget_bytes', 'policy')").fetchall())
+        return EvictionPolicy.parse(rows["policy"]), int(rows["budget_bytes"])
+
     def _policy_and_budget(self, c=None) -> tuple[EvictionPolicy, int]:
         """The persisted policy and budget, adopted: another process may have changed them
         (``set_budget``, a node with another budget), and the manifest is the truth."""
-        rows = dict((c or self._conn()).execute(
-            "SELECT key, value FROM meta WHERE key IN ('budget_bytes', 'policy')").fetchall())
-        self._adopt_config(int(rows["budget_bytes"]), rows["policy"])
+        policy, budget = self._policy_and_budget_persisted(c)
+        self._adopt_config(budget, policy)
         return self.config.policy, self.config.budget_bytes
 
     def _adopt_config(self, budget_bytes: int, policy: EvictionPolicy | str) -> None:
@@ -1126,22 +1130,5 @@ def read_stats(path: str | os.PathLike, last: int = 10) -> StoreStats:
         return stats
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read {folder / MANIFEST_NAME} ({exc}); it is damaged") from exc
-    finally:
-        conn.close()
-
-
-def peek_generation(path: str | os.PathLike) -> int | None:
-    """The manifest generation of the store at ``path``, read without opening it for writing, or
-    None when there is no CHAI store there (nothing is written in a folder that is not a store).
-    Cheap: used by a node's ``IS_CHANGED`` before every prompt."""
-    try:
-        conn, _ = _read_only_connection(Path(path).expanduser().resolve())
-    except StoreError:
-        return None
-    try:
-        row = conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
-        return int(row[0]) if row else None
-    except (sqlite3.Error, TypeError, ValueError):
-        return None
     finally:
         conn.close()

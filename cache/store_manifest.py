@@ -555,6 +555,12 @@ class Manifest:
         return int(c.execute("SELECT value FROM counters WHERE name='bytes_held'").fetchone()[0])
 
     @staticmethod
+    def counted_bytes_drifted(c) -> bool:
+        """True when the trigger-kept byte counter differs from the sum over ``entries`` (one scan)."""
+        counted = c.execute("SELECT value FROM counters WHERE name='bytes_held'").fetchone()
+        return counted is None or counted[0] != c.execute("SELECT COALESCE(SUM(nbytes), 0) FROM entries").fetchone()[0]
+
+    @staticmethod
     def recount_bytes(c) -> None:
         """Re-derive the byte counter the triggers keep (one scan; done on every open)."""
         c.execute("INSERT OR REPLACE INTO counters VALUES('bytes_held', (SELECT COALESCE(SUM(nbytes), 0) FROM entries))")

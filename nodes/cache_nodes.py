@@ -96,8 +96,9 @@ class CHAICache:
         """Returns (CHAI_CACHE,). Raises ValueError (bad name, budget, policy) or StoreError
         (the folder is not empty and not a store; BudgetError: the budget would evict entries and
         ``evict_to_fit`` is off)."""
-        if isinstance(budget_mb, bool) or not isinstance(budget_mb, int) or not 1 <= budget_mb <= 1 << 30:
-            raise ValueError(f"budget_mb must be a whole number of MiB from 1 to {1 << 30}, got {budget_mb!r}")
+        if isinstance(budget_mb, bool) or not isinstance(budget_mb, int) or not 1 <= budget_mb <= 1 << 20:
+            raise ValueError(f"budget_mb must be a whole number of MiB from 1 to {1 << 20} (the input's range), "
+                             f"got {budget_mb!r}")
         from ..cache.backend import mib_to_bytes
 
         return (registry.open_store(folder, budget_bytes=mib_to_bytes(budget_mb), policy=policy,

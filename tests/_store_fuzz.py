@@ -63,6 +63,11 @@ def _layout(blob: bytes) -> dict:
     return {"count": count, "size_data": size_data, "maxM": maxm, "maxM0": f[9], "upper": upper}
 
 
+def upper_offsets(blob: bytes) -> list[int]:
+    """Offsets of every element's link-list size field in an hnswlib file (after level 0)."""
+    return [off for _i, off, _n in _layout(blob)["upper"]]
+
+
 def mutate_index(blob: bytes, rng: random.Random) -> tuple[bytes, str]:
     """One to three mutations of an hnswlib partition file; returns (file, description)."""
     data = bytearray(blob)
@@ -334,6 +339,19 @@ def fuzz_child(store_dir: str, verdict_path: str, config_dir: str, target: int |
     with open(verdict_path, "w", encoding="utf-8") as f:
         json.dump(verdict, f)
     os._exit(0)
+
+
+def limit_memory() -> None:
+    """Cap this process's address space at what it maps now plus 2 GiB: a crafted size that makes
+    it allocate gigabytes raises MemoryError (a finding) instead of exhausting the machine."""
+    try:
+        import resource
+
+        pages = int(Path("/proc/self/statm").read_text().split()[0])
+        limit = pages * os.sysconf("SC_PAGE_SIZE") + (2 << 30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    except (ImportError, OSError, ValueError):
+        pass
 
 
 def seeded_rng(case: int) -> random.Random:

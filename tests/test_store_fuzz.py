@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import gc
 import multiprocessing as mp
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -49,35 +51,23 @@ def base(tmp_path_factory, request):
         request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
     path = root / "base"
     ids: dict[str, list[int]] = {k: [] for k in KEYS}
+    # 12 entries under the key whose partition is mutated (its graph then has upper levels to
+    # corrupt), 2 under each other key: a small store, copied once per case.
+    seeds = [s for s in range(7000, 7200) if seeded_entry(s)["compat_key"] == KEYS[0]][:12]
+    seeds += [s for k in KEYS[1:] for s in [s for s in range(7000, 7200) if seeded_entry(s)["compat_key"] == k][:2]]
     with LatentStore(path, dim=DIM, config=StoreConfig(autosave_every=1)) as store:
-        for seed in range(7000, 7040):
+        for seed in seeds:
             ids[seeded_entry(seed)["compat_key"]].append(put_seeded(store, seed))
         store.save_index()
-    assert min(len(v) for v in ids.values()) >= 5
+    blob = (path / "index" / partition_file_name(KEYS[0])).read_bytes()
+    assert any(struct.unpack_from("<I", blob, off)[0] for off in _store_fuzz.upper_offsets(blob)), \
+        "the mutated partition needs elements above level 0"
     outside = root / "outside"
     outside.mkdir()
     (outside / "notes.txt").write_text("someone's notes")
     (outside / "latents").mkdir()
     (outside / "latents" / "1.safetensors").write_bytes((path / "latents" / "1.safetensors").read_bytes())
     return root, path, ids
-
-
-def _limit_memory() -> None:
-    """Cap the child's address space at what it maps now plus 2 GiB: a crafted size that makes it
-    allocate gigabytes raises MemoryError (a finding) instead of exhausting the machine."""
-    try:
-        import resource
-
-        pages = int(Path("/proc/self/statm").read_text().split()[0])
-        limit = pages * os.sysconf("SC_PAGE_SIZE") + (2 << 30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    except (ImportError, OSError, ValueError):
-        pass
-
-
-def _child(store_dir: str, verdict: str, config_dir: str, target: int | None, errors_allowed: bool) -> None:
-    _limit_memory()
-    _store_fuzz.fuzz_child(store_dir, verdict, config_dir, target, errors_allowed)
 
 
 def _prepare(kind: str, case: int, base) -> tuple[Path, str, int | None]:
@@ -121,8 +111,14 @@ def _outcome(kind: str, case: int, work: Path, desc: str, target: int | None, ex
     return "quarantined" if flagged else "served (valid header)"
 
 
+def _child(store_dir: str, verdict: str, config_dir: str, target: int | None, errors_allowed: bool) -> None:
+    gc.disable()  # a collection would touch (and copy) every page inherited from the parent
+    _store_fuzz.limit_memory()
+    _store_fuzz.fuzz_child(store_dir, verdict, config_dir, target, errors_allowed)
+
+
 def _run(kind: str, n: int, base) -> dict:
-    """Run ``n`` cases, one child process each, as many at a time as there are CPU cores (at most 4)."""
+    """Run ``n`` cases, one forked child process each, as many at a time as there are CPU cores (at most 4)."""
     root = base[0]
     outside_before = _tree(root / "outside")
     ctx = mp.get_context("fork")
@@ -132,21 +128,25 @@ def _run(kind: str, n: int, base) -> dict:
 
     def finish(item) -> None:
         case, child, work, desc, target = item
-        child.join(120)
+        child.join(300)
         outcome = _outcome(kind, case, work, desc, target, child.exitcode)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         shutil.rmtree(work)
 
-    for case in range(n):
-        work, desc, target = _prepare(kind, case, base)
-        child = ctx.Process(target=_child, args=(str(work / "store"), str(work / "verdict.json"), config_dir, target,
-                                                 kind == "manifest"))
-        child.start()
-        running.append((case, child, work, desc, target))
-        if len(running) >= min(4, os.cpu_count() or 1):
-            finish(running.pop(0))
-    for item in running:
-        finish(item)
+    gc.freeze()  # this process's objects move out of the collector's reach: children copy fewer pages
+    try:
+        for case in range(n):
+            work, desc, target = _prepare(kind, case, base)
+            child = ctx.Process(target=_child, args=(str(work / "store"), str(work / "verdict.json"), config_dir,
+                                                     target, kind == "manifest"))
+            child.start()
+            running.append((case, child, work, desc, target))
+            if len(running) >= min(4, os.cpu_count() or 1):
+                finish(running.pop(0))
+        for item in running:
+            finish(item)
+    finally:
+        gc.unfreeze()
     assert _tree(root / "outside") == outside_before, "a file outside the stores changed"
     print(f"\n{n} mutated {kind} files: {outcomes}")
     return outcomes
