@@ -7,7 +7,7 @@ manifest is rewritten to agree with each mutated file (the recorded index size a
 SHA-256; the entry's size and SHA-256). Each child must exit normally with a clear outcome: the
 partition rebuilt from the manifest (or loaded, when the mutation left a valid graph), the entry
 quarantined with a reason (or served with exactly its key's tensor spec), or the store refused
-with an error. A third fuzz rewrites cells of the manifest itself (200 cases): the store repairs
+with an error. A third fuzz rewrites cells of the manifest itself (100 cases): the store repairs
 them or says in one line what is wrong. Through an audit hook the child also reports every path it touched through Python:
 none may lie outside the store (its own code and the index-key folder aside), and a folder next
 to the stores must be byte-identical after all cases.
@@ -34,7 +34,7 @@ from comfyui_chai.cache.store import LatentStore, StoreConfig
 
 N_INDEX = int(os.environ.get("CHAI_FUZZ_N", 500))
 N_HEADER = int(os.environ.get("CHAI_FUZZ_N", 500))
-N_MANIFEST = int(os.environ.get("CHAI_FUZZ_N", 200))
+N_MANIFEST = int(os.environ.get("CHAI_FUZZ_N", 100))
 
 
 def _tree(folder: Path) -> dict:
@@ -118,7 +118,8 @@ def _child(store_dir: str, verdict: str, config_dir: str, target: int | None, er
 
 
 def _run(kind: str, n: int, base) -> dict:
-    """Run ``n`` cases, one forked child process each, as many at a time as there are CPU cores (at most 4)."""
+    """Run ``n`` cases, one forked child process each, four at a time (a child waits on fsync and
+    file creation part of its time, so two per core keep a 2-core machine busy)."""
     root = base[0]
     outside_before = _tree(root / "outside")
     ctx = mp.get_context("fork")
@@ -141,7 +142,7 @@ def _run(kind: str, n: int, base) -> dict:
                                                      target, kind == "manifest"))
             child.start()
             running.append((case, child, work, desc, target))
-            if len(running) >= min(4, os.cpu_count() or 1):
+            if len(running) >= 4:
                 finish(running.pop(0))
         for item in running:
             finish(item)
@@ -164,7 +165,7 @@ def test_500_mutated_safetensors_headers_never_crash_and_stay_inside(base):
     assert outcomes.get("quarantined", 0) >= N_HEADER * 3 // 4, f"most mutations must be quarantined: {outcomes}"
 
 
-def test_200_mutated_manifests_never_crash_and_stay_inside(base):
+def test_100_mutated_manifests_never_crash_and_stay_inside(base):
     """Cells of the manifest rewritten with types and values CHAI never writes: the store opens and
     repairs, or says in one line what is wrong; no traceback, no crash, nothing touched outside."""
     outcomes = _run("manifest", N_MANIFEST, base)
