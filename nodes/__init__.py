@@ -1,56 +1,49 @@
-"""ComfyUI node classes, one file per node group. Only this package may touch ComfyUI modules,
-and only lazily (``nodes.host`` looks them up in ``sys.modules``), so the pack and its tests
-import without ComfyUI. ComfyUI gets each class through ``adapter.for_comfyui`` (errors that
-name the node, display data sent to the page, batches mapped by the pack).
+"""ComfyUI node classes (V3 schema, ``comfy_api.v0_0_2``), one file per node group.
+
+Only this package touches ComfyUI, and only lazily: ``nodes.host`` looks ComfyUI's modules up in
+``sys.modules`` and ``nodes.comfy_v3`` takes the V3 API from ComfyUI when it runs, else from the
+pack's stand-in, so the pack and its tests import without ComfyUI. Every node's ``execute`` goes
+through ``adapter.comfy_entry`` (errors that name the node, display data sent to the page, batches
+mapped by the pack).
 
 Inside ComfyUI, importing this package also registers the ``models/opensora`` model folder and
-the read-only ``/chai/stats`` route; outside it, both are skipped.
+the ``/chai/*`` routes; outside it, both are skipped.
 """
 
 from . import host as _host
-from .adapter import for_comfyui as _for_comfyui
 from .cache_nodes import CHAICache, CHAICacheAttentionSettings, CHAICacheLookup, CHAICacheState
+from .comfy_v3 import ComfyExtension as _ComfyExtension
 from .loader_nodes import CHAILoadSTDiT3, CHAILoadTextEncoder, CHAILoadVAE
 from .routes import register_routes as _register_routes
 from .sampler_nodes import CHAISampler, CHAIVAEDecode
 from .text_nodes import CHAIEntityExtractor, CHAIPromptList, CHAITextEncode
 
-#: node id -> class. Node ids are the workflow identity: never rename them.
-_NODE_CLASSES: dict = {
-    "CHAI_LoadSTDiT3": CHAILoadSTDiT3,
-    "CHAI_LoadVAE": CHAILoadVAE,
-    "CHAI_LoadTextEncoder": CHAILoadTextEncoder,
-    "CHAI_PromptList": CHAIPromptList,
-    "CHAI_TextEncode": CHAITextEncode,
-    "CHAI_EntityExtractor": CHAIEntityExtractor,
-    "CHAI_Cache": CHAICache,
-    "CHAI_CacheLookup": CHAICacheLookup,
-    "CHAI_CacheAttentionSettings": CHAICacheAttentionSettings,
-    "CHAI_Sampler": CHAISampler,
-    "CHAI_VAEDecode": CHAIVAEDecode,
-    "CHAI_CacheState": CHAICacheState,
-}
+#: The pack's node classes, in menu order. Their node ids (``Schema.node_id``) and input names are
+#: the identity of every saved workflow: never rename one (tests/test_workflows.py checks them).
+NODE_LIST: list = [CHAILoadSTDiT3, CHAILoadVAE, CHAILoadTextEncoder, CHAIPromptList, CHAITextEncode,
+                   CHAIEntityExtractor, CHAICache, CHAICacheLookup, CHAICacheAttentionSettings, CHAISampler,
+                   CHAIVAEDecode, CHAICacheState]
 
-NODE_DISPLAY_NAME_MAPPINGS: dict = {
-    "CHAI_LoadSTDiT3": "CHAI Load STDiT3",
-    "CHAI_LoadVAE": "CHAI Load VAE",
-    "CHAI_LoadTextEncoder": "CHAI Load Text Encoder",
-    "CHAI_PromptList": "CHAI Prompt List",
-    "CHAI_TextEncode": "CHAI Text Encode",
-    "CHAI_EntityExtractor": "CHAI Entity Extractor",
-    "CHAI_Cache": "CHAI Cache",
-    "CHAI_CacheLookup": "CHAI Cache Lookup",
-    "CHAI_CacheAttentionSettings": "CHAI Cache Attention Settings",
-    "CHAI_Sampler": "CHAI Sampler",
-    "CHAI_VAEDecode": "CHAI VAE Decode",
-    "CHAI_CacheState": "CHAI Cache State",
-}
+#: node id -> class, and node id -> display name (for tests, tools and scripts; ComfyUI takes the
+#: list from :func:`comfy_entrypoint`).
+NODES: dict = {cls.GET_SCHEMA().node_id: cls for cls in NODE_LIST}
+DISPLAY_NAMES: dict = {node_id: cls.DISPLAY_NAME for node_id, cls in NODES.items()}
 
-#: node id -> the class ComfyUI registers (a subclass of the plain node class, see nodes/adapter.py).
-NODE_CLASS_MAPPINGS: dict = {node_id: _for_comfyui(cls, NODE_DISPLAY_NAME_MAPPINGS[node_id])
-                             for node_id, cls in _NODE_CLASSES.items()}
+
+class ChaiExtension(_ComfyExtension):
+    """The pack as a V3 extension: its node list."""
+
+    async def get_node_list(self) -> list:
+        """Every CHAI node class."""
+        return list(NODE_LIST)
+
+
+async def comfy_entrypoint() -> ChaiExtension:
+    """ComfyUI's V3 entry point (reference/comfyui.md section 1.1)."""
+    return ChaiExtension()
+
 
 _host.register_model_folders()
 _register_routes()
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["NODE_LIST", "NODES", "DISPLAY_NAMES", "comfy_entrypoint", "ChaiExtension"]

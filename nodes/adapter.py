@@ -1,44 +1,47 @@
-"""How ComfyUI calls the pack's nodes: errors that name the node, display data sent to the page,
+"""How ComfyUI runs the pack's V3 nodes: errors that name the node, display data sent to the page,
 and batches the pack maps itself.
 
-:func:`for_comfyui` makes the class that ComfyUI registers under a node id: a subclass of the
-plain node class (which tests and scripts call directly) whose entry point adds three things.
+Every node's ``execute`` classmethod is wrapped with :func:`comfy_entry`, which adds three things
+to what the node computes (a ``{"result": (...), "ui": {...}}`` dict or a tuple) and returns an
+``io.NodeOutput``:
 
 * **Errors name the node.** ComfyUI's error dialog shows the exception message under the node's
-  *id* (``CHAI_Cache``); the message is prefixed with the display name ("CHAI Cache: ..."), so
-  the dialog, ``/history`` and the log say which node failed in words the user sees on the
+  *id* (``CHAI_Cache``); the message is prefixed with the node's display name ("CHAI Cache: ..."),
+  so the dialog, ``/history`` and the log say which node failed in words the user sees on the
   canvas. The exception keeps its type and traceback. Cancel (``InterruptProcessingException``)
   and out-of-memory errors pass unchanged: ComfyUI treats them specially. On Cancel the page is
   told when the node stopped (:data:`host.PROGRESS_EVENT` with ``"cancelled": true`` and ``"time"``).
 * **Display data goes to the page, not into the history.** ComfyUI stores a node's ``ui`` dict
   in ``/history`` and the Queue counts every list item of it as an output (6 videos showed as 38
-  outputs). The ``ui`` of the pack's nodes (entities, lookup and sampler reports, the cache
-  panel) is sent as the websocket event :data:`UI_EVENT` ``{"node", "prompt_id", "ui"}`` instead,
-  which ``web/chai_panel.js`` renders; the history holds only real outputs (the videos).
-* **Batches.** A class with ``PROMPT_BATCH = True`` receives ComfyUI's lists whole
-  (``INPUT_IS_LIST``) and is called here once per element with ComfyUI's own rule (as many calls
-  as the longest list; a shorter list repeats its last element), each call inside
+  outputs). Inside ComfyUI the ``ui`` of the pack's nodes (entities, lookup and sampler reports,
+  the cache panel) is sent as the websocket event :data:`UI_EVENT` ``{"node", "prompt_id", "ui"}``
+  instead, which ``web/chai_panel.js`` renders; the history holds only real outputs (the videos).
+  Outside ComfyUI (no executing node) the ``ui`` stays in the returned ``NodeOutput``.
+* **Batches.** A node declared with ``comfy_entry(batch=True)`` takes ComfyUI's lists whole
+  (``Schema(is_input_list=True)``) and is run here once per element with ComfyUI's own rule (as
+  many calls as the longest list; a shorter list repeats its last element), each call inside
   :func:`host.in_batch` so its progress reads "prompt k of n" (:class:`host.ProgressReporter`).
-  Outputs come back as lists (``OUTPUT_IS_LIST``), exactly what ComfyUI's own mapping gave.
+  Its outputs are lists (``is_output_list=True``), exactly what ComfyUI's own mapping gave.
 
-Outside ComfyUI (no executing node) the ``ui`` stays in the returned dict, as the plain class
-returns it. Host facts: reference/comfyui.md sections 1.8, 4 (list semantics), 6 and 7.
+Host facts: reference/comfyui.md sections 1.3, 1.4, 1.8, 4 (list semantics), 5, 6 and 7.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from typing import Any, Callable, Dict, Iterator, List, Sequence
 
 import torch
 
 from . import host
+from .comfy_v3 import io
 
-__all__ = ["for_comfyui", "map_lists", "named_error", "UI_EVENT"]
+__all__ = ["comfy_entry", "map_lists", "named_error", "UI_EVENT"]
 
 #: Websocket event that carries a node's display data (``ui`` dict) to the page.
 UI_EVENT = "chai.ui"
-_ENTRY = "run_in_comfyui"
 
 
 def map_lists(lists: Dict[str, Sequence[Any]]) -> Iterator[Dict[str, Any]]:
@@ -46,8 +49,8 @@ def map_lists(lists: Dict[str, Sequence[Any]]) -> Iterator[Dict[str, Any]]:
     repeats its last element. Yields nothing when every list is empty.
 
     Raises:
-        TypeError: a value that is neither a list nor a tuple (ComfyUI passes lists to
-            INPUT_IS_LIST nodes, and ``(None,)`` for a linked input ``IS_CHANGED`` does not see).
+        TypeError: a value that is neither a list nor a tuple (ComfyUI passes lists to list
+            nodes, and ``(None,)`` for a linked input ``fingerprint_inputs`` does not see).
     """
     for name, values in lists.items():
         if not isinstance(values, (list, tuple)):
@@ -79,18 +82,21 @@ def _report_cancel() -> None:
 def named_error(exc: Exception, display_name: str) -> Exception:
     """``exc`` with its message prefixed by ``display_name`` ("CHAI Cache: the folder ...").
 
-    The same exception type when it can be rebuilt from one message, else a RuntimeError whose
-    message also names the original type. An exception whose message already starts with the
-    display name is returned as it is.
+    The same exception type, with its attributes, when its message lives in ``args`` (a copy with
+    the new message; ``BudgetError`` keeps its byte counts), else a RuntimeError whose message also
+    names the original type. An exception whose message already starts with the display name is
+    returned as it is.
     """
     message = str(exc)
     if message.startswith(display_name):
         return exc
     named = f"{display_name}: {message}"
     try:
-        new = type(exc)(named)
+        new = type(exc).__new__(type(exc))  # not __init__: its signature may differ
+        new.__dict__.update(getattr(exc, "__dict__", {}))
+        new.args = (named,)
         if str(new) != named:
-            raise TypeError("the exception type rewrites its message")
+            raise TypeError("the exception type builds its message elsewhere")
     except Exception:
         new = RuntimeError(f"{display_name}: {type(exc).__name__}: {message}")
     return new
@@ -124,16 +130,20 @@ def _call_named(method: Callable[..., Any], kwargs: Dict[str, Any], where: str) 
         raise new.with_traceback(exc.__traceback__) from None
 
 
+def _values_and_ui(result: Any) -> tuple:
+    if isinstance(result, dict):
+        return tuple(result.get("result", ())), result.get("ui")
+    return tuple(result), None
+
+
 def _merge(results: List[Any], n_outputs: int) -> Dict[str, Any]:
-    """Per-call results of a PROMPT_BATCH node -> one result whose outputs are lists."""
+    """Per-call results of a batch node -> one result whose outputs are lists."""
     outputs: List[List[Any]] = [[] for _ in range(n_outputs)]
     ui: Dict[str, List[Any]] = {}
     for result in results:
-        values = result
-        if isinstance(result, dict):
-            values = result.get("result", ())
-            for key, items in result.get("ui", {}).items():
-                ui.setdefault(key, []).extend(items)
+        values, items = _values_and_ui(result)
+        for key, value in (items or {}).items():
+            ui.setdefault(key, []).extend(value)
         for slot, value in enumerate(values):
             outputs[slot].append(value)
     merged: Dict[str, Any] = {"result": tuple(outputs)}
@@ -142,40 +152,39 @@ def _merge(results: List[Any], n_outputs: int) -> Dict[str, Any]:
     return merged
 
 
-def for_comfyui(cls: type, display_name: str) -> type:
-    """The class ComfyUI registers for node class ``cls`` (see the module docstring).
+def comfy_entry(batch: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for a node's ``execute(cls, **inputs)`` (under ``@classmethod``): see the module
+    docstring. The node class names itself with ``DISPLAY_NAME``; ``batch=True`` maps ComfyUI's
+    lists (the schema must declare ``is_input_list=True`` and list outputs).
 
-    The subclass keeps the name, inputs, outputs and every method of ``cls``; only ``FUNCTION``
-    points at the entry point that names errors, sends the ``ui`` to the page and, for
-    ``PROMPT_BATCH`` classes, maps the lists.
+    Returns ``io.NodeOutput(*outputs, ui=...)`` (no ``ui`` inside ComfyUI: it went to the page).
     """
-    function = cls.FUNCTION
-    batch = bool(getattr(cls, "PROMPT_BATCH", False))
-    n_outputs = len(getattr(cls, "RETURN_TYPES", ()))
 
-    def call(self, **inputs):
-        method: Callable[..., Any] = getattr(self, function)
-        if not batch:
-            return _call_named(method, inputs, display_name)
-        calls = list(map_lists(inputs))
-        results = []
-        for index, kwargs in enumerate(calls):
-            where = display_name if len(calls) == 1 else f"{display_name}, prompt {index + 1} of {len(calls)}"
-            with host.in_batch(index, len(calls)):
-                results.append(_call_named(method, kwargs, where))
-        return _merge(results, n_outputs)
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        names = list(inspect.signature(fn).parameters)[1:]
 
-    call.__doc__ = f"ComfyUI's entry point of {display_name} (see nodes/adapter.py)."
-    attrs: Dict[str, Any] = {"FUNCTION": _ENTRY, _ENTRY: call, "__module__": cls.__module__,
-                             "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
-    if batch:
-        attrs["INPUT_IS_LIST"] = True
-        attrs["OUTPUT_IS_LIST"] = (True,) * n_outputs
-        if hasattr(cls, "IS_CHANGED"):
-            base_changed = cls.IS_CHANGED
+        @functools.wraps(fn)
+        def execute(cls, *args, **inputs):
+            display_name = cls.DISPLAY_NAME
+            if args:  # scripts and tests may pass inputs in order; ComfyUI passes keywords
+                inputs = {**dict(zip(names, args)), **inputs}
 
-            def is_changed(_cls, **lists):
-                return tuple(base_changed(**kwargs) for kwargs in map_lists(lists))
+            def method(**kwargs):
+                return fn(cls, **kwargs)
 
-            attrs["IS_CHANGED"] = classmethod(is_changed)
-    return type(cls.__name__, (cls,), attrs)
+            if not batch:
+                result = _call_named(method, inputs, display_name)
+            else:
+                calls = list(map_lists(inputs))
+                results = []
+                for index, kwargs in enumerate(calls):
+                    where = display_name if len(calls) == 1 else f"{display_name}, prompt {index + 1} of {len(calls)}"
+                    with host.in_batch(index, len(calls)):
+                        results.append(_call_named(method, kwargs, where))
+                result = _merge(results, len(cls.GET_SCHEMA().outputs))
+            values, ui = _values_and_ui(result)
+            return io.NodeOutput(*values, ui=ui) if ui else io.NodeOutput(*values)
+
+        return execute
+
+    return wrap

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
 from . import registry
+from .adapter import comfy_entry
+from .comfy_v3 import io
+from .socket_types import Cache, CacheConfig, Entities, Lookup
 from .text_nodes import ChaiEntities
 
 __all__ = ["CHAICache", "CHAICacheLookup", "CHAICacheAttentionSettings", "CHAICacheState", "ChaiLookup",
@@ -48,96 +51,106 @@ def _require_cache(cache) -> registry.StoreHandle:
     return cache
 
 
-class CHAICache:
-    """Opens (or creates) a persistent CHAI latent store."""
+class CHAICache(io.ComfyNode):
+    """Opens a persistent CHAI latent store (a folder or a ``postgresql://`` URL)."""
+
+    DISPLAY_NAME = "CHAI Cache"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "folder": ("STRING", {
-                "default": registry.DEFAULT_STORE_NAME,
-                "tooltip": "Store name (kept in ComfyUI/models/chai_cache/<name>) or an absolute folder. Several "
-                           "ComfyUI processes and the command line can share one store."}),
-            "budget_mb": ("INT", {
-                "default": 1024, "min": 1, "max": 1 << 20, "step": 64,
-                "tooltip": "Most megabytes (MiB) of cached latents kept on disk; older entries are evicted past it. "
-                           "One 240p 2 s entry is about 1.2 MB. The paper uses 1 GB."}),
-            "policy": (["lru", "lfu", "fifo"], {
-                "default": "lru",
-                "tooltip": "Which entry goes first when the budget is full: least recently used (the paper's), "
-                           "least frequently used, or oldest."}),
-        }, "optional": {
-            "evict_to_fit": ("BOOLEAN", {
-                "default": False,
-                "tooltip": "Allow a budget smaller than what the store holds: the entries beyond it are evicted. "
-                           "Off: such a budget is refused with an error that says how much would go."}),
-        }}
-
-    RETURN_TYPES = ("CHAI_CACHE",)
-    RETURN_NAMES = ("cache",)
-    OUTPUT_TOOLTIPS = ("The open store, for CHAI Cache Lookup and CHAI Cache State.",)
-    FUNCTION = "open"
-    CATEGORY = "CHAI"
-    DESCRIPTION = ("Open a persistent, crash-safe latent store (SQLite manifest + safetensors + HNSW index). It "
-                   "survives restarts. The node re-runs whenever the store changes, so ComfyUI never reuses a "
-                   "lookup or a sample made against an older state of the store.")
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CHAI_Cache", display_name=cls.DISPLAY_NAME, category="CHAI",
+            description=("Open a persistent, crash-safe latent store: a folder (SQLite manifest + safetensors + HNSW "
+                         "index) or a PostgreSQL database shared by a render farm. It survives restarts. The node "
+                         "re-runs whenever the store changes, so ComfyUI never reuses a lookup or a sample made "
+                         "against an older state of the store."),
+            inputs=[
+                io.String.Input("folder", default=registry.DEFAULT_STORE_NAME, tooltip=(
+                    "Store name (kept in ComfyUI/models/chai_cache/<name>), an absolute folder, or a "
+                    "postgresql://user@host:port/database URL (the password goes in PGPASSWORD or ~/.pgpass, never "
+                    "in the URL). Several ComfyUI processes and the command line can share one store.")),
+                io.Int.Input("budget_mb", default=1024, min=1, max=1 << 20, step=64, tooltip=(
+                    "Most megabytes (MiB) of cached latents kept; older entries are evicted past it (pinned entries "
+                    "never are, and count against it). One 240p 2 s entry is about 1.2 MB. The paper uses 1 GB.")),
+                io.Combo.Input("policy", options=["lru", "lfu", "fifo"], default="lru", tooltip=(
+                    "Which entry goes first when the budget is full: least recently used (the paper's), least "
+                    "frequently used, or oldest.")),
+                io.Boolean.Input("evict_to_fit", default=False, optional=True, tooltip=(
+                    "Allow a budget smaller than what the store holds: the entries beyond it are evicted. Off: such "
+                    "a budget is refused with an error that says how much would go.")),
+                io.Boolean.Input("create_new", default=False, optional=True, tooltip=(
+                    "Create the store when the folder or database holds none. The default store ('default') is "
+                    "always created on first use; any other missing store is an error while this is off, so a "
+                    "mistyped name never starts an empty store that never hits.")),
+            ],
+            outputs=[Cache.Output(display_name="cache",
+                                  tooltip="The open store, for CHAI Cache Lookup and CHAI Cache State.")])
 
     @classmethod
-    def IS_CHANGED(cls, folder, budget_mb=1024, policy="lru", evict_to_fit=False):
-        """The store's path and manifest generation: every node downstream re-runs after an insert,
+    def fingerprint_inputs(cls, folder, budget_mb=1024, policy="lru", evict_to_fit=False, create_new=False):
+        """The store's location and manifest generation: every node downstream re-runs after an insert,
         eviction or repair (also by another process), and only then."""
         try:
-            path = registry.resolve_store_path(folder)
+            location = registry.resolve_location(folder)
         except (TypeError, ValueError) as exc:
             return f"invalid:{exc}"
-        return f"{path}@{registry.peek_generation(path)}"
+        return f"{location}@{registry.peek_generation(location)}"
 
-    def open(self, folder, budget_mb=1024, policy="lru", evict_to_fit=False):
-        """Returns (CHAI_CACHE,). Raises ValueError (bad name, budget, policy) or StoreError
-        (the folder is not empty and not a store; BudgetError: the budget would evict entries and
-        ``evict_to_fit`` is off)."""
+    @classmethod
+    @comfy_entry()
+    def execute(cls, folder, budget_mb=1024, policy="lru", evict_to_fit=False, create_new=False):
+        """Returns (CHAI_CACHE,). Raises ValueError (bad name, budget, policy; StoreNotFoundError:
+        no store there and ``create_new`` off) or StoreError (the location is not a usable store;
+        BudgetError: the budget would evict entries and ``evict_to_fit`` is off)."""
         if isinstance(budget_mb, bool) or not isinstance(budget_mb, int) or not 1 <= budget_mb <= 1 << 20:
             raise ValueError(f"budget_mb must be a whole number of MiB from 1 to {1 << 20} (the input's range), "
                              f"got {budget_mb!r}")
         from ..cache.backend import mib_to_bytes
 
         return (registry.open_store(folder, budget_bytes=mib_to_bytes(budget_mb), policy=policy,
-                                    evict_to_fit=bool(evict_to_fit)),)
+                                    evict_to_fit=bool(evict_to_fit), create_new=bool(create_new)),)
 
 
-class CHAICacheLookup:
-    """Looks a prompt's entities up in the store: hit or miss, the matched entry and the similarity."""
+class CHAICacheLookup(io.ComfyNode):
+    """Looks a prompt's entities up in the store: a preview of the matched entry and the similarity."""
+
+    DISPLAY_NAME = "CHAI Cache Lookup"
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls):
         from ..cache.lookup import DEFAULT_THRESHOLD
 
-        return {"required": {
-            "cache": ("CHAI_CACHE", {"tooltip": "From CHAI Cache."}),
-            "entities": ("CHAI_ENTITIES", {"tooltip": "From CHAI Entity Extractor."}),
-            "threshold": ("FLOAT", {
-                "default": DEFAULT_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.01,
-                "tooltip": f"Least cosine similarity between a prompt entity and a stored one for a hit (default "
-                           f"{DEFAULT_THRESHOLD}, calibrated on VBench prompts). Higher: fewer, safer hits."}),
-        }}
+        return io.Schema(
+            node_id="CHAI_CacheLookup", display_name=cls.DISPLAY_NAME, category="CHAI",
+            description=("Embed the prompt's entities once and preview the closest stored request (HNSW index, cosine "
+                         "similarity). The verdict that counts is taken at sampling time: the CHAI Sampler searches "
+                         "again under its own model, size and schedule (in a batch, after the earlier prompts stored "
+                         "theirs), records it in the store's statistics and shows it per prompt."),
+            inputs=[
+                Cache.Input("cache", tooltip="From CHAI Cache."),
+                Entities.Input("entities", tooltip="From CHAI Entity Extractor."),
+                io.Float.Input("threshold", default=DEFAULT_THRESHOLD, min=0.0, max=1.0, step=0.01, tooltip=(
+                    f"Least cosine similarity between a prompt entity and a stored one for a hit (default "
+                    f"{DEFAULT_THRESHOLD}, calibrated on VBench prompts). Higher: fewer, safer hits.")),
+            ],
+            outputs=[
+                Lookup.Output(display_name="lookup", tooltip=(
+                    "The lookup (entities and their embeddings, made once), for the CHAI Sampler, which searches "
+                    "with it under its exact model/size key just before sampling and reports the verdict that "
+                    "counts.")),
+                io.Boolean.Output(display_name="hit", tooltip=(
+                    "Preview: True when a stored entity is at least `threshold` similar (over all sizes and models, "
+                    "as the store stood when this node ran).")),
+                io.String.Output(display_name="matched", tooltip=(
+                    "The stored entity that matched best and the prompt of its entry ('' when the store is "
+                    "empty).")),
+                io.Float.Output(display_name="similarity",
+                                tooltip="Cosine similarity of the best match (0 when nothing is stored)."),
+            ])
 
-    RETURN_TYPES = ("CHAI_LOOKUP", "BOOLEAN", "STRING", "FLOAT")
-    RETURN_NAMES = ("lookup", "hit", "matched", "similarity")
-    OUTPUT_TOOLTIPS = (
-        "The lookup (entities and their embeddings, made once), for the CHAI Sampler, which searches with it "
-        "under its exact model/size key just before sampling and reports the verdict that counts.",
-        "Preview: True when a stored entity is at least `threshold` similar (over all sizes and models, as the "
-        "store stood when this node ran).",
-        "The stored entity that matched best and the prompt of its entry ('' when the store is empty).",
-        "Cosine similarity of the best match (0 when nothing is stored).")
-    FUNCTION = "lookup"
-    CATEGORY = "CHAI"
-    DESCRIPTION = ("Embed the prompt's entities once and preview the closest stored request (HNSW index, cosine "
-                   "similarity). The verdict that counts is taken at sampling time: the CHAI Sampler searches "
-                   "again under its own model, size and schedule (in a batch, after the earlier prompts stored "
-                   "theirs), records it in the store's statistics and shows it per prompt.")
-
-    def lookup(self, cache, entities, threshold=0.72):
+    @classmethod
+    @comfy_entry()
+    def execute(cls, cache, entities, threshold=0.72):
         """Returns {"ui": {"text": [...]}, "result": (CHAI_LOOKUP, hit, matched, similarity)}."""
         from ..cache.lookup import CacheLookup, LookupConfig
 
@@ -188,47 +201,43 @@ def parse_cache_steps(text: str) -> tuple:
         raise ValueError(f"cache_steps must be comma-separated step numbers such as '2,3,4', got {text!r}") from None
 
 
-class CHAICacheAttentionSettings:
+class CHAICacheAttentionSettings(io.ComfyNode):
     """Advanced Cache Attention knobs for the CHAI Sampler (defaults are the paper's)."""
 
+    DISPLAY_NAME = "CHAI Cache Attention Settings"
+
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "cache_steps": ("STRING", {
-                "default": "2,3,4",
-                "tooltip": "1-based fast-mode steps at which the first spatial block attends to the cached latents "
-                           "(paper: 2,3,4). Empty = Cache Attention off. Part of the cache key."}),
-            "block_index": ("INT", {"default": 0, "min": 0, "max": 27,
-                                    "tooltip": "Spatial block that attends to the cache (paper: 0, the first)."}),
-            "attention_mode": (["replace", "concat"], {
-                "default": "replace",
-                "tooltip": "replace: the block's keys/values are the cached ones (paper). concat: cached K/V are "
-                           "appended to the block's own (ablation; longer attention)."}),
-            "branches": (["cond", "both"], {
-                "default": "cond",
-                "tooltip": "CFG halves that see the cache: only the conditional one (default) or both."}),
-            "fusion": (["best", "per_entity"], {
-                "default": "best",
-                "tooltip": "best: one entry, the best match (paper). per_entity: the best entry of every matched "
-                           "entity, K/V concatenated (up to max_fused)."}),
-            "max_fused": ("INT", {"default": 3, "min": 1, "max": 8,
-                                  "tooltip": "Most entries fused with fusion=per_entity."}),
-            "capture_dtype": (["float16", "float32"], {
-                "default": "float16",
-                "tooltip": "dtype of the latents a miss stores (float16 halves the bytes). Part of the cache key."}),
-        }}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CHAI_CacheAttentionSettings", display_name=cls.DISPLAY_NAME, category="CHAI",
+            description=("Cache Attention knobs beyond the sampler's steps. Settings that change what is stored "
+                         "(cache steps, capture dtype) are part of the cache key, so entries made under other "
+                         "settings are never reused; the others only change how entries are used."),
+            inputs=[
+                io.String.Input("cache_steps", default="2,3,4", tooltip=(
+                    "1-based fast-mode steps at which the first spatial block attends to the cached latents "
+                    "(paper: 2,3,4). Empty = Cache Attention off. Part of the cache key.")),
+                io.Int.Input("block_index", default=0, min=0, max=27,
+                             tooltip="Spatial block that attends to the cache (paper: 0, the first)."),
+                io.Combo.Input("attention_mode", options=["replace", "concat"], default="replace", tooltip=(
+                    "replace: the block's keys/values are the cached ones (paper). concat: cached K/V are appended "
+                    "to the block's own (ablation; longer attention).")),
+                io.Combo.Input("branches", options=["cond", "both"], default="cond",
+                               tooltip="CFG halves that see the cache: only the conditional one (default) or both."),
+                io.Combo.Input("fusion", options=["best", "per_entity"], default="best", tooltip=(
+                    "best: one entry, the best match (paper). per_entity: the best entry of every matched entity, "
+                    "K/V concatenated (up to max_fused).")),
+                io.Int.Input("max_fused", default=3, min=1, max=8, tooltip="Most entries fused with fusion=per_entity."),
+                io.Combo.Input("capture_dtype", options=["float16", "float32"], default="float16", tooltip=(
+                    "dtype of the latents a miss stores (float16 halves the bytes). Part of the cache key.")),
+            ],
+            outputs=[CacheConfig.Output(display_name="settings", tooltip=(
+                "Cache Attention settings, for the CHAI Sampler's optional 'settings' input."))])
 
-    RETURN_TYPES = ("CHAI_CACHE_CONFIG",)
-    RETURN_NAMES = ("settings",)
-    OUTPUT_TOOLTIPS = ("Cache Attention settings, for the CHAI Sampler's optional 'settings' input.",)
-    FUNCTION = "build"
-    CATEGORY = "CHAI"
-    DESCRIPTION = ("Cache Attention knobs beyond the sampler's steps. Settings that change what is stored "
-                   "(cache steps, capture dtype) are part of the cache key, so entries made under other settings "
-                   "are never reused; the others only change how entries are used.")
-
-    def build(self, cache_steps="2,3,4", block_index=0, attention_mode="replace", branches="cond", fusion="best",
-              max_fused=3, capture_dtype="float16"):
+    @classmethod
+    @comfy_entry()
+    def execute(cls, cache_steps="2,3,4", block_index=0, attention_mode="replace", branches="cond", fusion="best",
+                max_fused=3, capture_dtype="float16"):
         """Returns ({CacheAttentionConfig keyword: value},). Raises ValueError on a bad value."""
         from ..opensora.cache_attention import CacheAttentionConfig
 
@@ -240,36 +249,39 @@ class CHAICacheAttentionSettings:
         return (settings,)
 
 
-class CHAICacheState:
+class CHAICacheState(io.ComfyNode):
     """Shows the store's state in a panel: entries, bytes against budget, hit rate, last lookups."""
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"cache": ("CHAI_CACHE", {"tooltip": "From CHAI Cache."})},
-                "optional": {"after": ("LATENT", {
-                    "tooltip": "Optional: connect the sampler's LATENT so the panel updates after it ran."})},
-                "hidden": {"unique_id": "UNIQUE_ID"}}
-
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("summary",)
-    OUTPUT_TOOLTIPS = ("One-line summary: entries, MB of budget, hit rate, hits, misses, evictions.",)
-    OUTPUT_NODE = True
-    INPUT_IS_LIST = True  # one panel update per prompt, also when a batch (a list) flows into `after`
-    FUNCTION = "show"
-    CATEGORY = "CHAI"
-    DESCRIPTION = ("Cache-state panel: entries, bytes against the budget, hit rate, hits, misses, evictions and "
-                   "the last lookups with their matched entity and similarity. It refreshes after every CHAI "
-                   "Sampler run and on its Refresh button (read-only route /chai/stats).")
+    DISPLAY_NAME = "CHAI Cache State"
 
     @classmethod
-    def IS_CHANGED(cls, **kwargs):
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CHAI_CacheState", display_name=cls.DISPLAY_NAME, category="CHAI",
+            description=("Cache-state panel: entries, bytes against the budget (pinned bytes shown), hit rate, hits, "
+                         "misses, evictions, the last lookups and the most-used entries as thumbnails with entity, "
+                         "hits and age; pin or evict an entry from it. It refreshes after every CHAI Sampler run and "
+                         "on its Refresh button."),
+            inputs=[Cache.Input("cache", tooltip="From CHAI Cache."),
+                    io.Latent.Input("after", optional=True, tooltip=(
+                        "Optional: connect the sampler's LATENT so the panel updates after it ran."))],
+            outputs=[io.String.Output(display_name="summary", tooltip=(
+                "One-line summary: entries, MB of budget, hit rate, hits, misses, evictions."))],
+            hidden=[io.Hidden.unique_id],
+            is_input_list=True,  # one panel update per prompt, also when a batch (a list) flows into `after`
+            is_output_node=True)
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
         """Always re-run: the counters change with every lookup, not only with the store's generation."""
         return float("nan")
 
-    def show(self, cache, after=None, unique_id=None):
+    @classmethod
+    @comfy_entry()
+    def execute(cls, cache, after=None):
         """Returns {"ui": {"chai_stats": [payload], "text": [summary]}, "result": (summary,)}.
 
-        Inputs arrive as lists (``INPUT_IS_LIST``); a plain value is accepted too (direct calls)."""
+        Inputs arrive as lists (``is_input_list``); a plain value is accepted too (direct calls)."""
         if isinstance(cache, list):
             if not cache:
                 raise ValueError("connect a CHAI Cache node to 'cache'")

@@ -1,8 +1,13 @@
 """The stores this process opened, the shared lookup components, and the stats payload.
 
 A store is opened once per process and reused by every node and every prompt (opening one
-loads its HNSW index). Only stores in this registry are ever served by the ``/chai/stats``
-route: a client names a store by its id (a hash of the resolved path), never by a path.
+loads its HNSW index). Only stores in this registry are ever served by the ``/chai/*`` routes:
+a client names a store by its id (a hash of its resolved location), never by a path.
+
+A store location is a folder (a name under ``models/chai_cache/`` or an absolute path) or the URL
+of a registered store backend (``postgresql://user@host/db``; ``cache.backend.open_store``). A
+store that does not exist yet is created only when asked (``create_new``), or for the default
+store name: a mistyped name is an error, never a new empty store.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..cache.store_types import StoreError
 from . import host
 
 __all__ = [
@@ -24,6 +30,8 @@ __all__ = [
     "open_stores",
     "store_id",
     "resolve_store_path",
+    "resolve_location",
+    "StoreNotFoundError",
     "peek_generation",
     "stats_payload",
     "shared_embedder",
@@ -44,9 +52,39 @@ _EMBEDDERS: Dict[str, Any] = {}
 _EXTRACTORS: Dict[str, Any] = {}
 
 
-def store_id(path: Path) -> str:
-    """Public id of a store: first 12 hex digits of SHA-256 of its resolved path."""
-    return hashlib.sha256(str(path).encode("utf-8")).hexdigest()[:12]
+def store_id(location: "Path | str") -> str:
+    """Public id of a store: first 12 hex digits of SHA-256 of its resolved location (path or URL)."""
+    return hashlib.sha256(str(location).encode("utf-8")).hexdigest()[:12]
+
+
+class StoreNotFoundError(ValueError):
+    """The Cache node names a store that does not exist, and creating one was not asked for."""
+
+
+def _is_url(folder: str) -> bool:
+    from ..cache.backend import location_scheme
+
+    return bool(location_scheme(folder.strip()))
+
+
+def resolve_location(folder: str) -> str:
+    """The store location a Cache node's ``folder`` names: a resolved folder path
+    (:func:`resolve_store_path`) or a store URL of a registered backend, as given.
+
+    Raises:
+        ValueError: empty, a relative name that leaves the store root, or a URL whose scheme no
+            store backend handles (the message lists those that do).
+    """
+    from ..cache.backend import BACKENDS, location_scheme
+
+    if isinstance(folder, str) and _is_url(folder):
+        scheme = location_scheme(folder.strip())
+        if scheme not in BACKENDS:
+            known = ", ".join(f"{s}://" for s in sorted(BACKENDS) if s)
+            raise ValueError(f"folder {folder.strip()[:80]!r}: no store backend handles {scheme}:// (use a folder, or "
+                             f"one of {known})")
+        return folder.strip()
+    return str(resolve_store_path(folder))
 
 
 def resolve_store_path(folder: str) -> Path:
@@ -60,7 +98,7 @@ def resolve_store_path(folder: str) -> Path:
         ValueError: an empty name, or a relative name that climbs out of the store root (``..``).
     """
     if not isinstance(folder, str) or not folder.strip():
-        raise ValueError("the cache folder is empty: give a store name (e.g. 'default') or an absolute path")
+        raise ValueError("folder is empty: give a store name (e.g. 'default'), an absolute path or a postgresql:// URL")
     raw = os.path.expanduser(folder.strip())
     if os.path.isabs(raw):
         return Path(raw).resolve()
@@ -69,20 +107,20 @@ def resolve_store_path(folder: str) -> Path:
     base = base.resolve()
     path = (base / raw).resolve()
     if base != path and base not in path.parents:
-        raise ValueError(f"the cache folder {folder!r} leaves {base}; use a plain name or an absolute path")
+        raise ValueError(f"folder {folder!r} leaves the store root {base}; use a plain name or an absolute path")
     return path
 
 
-def peek_generation(path: Path) -> Optional[int]:
-    """The generation of the store at ``path`` without opening it (``cache.backend.generation_of``),
+def peek_generation(location: "Path | str") -> Optional[int]:
+    """The generation of the store at ``location`` without opening it (``cache.backend.generation_of``),
     or None when there is no store there yet (nothing is written in a folder that is not a store).
-    Cheap: used by ``IS_CHANGED`` before every prompt."""
+    Cheap: used by the Cache node's ``fingerprint_inputs`` before every prompt."""
     from ..cache.backend import generation_of
 
-    handle = _STORES.get(str(path))
+    handle = _STORES.get(str(location))
     if handle is not None and not handle.closed:
         return int(handle.store.generation)
-    return generation_of(path)
+    return generation_of(location)
 
 
 @dataclass
@@ -90,14 +128,14 @@ class StoreHandle:
     """A store opened by this process (the ``CHAI_CACHE`` value passed between nodes).
 
     Attributes:
-        id: public id (:func:`store_id`). path: resolved directory. store: the open
-        ``cache.backend.StoreBackend``.
+        id: public id (:func:`store_id`). path: the resolved location (a folder path, or the
+        backend URL, which never holds a password). store: the open ``cache.backend.StoreBackend``.
         name: what the Cache node was given. opened_at: UNIX seconds.
         last_run: summary of the last CHAI Sampler run on this store in this process (or None).
     """
 
     id: str
-    path: Path
+    path: str
     store: Any
     name: str
     opened_at: float
@@ -109,22 +147,45 @@ class StoreHandle:
         return bool(self.store.closed)
 
 
+def _nothing_there(location: str, url: bool) -> bool:
+    """True when a location holds nothing yet: a URL without a store, a missing or empty folder."""
+    if url:
+        return True
+    try:
+        return not os.path.lexists(location) or (os.path.isdir(location) and not os.listdir(location))
+    except OSError:
+        return False  # unreadable: the backend says what it is
+
+
+def _create_parent(folder: str, path: Path) -> None:
+    """Make the folders above a new folder store (the user asked for a new store), with an error
+    that names the field and the path instead of an errno."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"folder {folder.strip()!r}: cannot create the store folder {path} ({exc.strerror or exc}); "
+                         "give a folder you can write to") from None
+
+
 def open_store(folder: str, budget_bytes: Optional[int] = None, policy: Optional[str] = None,
-               evict_to_fit: bool = False) -> StoreHandle:
-    """Open (or create) a store through ``cache.backend.open_store``, or return this process's open one,
-    applying budget and policy.
+               evict_to_fit: bool = False, create_new: bool = False) -> StoreHandle:
+    """Open a store through ``cache.backend.open_store``, or return this process's open one, applying
+    budget and policy.
 
     Args:
-        folder: see :func:`resolve_store_path`.
+        folder: a store name, an absolute folder or a store URL (see :func:`resolve_location`).
         budget_bytes: byte budget (> 0); None keeps the persisted one. A budget smaller than what
             the store holds is refused unless ``evict_to_fit`` (then it evicts now).
         policy: ``"lru"``, ``"lfu"`` or ``"fifo"``; None keeps the persisted one.
         evict_to_fit: confirm evicting down to a smaller budget.
+        create_new: create the store when ``folder`` holds none (always so for the default store
+            name); otherwise a missing store is an error, so a typo never starts an empty store.
 
     Raises:
-        ValueError: bad folder, budget or policy. ``cache.store.StoreError``: the folder is not a
-        usable store (a file, not writable, not empty and not a store, another format;
-        ``BudgetError``: the budget would evict); the message says what to do.
+        ValueError: bad folder, budget or policy; :class:`StoreNotFoundError` when no store is there
+        and ``create_new`` is off. ``cache.store.StoreError``: the location is not a usable store
+        (a file, not writable, not empty and not a store, a folder that cannot be created, a URL
+        with a password; ``BudgetError``: the budget would evict); each message says what to do.
     """
     from ..cache import backend
 
@@ -132,9 +193,9 @@ def open_store(folder: str, budget_bytes: Optional[int] = None, policy: Optional
         raise ValueError(f"budget must be positive, got {budget_bytes} bytes")
     if policy is not None and policy not in ("lru", "lfu", "fifo"):
         raise ValueError(f"policy must be 'lru', 'lfu' or 'fifo', got {policy!r}")
-    path = resolve_store_path(folder)
+    location = resolve_location(folder)
     with _LOCK:
-        handle = _STORES.get(str(path))
+        handle = _STORES.get(location)
         if handle is not None and not handle.closed:
             store = handle.store
             if policy is not None and store.policy != policy:
@@ -142,13 +203,23 @@ def open_store(folder: str, budget_bytes: Optional[int] = None, policy: Optional
             if budget_bytes is not None and int(budget_bytes) != int(store.budget_bytes):
                 store.set_budget(int(budget_bytes), evict_to_fit=evict_to_fit)
         else:
-            if not os.path.isabs(os.path.expanduser(folder.strip())):
-                path.parent.mkdir(parents=True, exist_ok=True)  # the store root; an absolute path's parent must exist
-            store = backend.open_store(path, budget_bytes=None if budget_bytes is None else int(budget_bytes),
-                                       policy=policy, evict_to_fit=evict_to_fit)
-            handle = StoreHandle(id=store_id(path), path=path, store=store, name=folder, opened_at=time.time(),
-                                 last_run=_STORES[str(path)].last_run if str(path) in _STORES else None)
-            _STORES[str(path)] = handle
+            url = _is_url(folder)
+            create = bool(create_new) or folder.strip() == DEFAULT_STORE_NAME
+            if not backend.store_exists(location) and _nothing_there(location, url):
+                if not create:
+                    raise StoreNotFoundError(
+                        f"folder {folder.strip()!r}: there is no CHAI store at {location}; check the name or path "
+                        "(a typo would start an empty store that never hits), or turn on create_new to start a "
+                        "new store there")
+                if not url:
+                    _create_parent(folder, Path(location))
+            # Anything else that is not a store (a file, someone's folder) is refused by the backend, untouched.
+            store = backend.open_store(location, budget_bytes=None if budget_bytes is None else int(budget_bytes),
+                                       policy=policy, evict_to_fit=evict_to_fit, create=create)
+            handle = StoreHandle(id=store_id(location), path=location, store=store, name=folder,
+                                 opened_at=time.time(),
+                                 last_run=_STORES[location].last_run if location in _STORES else None)
+            _STORES[location] = handle
         handle.name = folder
         return handle
 

@@ -10,8 +10,11 @@ import torch
 
 from ..pipeline.modes import DEFAULT_MODE
 from . import host, registry
+from .adapter import comfy_entry, map_lists
 from .cache_nodes import ChaiLookup
+from .comfy_v3 import io
 from .models import ChaiConditioning, ChaiModel, ChaiVAE
+from .socket_types import CacheConfig, Conditioning, Lookup, Model, Vae
 
 __all__ = ["CHAISampler", "CHAIVAEDecode", "LATENT_META_KEY"]
 
@@ -67,73 +70,75 @@ def _check_inputs(model, conditioning, lookup) -> Tuple[ChaiModel, ChaiCondition
     return model, conditioning, lookup
 
 
-class CHAISampler:
+class CHAISampler(io.ComfyNode):
     """Samples a video latent with CHAI: 8 steps with Cache Attention on a hit, 30 steps (stored) on a miss."""
 
+    DISPLAY_NAME = "CHAI Sampler"
+
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls):
         from ..opensora.buckets import list_aspect_ratios, list_resolutions
 
-        return {
-            "required": {
-                "model": ("CHAI_MODEL", {"tooltip": "From CHAI Load STDiT3."}),
-                "conditioning": ("CHAI_CONDITIONING", {"tooltip": "From CHAI Text Encode."}),
-                "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                                 "tooltip": "Noise seed: the same seed gives the same noise on any device."}),
-                "resolution": (list(list_resolutions()), {
-                    "default": "240p", "tooltip": "OpenSora resolution bucket (240p 9:16 = 240x426 pixels)."}),
-                "aspect_ratio": (list(list_aspect_ratios()), {
-                    "default": "9:16", "tooltip": "Height:width bucket of OpenSora 1.2."}),
-                "num_frames": ("INT", {
-                    "default": 0, "min": 0, "max": 408,
-                    "tooltip": "Video frames; 0 = the model's default (OpenSora 1.2: 51 = 2 s at 24 fps; tiny: 17; "
-                               "the bundled reference model: 8). 1 = an image. OpenSora 1.2 refuses 2-16."}),
-                "height": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8,
-                                   "tooltip": "Pixel height; 0 = from resolution and aspect_ratio (a pixel-space "
-                                              "model: its native size, and resolution/aspect_ratio are ignored)."}),
-                "width": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8,
-                                  "tooltip": "Pixel width; 0 = as height."}),
-                "steps": ("INT", {"default": 0, "min": 0, "max": 200,
-                                  "tooltip": "Steps of a full run (a miss, or mode=full); 0 = the model's own "
-                                             "(OpenSora 1.2: 30; a bundled model: its config.json)."}),
-                "fast_steps": ("INT", {"default": 8, "min": 1, "max": 200,
-                                       "tooltip": "Steps on a cache hit (fast mode with Cache Attention). Paper: 8."}),
-                "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.5,
-                                  "tooltip": "Classifier-free guidance scale; 0 = the model's own (OpenSora 1.2: 7.0; "
-                                             "the bundled reference model: 1.5 from its config.json)."}),
-                "mode": (_mode_choices(), {
-                    "default": DEFAULT_MODE,
-                    "tooltip": "Sampling mode. " + " ".join(_mode_help()) + " (auto and plain_fast are the "
-                               "older names of chai and plain.)"}),
-                "store_on_miss": ("BOOLEAN", {
-                    "default": True, "tooltip": "Store a miss's latents when its run completes (auto mode)."}),
-            },
-            "optional": {
-                "lookup": ("CHAI_LOOKUP", {"tooltip": "From CHAI Cache Lookup. Without it every run is a full run "
-                                                      "and nothing is stored."}),
-                "settings": ("CHAI_CACHE_CONFIG", {"tooltip": "Optional CHAI Cache Attention Settings."}),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    RETURN_TYPES = ("LATENT", "STRING")
-    RETURN_NAMES = ("latent", "report")
-    OUTPUT_TOOLTIPS = (
-        "The clean video latent {'samples': [1, C, T, H, W]} with the video's size and fps, for CHAI VAE Decode.",
-        "What happened: hit or miss, matched entity and similarity, steps, latency split in ms.")
-    FUNCTION = "sample"
-    PROMPT_BATCH = True  # nodes/adapter.py maps ComfyUI's lists: progress shows "prompt k of n"
-    CATEGORY = "CHAI"
-    DESCRIPTION = ("OpenSora 1.2 RFLOW sampling with CHAI. Right before sampling it looks the prompt up under the "
-                   "exact key of this model, size and schedule: a hit runs fast_steps with Cache Attention on the "
-                   "cached latents; a miss runs the full schedule and stores its latents once the run completes. "
-                   "Reports progress, stops on Cancel (nothing stored), and re-runs when the store changes.")
+        return io.Schema(
+            node_id="CHAI_Sampler", display_name=cls.DISPLAY_NAME, category="CHAI",
+            description=("OpenSora 1.2 RFLOW sampling with CHAI. Right before sampling it looks the prompt up under "
+                         "the exact key of this model, size and schedule: a hit runs fast_steps with Cache Attention "
+                         "on the cached latents; a miss runs the full schedule and stores its latents once the run "
+                         "completes. Reports progress, stops on Cancel (nothing stored), and re-runs when the store "
+                         "changes."),
+            inputs=[
+                Model.Input("model", tooltip="From CHAI Load STDiT3."),
+                Conditioning.Input("conditioning", tooltip="From CHAI Text Encode."),
+                io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed: the same seed gives the same noise on any device."),
+                io.Combo.Input("resolution", options=list(list_resolutions()), default="240p",
+                               tooltip="OpenSora resolution bucket (240p 9:16 = 240x426 pixels)."),
+                io.Combo.Input("aspect_ratio", options=list(list_aspect_ratios()), default="9:16",
+                               tooltip="Height:width bucket of OpenSora 1.2."),
+                io.Int.Input("num_frames", default=0, min=0, max=408, tooltip=(
+                    "Video frames; 0 = the model's default (OpenSora 1.2: 51 = 2 s at 24 fps; tiny: 17; the bundled "
+                    "reference model: 8). 1 = an image. OpenSora 1.2 refuses 2-16.")),
+                io.Int.Input("height", default=0, min=0, max=2048, step=8, tooltip=(
+                    "Pixel height; 0 = from resolution and aspect_ratio (a pixel-space model: its native size, and "
+                    "resolution/aspect_ratio are ignored).")),
+                io.Int.Input("width", default=0, min=0, max=2048, step=8, tooltip="Pixel width; 0 = as height."),
+                io.Int.Input("steps", default=0, min=0, max=200, tooltip=(
+                    "Steps of a full run (a miss, or mode=full); 0 = the model's own (OpenSora 1.2: 30; a bundled "
+                    "model: its config.json).")),
+                io.Int.Input("fast_steps", default=8, min=1, max=200,
+                             tooltip="Steps on a cache hit (fast mode with Cache Attention). Paper: 8."),
+                io.Float.Input("cfg", default=0.0, min=0.0, max=30.0, step=0.5, tooltip=(
+                    "Classifier-free guidance scale; 0 = the model's own (OpenSora 1.2: 7.0; the bundled reference "
+                    "model: 1.5 from its config.json).")),
+                io.Combo.Input("mode", options=_mode_choices(), default=DEFAULT_MODE, tooltip=(
+                    "Sampling mode. " + " ".join(_mode_help()) + " (auto and plain_fast are the older names of "
+                    "chai and plain.)")),
+                io.Boolean.Input("store_on_miss", default=True,
+                                 tooltip="Store a miss's latents when its run completes (auto mode)."),
+                Lookup.Input("lookup", optional=True, tooltip=(
+                    "From CHAI Cache Lookup. Without it every run is a full run and nothing is stored.")),
+                CacheConfig.Input("settings", optional=True, tooltip="Optional CHAI Cache Attention Settings."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latent", is_output_list=True, tooltip=(
+                    "The clean video latent {'samples': [1, C, T, H, W]} with the video's size and fps, for CHAI "
+                    "VAE Decode.")),
+                io.String.Output(display_name="report", is_output_list=True, tooltip=(
+                    "What happened: hit or miss, matched entity and similarity, steps, latency split in ms.")),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_input_list=True)  # nodes/adapter.py maps ComfyUI's lists: progress shows "prompt k of n"
 
     @classmethod
-    def IS_CHANGED(cls, mode=DEFAULT_MODE, **kwargs):
-        """For a mode that looks up: the generation of every store this process has open, so a result
-        sampled against an older store state is never reused (the Cache node upstream does the same per
-        store). Other modes do not read the store: their cache key is the inputs alone."""
+    def fingerprint_inputs(cls, **lists):
+        """Per prompt (inputs arrive as lists; a linked input as ``(None,)``): for a mode that looks
+        up, the generation of every store this process has open, so a result sampled against an older
+        store state is never reused (the Cache node upstream does the same per store). Other modes do
+        not read the store: their cache key is the inputs alone."""
+        return tuple(cls._fingerprint_one(**kwargs) for kwargs in map_lists(lists))
+
+    @classmethod
+    def _fingerprint_one(cls, mode=DEFAULT_MODE, **_inputs):
         from ..pipeline.modes import get_mode
 
         try:
@@ -143,14 +148,17 @@ class CHAISampler:
             return f"invalid:{exc}"
         return ";".join(f"{h.id}@{h.store.generation}" for h in registry.open_stores())
 
-    def sample(self, model, conditioning, seed=42, resolution="240p", aspect_ratio="9:16", num_frames=0, height=0,
-               width=0, steps=0, fast_steps=8, cfg=0.0, mode=DEFAULT_MODE, store_on_miss=True, lookup=None,
-               settings=None, unique_id=None):
-        """Returns {"ui": {...}, "result": (LATENT, report)}.
+    @classmethod
+    @comfy_entry(batch=True)
+    def execute(cls, model, conditioning, seed=42, resolution="240p", aspect_ratio="9:16", num_frames=0, height=0,
+                width=0, steps=0, fast_steps=8, cfg=0.0, mode=DEFAULT_MODE, store_on_miss=True, lookup=None,
+                settings=None):
+        """One prompt (the adapter maps a batch): returns {"ui": {...}, "result": (LATENT, report)}.
 
         Settings (``pipeline.settings.resolve_settings``): the model's own (``model.defaults``), then
         this node's steps / fast_steps / cfg (0 = not given), then the Cache Attention Settings node,
-        then the Cache Lookup node's threshold.
+        then the Cache Lookup node's threshold. A miss stored from a pixel-space model keeps a
+        thumbnail of its middle frame with the entry.
 
         Raises:
             TypeError / ValueError: wrong sockets, mismatched text encoder, bad size, settings or mode
@@ -179,6 +187,7 @@ class CHAISampler:
             height, width = model.native_size or (0, 0)
         # Validate the size before placing a model on the GPU.
         size = pipe.resolve_size(None if height else resolution, aspect_ratio, height or None, width or None, frames)
+        unique_id = cls.hidden.unique_id if cls.hidden is not None else None
         progress = host.ProgressReporter(unique_id)
         try:
             with host.model_compute(), host.interruptible(model.module):
@@ -199,6 +208,8 @@ class CHAISampler:
                   LATENT_META_KEY: {"height": result.height, "width": result.width, "num_frames": result.num_frames,
                                     "fps": fps, "mode": result.mode, "hit": result.hit, "prompt": result.prompt,
                                     "space": "pixels" if model.pixel_space else "latent"}}
+        if lookup is not None and result.inserted_entry_id is not None:  # VAE Decode adds the entry's thumbnail
+            latent[LATENT_META_KEY]["entry"] = {"store": lookup.cache.id, "id": int(result.inserted_entry_id)}
         summary = result.summary()
         summary["time"] = time.time()
         report = _report_line(summary)
@@ -230,61 +241,89 @@ def _report_line(summary: Dict[str, Any]) -> str:
             f"total {t['total_ms']:.0f} ms; prompt \"{prompt}\"")
 
 
-class CHAIVAEDecode:
+class CHAIVAEDecode(io.ComfyNode):
     """Decodes a CHAI latent into video frames (an IMAGE batch, one image per frame) and its fps."""
 
+    DISPLAY_NAME = "CHAI VAE Decode"
+
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "latent": ("LATENT", {"tooltip": "From the CHAI Sampler (carries the video's frame count and fps)."}),
-        }, "optional": {
-            "vae": ("CHAI_VAE", {"tooltip": "From CHAI Load VAE (the family of the STDiT3 model). Not needed for a "
-                                            "pixel-space model such as the bundled reference model."}),
-        }}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CHAI_VAEDecode", display_name=cls.DISPLAY_NAME, category="CHAI",
+            description=("Decode with OpenSora's video VAE into an IMAGE batch of frames plus the fps; save it with "
+                         "ComfyUI's CreateVideo + SaveVideo (mp4) or VideoHelperSuite's Video Combine. A video whose "
+                         "latents the sampler just stored gives its cache entry a thumbnail (its middle frame)."),
+            inputs=[io.Latent.Input("latent", tooltip=(
+                        "From the CHAI Sampler (carries the video's frame count and fps).")),
+                    Vae.Input("vae", optional=True, tooltip=(
+                        "From CHAI Load VAE (the family of the STDiT3 model). Not needed for a pixel-space model "
+                        "such as the bundled reference model."))],
+            outputs=[io.Image.Output(display_name="frames", tooltip=(
+                         "Video frames [F, H, W, 3] float32 in 0..1 (ComfyUI's IMAGE batch), for CreateVideo -> "
+                         "SaveVideo or VHS Video Combine.")),
+                     io.Float.Output(display_name="fps", tooltip=(
+                         "Frames per second of the video (OpenSora 1.2: 24), for CreateVideo's fps or VHS's "
+                         "frame_rate."))])
 
-    RETURN_TYPES = ("IMAGE", "FLOAT")
-    RETURN_NAMES = ("frames", "fps")
-    OUTPUT_TOOLTIPS = (
-        "Video frames [F, H, W, 3] float32 in 0..1 (ComfyUI's IMAGE batch), for CreateVideo -> SaveVideo or "
-        "VHS Video Combine.",
-        "Frames per second of the video (OpenSora 1.2: 24), for CreateVideo's fps or VHS's frame_rate.")
-    FUNCTION = "decode"
-    CATEGORY = "CHAI"
-    DESCRIPTION = ("Decode with OpenSora's video VAE into an IMAGE batch of frames plus the fps; save it with "
-                   "ComfyUI's CreateVideo + SaveVideo (mp4) or VideoHelperSuite's Video Combine.")
-
-    def decode(self, latent, vae=None):
+    @classmethod
+    @comfy_entry()
+    def execute(cls, latent, vae=None):
         """Returns (IMAGE [F, H, W, 3], fps). Raises TypeError/ValueError on a latent that is not a CHAI video latent."""
-        if vae is not None and not isinstance(vae, ChaiVAE):
-            raise TypeError(f"vae must come from CHAI Load VAE, got {type(vae).__name__}")
-        if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
-            raise TypeError("latent must be a LATENT dict with 'samples' (from the CHAI Sampler)")
-        meta = latent.get(LATENT_META_KEY)
-        samples = latent["samples"]
-        if not isinstance(meta, dict) or "num_frames" not in meta:
-            raise ValueError("this LATENT has no CHAI video metadata (frame count): connect it straight from the "
-                             "CHAI Sampler; latents from other samplers are not OpenSora video latents")
-        if samples.ndim != 5:
-            raise ValueError(f"a CHAI video latent is [B, C, T, H, W], got {tuple(samples.shape)}")
-        mm = host.comfy_module("comfy.model_management")
-        if mm is not None:
-            mm.throw_exception_if_processing_interrupted()
-        fps = float(meta.get("fps", 24))
-        if meta.get("space") == "pixels":  # the sample is the RGB clip in [-1, 1]: no VAE
-            frames = ((samples.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)
-            return (frames.reshape(-1, *frames.shape[2:]).contiguous().to(host.intermediate_device()), fps)
-        if vae is None or vae.module is None:
-            raise ValueError("this latent needs a VAE to decode: connect CHAI Load VAE (the family of the STDiT3 "
-                             "model: the tiny VAE with the tiny model, OpenSora VAE v1.2 with STDiT-v3)")
-        module = vae.module
-        try:
-            with host.model_compute():
-                device = vae.placement.load() if vae.placement is not None else host._module_device(module)
-                z = samples.to(device=device, dtype=module.dtype)
-                video = module.decode(z, num_frames=int(meta["num_frames"]))  # [B, 3, F, H, W] in [-1, 1]
-                frames = ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)
-                frames = frames.reshape(-1, *frames.shape[2:]).contiguous()
-        finally:
-            if vae.placement is not None:
-                vae.placement.release()
-        return (frames.to(host.intermediate_device()), fps)
+        frames, fps = _decode(latent, vae)
+        _attach_thumbnail(latent.get(LATENT_META_KEY, {}).get("entry"), frames)
+        return (frames, fps)
+
+
+def _attach_thumbnail(entry: Optional[Dict[str, Any]], frames: torch.Tensor) -> None:
+    """Give the cache entry a video created its thumbnail (the middle frame), when the sampler stored
+    one and the store is still open here. Best effort: a thumbnail never fails a decode."""
+    if not isinstance(entry, dict):
+        return
+    handle = registry.store_by_id(str(entry.get("store", "")))
+    if handle is None:
+        return
+    from ..cache.thumbnail import thumbnail_of_frames
+
+    try:
+        record = handle.store.entry(int(entry["id"]))
+        if record is not None and not record.has_thumbnail:
+            handle.store.set_thumbnail(int(entry["id"]), thumbnail_of_frames(frames))
+    except Exception as exc:  # noqa: BLE001 - the video is what the user asked for
+        log.warning("CHAI: no thumbnail for entry %s (%s)", entry.get("id"), exc)
+
+
+def _decode(latent, vae=None) -> Tuple[torch.Tensor, float]:
+    """(IMAGE [F, H, W, 3], fps) of a CHAI latent. Raises TypeError/ValueError on a latent that is not a CHAI video latent."""
+    if vae is not None and not isinstance(vae, ChaiVAE):
+        raise TypeError(f"vae must come from CHAI Load VAE, got {type(vae).__name__}")
+    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+        raise TypeError("latent must be a LATENT dict with 'samples' (from the CHAI Sampler)")
+    meta = latent.get(LATENT_META_KEY)
+    samples = latent["samples"]
+    if not isinstance(meta, dict) or "num_frames" not in meta:
+        raise ValueError("this LATENT has no CHAI video metadata (frame count): connect it straight from the "
+                         "CHAI Sampler; latents from other samplers are not OpenSora video latents")
+    if samples.ndim != 5:
+        raise ValueError(f"a CHAI video latent is [B, C, T, H, W], got {tuple(samples.shape)}")
+    mm = host.comfy_module("comfy.model_management")
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+    fps = float(meta.get("fps", 24))
+    if meta.get("space") == "pixels":  # the sample is the RGB clip in [-1, 1]: no VAE
+        frames = ((samples.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)
+        return (frames.reshape(-1, *frames.shape[2:]).contiguous().to(host.intermediate_device()), fps)
+    if vae is None or vae.module is None:
+        raise ValueError("this latent needs a VAE to decode: connect CHAI Load VAE (the family of the STDiT3 "
+                         "model: the tiny VAE with the tiny model, OpenSora VAE v1.2 with STDiT-v3)")
+    module = vae.module
+    try:
+        with host.model_compute():
+            device = vae.placement.load() if vae.placement is not None else host._module_device(module)
+            z = samples.to(device=device, dtype=module.dtype)
+            video = module.decode(z, num_frames=int(meta["num_frames"]))  # [B, 3, F, H, W] in [-1, 1]
+            frames = ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)
+            frames = frames.reshape(-1, *frames.shape[2:]).contiguous()
+    finally:
+        if vae.placement is not None:
+            vae.placement.release()
+    return (frames.to(host.intermediate_device()), fps)

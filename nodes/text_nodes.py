@@ -8,7 +8,10 @@ from typing import List
 import torch
 
 from . import host, registry
+from .adapter import comfy_entry
+from .comfy_v3 import io
 from .models import ChaiConditioning, ChaiTextEncoder
+from .socket_types import Conditioning, Entities, TextEncoder
 
 __all__ = ["CHAIPromptList", "CHAITextEncode", "CHAIEntityExtractor", "ChaiEntities", "parse_prompt_list"]
 
@@ -34,53 +37,55 @@ def parse_prompt_list(text: str) -> List[str]:
     return prompts
 
 
-class CHAIPromptList:
+class CHAIPromptList(io.ComfyNode):
     """Turns a block of text into a list of prompts, so the nodes after it run once per prompt."""
 
+    DISPLAY_NAME = "CHAI Prompt List"
+
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"prompts": ("STRING", {
-            "multiline": True, "default": "a red fox running through snow\na red fox sleeping in a forest",
-            "tooltip": "One prompt per line (blank lines and lines starting with # are skipped). Related prompts "
-                       "that share an entity (a fox, a beach) hit the cache after the first one."})}}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CHAI_PromptList", display_name=cls.DISPLAY_NAME, category="CHAI",
+            description=("Batch of related prompts: connect 'prompt' to CHAI Text Encode's text input and every node "
+                         "after it runs once per prompt, in order. The CHAI Sampler looks each prompt up just before "
+                         "sampling it, so a prompt can hit the entry an earlier prompt of the same batch stored."),
+            inputs=[io.String.Input(
+                "prompts", multiline=True, default="a red fox running through snow\na red fox sleeping in a forest",
+                tooltip=("One prompt per line (blank lines and lines starting with # are skipped). Related prompts "
+                         "that share an entity (a fox, a beach) hit the cache after the first one."))],
+            outputs=[io.String.Output(display_name="prompt", is_output_list=True, tooltip=(
+                         "The prompts as a list: every node downstream runs once per prompt, in order.")),
+                     io.Int.Output(display_name="count", tooltip="How many prompts the list holds.")])
 
-    RETURN_TYPES = ("STRING", "INT")
-    RETURN_NAMES = ("prompt", "count")
-    OUTPUT_IS_LIST = (True, False)
-    OUTPUT_TOOLTIPS = ("The prompts as a list: every node downstream runs once per prompt, in order.",
-                       "How many prompts the list holds.")
-    FUNCTION = "split"
-    CATEGORY = "CHAI"
-    DESCRIPTION = ("Batch of related prompts: connect 'prompt' to CHAI Text Encode's text input and every node "
-                   "after it runs once per prompt, in order. The CHAI Sampler looks each prompt up just before "
-                   "sampling it, so a prompt can hit the entry an earlier prompt of the same batch stored.")
-
-    def split(self, prompts):
+    @classmethod
+    @comfy_entry()
+    def execute(cls, prompts):
         """Returns (list of prompts, count). Raises ValueError on an empty list."""
         items = parse_prompt_list(prompts)
         return (items, len(items))
 
 
-class CHAITextEncode:
+class CHAITextEncode(io.ComfyNode):
     """Encodes one prompt into OpenSora caption embeddings."""
 
+    DISPLAY_NAME = "CHAI Text Encode"
+
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "text_encoder": ("CHAI_TEXT_ENCODER", {"tooltip": "From CHAI Load Text Encoder."}),
-            "text": ("STRING", {"multiline": True, "default": "a red fox running through snow",
-                                "tooltip": "The video prompt. Connect a CHAI Prompt List here to run a batch."}),
-        }}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CHAI_TextEncode", display_name=cls.DISPLAY_NAME, category="CHAI",
+            description=("Encode a prompt with the loaded text encoder (OpenSora 1.2: caption cleaning, aesthetic "
+                         "score, T5-XXL, 300 tokens). The prompt travels with the embedding so the cache sees the "
+                         "same text."),
+            inputs=[TextEncoder.Input("text_encoder", tooltip="From CHAI Load Text Encoder."),
+                    io.String.Input("text", multiline=True, default="a red fox running through snow", tooltip=(
+                        "The video prompt. Connect a CHAI Prompt List here to run a batch."))],
+            outputs=[Conditioning.Output(display_name="conditioning", tooltip=(
+                "The prompt and its caption embedding [1, 1, L, D], for the Entity Extractor and the Sampler."))])
 
-    RETURN_TYPES = ("CHAI_CONDITIONING",)
-    RETURN_NAMES = ("conditioning",)
-    OUTPUT_TOOLTIPS = ("The prompt and its caption embedding [1, 1, L, D], for the Entity Extractor and the Sampler.",)
-    FUNCTION = "encode"
-    CATEGORY = "CHAI"
-    DESCRIPTION = ("Encode a prompt with the loaded text encoder (OpenSora 1.2: caption cleaning, aesthetic score, "
-                   "T5-XXL, 300 tokens). The prompt travels with the embedding so the cache sees the same text.")
-
-    def encode(self, text_encoder, text):
+    @classmethod
+    @comfy_entry()
+    def execute(cls, text_encoder, text):
         """Returns (CHAI_CONDITIONING,). Raises ValueError on an empty prompt, TypeError on a wrong input."""
         enc = _require(text_encoder, ChaiTextEncoder, "text_encoder", "CHAI Load Text Encoder")
         if not isinstance(text, str) or not text.strip():
@@ -112,29 +117,29 @@ class ChaiEntities:
     mode: str = "entity"
 
 
-class CHAIEntityExtractor:
+class CHAIEntityExtractor(io.ComfyNode):
     """Finds the entities (noun phrases such as 'red fox', 'snowy forest') the cache matches on."""
 
+    DISPLAY_NAME = "CHAI Entity Extractor"
+
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "conditioning": ("CHAI_CONDITIONING", {"tooltip": "From CHAI Text Encode: its prompt is analysed."}),
-            "mode": (["entity", "prompt"], {
-                "default": "entity",
-                "tooltip": "entity: CHAI's noun-phrase entities (spaCy), so 'a fox in snow' can reuse 'a fox at "
-                           "dusk'. prompt: the whole prompt is the only key (baseline; hits only near-identical prompts)."}),
-        }}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CHAI_EntityExtractor", display_name=cls.DISPLAY_NAME, category="CHAI",
+            description=("Extract the prompt's entities (normalised noun phrases) with spaCy; the node shows what it "
+                         "found. A prompt with no entity falls back to the whole prompt as its key."),
+            inputs=[Conditioning.Input("conditioning", tooltip="From CHAI Text Encode: its prompt is analysed."),
+                    io.Combo.Input("mode", options=["entity", "prompt"], default="entity", tooltip=(
+                        "entity: CHAI's noun-phrase entities (spaCy), so 'a fox in snow' can reuse 'a fox at dusk'. "
+                        "prompt: the whole prompt is the only key (baseline; hits only near-identical prompts)."))],
+            outputs=[Entities.Output(display_name="entities",
+                                     tooltip="The prompt's lookup keys, for CHAI Cache Lookup."),
+                     io.String.Output(display_name="entities_text",
+                                      tooltip="The entities found, comma-separated (for display or other nodes).")])
 
-    RETURN_TYPES = ("CHAI_ENTITIES", "STRING")
-    RETURN_NAMES = ("entities", "entities_text")
-    OUTPUT_TOOLTIPS = ("The prompt's lookup keys, for CHAI Cache Lookup.",
-                       "The entities found, comma-separated (for display or other nodes).")
-    FUNCTION = "extract"
-    CATEGORY = "CHAI"
-    DESCRIPTION = ("Extract the prompt's entities (normalised noun phrases) with spaCy; the node shows what it "
-                   "found. A prompt with no entity falls back to the whole prompt as its key.")
-
-    def extract(self, conditioning, mode="entity"):
+    @classmethod
+    @comfy_entry()
+    def execute(cls, conditioning, mode="entity"):
         """Returns {"ui": {"text": [...]}, "result": (CHAI_ENTITIES, str)}."""
         cond = _require(conditioning, ChaiConditioning, "conditioning", "CHAI Text Encode")
         if mode not in ("entity", "prompt"):

@@ -143,7 +143,7 @@ def test_the_cache_node_and_the_command_line_set_the_same_bytes_for_the_same_mib
     import comfyui_chai.cache.embed as embed_mod
     import comfyui_chai.cache.entities as entities_mod
     from comfyui_chai.cli import main
-    from comfyui_chai.nodes import NODE_CLASS_MAPPINGS, registry
+    from comfyui_chai.nodes import NODES, registry
 
     monkeypatch.setattr(entities_mod, "EntityExtractor", _CommaExtractor)
     monkeypatch.setattr(embed_mod, "Embedder", _WordEmbedder)
@@ -152,7 +152,7 @@ def test_the_cache_node_and_the_command_line_set_the_same_bytes_for_the_same_mib
 
     def by_node(mib):
         try:
-            handle, = NODE_CLASS_MAPPINGS["CHAI_Cache"]().open(str(folder), mib, "lru")
+            handle, = NODES["CHAI_Cache"].execute(str(folder), mib, "lru", create_new=True).args
             return handle.store.budget_bytes
         finally:
             registry.close_all()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import subprocess
 import sys
 import time
@@ -20,17 +21,39 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfyui_chai.nodes import NODE_CLASS_MAPPINGS as NODES
-from comfyui_chai.nodes import NODE_DISPLAY_NAME_MAPPINGS as NAMES
+from comfyui_chai.nodes import DISPLAY_NAMES as NAMES
+from comfyui_chai.nodes import NODES
 from comfyui_chai.nodes import adapter, host, models, registry, routes
+from comfyui_chai.nodes.comfy_v3 import io, node_info
 from comfyui_chai.nodes.cache_nodes import ChaiLookup, parse_cache_steps
 from comfyui_chai.nodes.models import ChaiConditioning
+from comfyui_chai.cache.store_types import BudgetError
 from comfyui_chai.nodes.text_nodes import ChaiEntities, parse_prompt_list
 
 CORE_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "LATENT", "IMAGE"}
 # A small, fast request: 32x32 pixels, 17 frames (latent 4x5x4x4), 6 full / 4 fast steps.
 SMALL = dict(resolution="144p", aspect_ratio="9:16", num_frames=17, height=32, width=32, steps=6, fast_steps=4,
              cfg=7.0)
+
+
+def plain(node_id, *args, **kwargs):
+    """A node's ``execute`` as scripts call it: its outputs (a tuple), or ``{"result", "ui"}`` when
+    it has display data."""
+    out = NODES[node_id].execute(*args, **kwargs)
+    return {"result": tuple(out.args), "ui": out.ui} if out.ui else tuple(out.args)
+
+
+def sample(*args, **kwargs):
+    """The CHAI Sampler on one prompt: its inputs given as one-element lists (the node takes ComfyUI's
+    lists whole), its outputs unwrapped: ``{"result": (latent, report), "ui": {...}}``."""
+    out = NODES["CHAI_Sampler"].execute(*[[a] for a in args], **{k: [v] for k, v in kwargs.items()})
+    result = tuple(values[0] for values in out.args)
+    return {"result": result, "ui": out.ui} if out.ui else {"result": result}
+
+
+def open_cache(folder, budget_mb=64, policy="lru", **kwargs):
+    """CHAI Cache on ``folder``, creating the store when missing (the node's ``create_new``)."""
+    return plain("CHAI_Cache", str(folder), budget_mb, policy, create_new=True, **kwargs)[0]
 
 
 @pytest.fixture(autouse=True)
@@ -42,24 +65,24 @@ def _fresh_registry():
 @pytest.fixture(scope="module")
 def tiny():
     """(model, vae, text encoder) of the tiny configuration, hashed-word captions (no model files)."""
-    model, = NODES["CHAI_LoadSTDiT3"]().load(models.TINY)
-    vae, = NODES["CHAI_LoadVAE"]().load(models.TINY)
-    enc, = NODES["CHAI_LoadTextEncoder"]().load(models.TINY_HASHED)
+    model, = plain("CHAI_LoadSTDiT3", models.TINY)
+    vae, = plain("CHAI_LoadVAE", models.TINY)
+    enc, = plain("CHAI_LoadTextEncoder", models.TINY_HASHED)
     return model, vae, enc
 
 
 def encode(enc, text):
-    return NODES["CHAI_TextEncode"]().encode(enc, text)[0]
+    return plain("CHAI_TextEncode", enc, text)[0]
 
 
 def run_prompt(tiny, cache, prompt, seed=1, **kw):
     """Text Encode -> Entity Extractor -> Cache Lookup -> Sampler; returns (lookup output, sampler output)."""
     model, _vae, enc = tiny
     cond = encode(enc, prompt)
-    ents = NODES["CHAI_EntityExtractor"]().extract(cond, "entity")["result"][0]
-    lk = NODES["CHAI_CacheLookup"]().lookup(cache, ents, 0.72)
+    ents = plain("CHAI_EntityExtractor", cond, "entity")["result"][0]
+    lk = plain("CHAI_CacheLookup", cache, ents, 0.72)
     args = dict(SMALL, **kw)
-    out = NODES["CHAI_Sampler"]().sample(model, cond, seed, args.pop("resolution"), args.pop("aspect_ratio"),
+    out = sample(model, cond, seed, args.pop("resolution"), args.pop("aspect_ratio"),
                                          args.pop("num_frames"), args.pop("height"), args.pop("width"),
                                          args.pop("steps"), args.pop("fast_steps"), args.pop("cfg"),
                                          kw.get("mode", "auto"), True, lookup=lk["result"][0])
@@ -70,9 +93,13 @@ def run_prompt(tiny, cache, prompt, seed=1, **kw):
 
 
 def test_pack_imports_without_comfyui():
-    code = ("import sys, comfyui_chai; import comfyui_chai.nodes as n; "
-            "bad = [m for m in ('comfy', 'folder_paths', 'server', 'execution') if m in sys.modules]; "
-            "assert not bad, bad; assert len(comfyui_chai.NODE_CLASS_MAPPINGS) == len(n.NODE_CLASS_MAPPINGS) == 12; "
+    """Without ComfyUI the pack imports, lists its 12 nodes through its V3 entry point (the stand-in
+    API), and defines no NODE_CLASS_MAPPINGS (ComfyUI would then ignore comfy_entrypoint)."""
+    code = ("import asyncio, sys, comfyui_chai; import comfyui_chai.nodes as n; "
+            "bad = [m for m in ('comfy', 'comfy_api', 'folder_paths', 'server', 'execution') if m in sys.modules]; "
+            "assert not bad, bad; assert not hasattr(comfyui_chai, 'NODE_CLASS_MAPPINGS'); "
+            "ext = asyncio.run(comfyui_chai.comfy_entrypoint()); nodes = asyncio.run(ext.get_node_list()); "
+            "assert len(nodes) == len(n.NODES) == 12 and nodes == n.NODE_LIST; "
             "assert comfyui_chai.WEB_DIRECTORY == './web'; print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
@@ -80,29 +107,30 @@ def test_pack_imports_without_comfyui():
 
 @pytest.mark.parametrize("node_id", sorted(NODES))
 def test_node_definition(node_id):
+    """Every node is a V3 node (define_schema, execute, no instance state) that describes itself
+    completely: category, description, tooltips, CHAI_* socket types."""
     cls = NODES[node_id]
-    assert node_id.startswith("CHAI_") and node_id in NAMES and NAMES[node_id].startswith("CHAI ")
-    assert cls.CATEGORY == "CHAI"
-    assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 40
-    assert callable(getattr(cls, cls.FUNCTION))
-    spec = cls.INPUT_TYPES()
-    assert set(spec) <= {"required", "optional", "hidden"}
+    assert issubclass(cls, io.ComfyNode) and cls.GET_SCHEMA().node_id == node_id
+    assert "execute" in cls.__dict__ and "define_schema" in cls.__dict__ and "__init__" not in cls.__dict__
+    assert not any(k.startswith(("IS_CHANGED", "INPUT_TYPES", "RETURN_TYPES", "FUNCTION")) for k in cls.__dict__)
+    info = node_info(cls)
+    assert node_id.startswith("CHAI_") and info["display_name"] == NAMES[node_id] and NAMES[node_id].startswith("CHAI ")
+    assert info["category"] == "CHAI"
+    assert isinstance(info["description"], str) and len(info["description"]) > 40
+    assert set(info["input"]) <= {"required", "optional", "hidden"}
     for section in ("required", "optional"):
-        for name, entry in spec.get(section, {}).items():
-            kind, opts = entry[0], entry[1] if len(entry) > 1 else {}
+        for name, (kind, opts) in info["input"].get(section, {}).items():
             assert opts.get("tooltip"), f"{node_id}.{name} has no tooltip"
-            if isinstance(kind, list):
-                assert kind, f"{node_id}.{name}: empty combo"
+            if kind == "COMBO":
+                assert opts["options"], f"{node_id}.{name}: empty combo"
                 if "default" in opts:
-                    assert opts["default"] in kind
+                    assert opts["default"] in opts["options"]
             else:
                 assert kind in CORE_TYPES or kind.startswith("CHAI_"), f"{node_id}.{name}: type {kind}"
-    assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
-    assert all(t for t in cls.OUTPUT_TOOLTIPS)
-    for kind in cls.RETURN_TYPES:
+    assert len(info["output_tooltips"]) == len(info["output"]) == len(info["output_name"]) == len(info["output_is_list"])
+    assert all(t for t in info["output_tooltips"])
+    for kind in info["output"]:
         assert kind in CORE_TYPES or kind.startswith("CHAI_")
-    if hasattr(cls, "OUTPUT_IS_LIST"):
-        assert len(cls.OUTPUT_IS_LIST) == len(cls.RETURN_TYPES)
 
 
 def test_loader_choices_and_missing_weights():
@@ -111,11 +139,11 @@ def test_loader_choices_and_missing_weights():
     choices = models.text_encoder_choices()
     assert models.TINY_MINILM in choices and models.TINY_HASHED in choices
     with pytest.raises(FileNotFoundError, match="models/opensora"):
-        NODES["CHAI_LoadSTDiT3"]().load("OpenSora-STDiT-v3/model.safetensors")
+        plain("CHAI_LoadSTDiT3", "OpenSora-STDiT-v3/model.safetensors")
     with pytest.raises(FileNotFoundError, match="models/"):
-        NODES["CHAI_LoadTextEncoder"]().load("t5xxl_fp16.safetensors")
+        plain("CHAI_LoadTextEncoder", "t5xxl_fp16.safetensors")
     with pytest.raises(ValueError, match="dtype"):
-        NODES["CHAI_LoadSTDiT3"]().load(models.TINY, "float8")
+        plain("CHAI_LoadSTDiT3", models.TINY, "float8")
 
 
 def test_bundled_model_folders_are_listed(tmp_path, monkeypatch):
@@ -134,9 +162,9 @@ def test_bundled_model_folders_are_listed(tmp_path, monkeypatch):
 
 
 def test_prompt_list():
-    items, count = NODES["CHAI_PromptList"]().split("a fox in snow\n\n# comment\n  a fox at dusk  \n")
+    items, count = plain("CHAI_PromptList", "a fox in snow\n\n# comment\n  a fox at dusk  \n")
     assert items == ["a fox in snow", "a fox at dusk"] and count == 2
-    assert NODES["CHAI_PromptList"].OUTPUT_IS_LIST == (True, False)
+    assert node_info(NODES["CHAI_PromptList"])["output_is_list"] == [True, False]
     with pytest.raises(ValueError, match="empty"):
         parse_prompt_list("\n# only a comment\n")
 
@@ -150,61 +178,95 @@ def test_text_encode_shapes_and_errors(tiny):
     with pytest.raises(ValueError, match="empty"):
         encode(enc, "   ")
     with pytest.raises(TypeError, match="CHAI Load Text Encoder"):
-        NODES["CHAI_TextEncode"]().encode("not an encoder", "a fox")
+        plain("CHAI_TextEncode", "not an encoder", "a fox")
 
 
 def test_entity_extractor_shows_entities(tiny):
     cond = encode(tiny[2], "A red fox running through the snowy forest")
-    out = NODES["CHAI_EntityExtractor"]().extract(cond, "entity")
+    out = plain("CHAI_EntityExtractor", cond, "entity")
     ents, text = out["result"]
     assert isinstance(ents, ChaiEntities) and "red fox" in ents.entities
     assert out["ui"]["text"] == [text] and "red fox" in text
-    whole = NODES["CHAI_EntityExtractor"]().extract(cond, "prompt")["result"][0]
+    whole = plain("CHAI_EntityExtractor", cond, "prompt")["result"][0]
     assert whole.entities == ["a red fox running through the snowy forest"] and whole.mode == "prompt"
     with pytest.raises(TypeError, match="CHAI Text Encode"):
-        NODES["CHAI_EntityExtractor"]().extract("a fox", "entity")
+        plain("CHAI_EntityExtractor", "a fox", "entity")
 
 
 # ------------------------------------------------------------------------------ cache nodes
 
 
 def test_cache_node_validates_and_follows_generation(tmp_path):
-    node = NODES["CHAI_Cache"]()
     folder = str(tmp_path / "store")
-    assert NODES["CHAI_Cache"].IS_CHANGED(folder) == f"{tmp_path / 'store'}@None"  # nothing opened yet
-    handle, = node.open(folder, 8, "lru")
-    assert handle.path == (tmp_path / "store").resolve() and handle.store.config.budget_bytes == 8 << 20
-    assert NODES["CHAI_Cache"].IS_CHANGED(folder).endswith("@0")
-    assert node.open(folder, 16, "lru")[0] is handle and handle.store.config.budget_bytes == 16 << 20
-    reopened, = node.open(folder, 16, "fifo")
+    assert NODES["CHAI_Cache"].fingerprint_inputs(folder) == f"{tmp_path / 'store'}@None"  # nothing opened yet
+    handle = open_cache(folder, 8)
+    assert handle.path == str((tmp_path / "store").resolve()) and handle.store.config.budget_bytes == 8 << 20
+    assert NODES["CHAI_Cache"].fingerprint_inputs(folder).endswith("@0")
+    assert plain("CHAI_Cache", folder, 16, "lru")[0] is handle and handle.store.config.budget_bytes == 16 << 20
+    reopened, = plain("CHAI_Cache", folder, 16, "fifo")
     assert reopened.store.config.policy.value == "fifo"
     with pytest.raises(ValueError, match="budget_mb"):
-        node.open(folder, 0, "lru")
+        plain("CHAI_Cache", folder, 0, "lru")
     with pytest.raises(ValueError, match="policy"):
-        node.open(folder, 8, "random")
+        plain("CHAI_Cache", folder, 8, "random")
     with pytest.raises(ValueError, match="leaves"):
         registry.resolve_store_path("../../etc")
     with pytest.raises(ValueError, match="empty"):
         registry.resolve_store_path("  ")
 
 
+def test_a_missing_store_is_created_only_when_asked(tmp_path, monkeypatch):
+    """A mistyped store name must not silently start an empty store: only create_new (or the default
+    store name) creates one; the error names the node, the field, the path and what to do."""
+    root = tmp_path / "models"
+    monkeypatch.setattr(host, "models_root", lambda: root)
+    (root / "chai_cache" / "reference").mkdir(parents=True)
+    open_cache("reference", 8)  # an empty folder is started as a store
+    registry.close_all()
+    with pytest.raises(registry.StoreNotFoundError) as caught:
+        plain("CHAI_Cache", "refrence", 8, "lru")
+    message = str(caught.value)
+    assert message.startswith("CHAI Cache: folder 'refrence': there is no CHAI store at ")
+    assert str(root / "chai_cache" / "refrence") in message and "create_new" in message
+    assert not (root / "chai_cache" / "refrence").exists()
+    typo_abs = tmp_path / "stores" / "nope"
+    with pytest.raises(registry.StoreNotFoundError, match=f"no CHAI store at {typo_abs}"):
+        plain("CHAI_Cache", str(typo_abs), 8, "lru")
+    assert not (tmp_path / "stores").exists()
+    default, = plain("CHAI_Cache", registry.DEFAULT_STORE_NAME, 8, "lru")  # the default store: created on first use
+    assert default.path == str(root / "chai_cache" / "default") and len(default.store) == 0
+    deep = open_cache(tmp_path / "new" / "deeper" / "store", 8)  # asked for: its folders are made
+    assert Path(deep.path).is_dir() and (Path(deep.path) / "chai-store.json").is_file()
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        if os.access(tmp_path / "ro", os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root): no unwritable folder to test with")
+        with pytest.raises(Exception) as caught:
+            plain("CHAI_Cache", str(tmp_path / "ro" / "sub" / "store"), 8, "lru", create_new=True)
+        assert str(caught.value).startswith("CHAI Cache: folder ") and "[Errno" not in str(caught.value)
+        assert "cannot create the store folder" in str(caught.value)
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+
+
 def test_cache_attention_settings():
-    settings, = NODES["CHAI_CacheAttentionSettings"]().build("2, 3", 0, "concat", "both", "per_entity", 2, "float32")
+    settings, = plain("CHAI_CacheAttentionSettings", "2, 3", 0, "concat", "both", "per_entity", 2, "float32")
     assert settings == {"cache_steps": (2, 3), "block_index": 0, "mode": "concat", "branches": "both",
                         "fusion": "per_entity", "max_fused": 2, "capture_dtype": "float32"}
     assert parse_cache_steps("none") == ()
     with pytest.raises(ValueError, match="comma-separated"):
         parse_cache_steps("two,three")
     with pytest.raises(ValueError, match="cache_steps"):
-        NODES["CHAI_CacheAttentionSettings"]().build("3,2")
+        plain("CHAI_CacheAttentionSettings", "3,2")
 
 
 # ------------------------------------------------------------------------------ the request path
 
 
 def test_miss_then_hit_in_the_same_store(tiny, tmp_path):
-    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
-    before = NODES["CHAI_Cache"].IS_CHANGED(str(tmp_path / "store"))
+    cache = open_cache(tmp_path / "store", 64)
+    before = NODES["CHAI_Cache"].fingerprint_inputs(str(tmp_path / "store"))
 
     lk1, out1 = run_prompt(tiny, cache, "a red fox running through snow")
     assert lk1["result"][1:] == (False, "", 0.0)  # empty store: a miss, nothing matched
@@ -215,7 +277,7 @@ def test_miss_then_hit_in_the_same_store(tiny, tmp_path):
     assert report.startswith("miss") and "stored as entry #1" in report and "6 steps" in report
     assert out1["ui"]["chai_run"][0]["inserted_entry_id"] == 1
     assert len(cache.store) == 1
-    assert NODES["CHAI_Cache"].IS_CHANGED(str(tmp_path / "store")) != before  # the insert bumps the generation
+    assert NODES["CHAI_Cache"].fingerprint_inputs(str(tmp_path / "store")) != before  # the insert bumps the generation
 
     lk2, out2 = run_prompt(tiny, cache, "a red fox sleeping in a pine forest", seed=2)
     lookup, hit, matched, similarity = lk2["result"]
@@ -231,31 +293,31 @@ def test_miss_then_hit_in_the_same_store(tiny, tmp_path):
     assert (stats.hits, stats.misses, stats.lookups) == (1, 1, 2)  # the lookup node's preview is not counted
     assert stats.last_lookups[0]["matched"] == "red fox" and stats.last_lookups[0]["hit"] is True
 
-    frames, fps = NODES["CHAI_VAEDecode"]().decode(latent2, tiny[1])
+    frames, fps = plain("CHAI_VAEDecode", latent2, tiny[1])
     assert frames.shape == (17, 32, 32, 3) and frames.dtype == torch.float32 and fps == 24.0
     assert float(frames.min()) >= 0.0 and float(frames.max()) <= 1.0
 
-    panel = NODES["CHAI_CacheState"]().show([cache], after=[latent, latent2])
+    panel = plain("CHAI_CacheState", [cache], after=[latent, latent2])
     payload = panel["ui"]["chai_stats"][0]
     assert payload["id"] == cache.id and payload["stats"]["entries"] == 1 and payload["stats"]["hit_rate"] == 0.5
     assert payload["last_run"]["hit"] is True and 0.0 < payload["fill"] < 1.0
     assert panel["result"][0] == panel["ui"]["text"][0] and "hit rate 50.0%" in panel["result"][0]
-    assert math.isnan(NODES["CHAI_CacheState"].IS_CHANGED(cache=None))
+    assert math.isnan(NODES["CHAI_CacheState"].fingerprint_inputs(cache=None))
 
 
 def test_batch_prompt_hits_an_entry_stored_after_its_lookup_ran(tiny, tmp_path):
     """ComfyUI runs a list node by node: every lookup runs before any sample. The sampler must
     therefore look up again when it samples, so prompt 2 hits the entry prompt 1 just stored."""
     model, _vae, enc = tiny
-    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
+    cache = open_cache(tmp_path / "store", 64)
     prompts = ["a golden retriever on a beach", "a golden retriever in a lake"]
     conds = [encode(enc, p) for p in prompts]
-    lookups = [NODES["CHAI_CacheLookup"]().lookup(
-        cache, NODES["CHAI_EntityExtractor"]().extract(c, "entity")["result"][0], 0.72) for c in conds]
+    lookups = [plain("CHAI_CacheLookup", 
+        cache, plain("CHAI_EntityExtractor", c, "entity")["result"][0], 0.72) for c in conds]
     assert [lk["result"][1] for lk in lookups] == [False, False]  # previews: the store was empty
     modes = []
     for cond, lk in zip(conds, lookups):
-        out = NODES["CHAI_Sampler"]().sample(model, cond, 3, **SMALL, mode="auto", store_on_miss=True,
+        out = sample(model, cond, 3, **SMALL, mode="auto", store_on_miss=True,
                                              lookup=lk["result"][0])
         modes.append(out["result"][0]["chai"]["mode"])
     assert modes == ["full", "fast"]
@@ -264,54 +326,53 @@ def test_batch_prompt_hits_an_entry_stored_after_its_lookup_ran(tiny, tmp_path):
 def test_modes_without_cache(tiny):
     model, vae, enc = tiny
     cond = encode(enc, "a lighthouse at night")
-    full = NODES["CHAI_Sampler"]().sample(model, cond, 5, **SMALL, mode="full", store_on_miss=True)
-    fast = NODES["CHAI_Sampler"]().sample(model, cond, 5, **SMALL, mode="plain_fast", store_on_miss=True)
-    again = NODES["CHAI_Sampler"]().sample(model, cond, 5, **SMALL, mode="full", store_on_miss=True)
+    full = sample(model, cond, 5, **SMALL, mode="full", store_on_miss=True)
+    fast = sample(model, cond, 5, **SMALL, mode="plain_fast", store_on_miss=True)
+    again = sample(model, cond, 5, **SMALL, mode="full", store_on_miss=True)
     assert full["result"][0]["chai"]["mode"] == "full" and fast["result"][0]["chai"]["mode"] == "plain_fast"
     assert torch.equal(full["result"][0]["samples"], again["result"][0]["samples"])  # seeded: reproducible
     assert "chai_stats" not in full["ui"]  # no store involved
-    assert NODES["CHAI_Sampler"].IS_CHANGED(mode=["full"]) == ("",)  # ComfyUI passes lists (PROMPT_BATCH)
+    assert NODES["CHAI_Sampler"].fingerprint_inputs(mode=["full"]) == ("",)  # ComfyUI passes lists (PROMPT_BATCH)
 
 
 def test_sampler_input_errors(tiny, tmp_path):
     model, vae, enc = tiny
     cond = encode(enc, "a red fox")
-    sampler = NODES["CHAI_Sampler"]()
     with pytest.raises(TypeError, match="CHAI Load STDiT3"):
-        sampler.sample("model", cond, 1, **SMALL)
+        sample("model", cond, 1, **SMALL)
     with pytest.raises(TypeError, match="CHAI Text Encode"):
-        sampler.sample(model, "a red fox", 1, **SMALL)
+        sample(model, "a red fox", 1, **SMALL)
     wide = ChaiConditioning("a red fox", torch.zeros(1, 1, 300, 4096), torch.ones(1, 300, dtype=torch.int64), "t5", "T5")
     with pytest.raises(ValueError, match="300-token, 4096-wide.*24 tokens, 64 wide"):
-        sampler.sample(model, wide, 1, **SMALL)
+        sample(model, wide, 1, **SMALL)
     with pytest.raises(ValueError, match="both height and width"):
-        sampler.sample(model, cond, 1, **dict(SMALL, width=0))
+        sample(model, cond, 1, **dict(SMALL, width=0))
     with pytest.raises(ValueError, match="17"):
-        sampler.sample(model, cond, 1, **dict(SMALL, num_frames=5))
+        sample(model, cond, 1, **dict(SMALL, num_frames=5))
     with pytest.raises(ValueError, match="mode"):
-        sampler.sample(model, cond, 1, **SMALL, mode="turbo")
-    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "s"), 8, "lru")
-    other = NODES["CHAI_EntityExtractor"]().extract(encode(enc, "a blue whale"), "entity")["result"][0]
-    lk = NODES["CHAI_CacheLookup"]().lookup(cache, other, 0.72)["result"][0]
+        sample(model, cond, 1, **SMALL, mode="turbo")
+    cache = open_cache(tmp_path / "s", 8)
+    other = plain("CHAI_EntityExtractor", encode(enc, "a blue whale"), "entity")["result"][0]
+    lk = plain("CHAI_CacheLookup", cache, other, 0.72)["result"][0]
     with pytest.raises(ValueError, match="same CHAI Text Encode"):
-        sampler.sample(model, cond, 1, **SMALL, lookup=lk)
+        sample(model, cond, 1, **SMALL, lookup=lk)
     with pytest.raises(ValueError, match="cache_steps"):
-        sampler.sample(model, cond, 1, **dict(SMALL, fast_steps=2), lookup=None,
+        sample(model, cond, 1, **dict(SMALL, fast_steps=2), lookup=None,
                        settings={"cache_steps": (2, 3, 4)})
     assert len(cache.store) == 0
 
 
 def test_decode_errors(tiny):
     with pytest.raises(ValueError, match="metadata"):
-        NODES["CHAI_VAEDecode"]().decode({"samples": torch.zeros(1, 4, 5, 4, 4)}, tiny[1])
+        plain("CHAI_VAEDecode", {"samples": torch.zeros(1, 4, 5, 4, 4)}, tiny[1])
     with pytest.raises(TypeError, match="LATENT"):
-        NODES["CHAI_VAEDecode"]().decode(torch.zeros(1, 4, 5, 4, 4), tiny[1])
+        plain("CHAI_VAEDecode", torch.zeros(1, 4, 5, 4, 4), tiny[1])
     latent = {"samples": torch.zeros(1, 4, 5, 4, 4), "chai": {"num_frames": 17, "fps": 24}}
     with pytest.raises(ValueError, match="needs a VAE"):
-        NODES["CHAI_VAEDecode"]().decode(latent, None)
+        plain("CHAI_VAEDecode", latent, None)
     pixels = {"samples": torch.linspace(-2, 2, 3 * 8 * 4 * 4).reshape(1, 3, 8, 4, 4),
               "chai": {"num_frames": 8, "fps": 24, "space": "pixels"}}
-    frames, fps = NODES["CHAI_VAEDecode"]().decode(pixels)
+    frames, fps = plain("CHAI_VAEDecode", pixels)
     assert frames.shape == (8, 4, 4, 3) and float(frames.min()) == 0.0 and float(frames.max()) == 1.0
     assert torch.allclose(frames[0, 0, 0], (pixels["samples"][0, :, 0, 0, 0].clamp(-1, 1) + 1) / 2)
 
@@ -321,7 +382,7 @@ def test_decode_errors(tiny):
 
 def test_stats_route_serves_only_open_stores(tmp_path):
     assert routes.stats_response(None) == (200, {"stores": []})
-    handle, = NODES["CHAI_Cache"]().open(str(tmp_path / "a"), 8, "lru")
+    handle = open_cache(tmp_path / "a", 8)
     status, body = routes.stats_response(None)
     assert status == 200 and [s["id"] for s in body["stores"]] == [handle.id]
     status, body = routes.stats_response(handle.id)
@@ -409,17 +470,19 @@ def _fake_comfy(monkeypatch, interrupt_after=None, cancel_after=None, executing=
     return calls
 
 
-def comfy_call(node_id, **inputs):
-    """Call a node the way ComfyUI does: through the registered class's FUNCTION (nodes/adapter.py)."""
-    cls = NODES[node_id]
-    return getattr(cls(), cls.FUNCTION)(**inputs)
+def comfy_call(node_id, unique_id=None, **inputs):
+    """Call a node the way ComfyUI does: ``execute`` on a class clone that carries the hidden inputs
+    (``cls.hidden.unique_id``), keyword inputs (lists for list nodes); returns ``{"result": outputs}``
+    plus ``"ui"`` when the node kept display data (outside a running node)."""
+    out = NODES[node_id].PREPARE_CLASS_CLONE({io.Hidden.unique_id: unique_id}).execute(**inputs)
+    return {"result": tuple(out.args), **({"ui": out.ui} if out.ui else {})}
 
 
 def test_comfyui_progress_placement_and_event(tmp_path, monkeypatch):
     calls = _fake_comfy(monkeypatch)
-    model, = NODES["CHAI_LoadSTDiT3"]().load(models.TINY)  # a fresh model: placement state is per model
-    enc, = NODES["CHAI_LoadTextEncoder"]().load(models.TINY_HASHED)
-    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
+    model, = plain("CHAI_LoadSTDiT3", models.TINY)  # a fresh model: placement state is per model
+    enc, = plain("CHAI_LoadTextEncoder", models.TINY_HASHED)
+    cache = open_cache(tmp_path / "store", 64)
     _lk, out = run_prompt((model, None, enc), cache, "a red fox running through snow", mode="auto")
     bar, = calls["bars"]
     assert bar.total == 6 and bar.values == [1, 2, 3, 4, 5, 6] and bar.node_id is None
@@ -439,9 +502,9 @@ def test_comfyui_progress_placement_and_event(tmp_path, monkeypatch):
 
 def test_comfyui_cancel_stores_nothing(tmp_path, monkeypatch):
     _fake_comfy(monkeypatch, interrupt_after=3)
-    model, = NODES["CHAI_LoadSTDiT3"]().load(models.TINY)
-    enc, = NODES["CHAI_LoadTextEncoder"]().load(models.TINY_HASHED)
-    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
+    model, = plain("CHAI_LoadSTDiT3", models.TINY)
+    enc, = plain("CHAI_LoadTextEncoder", models.TINY_HASHED)
+    cache = open_cache(tmp_path / "store", 64)
     generation = cache.store.generation
     with pytest.raises(_Interrupt):
         run_prompt((model, None, enc), cache, "a red fox running through snow")
@@ -453,16 +516,16 @@ def test_cancel_flag_outside_progress_stops_sampling(tmp_path, monkeypatch):
     monkeypatch.setattr(host, "interrupted", lambda: True)
     from comfyui_chai.opensora.rflow import SamplingCancelled
 
-    model, = NODES["CHAI_LoadSTDiT3"]().load(models.TINY)
-    enc, = NODES["CHAI_LoadTextEncoder"]().load(models.TINY_HASHED)
-    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
-    with pytest.raises(SamplingCancelled):  # outside ComfyUI the pipeline's own exception surfaces
-        run_prompt((model, None, enc), cache, "a red fox")
+    model, = plain("CHAI_LoadSTDiT3", models.TINY)
+    enc, = plain("CHAI_LoadTextEncoder", models.TINY_HASHED)
+    cache = open_cache(tmp_path / "store", 64)
+    with pytest.raises(SamplingCancelled, match=r"^CHAI Sampler: sampling cancelled before step 1"):
+        run_prompt((model, None, enc), cache, "a red fox")  # outside ComfyUI: the pipeline's exception, named
     assert len(cache.store) == 0
 
 
 def test_errors_name_the_node_by_its_display_name(tmp_path):
-    with pytest.raises(ValueError, match=r"^CHAI Cache: the cache folder is empty"):
+    with pytest.raises(ValueError, match=r"^CHAI Cache: folder is empty: give a store name"):
         comfy_call("CHAI_Cache", folder="  ", budget_mb=64, policy="lru")
     with pytest.raises(TypeError, match=r"^CHAI Cache Lookup: cache must come from a CHAI Cache node"):
         comfy_call("CHAI_CacheLookup", cache="x", entities=None, threshold=0.72)
@@ -471,8 +534,17 @@ def test_errors_name_the_node_by_its_display_name(tmp_path):
         def __init__(self, code, detail):
             super().__init__(code, detail)
 
-    renamed = adapter.named_error(TwoArgs(2, "no such file"), "CHAI Cache")
-    assert type(renamed) is RuntimeError and str(renamed) == "CHAI Cache: TwoArgs: (2, 'no such file')"
+    class OwnMessage(Exception):
+        def __str__(self):
+            return "built elsewhere"
+
+    renamed = adapter.named_error(TwoArgs(2, "no such file"), "CHAI Cache")  # the type is kept
+    assert type(renamed) is TwoArgs and str(renamed) == "CHAI Cache: (2, 'no such file')"
+    budget = adapter.named_error(BudgetError("would evict 2 entries", 2, 3, 2, 1), "CHAI Cache")
+    assert type(budget) is BudgetError and str(budget) == "CHAI Cache: would evict 2 entries"
+    assert (budget.budget_bytes, budget.evict_entries) == (2, 2)  # its attributes too
+    renamed = adapter.named_error(OwnMessage(), "CHAI Cache")
+    assert type(renamed) is RuntimeError and str(renamed) == "CHAI Cache: OwnMessage: built elsewhere"
     same = ValueError("CHAI Cache: already named")
     assert adapter.named_error(same, "CHAI Cache") is same
 
@@ -485,12 +557,12 @@ def test_batch_mapping_follows_comfyui_list_rule():
     with pytest.raises(TypeError, match="must arrive as a list"):
         list(adapter.map_lists({"prompt": "a"}))
     sampler = NODES["CHAI_Sampler"]
-    assert sampler.INPUT_IS_LIST is True and sampler.OUTPUT_IS_LIST == (True, True)
-    # ComfyUI asks IS_CHANGED with literals only: a linked input arrives as (None,). The answer must
-    # be a plain, repeatable value, or ComfyUI re-runs the sampler on every queue.
-    asked = dict(model=(None,), conditioning=(None,), lookup=(None,), seed=[42], mode=["chai"], unique_id=["8"])
-    assert sampler.IS_CHANGED(**asked) == sampler.IS_CHANGED(**asked) == ("",)  # no store open here
-    assert not hasattr(NODES["CHAI_Cache"], "INPUT_IS_LIST")  # only PROMPT_BATCH nodes take lists whole
+    assert sampler.GET_SCHEMA().is_input_list is True and node_info(sampler)["output_is_list"] == [True, True]
+    # ComfyUI asks fingerprint_inputs with literals only: a linked input arrives as (None,). The answer
+    # must be a plain, repeatable value, or ComfyUI re-runs the sampler on every queue.
+    asked = dict(model=(None,), conditioning=(None,), lookup=(None,), seed=[42], mode=["chai"])
+    assert sampler.fingerprint_inputs(**asked) == sampler.fingerprint_inputs(**asked) == ("",)  # no store open here
+    assert not NODES["CHAI_Cache"].GET_SCHEMA().is_input_list  # only batch nodes take lists whole
 
 
 def test_node_display_data_goes_to_the_page_not_into_the_history(tiny, monkeypatch):
@@ -502,7 +574,8 @@ def test_node_display_data_goes_to_the_page_not_into_the_history(tiny, monkeypat
     (event, data, sid), = calls["events"]
     assert (event, sid) == (adapter.UI_EVENT, None)
     assert data == {"node": "5", "prompt_id": "prompt-1", "ui": {"text": ["red fox, snow"]}}
-    outside = NODES["CHAI_EntityExtractor"]().extract(encode(tiny[2], "a red fox in snow"), "entity")
+    monkeypatch.undo()
+    outside = plain("CHAI_EntityExtractor", encode(tiny[2], "a red fox in snow"), "entity")
     assert outside["ui"] == {"text": ["red fox, snow"]}  # called directly, the node keeps its ui
 
 
@@ -510,17 +583,19 @@ def _batch_inputs(tiny, cache, prompts, seed=3):
     """ComfyUI's lists for the sampler of a batch (every prompt's conditioning and lookup)."""
     model, _vae, enc = tiny
     conds = [encode(enc, p) for p in prompts]
-    lookups = [NODES["CHAI_CacheLookup"]().lookup(
-        cache, NODES["CHAI_EntityExtractor"]().extract(c, "entity")["result"][0], 0.72)["result"][0] for c in conds]
+    entities = [NODES["CHAI_EntityExtractor"].execute(c, "entity").args[0] for c in conds]
+    lookups = [NODES["CHAI_CacheLookup"].execute(cache, e, 0.72).args[0] for e in entities]
     return dict({k: [v] for k, v in SMALL.items()}, model=[model], conditioning=conds, lookup=lookups, seed=[seed],
-                mode=["auto"], store_on_miss=[True], unique_id=["8"])
+                mode=["auto"], store_on_miss=[True])
 
 
 def test_batch_progress_prompt_k_of_n_and_one_bar_for_the_whole_batch(tiny, tmp_path, monkeypatch):
     calls = _fake_comfy(monkeypatch, executing=("prompt-1", "8"))
-    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
+    cache = open_cache(tmp_path / "store", 64)
     prompts = ["a red fox running through snow", "a red fox sleeping in a forest", "a lighthouse at night"]
-    out = comfy_call("CHAI_Sampler", **_batch_inputs(tiny, cache, prompts))
+    inputs = _batch_inputs(tiny, cache, prompts)
+    del calls["events"][:]  # the extractor's and lookup's display data
+    out = comfy_call("CHAI_Sampler", unique_id="8", **inputs)
     latents, reports = out["result"]
     assert len(latents) == len(reports) == 3 and "ui" not in out
     assert [lat["chai"]["mode"] for lat in latents] == ["full", "fast", "full"]
@@ -543,12 +618,12 @@ def test_batch_progress_prompt_k_of_n_and_one_bar_for_the_whole_batch(tiny, tmp_
 def test_interrupt_in_a_batch_stops_at_once_and_keeps_the_store(tiny, tmp_path, monkeypatch):
     """POST /interrupt during prompt 2 of 3: no further step runs, prompt 3 never starts, and the
     store holds exactly what prompt 1 stored before (prompt 2's capture is dropped)."""
-    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
+    cache = open_cache(tmp_path / "store", 64)
     prompts = ["a red fox running through snow", "a lighthouse at night", "a golden retriever on a beach"]
     inputs = _batch_inputs(tiny, cache, prompts)
     calls = _fake_comfy(monkeypatch, cancel_after=6 + 2, executing=("prompt-1", "8"))  # prompt 1: 6 steps
     with pytest.raises(_Interrupt) as caught:
-        comfy_call("CHAI_Sampler", **inputs)
+        comfy_call("CHAI_Sampler", unique_id="8", **inputs)
     assert str(caught.value) == ""  # Cancel is ComfyUI's exception, unchanged (not an error with a name)
     *progress, cancelled = [d for e, d, _sid in calls["events"] if e == host.PROGRESS_EVENT]
     assert [(d["index"], d["step"]) for d in progress][-1] == (1, 2) and len(progress) == 8  # no step after it
@@ -562,9 +637,9 @@ def test_cancel_in_the_middle_of_a_step_stops_before_the_next_block(tmp_path, mo
     """A denoising step can take seconds (a big model, a busy CPU): Cancel is checked before every
     transformer block, so the sampler stops inside the step, and stores nothing."""
     calls = _fake_comfy(monkeypatch)
-    model, = NODES["CHAI_LoadSTDiT3"]().load(models.TINY)
-    enc, = NODES["CHAI_LoadTextEncoder"]().load(models.TINY_HASHED)
-    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
+    model, = plain("CHAI_LoadSTDiT3", models.TINY)
+    enc, = plain("CHAI_LoadTextEncoder", models.TINY_HASHED)
+    cache = open_cache(tmp_path / "store", 64)
     blocks = [*model.module.spatial_blocks, *model.module.temporal_blocks]  # 4 blocks run per step
     ran = []
 
@@ -677,15 +752,15 @@ def test_weights_from_comfyui_model_folders(tmp_path, monkeypatch):
     assert "mini-stdit/model.safetensors" not in models.vae_choices()
     assert "t5xxl_fp16.safetensors" in models.text_encoder_choices()
 
-    model, = NODES["CHAI_LoadSTDiT3"]().load("mini-stdit/model.safetensors", "float32")
+    model, = plain("CHAI_LoadSTDiT3", "mini-stdit/model.safetensors", "float32")
     assert model.fingerprint.startswith("stdit3-") and model.size_dtype == torch.bfloat16
     for key, value in source.state_dict().items():
         assert torch.equal(model.module.state_dict()[key], value), key
-    enc, = NODES["CHAI_LoadTextEncoder"]().load("t5xxl_fp16.safetensors", "float32")
+    enc, = plain("CHAI_LoadTextEncoder", "t5xxl_fp16.safetensors", "float32")
     assert enc.fingerprint.startswith("t5:")
     cond = encode(enc, "a red fox running through snow")
     assert cond.y.shape == (1, 1, 300, 32) and int(cond.mask.sum()) > 3
     with pytest.raises(ValueError, match="300-token, 32-wide.*24 tokens, 64 wide"):
-        NODES["CHAI_Sampler"]().sample(model, cond, 1, **SMALL)
+        sample(model, cond, 1, **SMALL)
     with pytest.raises(FileNotFoundError, match="models/opensora"):
-        NODES["CHAI_LoadVAE"]().load("OpenSora-VAE-v1.2/model.safetensors")
+        plain("CHAI_LoadVAE", "OpenSora-VAE-v1.2/model.safetensors")

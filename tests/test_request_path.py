@@ -173,11 +173,12 @@ def test_a_new_mode_is_one_class_and_one_registration(parts, store, tmp_path):
         assert progress == [4] * 4 and len(store) == 0  # nothing looked up or stored
         # The same through the command line's --mode and the ComfyUI node's list.
         from comfyui_chai.cli import build_parser
-        from comfyui_chai.nodes import NODE_CLASS_MAPPINGS
+        from comfyui_chai.nodes import NODES
+        from comfyui_chai.nodes.comfy_v3 import node_info
 
         args = build_parser().parse_args(["generate", "--prompts", "p", "--out", "o", "--store", "s", "--mode", "toyhalf"])
         assert args.mode == "toyhalf"
-        node_modes = NODE_CLASS_MAPPINGS["CHAI_Sampler"].INPUT_TYPES()["required"]["mode"][0]
+        node_modes = node_info(NODES["CHAI_Sampler"])["input"]["required"]["mode"][1]["options"]
         assert {"chai", "full", "plain", "warm", "toyhalf", "auto", "plain_fast"} <= set(node_modes)
         # Mode specs: a step count sets the mode's own schedule field; +hook attaches a registered hook.
         spec = M.parse_mode_spec("toyhalf6+doubler")
@@ -233,14 +234,27 @@ def test_a_request_extracts_and_embeds_once(parts, store):
 
 
 def _tiny_nodes(monkeypatch):
-    from comfyui_chai.nodes import NODE_CLASS_MAPPINGS as NODES
     from comfyui_chai.nodes import models, registry
 
     monkeypatch.setattr(registry, "_EXTRACTORS", {"entity": CountingExtractor()})
     monkeypatch.setattr(registry, "_EMBEDDERS", {"default": CountingEmbedder()})
-    model, = NODES["CHAI_LoadSTDiT3"]().load(models.TINY)
-    enc, = NODES["CHAI_LoadTextEncoder"]().load(models.TINY_HASHED)
-    return NODES, registry, model, enc
+    model, = _node("CHAI_LoadSTDiT3", models.TINY)["result"]
+    enc, = _node("CHAI_LoadTextEncoder", models.TINY_HASHED)["result"]
+    return registry, model, enc
+
+
+def _node(node_id, *args, **kwargs):
+    """A CHAI node's ``execute`` called directly: ``{"result": outputs, "ui": display data or None}``."""
+    from comfyui_chai.nodes import NODES
+
+    out = NODES[node_id].execute(*args, **kwargs)
+    return {"result": tuple(out.args), "ui": out.ui}
+
+
+def _sample(*args, **kwargs):
+    """The CHAI Sampler on one prompt (it takes ComfyUI's lists whole), its outputs unwrapped."""
+    out = _node("CHAI_Sampler", *[[a] for a in args], **{k: [v] for k, v in kwargs.items()})
+    return {"result": tuple(values[0] for values in out["result"]), "ui": out["ui"]}
 
 
 SMALL = dict(resolution="144p", aspect_ratio="9:16", num_frames=17, height=32, width=32, steps=6, fast_steps=4, cfg=7.0)
@@ -252,14 +266,14 @@ def test_comfyui_request_extracts_once_embeds_once_and_the_lookup_never_contradi
     Entity Extractor extracts once per prompt, the Cache Lookup embeds once, the Sampler reuses both; the
     Lookup node shows a preview that names the Sampler as the judge, and the Sampler names its verdict
     per prompt (hit or miss, matched entity, similarity, steps, ms)."""
-    NODES, registry, model, enc = _tiny_nodes(monkeypatch)
+    registry, model, enc = _tiny_nodes(monkeypatch)
     CountingExtractor.calls = CountingEmbedder.calls = 0
     try:
-        cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
+        cache, = _node("CHAI_Cache", str(tmp_path / "store"), 64, "lru", create_new=True)["result"]
         prompts = ["a red fox, deep snow", "red fox, a river", "a blue whale, open sea"]
-        conds = [NODES["CHAI_TextEncode"]().encode(enc, p)[0] for p in prompts]
-        ents = [NODES["CHAI_EntityExtractor"]().extract(c, "entity")["result"][0] for c in conds]
-        looks = [NODES["CHAI_CacheLookup"]().lookup(cache, e, 0.72) for e in ents]
+        conds = [_node("CHAI_TextEncode", enc, p)["result"][0] for p in prompts]
+        ents = [_node("CHAI_EntityExtractor", c, "entity")["result"][0] for c in conds]
+        looks = [_node("CHAI_CacheLookup", cache, e, 0.72) for e in ents]
         assert (CountingExtractor.calls, CountingEmbedder.calls) == (3, 3)
         texts = [lk["ui"]["text"][0] for lk in looks]
         assert all(t.startswith("preview: nothing comparable stored yet") and "CHAI Sampler decides" in t
@@ -267,8 +281,7 @@ def test_comfyui_request_extracts_once_embeds_once_and_the_lookup_never_contradi
         assert not any(re.search(r"\b(hit|miss)\b:", t) for t in texts)  # no verdict a sampler could contradict
         reports = []
         for cond, lk in zip(conds, looks):
-            out = NODES["CHAI_Sampler"]().sample(model, cond, 3, **SMALL, mode="chai", store_on_miss=True,
-                                                 lookup=lk["result"][0])
+            out = _sample(model, cond, 3, **SMALL, mode="chai", store_on_miss=True, lookup=lk["result"][0])
             reports.append(out["result"][1])
         assert (CountingExtractor.calls, CountingEmbedder.calls) == (3, 3)  # the sampler reused the queries
         assert reports[0].startswith("miss") and "stored as entry #1" in reports[0]
@@ -277,7 +290,7 @@ def test_comfyui_request_extracts_once_embeds_once_and_the_lookup_never_contradi
         for prompt, report in zip(prompts, reports):
             assert f'prompt "{prompt}"' in report and re.search(r"total \d+ ms", report)
         # a Lookup node run now (the store holds the fox) previews the match, still naming the sampler
-        again = NODES["CHAI_CacheLookup"]().lookup(cache, ents[1], 0.72)
+        again = _node("CHAI_CacheLookup", cache, ents[1], 0.72)
         assert re.match(r"preview: 'red fox' ~ 'a red fox' similarity 0\.\d{3}, above", again["ui"]["text"][0])
         assert again["result"][1] is True
     finally:
@@ -286,14 +299,16 @@ def test_comfyui_request_extracts_once_embeds_once_and_the_lookup_never_contradi
 
 def test_the_models_cfg_reaches_the_comfyui_sampler(tmp_path, monkeypatch):
     """cfg 0 and steps 0 on the Sampler mean the model's own (its config.json); a number given wins."""
-    NODES, registry, _model, _enc = _tiny_nodes(monkeypatch)
+    _registry, _model, _enc = _tiny_nodes(monkeypatch)
+    from comfyui_chai.nodes import NODES
+    from comfyui_chai.nodes.comfy_v3 import node_info
     from comfyui_chai.nodes.models import bundled_models
     from comfyui_chai.pipeline import ChaiPipeline as Pipe
 
     name = next(n for n, f in bundled_models().items() if f.name == "reference_v1")
-    model, = NODES["CHAI_LoadSTDiT3"]().load(name)
-    enc, = NODES["CHAI_LoadTextEncoder"]().load(name)
-    cond = NODES["CHAI_TextEncode"]().encode(enc, "a red circle sliding left on a black background")[0]
+    model, = _node("CHAI_LoadSTDiT3", name)["result"]
+    enc, = _node("CHAI_LoadTextEncoder", name)["result"]
+    cond = _node("CHAI_TextEncode", enc, "a red circle sliding left on a black background")["result"][0]
     used = []
     real = Pipe.generate
 
@@ -302,11 +317,10 @@ def test_the_models_cfg_reaches_the_comfyui_sampler(tmp_path, monkeypatch):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Pipe, "generate", spy)
-    sampler = NODES["CHAI_Sampler"]()
-    spec = sampler.INPUT_TYPES()["required"]
+    spec = node_info(NODES["CHAI_Sampler"])["input"]["required"]
     assert spec["cfg"][1]["default"] == 0.0 and spec["steps"][1]["default"] == 0
-    sampler.sample(model, cond, 1, "144p", "9:16", 0, 0, 0, 0, 2, 0.0, "plain")
-    sampler.sample(model, cond, 1, "144p", "9:16", 0, 0, 0, 0, 2, 4.0, "plain")
+    _sample(model, cond, 1, "144p", "9:16", 0, 0, 0, 0, 2, 0.0, "plain")
+    _sample(model, cond, 1, "144p", "9:16", 0, 0, 0, 0, 2, 4.0, "plain")
     config = json.loads((bundled_models()[name] / "config.json").read_text())
     assert used[0].schedule.cfg_scale == config["sampler"]["cfg_scale"] != 7.0
     assert used[0].schedule.full_steps == config["sampler"]["num_sampling_steps"]

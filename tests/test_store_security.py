@@ -608,12 +608,12 @@ def test_the_cache_node_refuses_a_budget_that_would_evict(tmp_path):
             store.put(big, [f"e{i}"], unit_vectors(np.random.default_rng(i), 1), "k", f"p{i}")
     try:
         with pytest.raises(BudgetError, match="would evict 2 entries"):
-            CHAICache().open(str(folder), budget_mb=2, policy="lru")
+            CHAICache.execute(str(folder), budget_mb=2, policy="lru")
         assert len(manifest_rows(folder, "SELECT id FROM entries")) == 3
-        (handle,) = CHAICache().open(str(folder), budget_mb=2, policy="lru", evict_to_fit=True)
+        (handle,) = CHAICache.execute(str(folder), budget_mb=2, policy="lru", evict_to_fit=True).args
         assert len(handle.store) == 1 and handle.store.config.budget_bytes == 2 << 20
         with pytest.raises(BudgetError):  # an open store: set_budget refuses the same way
-            CHAICache().open(str(folder), budget_mb=1, policy="lru")
+            CHAICache.execute(str(folder), budget_mb=1, policy="lru")
         assert len(handle.store) == 1
     finally:
         registry.close_all()
@@ -838,9 +838,10 @@ def test_someones_folder_is_byte_identical_after_every_command_and_node(tmp_path
         assert code == 2 and "not a CHAI" in err and "Traceback" not in err, (argv, err)
         assert tree(folder) == before, f"`{' '.join(argv)}` changed the folder"
     for name in (str(folder), str(folder) + "/"):
-        assert CHAICache.IS_CHANGED(name).endswith("@None")
-        with pytest.raises(StoreError, match="not a CHAI"):
-            CHAICache().open(name, budget_mb=1, policy="lfu", evict_to_fit=True)
+        assert CHAICache.fingerprint_inputs(name).endswith("@None")
+        for create_new in (False, True):
+            with pytest.raises(StoreError, match="not a CHAI"):
+                CHAICache.execute(name, budget_mb=1, policy="lfu", evict_to_fit=True, create_new=create_new)
         assert registry.peek_generation(folder) is None
         assert tree(folder) == before, "a node changed the folder"
     for call in (lambda: LatentStore(folder), lambda: read_stats(folder)):

@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfyui_chai.nodes import NODE_CLASS_MAPPINGS as NODES
-from comfyui_chai.nodes import models, registry
+from comfyui_chai.nodes import NODES, models, registry
+from comfyui_chai.nodes.comfy_v3 import io, node_info
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 API_WORKFLOWS = WORKFLOWS / "api"
@@ -79,12 +79,9 @@ def definition(class_type: str) -> dict:
         return CORE_NODES[class_type]
     if class_type not in NODES:
         raise KeyError(class_type)
-    cls = NODES[class_type]
-    spec = cls.INPUT_TYPES()
-    return {"input": {k: {n: list(v) for n, v in spec.get(k, {}).items()} for k in ("required", "optional")},
-            "output": list(cls.RETURN_TYPES),
-            "output_is_list": list(getattr(cls, "OUTPUT_IS_LIST", [False] * len(cls.RETURN_TYPES))),
-            "output_node": bool(getattr(cls, "OUTPUT_NODE", False))}
+    info = node_info(NODES[class_type])
+    return {"input": {k: info["input"].get(k, {}) for k in ("required", "optional")}, "output": info["output"],
+            "output_is_list": info["output_is_list"], "output_node": info["output_node"]}
 
 
 def input_spec(defn: dict, name: str):
@@ -323,7 +320,7 @@ def run_api_prompt(prompt: dict, core: dict) -> dict:
     """Execute an API-format prompt with ComfyUI's list semantics; core nodes come from ``core``.
 
     Each node runs once per element of its longest list input (shorter lists repeat their last
-    element) unless it declares INPUT_IS_LIST; outputs flagged in OUTPUT_IS_LIST are flattened.
+    element) unless its schema says ``is_input_list``; list outputs (``output_is_list``) are flattened.
     Returns ``{node_id: {"outputs": [list per slot], "ui": [ui dicts]}}``.
     """
     done: dict = {}
@@ -336,23 +333,19 @@ def run_api_prompt(prompt: dict, core: dict) -> dict:
         inputs = {}
         for key, value in node["inputs"].items():
             inputs[key] = run(value[0])["outputs"][value[1]] if is_link(value) else [value]
-        obj = cls()
-        fn = getattr(obj, cls.FUNCTION)
-        n_out = len(getattr(cls, "RETURN_TYPES", ()))
-        out_lists = [[] for _ in range(n_out)]
+        defn = definition(node["class_type"])
+        out_lists = [[] for _ in defn["output"]]
         uis = []
-        if getattr(cls, "INPUT_IS_LIST", False):
+        if node["class_type"] in NODES and NODES[node["class_type"]].GET_SCHEMA().is_input_list:
             calls = [inputs]
         else:
             n = max((len(v) for v in inputs.values()), default=1)
             calls = [{k: v[min(i, len(v) - 1)] for k, v in inputs.items()} for i in range(n)]
-        flags = getattr(cls, "OUTPUT_IS_LIST", [False] * n_out)
+        flags = defn["output_is_list"]
         for kwargs in calls:
-            result = fn(**kwargs)
-            if isinstance(result, dict):
-                uis.append(result.get("ui", {}))
-                result = result.get("result", ())
-            for slot, value in enumerate(result):
+            out = cls.execute(**kwargs)
+            uis.append(out.ui or {})
+            for slot, value in enumerate(out.args):
                 out_lists[slot].extend(value if flags[slot] else [value])
         done[node_id] = {"outputs": out_lists, "ui": uis}
         return done[node_id]
@@ -363,29 +356,26 @@ def run_api_prompt(prompt: dict, core: dict) -> dict:
 
 
 class _CreateVideo:
-    RETURN_TYPES = ("VIDEO",)
-    FUNCTION = "run"
-
-    def run(self, images, fps):
+    @classmethod
+    def execute(cls, images, fps):
         assert isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[-1] == 3
-        return ((images, fps),)
+        return io.NodeOutput((images, fps))
 
 
 class _SaveVideo:
-    RETURN_TYPES = ()
-    FUNCTION = "run"
     saved: list = []
 
-    def run(self, video, filename_prefix, format, codec):
+    @classmethod
+    def execute(cls, video, filename_prefix, format, codec):
         _SaveVideo.saved.append((filename_prefix, tuple(video[0].shape), video[1]))
-        return {"ui": {"images": [filename_prefix]}, "result": ()}
+        return io.NodeOutput(ui={"images": [filename_prefix]})
 
 
 def test_batch_workflow_runs_and_later_prompts_hit(tmp_path):
     prompt = load(API_WORKFLOWS / "chai_batch.json")
     for node in prompt.values():
         if node["class_type"] == "CHAI_Cache":
-            node["inputs"]["folder"] = str(tmp_path / "store")
+            node["inputs"].update(folder=str(tmp_path / "store"), create_new=True)
         if node["class_type"] == "CHAI_Sampler":  # smaller and shorter than the example, same graph
             node["inputs"].update(height=32, width=32, steps=6, fast_steps=4)
         if node["class_type"] == "CHAI_LoadTextEncoder":

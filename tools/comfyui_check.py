@@ -188,7 +188,7 @@ def store_state(url: str, folder_suffix: str) -> Optional[dict]:
 def check_registration(url: str, check: Check) -> None:
     """Every node of the pack in /object_info (id, display name, category), the panel script
     served, /chai/stats answering, /workflow_templates listing exactly the UI workflows."""
-    from comfyui_chai.nodes import NODE_DISPLAY_NAME_MAPPINGS as nodes
+    from comfyui_chai.nodes import DISPLAY_NAMES as nodes
 
     status, info = call(url, "/object_info", timeout=120)
     check.record(status == 200, "GET /object_info", f"{len(info or {})} node types")
