@@ -181,7 +181,9 @@ def comfy_entry(batch: bool = False) -> Callable[[Callable[..., Any]], Callable[
                     where = display_name if len(calls) == 1 else f"{display_name}, prompt {index + 1} of {len(calls)}"
                     with host.in_batch(index, len(calls)):
                         results.append(_call_named(method, kwargs, where))
-                result = _merge(results, len(cls.GET_SCHEMA().outputs))
+                # define_schema, not GET_SCHEMA: ComfyUI's GET_SCHEMA caches on the class, and the
+                # class clone execute runs on is locked.
+                result = _merge(results, len(cls.define_schema().outputs))
             values, ui = _values_and_ui(result)
             return io.NodeOutput(*values, ui=ui) if ui else io.NodeOutput(*values)
 

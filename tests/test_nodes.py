@@ -27,7 +27,7 @@ from comfyui_chai.nodes import adapter, host, models, registry, routes
 from comfyui_chai.nodes.comfy_v3 import io, node_info
 from comfyui_chai.nodes.cache_nodes import ChaiLookup, parse_cache_steps
 from comfyui_chai.nodes.models import ChaiConditioning
-from comfyui_chai.cache.store_types import BudgetError
+from comfyui_chai.cache.store_types import BudgetError, StoreError
 from comfyui_chai.nodes.text_nodes import ChaiEntities, parse_prompt_list
 
 CORE_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "LATENT", "IMAGE"}
@@ -237,17 +237,27 @@ def test_a_missing_store_is_created_only_when_asked(tmp_path, monkeypatch):
     assert default.path == str(root / "chai_cache" / "default") and len(default.store) == 0
     deep = open_cache(tmp_path / "new" / "deeper" / "store", 8)  # asked for: its folders are made
     assert Path(deep.path).is_dir() and (Path(deep.path) / "chai-store.json").is_file()
-    (tmp_path / "ro").mkdir()
-    (tmp_path / "ro").chmod(0o500)
-    try:
-        if os.access(tmp_path / "ro", os.W_OK):
-            pytest.skip("running as a user who can write anywhere (root): no unwritable folder to test with")
-        with pytest.raises(Exception) as caught:
-            plain("CHAI_Cache", str(tmp_path / "ro" / "sub" / "store"), 8, "lru", create_new=True)
-        assert str(caught.value).startswith("CHAI Cache: folder ") and "[Errno" not in str(caught.value)
-        assert "cannot create the store folder" in str(caught.value)
-    finally:
-        (tmp_path / "ro").chmod(0o700)
+    (tmp_path / "a-file").write_text("not a folder")  # a path that cannot be made, even as root
+    with pytest.raises(StoreError) as caught:
+        plain("CHAI_Cache", str(tmp_path / "a-file" / "sub" / "store"), 8, "lru", create_new=True)
+    assert str(caught.value).startswith(f"CHAI Cache: folder '{tmp_path / 'a-file' / 'sub' / 'store'}': cannot create")
+    assert "[Errno" not in str(caught.value) and "give a folder you can write to" in str(caught.value)
+
+
+def test_cache_node_opens_a_postgresql_store_only_when_asked(pg_url):
+    """A postgresql:// URL in the folder field: a database without a store is an error unless
+    create_new; then the handle follows the store's generation like a folder store."""
+    with pytest.raises(registry.StoreNotFoundError, match=r"^CHAI Cache: folder 'postgresql://.*no CHAI store at"):
+        plain("CHAI_Cache", pg_url, 8, "lru")
+    assert NODES["CHAI_Cache"].fingerprint_inputs(pg_url) == f"{pg_url}@None"
+    handle = open_cache(pg_url, 8)
+    assert handle.path == pg_url and handle.id == registry.store_id(pg_url) and len(handle.store) == 0
+    assert NODES["CHAI_Cache"].fingerprint_inputs(pg_url) == f"{pg_url}@{handle.store.generation}"
+    registry.close_all()
+    again, = plain("CHAI_Cache", pg_url, 8, "lru")  # it exists now: no create_new needed
+    assert again.store.config.budget_bytes == 8 << 20
+    with pytest.raises(ValueError, match=r"no store backend handles mysql://"):
+        plain("CHAI_Cache", "mysql://u@h/db", 8, "lru")
 
 
 def test_cache_attention_settings():

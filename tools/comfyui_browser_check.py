@@ -177,6 +177,7 @@ def load_template(page: Page, check: Optional[Check], pack: str, name: str, out:
 def run_loaded(page: Page, check: Check, url: str, name: str, store: str, watch=None) -> Optional[dict]:
     """Queue the open workflow from the page on store ``store``; ``watch(page)`` runs while it runs."""
     set_widget(page, "CHAI_Cache", "folder", store)
+    set_widget(page, "CHAI_Cache", "create_new", True)
     prompt_id = queue_from_page(page)
     if watch is not None:
         watch(page, prompt_id)
@@ -291,7 +292,7 @@ def _error_dialog(page: Page, check: Check, pack: str, twins: Dict[str, Path], o
     time.sleep(1)
     text = page.js("() => document.querySelector('.p-dialog')?.innerText ?? ''")
     first_line = text.strip().splitlines()[0] if text.strip() else ""
-    check.record(first_line.startswith("CHAI Cache (node") and "CHAI Cache: the cache folder" in text,
+    check.record(first_line.startswith("CHAI Cache (node") and "CHAI Cache: folder '../outside-the-store-root' leaves" in text,
                  "error dialog names the node", " | ".join(text.strip().splitlines()[:2]))
     if screenshots is not None:
         page.shot(screenshots / "comfyui_error_dialog.png")

@@ -118,11 +118,11 @@ def wait(url: str, prompt_id: str, timeout: float = 600.0) -> dict:
 
 
 def with_store(prompt: dict, folder: str) -> dict:
-    """A copy of an API prompt whose CHAI Cache nodes open store ``folder``."""
+    """A copy of an API prompt whose CHAI Cache nodes open (and create) store ``folder``."""
     prompt = json.loads(json.dumps(prompt))
     for node in prompt.values():
         if node["class_type"] == "CHAI_Cache":
-            node["inputs"]["folder"] = folder
+            node["inputs"].update(folder=folder, create_new=True)
     return prompt
 
 
