@@ -105,6 +105,20 @@ def test_pack_imports_without_comfyui():
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
+def test_registry_metadata_matches_the_pack():
+    """pyproject's version is the pack's, and its ComfyUI floor is the first with the pinned V3 API."""
+    import tomllib
+
+    import comfyui_chai
+    from comfyui_chai.nodes import comfy_v3
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    assert meta["project"]["version"] == comfyui_chai.__version__
+    comfy = meta["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"].startswith("ComfyUI-CHAI")
+    assert comfy_v3.API_VERSION == "v0_0_2" and comfy["requires-comfyui"] == ">=0.3.64"
+
+
 @pytest.mark.parametrize("node_id", sorted(NODES))
 def test_node_definition(node_id):
     """Every node is a V3 node (define_schema, execute, no instance state) that describes itself
