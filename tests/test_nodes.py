@@ -3,7 +3,7 @@
 Covers: the node definitions (category, tooltips, descriptions, CHAI_* types), the import
 without any ComfyUI module, input validation with clear errors, output types and shapes, a hit
 after a miss in the same store (through the real entity extractor and embedder), the store's
-generation driving IS_CHANGED, the /chai/stats route, and the ComfyUI integration (ProgressBar,
+generation driving fingerprint_inputs, the /chai/stats route, and the ComfyUI integration (ProgressBar,
 model_management placement, interruption, websocket event) against small fakes of those modules.
 """
 
@@ -356,7 +356,7 @@ def test_modes_without_cache(tiny):
     assert full["result"][0]["chai"]["mode"] == "full" and fast["result"][0]["chai"]["mode"] == "plain_fast"
     assert torch.equal(full["result"][0]["samples"], again["result"][0]["samples"])  # seeded: reproducible
     assert "chai_stats" not in full["ui"]  # no store involved
-    assert NODES["CHAI_Sampler"].fingerprint_inputs(mode=["full"]) == ("",)  # ComfyUI passes lists (PROMPT_BATCH)
+    assert NODES["CHAI_Sampler"].fingerprint_inputs(mode=["full"]) == ("",)  # ComfyUI passes lists (is_input_list)
 
 
 def test_sampler_input_errors(tiny, tmp_path):

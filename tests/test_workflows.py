@@ -396,7 +396,7 @@ def test_batch_workflow_runs_and_later_prompts_hit(tmp_path):
     assert all(fps == 24.0 for *_x, fps in _SaveVideo.saved)
     state_id = next(k for k, v in prompt.items() if v["class_type"] == "CHAI_CacheState")
     panel = done[state_id]["ui"]
-    assert len(panel) == 1  # INPUT_IS_LIST: one panel update for the whole batch
+    assert len(panel) == 1  # is_input_list: one panel update for the whole batch
     stats = panel[0]["chai_stats"][0]["stats"]
     assert stats["lookups"] == n_prompts and stats["hits"] == modes.count("fast")
     assert stats["entries"] == modes.count("full")
