@@ -14,7 +14,8 @@ What it checks (each failure is printed and makes the exit status 1):
 * every API workflow in ``workflows/api/`` runs through ``POST /prompt`` to ``success`` on a
   fresh store, and its history lists exactly its videos as outputs (one per prompt), each a
   readable mp4; queued again, a workflow re-runs after its store changed and, with the store
-  unchanged, re-runs only CHAI Cache State;
+  unchanged, re-runs only CHAI Cache State; a store name that holds no store (create_new off)
+  fails at CHAI Cache with an error naming the node, the field, the path and the fix;
 * ``POST /interrupt`` at step 3 of prompt 2 of a batch stops the sampler within a second (the
   time stamped in its "cancelled" ``chai.progress`` event, so run this on the server's machine;
   the events themselves can arrive later, since ComfyUI runs ``gc.collect()`` after a prompt)
@@ -276,6 +277,28 @@ def check_requeue(url: str, check: Check, run_tag: str) -> None:
                  f"cached {sorted(runs[2][1], key=int)}")
 
 
+def check_missing_store(url: str, check: Check, run_tag: str) -> None:
+    """A store name that holds no store, with create_new off: the run fails at CHAI Cache with an
+    error that names the node, the field, the path and create_new, and no store is started there
+    (``/chai/stats`` lists none)."""
+    folder = f"{run_tag}-mistyped"
+    prompt = with_store(json.loads((API_WORKFLOWS / "chai_single.json").read_text(encoding="utf-8")), folder)
+    for node in prompt.values():
+        if node["class_type"] == "CHAI_Cache":
+            node["inputs"]["create_new"] = False
+    entry = wait(url, queue(url, prompt))
+    errors = [m[1] for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
+    message = errors[0].get("exception_message", "") if errors else ""
+    check.record(bool(errors) and errors[0].get("node_type") == "CHAI_Cache"
+                 and message.startswith(f"CHAI Cache: folder '{folder}': there is no CHAI store at ")
+                 and "create_new" in message and "Errno" not in message,
+                 "a mistyped store name is an error naming node, field, path and fix", message[:200])
+    status, body = call(url, "/chai/stats")
+    opened = [s for s in (body or {}).get("stores", []) if str(s.get("path", "")).endswith(folder)]
+    check.record(status == 200 and not opened, "no store was started for the mistyped name",
+                 f"{len(opened)} open store(s) at it")
+
+
 def check_interrupt(url: str, check: Check, run_tag: str) -> None:
     """Interrupt a batch of 3 at step 3 of prompt 2, timed to ComfyUI's ``execution_interrupted``
     event on the websocket (what the page shows); the store must be as prompt 1 left it."""
@@ -355,6 +378,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "api" in checks:
         check_api_runs(args.url, check, run_tag, args.out, args.write_thumbnails)
         check_requeue(args.url, check, run_tag)
+        check_missing_store(args.url, check, run_tag)
     if "interrupt" in checks:
         check_interrupt(args.url, check, run_tag)
     if "browser" in checks:
