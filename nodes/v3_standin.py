@@ -55,6 +55,10 @@ _WIDGET_KEYS = {"default": "default", "min": "min", "max": "max", "step": "step"
                 "socketless": "socketless", "options": "options"}
 
 
+# Options the real API puts in every description of an input of these types.
+_ALWAYS = {"STRING": {"multiline": False}, "COMBO": {"multiselect": False}}
+
+
 class _Input:
     """One input: a socket, or a widget with its options."""
 
@@ -73,8 +77,10 @@ class _Input:
         return self.io_type
 
     def as_dict(self) -> Dict[str, Any]:
-        """The options of the V1 description (without ``optional``, which picks the section)."""
-        values = {"display_name": self.display_name, "tooltip": self.tooltip, "lazy": self.lazy}
+        """The options of the V1 description (without ``optional``, which picks the section); strings
+        and combos carry the ``multiline`` / ``multiselect`` flag the real API always sends."""
+        values = {"display_name": self.display_name, "tooltip": self.tooltip, "lazy": self.lazy,
+                  **_ALWAYS.get(self.io_type, {})}
         for key, value in self.options.items():
             values[_WIDGET_KEYS[key]] = value.value if isinstance(value, enum.Enum) else value
         return _pruned(values)
@@ -189,7 +195,7 @@ class ComfyNode:
                 "output_tooltips": [o.tooltip for o in schema.outputs],
                 "name": schema.node_id, "display_name": schema.display_name, "description": schema.description,
                 "category": schema.category, "output_node": schema.is_output_node,
-                "deprecated": schema.is_deprecated, "experimental": schema.is_experimental,
+                "deprecated": schema.is_deprecated, "experimental": schema.is_experimental, "api_node": False,
                 "python_module": "custom_nodes.ComfyUI-CHAI"}
 
 

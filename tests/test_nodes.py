@@ -105,6 +105,29 @@ def test_pack_imports_without_comfyui():
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
+# GET /object_info["CHAI_Cache"] of a real ComfyUI 0.3.64 (comfy_api.v0_0_2) serving the pack, tooltips and
+# descriptions left out: the stand-in API must describe a node exactly as the real one does.
+REAL_CACHE_NODE_INFO = {
+    "input": {"required": {"folder": ["STRING", {"default": "default", "multiline": False}],
+                           "budget_mb": ["INT", {"default": 1024, "min": 1, "max": 1048576, "step": 64}],
+                           "policy": ["COMBO", {"default": "lru", "multiselect": False, "options": ["lru", "lfu", "fifo"]}]},
+              "optional": {"evict_to_fit": ["BOOLEAN", {"default": False}], "create_new": ["BOOLEAN", {"default": False}]}},
+    "input_order": {"required": ["folder", "budget_mb", "policy"], "optional": ["evict_to_fit", "create_new"]},
+    "output": ["CHAI_CACHE"], "output_is_list": [False], "output_name": ["cache"], "name": "CHAI_Cache",
+    "display_name": "CHAI Cache", "python_module": "custom_nodes.ComfyUI-CHAI", "category": "CHAI",
+    "output_node": False, "deprecated": False, "experimental": False, "api_node": False}
+
+
+def test_the_stand_in_api_describes_a_node_as_comfyui_does():
+    def without_text(value):
+        if isinstance(value, dict):
+            return {k: without_text(v) for k, v in value.items()
+                    if k not in ("tooltip", "description", "output_tooltips")}
+        return [without_text(v) for v in value] if isinstance(value, list) else value
+
+    assert without_text(node_info(NODES["CHAI_Cache"])) == REAL_CACHE_NODE_INFO
+
+
 def test_registry_metadata_matches_the_pack():
     """pyproject's version is the pack's, and its ComfyUI floor is the first with the pinned V3 API."""
     import tomllib
