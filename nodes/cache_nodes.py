@@ -70,8 +70,8 @@ class CHAICache(io.ComfyNode):
                     "postgresql://user@host:port/database URL (the password goes in PGPASSWORD or ~/.pgpass, never "
                     "in the URL). Several ComfyUI processes and the command line can share one store.")),
                 io.Int.Input("budget_mb", default=1024, min=1, max=1 << 20, step=64, tooltip=(
-                    "Most megabytes (MiB) of cached latents kept; older entries are evicted past it (pinned entries "
-                    "never are, and count against it). One 240p 2 s entry is about 1.2 MB. The paper uses 1 GB.")),
+                    "Most megabytes (MiB) of cached latents kept on disk; older entries are evicted past it. One "
+                    "240p 2 s entry is about 1.2 MB. The paper uses 1 GB.")),
                 io.Combo.Input("policy", options=["lru", "lfu", "fifo"], default="lru", tooltip=(
                     "Which entry goes first when the budget is full: least recently used (the paper's), least "
                     "frequently used, or oldest.")),
@@ -258,10 +258,9 @@ class CHAICacheState(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CHAI_CacheState", display_name=cls.DISPLAY_NAME, category="CHAI",
-            description=("Cache-state panel: entries, bytes against the budget (pinned bytes shown), hit rate, hits, "
-                         "misses, evictions, the last lookups and the most-used entries as thumbnails with entity, "
-                         "hits and age; pin or evict an entry from it. It refreshes after every CHAI Sampler run and "
-                         "on its Refresh button."),
+            description=("Cache-state panel: entries, bytes against the budget, hit rate, hits, misses, evictions "
+                         "and the last lookups with their matched entity and similarity. It refreshes after every "
+                         "CHAI Sampler run and on its Refresh button (read-only route /chai/stats)."),
             inputs=[Cache.Input("cache", tooltip="From CHAI Cache."),
                     io.Latent.Input("after", optional=True, tooltip=(
                         "Optional: connect the sampler's LATENT so the panel updates after it ran."))],

@@ -157,8 +157,7 @@ class CHAISampler(io.ComfyNode):
 
         Settings (``pipeline.settings.resolve_settings``): the model's own (``model.defaults``), then
         this node's steps / fast_steps / cfg (0 = not given), then the Cache Attention Settings node,
-        then the Cache Lookup node's threshold. A miss stored from a pixel-space model keeps a
-        thumbnail of its middle frame with the entry.
+        then the Cache Lookup node's threshold.
 
         Raises:
             TypeError / ValueError: wrong sockets, mismatched text encoder, bad size, settings or mode
@@ -208,8 +207,6 @@ class CHAISampler(io.ComfyNode):
                   LATENT_META_KEY: {"height": result.height, "width": result.width, "num_frames": result.num_frames,
                                     "fps": fps, "mode": result.mode, "hit": result.hit, "prompt": result.prompt,
                                     "space": "pixels" if model.pixel_space else "latent"}}
-        if lookup is not None and result.inserted_entry_id is not None:  # VAE Decode adds the entry's thumbnail
-            latent[LATENT_META_KEY]["entry"] = {"store": lookup.cache.id, "id": int(result.inserted_entry_id)}
         summary = result.summary()
         summary["time"] = time.time()
         report = _report_line(summary)
@@ -251,8 +248,7 @@ class CHAIVAEDecode(io.ComfyNode):
         return io.Schema(
             node_id="CHAI_VAEDecode", display_name=cls.DISPLAY_NAME, category="CHAI",
             description=("Decode with OpenSora's video VAE into an IMAGE batch of frames plus the fps; save it with "
-                         "ComfyUI's CreateVideo + SaveVideo (mp4) or VideoHelperSuite's Video Combine. A video whose "
-                         "latents the sampler just stored gives its cache entry a thumbnail (its middle frame)."),
+                         "ComfyUI's CreateVideo + SaveVideo (mp4) or VideoHelperSuite's Video Combine."),
             inputs=[io.Latent.Input("latent", tooltip=(
                         "From the CHAI Sampler (carries the video's frame count and fps).")),
                     Vae.Input("vae", optional=True, tooltip=(
@@ -269,27 +265,7 @@ class CHAIVAEDecode(io.ComfyNode):
     @comfy_entry()
     def execute(cls, latent, vae=None):
         """Returns (IMAGE [F, H, W, 3], fps). Raises TypeError/ValueError on a latent that is not a CHAI video latent."""
-        frames, fps = _decode(latent, vae)
-        _attach_thumbnail(latent.get(LATENT_META_KEY, {}).get("entry"), frames)
-        return (frames, fps)
-
-
-def _attach_thumbnail(entry: Optional[Dict[str, Any]], frames: torch.Tensor) -> None:
-    """Give the cache entry a video created its thumbnail (the middle frame), when the sampler stored
-    one and the store is still open here. Best effort: a thumbnail never fails a decode."""
-    if not isinstance(entry, dict):
-        return
-    handle = registry.store_by_id(str(entry.get("store", "")))
-    if handle is None:
-        return
-    from ..cache.thumbnail import thumbnail_of_frames
-
-    try:
-        record = handle.store.entry(int(entry["id"]))
-        if record is not None and not record.has_thumbnail:
-            handle.store.set_thumbnail(int(entry["id"]), thumbnail_of_frames(frames))
-    except Exception as exc:  # noqa: BLE001 - the video is what the user asked for
-        log.warning("CHAI: no thumbnail for entry %s (%s)", entry.get("id"), exc)
+        return _decode(latent, vae)
 
 
 def _decode(latent, vae=None) -> Tuple[torch.Tensor, float]:
