@@ -23,6 +23,11 @@ Guarantees across machines:
   retried after an ambiguous commit is not stored twice (each entry carries a client-made uid).
 * Credentials come from ``PGPASSWORD``, ``~/.pgpass`` or a service file (libpq's own rules), never
   from the URL: a URL with a password is refused, since URLs end up in workflows, reports and logs.
+
+A database from elsewhere is untrusted, as a store folder is (docs/store_security.md): latents are
+size-checked in the query before a byte is sent, then checked (SHA-256, safetensors header against
+the key's tensor spec) before a tensor is built; text is read truncated; ``chai_meta`` is parsed
+and range-checked; bucket keys come from entry ids, never from rows.
 """
 
 from __future__ import annotations
