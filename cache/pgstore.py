@@ -453,9 +453,8 @@ class PostgresStore:
                 meta = dict(conn.execute("SELECT key, left(value, 1000) FROM chai_meta").fetchall())
                 if not meta:
                     store_id = uuid.uuid4().hex
-                    if blobs:  # a new store's bucket prefix is claimed first: failing here rolls everything back
+                    if blobs:  # a new store's bucket is checked first: failing here rolls everything back
                         given_blobs = open_blob_store(blobs)
-                        given_blobs.claim(store_id)
                     rows = {"schema_version": SCHEMA_VERSION, "store_id": store_id,
                             "budget_bytes": str(self.config.budget_bytes),
                             "policy": self.config.policy.value, "blobs": blobs or "",
@@ -470,6 +469,8 @@ class PostgresStore:
                 if dim is not None and parsed["dim"] is None:
                     self._create_entities(conn, int(dim), meta)
                     parsed["dim"] = int(dim)
+                if given_blobs is not None:  # last before COMMIT: a marker is never left by a store that failed
+                    given_blobs.claim(parsed["store_id"])
         except psycopg.errors.InsufficientPrivilege as exc:
             raise StoreError(f"user {conn.info.user!r} may not create or use the CHAI tables in {self.location} "
                              f"({_last_line(str(exc))}); let the database owner open the store once, then grant "
