@@ -25,6 +25,7 @@ paths with ``lstat`` first.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -35,8 +36,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping
-
-import hashlib
 
 import numpy as np
 
