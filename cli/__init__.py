@@ -10,6 +10,9 @@ Commands:
     generate                 run prompts through CHAI (lookup, fast or full mode, store): one mp4 each + report
     demo                     the CHAI batch on the bundled reference model over 12 related prompts, against an
                              all-full run of the same batch: mp4s, a contact sheet, report.{md,json} (cli/demo.py)
+    db, worker, cache migrate, generate --queue
+                             the render farm: an embedded PostgreSQL, the job queue's worker, store
+                             migration, queued batches (cli/farm.py)
 """
 
 from __future__ import annotations
