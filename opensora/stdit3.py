@@ -18,6 +18,11 @@ Cache Attention hook (spatial self-attention of one block; see :meth:`STDiT3.kv_
     with model.kv_hook(fn, block_index=0):               # fn(q, k, v, block_index) -> (k, v)
         out = model(...)
     k, v = model.spatial_self_attention_kv(z_cached, timestep, fps=fps, height=height, width=width)
+
+Cross-attention hook (every cross-attention layer; see :meth:`STDiT3.cross_attention_hook`)::
+
+    with model.cross_attention_hook(fn):                 # fn(layer, q, k, ctx) -> logit bias or None
+        out = model(...)
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from .hooks import HookRegistry
 from .layers import (
     Attention,
     CaptionEmbedder,
+    CrossAttentionHook,
     KVHook,
     Mlp,
     MultiHeadCrossAttention,
@@ -297,7 +303,8 @@ class STDiT3(nn.Module):
 
     Cache Attention: :meth:`kv_hook` / :meth:`set_kv_hook` install a K/V hook on one spatial
     block's self-attention; :meth:`spatial_self_attention_kv` computes the K/V that block would
-    see for any latent.
+    see for any latent. Chorus: :meth:`cross_attention_hook` adds a logit bias to (and reads the
+    queries and keys of) every cross-attention layer.
 
     Raises:
         TypeError / ValueError: unknown config fields, unsupported switches (see STDiT3Config).
@@ -345,6 +352,9 @@ class STDiT3(nn.Module):
         for i, (sb, tb) in enumerate(zip(self.spatial_blocks, self.temporal_blocks)):
             sb.attn.block_index = i
             tb.attn.block_index = i
+            sb.cross_attn.block_index = i
+            tb.cross_attn.block_index = i
+            tb.cross_attn.temporal = True
         self._init_weights()
 
     # ------------------------------------------------------------------ construction helpers
@@ -436,6 +446,35 @@ class STDiT3(nn.Module):
             yield
         finally:
             attn.kv_hook = previous
+
+    # ------------------------------------------------------------------ cross-attention hook (Chorus)
+
+    @contextlib.contextmanager
+    def cross_attention_hook(self, fn: CrossAttentionHook) -> Iterator[None]:
+        """Context manager: every cross-attention layer (spatial and temporal blocks) calls ``fn`` for
+        the model calls inside the block, then the hooks that were there before come back, also on error.
+
+        ``fn(layer, q, k, ctx)`` returns None or an additive bias on that layer's attention logits (see
+        ``layers.MultiHeadCrossAttention``); ``layer.block_index`` and ``layer.temporal`` say which layer
+        called. Queries are the block's tokens in (frame, row, column) raster order, N = T'·H'·W'
+        (:meth:`patch_grid`); keys are the caption's real tokens, compacted to the front of each row.
+        Chorus's Token-Guided Attention Amplification and its region maps use it. Without it the model
+        runs the plain path.
+
+        Raises:
+            TypeError: ``fn`` is not callable.
+        """
+        if fn is None or not callable(fn):
+            raise TypeError("cross_attention_hook needs a callable fn(layer, q, k, ctx) -> bias or None")
+        layers = [blk.cross_attn for pair in zip(self.spatial_blocks, self.temporal_blocks) for blk in pair]
+        previous = [layer.logit_hook for layer in layers]
+        for layer in layers:
+            layer.logit_hook = fn
+        try:
+            yield
+        finally:
+            for layer, hook in zip(layers, previous):
+                layer.logit_hook = hook
 
     @torch.no_grad()
     def spatial_self_attention_kv(
