@@ -132,17 +132,23 @@ def serve_chorus(request: ModeRequest, result: Any) -> Optional[ModeOutput]:
     if words_of is None:
         raise TypeError(f"the caption encoder {type(request.captions).__name__} has no token_words(prompt); Chorus "
                         "needs it to find the words the donor's prompt lacks")
-    words = words_of(request.prompt)
-    columns = new_token_columns(words, words_of(result.prompt_matched))
+    words, donor_words = words_of(request.prompt), words_of(result.prompt_matched)
+    columns = new_token_columns(words, donor_words)
+    donor_columns = new_token_columns(donor_words, words)
     chorus = settings.chorus
     k1, k2 = chorus.stage_bounds(result.similarity, n)
+    donor_caption = None
+    if donor_columns and k2 > k1:
+        y, mask = request.captions.encode(result.prompt_matched)
+        donor_caption = (y.to(request.noise.device), mask.to(request.noise.device))
     run = sample_chorus(request.rflow, request.model, result.latents, k1=k1, k2=k2, full_steps=n,
                         cfg_scale=settings.schedule.cfg_scale, columns=columns,
                         mask_threshold=chorus.chorus_mask_threshold, dilation=chorus.chorus_dilation,
-                        tgaa=chorus.chorus_tgaa, tgaa_decay=chorus.chorus_tgaa_decay, callback=request.callback,
-                        **request.sample_kwargs)
+                        tgaa=chorus.chorus_tgaa, tgaa_decay=chorus.chorus_tgaa_decay, donor_caption=donor_caption,
+                        donor_columns=donor_columns, callback=request.callback, **request.sample_kwargs)
     details = {"k1": k1, "k2": k2, "full_steps": n, "model_steps": run.model_steps,
-               "new_words": sorted({words[c] for c in columns}), "region": run.region[-1] if run.region else 0.0,
+               "step_equivalents": round(run.step_equivalents, 3), "new_words": sorted({words[c] for c in columns}),
+               "missing_words": sorted({donor_words[c] for c in donor_columns}), "region": round(run.region, 4),
                "donor_prompt": result.prompt_matched}
     return ModeOutput(latent=run.latent, steps=run.model_steps, label="chorus", hit=True,
                       entry_ids=[int(result.entry_id)], reason=_chorus_reason(result), details=details)

@@ -132,8 +132,9 @@ class ChorusSettings:
         chorus_k1: (at the threshold, at similarity 1): stage 1 ends at step K1 = round(N * value), N =
             ``full_steps``, linear in between (u = (similarity - threshold) / (1 - threshold), clipped to
             [0, 1]); a closer donor skips more.
-        chorus_k2: the same for the end of stage 2 (K2 >= K1; stage 3 keeps at least one step). Together
-            they fix the window of donor latents a miss stores (:meth:`window`).
+        chorus_k2: the same for the end of stage 2 (K2 >= K1; stage 3 keeps at least one step).
+        chorus_window: (first, last) fractions of ``full_steps``: the steps whose latents a miss stores
+            (:meth:`window`); the map must stay inside it. It alone sets a Chorus entry's size and key.
         chorus_mask_threshold: a latent token joins the stage-2 region when its attention to the new tokens
             is at least this fraction of its frame's largest (``opensora.chorus.region_mask``); 0 = all.
         chorus_dilation: tokens the region grows by (square max filter); 0 = none.
@@ -149,6 +150,7 @@ class ChorusSettings:
     chorus_threshold: float = 0.80
     chorus_k1: Tuple[float, float] = (0.3, 0.5)
     chorus_k2: Tuple[float, float] = (0.5, 0.7)
+    chorus_window: Tuple[float, float] = (0.0, 0.9)
     chorus_mask_threshold: float = 0.5
     chorus_dilation: int = 1
     chorus_tgaa: float = 2.0
@@ -156,16 +158,19 @@ class ChorusSettings:
     chorus_stage2: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("chorus_k1", "chorus_k2"):
+        for name in ("chorus_k1", "chorus_k2", "chorus_window"):
             value = getattr(self, name)
             if isinstance(value, (str, bytes)) or len(tuple(value)) != 2:
-                raise ValueError(f"{name} must be two fractions (at the threshold, at similarity 1), got {value!r}")
+                raise ValueError(f"{name} must be two fractions of full_steps (low, high), got {value!r}")
             lo, hi = (float(v) for v in value)
             if not 0.0 <= lo <= hi < 1.0:
                 raise ValueError(f"{name} must satisfy 0 <= low <= high < 1, got {value!r}")
             object.__setattr__(self, name, (lo, hi))
         if not (self.chorus_k1[0] <= self.chorus_k2[0] and self.chorus_k1[1] <= self.chorus_k2[1]):
             raise ValueError(f"chorus_k2 {self.chorus_k2} must not end before chorus_k1 {self.chorus_k1}")
+        if not (self.chorus_window[0] <= self.chorus_k1[0] and self.chorus_k2[1] <= self.chorus_window[1]):
+            raise ValueError(f"the stage map (chorus_k1 {self.chorus_k1}, chorus_k2 {self.chorus_k2}) must stay inside "
+                             f"chorus_window {self.chorus_window}: widen the window or narrow the map")
         if not -1.0 <= float(self.chorus_threshold) < 1.0:
             raise ValueError(f"chorus_threshold must be a cosine similarity in [-1, 1), got {self.chorus_threshold}")
         if not 0.0 <= float(self.chorus_mask_threshold) <= 1.0:
@@ -183,22 +188,25 @@ class ChorusSettings:
     def stage_bounds(self, similarity: float, full_steps: int) -> Tuple[int, int]:
         """(K1, K2) for a donor this similar: 0-based steps where stage 2 and stage 3 begin, monotonic in
         ``similarity``; ``0 <= K1 <= K2 <= full_steps - 1``; K2 = K1 without stage 2."""
+        first, last = self.window(full_steps)
         n = int(full_steps)
         span = 1.0 - float(self.chorus_threshold)
         u = min(1.0, max(0.0, (float(similarity) - float(self.chorus_threshold)) / span))
-        k1 = min(n - 1, round(n * (self.chorus_k1[0] + (self.chorus_k1[1] - self.chorus_k1[0]) * u)))
-        k2 = min(n - 1, max(k1, round(n * (self.chorus_k2[0] + (self.chorus_k2[1] - self.chorus_k2[0]) * u))))
+        k1 = min(last, max(first, round(n * (self.chorus_k1[0] + (self.chorus_k1[1] - self.chorus_k1[0]) * u))))
+        k2 = min(last, max(k1, round(n * (self.chorus_k2[0] + (self.chorus_k2[1] - self.chorus_k2[0]) * u))))
         return k1, (k2 if self.chorus_stage2 else k1)
 
     def window(self, full_steps: int) -> Tuple[int, int]:
-        """(first, last): the 0-based steps whose latents a miss stores, every K1..K2 the map can pick."""
+        """(first, last): the 0-based steps whose latents a miss stores (every K1..K2 the map can pick),
+        ``last <= full_steps - 1``."""
         n = int(full_steps)
-        return min(n - 1, round(n * self.chorus_k1[0])), min(n - 1, round(n * self.chorus_k2[1]))
+        return min(n - 1, round(n * self.chorus_window[0])), min(n - 1, round(n * self.chorus_window[1]))
 
     def fingerprint(self) -> str:
-        """E.g. ``CHORUS_T0.80_K0.30-0.50_K0.50-0.70_M0.50_D1_A2_d0.8_S2`` (reports)."""
+        """E.g. ``CHORUS_T0.80_K0.30-0.50_K0.50-0.70_W0.00-0.90_M0.50_D1_A2_d0.8_S2`` (reports)."""
         return (f"CHORUS_T{float(self.chorus_threshold):.2f}_K{self.chorus_k1[0]:.2f}-{self.chorus_k1[1]:.2f}"
-                f"_K{self.chorus_k2[0]:.2f}-{self.chorus_k2[1]:.2f}_M{float(self.chorus_mask_threshold):.2f}"
+                f"_K{self.chorus_k2[0]:.2f}-{self.chorus_k2[1]:.2f}"
+                f"_W{self.chorus_window[0]:.2f}-{self.chorus_window[1]:.2f}_M{float(self.chorus_mask_threshold):.2f}"
                 f"_D{self.chorus_dilation}_A{float(self.chorus_tgaa):g}_d{float(self.chorus_tgaa_decay):g}"
                 f"_S{2 if self.chorus_stage2 else 1}")
 
@@ -272,7 +280,7 @@ class RequestSettings:
         """JSON-friendly ``{"schedule": {...}, "attention": {...}, "lookup": {...}}``."""
         out = {group: asdict(getattr(self, group)) for group in _GROUPS}
         out["attention"]["cache_steps"] = list(self.attention.cache_steps)
-        for name in ("chorus_k1", "chorus_k2"):
+        for name in ("chorus_k1", "chorus_k2", "chorus_window"):
             out["chorus"][name] = list(out["chorus"][name])
         return out
 
@@ -295,7 +303,7 @@ def _resolve(base: RequestSettings, layers: Sequence[Optional[Mapping[str, Any]]
             if key == "cache_steps":
                 value = tuple(int(s) for s in value)
                 named_steps = True
-            elif key in ("chorus_k1", "chorus_k2") and not isinstance(value, (str, bytes)):
+            elif key in ("chorus_k1", "chorus_k2", "chorus_window") and not isinstance(value, (str, bytes)):
                 value = tuple(value)
             parts[group][name] = value
     if not named_steps:  # cache steps from the defaults follow a shorter fast schedule
