@@ -151,7 +151,8 @@ def serve_chorus(request: ModeRequest, result: Any) -> Optional[ModeOutput]:
                "missing_words": sorted({donor_words[c] for c in donor_columns}), "region": round(run.region, 4),
                "donor_prompt": result.prompt_matched}
     return ModeOutput(latent=run.latent, steps=run.model_steps, label="chorus", hit=True,
-                      entry_ids=[int(result.entry_id)], reason=_chorus_reason(result), details=details)
+                      entry_ids=[int(result.entry_id)], served_by="chorus", reason=_chorus_reason(result),
+                      details=details)
 
 
 class ChorusMode(SamplingMode):
@@ -178,7 +179,7 @@ class ChorusMode(SamplingMode):
         keep = request.lookup is not None
         return ModeOutput(latent=latent, steps=request.settings.schedule.full_steps, label="full",
                           store=captured if keep else None, store_info=_chorus_info(request) if keep else {},
-                          reason=_chorus_reason(request.lookup))
+                          served_by="full", reason=_chorus_reason(request.lookup))
 
 
 class ChorusWarmMode(ChorusMode):
@@ -216,7 +217,6 @@ class AutoReuseMode(SamplingMode):
         served = serve_chorus(request, chorus_result)
         if served is not None:
             request.record_lookup(chorus_result)
-            served.served_by = "chorus"
             served.reason = f"whole-prompt donor: {served.reason}"
             return served
         no_donor = f"no whole-prompt donor ({_chorus_reason(chorus_result)})"
@@ -225,7 +225,6 @@ class AutoReuseMode(SamplingMode):
         chai_request = dataclasses.replace(request, lookup=chai_result)
         served = chai.serve(chai_request)
         if served is not None:
-            served.served_by = "chai"
             served.reason = f"{no_donor}; {match_reason(chai_result, 'entity')}"
             served.lookup, served.compat_key = chai_result, request.compat_key_for("chai")
             return served

@@ -158,8 +158,8 @@ class ModeOutput:
             not denoising).
         inserts: more ``(lookup result, tensors, info)`` to store, each under its lookup's key, once the
             request completed (``store`` goes under the request's own lookup).
-        served_by: what served the request, for reports (default: the mode's name); ``auto`` names the
-            method it picked (``"chorus"``, ``"chai"``, ``"full"``).
+        served_by: what served the request, for reports: the reuse method on a hit (``"chai"``,
+            ``"chorus"``), ``"full"`` when a reuse mode ran the full schedule; default the mode's name.
         reason: why, in one line (the similarity against the threshold).
         lookup: the lookup result to report (default: the request's own lookup).
         compat_key: the key of ``lookup`` (default: the request's key).
@@ -286,7 +286,7 @@ class ChaiMode(SamplingMode):
         latent, captured, info = _full_run(request, config)
         keep = request.lookup is not None and config.enabled
         return ModeOutput(latent=latent, steps=config.full_steps, label="full", store=captured if keep else None,
-                          store_info=_store_info(request, info) if keep else {},
+                          store_info=_store_info(request, info) if keep else {}, served_by="full",
                           reason=match_reason(request.lookup, "entity"))
 
     def serve(self, request: ModeRequest) -> Optional[ModeOutput]:
@@ -303,7 +303,7 @@ class ChaiMode(SamplingMode):
         latent, ca = sample_fast(request.rflow, request.model, request.noise, config, cached=entries,
                                  callback=request.callback, measure=request.measure, **request.sample_kwargs)
         return ModeOutput(latent=latent, steps=config.fast_steps, label="fast", hit=True, entry_ids=ids,
-                          kv_ms=ca.kv_ms if ca is not None else 0.0, load_ms=load_ms,
+                          kv_ms=ca.kv_ms if ca is not None else 0.0, load_ms=load_ms, served_by="chai",
                           reason=match_reason(request.lookup, "entity"))
 
     @staticmethod
@@ -462,18 +462,28 @@ class ModeSpec:
     """A parsed mode spec such as ``chai8+mixcache``: the mode, its step count, the hooks to attach.
 
     Attributes:
-        text: the spec as written. mode: the registered mode's name. steps: the number after the name
-        (sets ``mode.steps_setting``), or None. hooks: model-hook names to attach, in order.
+        text: the spec as written (or a variant's name). mode: the registered mode's name. steps: the
+        number after the name (sets ``mode.steps_setting``), or None. hooks: model-hook names to attach, in
+        order. settings: (key, value) setting overrides of a variant (:meth:`variant`).
     """
 
     text: str
     mode: str
     steps: Optional[int] = None
     hooks: Tuple[str, ...] = ()
+    settings: Tuple[Tuple[str, Any], ...] = ()
 
-    def overrides(self) -> Dict[str, int]:
-        """The settings override the step count means, e.g. ``{"fast_steps": 8}`` ({} without a count)."""
-        return {} if self.steps is None else {get_mode(self.mode).steps_setting: self.steps}
+    def overrides(self) -> Dict[str, Any]:
+        """The settings this spec sets: its step count (e.g. ``{"fast_steps": 8}``), then its own ``settings``."""
+        out: Dict[str, Any] = {} if self.steps is None else {get_mode(self.mode).steps_setting: self.steps}
+        out.update(dict(self.settings))
+        return out
+
+    def variant(self, text: str, **settings: Any) -> "ModeSpec":
+        """This spec under another name with settings of its own (an ablation in the quality harness, e.g.
+        ``parse_mode_spec("chorus").variant("chorus-stage1", chorus_stage2=False)``)."""
+        return ModeSpec(text=text, mode=self.mode, steps=self.steps, hooks=self.hooks,
+                        settings=tuple(self.settings) + tuple(settings.items()))
 
 
 def parse_mode_spec(text: str) -> ModeSpec:

@@ -1,0 +1,467 @@
+"""Chorus (whole-prompt reuse) and auto reuse: the STDiT3 hook points, the three stages, the region and the
+amplification, the stage map, the new-token rule, and the modes on the store (keys, cancellation, auto's pick).
+
+The small CPU configuration (``tiny_components``) and a bag-of-words whole-prompt embedder keep it fast
+and make which prompt serves which exactly known."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from comfyui_chai.cache.lookup import CacheLookup, LookupConfig
+from comfyui_chai.cache.store import LatentStore
+from comfyui_chai.opensora.cache_attention import sample_capturing
+from comfyui_chai.opensora.chorus import (
+    TokenGuidance,
+    _ContextKV,
+    chorus_capture_plan,
+    chorus_latent_name,
+    positions_mask,
+    region_positions,
+    region_tokens,
+    sample_chorus,
+)
+from comfyui_chai.opensora.hooks import HookRegistry, ModelHook
+from comfyui_chai.opensora.layers import MultiHeadCrossAttention, TextContext
+from comfyui_chai.opensora.rflow import RFlow, SamplingCancelled, make_noise
+from comfyui_chai.pipeline import ChaiPipeline, HashedWordCaptions, new_token_columns, tiny_components
+from comfyui_chai.pipeline.settings import ChorusSettings, resolve_settings
+
+SIZE = dict(height=64, width=64, num_frames=17)  # latent (4, 5, 8, 8): patch grid (5, 4, 4)
+DIM = 64
+N = 30
+
+
+class CommaExtractor:
+    """Entities are the comma-separated parts; the whole prompt is its lower-cased words."""
+
+    fingerprint = "comma-v1"
+
+    def extract(self, prompt):
+        return [p.strip().lower() for p in prompt.split(",") if p.strip()]
+
+    def normalize_prompt(self, prompt):
+        return " ".join(re.findall(r"\w+", prompt.lower()))
+
+
+class WordBag:
+    """Sum of fixed per-word unit vectors, L2-normalised: prompts sharing most words are close."""
+
+    fingerprint = "wordbag-v1"
+    dim = DIM
+
+    def encode(self, texts):
+        out = []
+        for text in texts:
+            v = np.zeros(DIM)
+            for w in re.findall(r"\w+", text.lower()):
+                v += np.random.default_rng(int.from_bytes(hashlib.sha256(w.encode()).digest()[:8], "little")
+                                           ).standard_normal(DIM)
+            out.append(v / np.linalg.norm(v))
+        return np.asarray(out, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    torch.set_num_threads(1)
+    return tiny_components(0)
+
+
+@pytest.fixture
+def store(tmp_path):
+    with LatentStore(tmp_path / "store", dim=DIM) as s:
+        yield s
+
+
+def _pipe(parts, store, **settings):
+    model, _vae, captions = parts
+    lookup = CacheLookup(store, CommaExtractor(), WordBag(), LookupConfig())
+    base = {"chorus_threshold": 0.6, "chorus_k1": (0.2, 0.4), "chorus_k2": (0.5, 0.7), "chorus_window": (0.2, 0.7)}
+    return ChaiPipeline(model, None, captions, lookup, size_dtype=torch.float32).with_settings({**base, **settings})
+
+
+def _snapshot(store):
+    return [(e.entry_id, e.compat_key, e.prompt, e.nbytes) for e in store.entries()], store.generation
+
+
+def _inputs(model, prompt="a red fox in the snow", seed=0):
+    captions = HashedWordCaptions(model.config.caption_channels, model.config.model_max_length)
+    y, mask = captions.encode(prompt)
+    return dict(y=y, y_mask=mask, y_null=model.y_embedder.y_embedding, height=64, width=64, num_frames=17,
+                size_dtype=torch.float32), make_noise((1, 4, 5, 8, 8), seed)
+
+
+def _donor(model, rflow, seed=7):
+    """A full run's latents of every step (the window 0..N-1), as a miss stores them."""
+    kw, z = _inputs(model, "a red fox in the snow at night", seed)
+    schedule = rflow.schedule(64, 64, 17, num_steps=N, size_dtype=torch.float32)
+    run = sample_capturing(rflow, model, z, chorus_capture_plan(0, N - 1), schedule=schedule, cfg_scale=7.0,
+                           dtype=torch.float32, **kw)
+    return run.captured, schedule
+
+
+class Calls(ModelHook):
+    """Records each model call: its timestep, and the rows and positions per frame the blocks computed."""
+
+    name = "calls"
+
+    def __init__(self, model):
+        self.model, self.timesteps, self.blocks = model, [], []
+
+    def on_attach(self, model):
+        self.handle = model.spatial_blocks[0].register_forward_pre_hook(
+            lambda block, args: self.blocks.append((int(args[0].shape[0]), int(args[0].shape[2]))))
+
+    def on_detach(self, model):
+        self.handle.remove()
+
+    def forward(self, call_next, x, timestep, y, **kwargs):
+        self.timesteps.append(float(timestep[0]))
+        return call_next(x, timestep, y, **kwargs)
+
+    @property
+    def seen(self):
+        return [(t, rows, positions) for t, (rows, positions) in zip(self.timesteps, self.blocks)]
+
+
+# ------------------------------------------------------------------------------ STDiT3 hook points
+
+
+def test_the_hook_points_cost_nothing_unused_and_the_region_sees_the_whole_frame(parts):
+    model = parts[0]
+    kw, z = _inputs(model)
+    y = torch.cat([kw["y"], model.y_embedder.y_embedding[None, None]])
+    args = dict(mask=kw["y_mask"], fps=24, height=64, width=64)
+    x, t = torch.cat([z, z]), torch.tensor([700.0, 700.0])
+    with torch.no_grad():
+        plain = model(x, t, y, **args)
+        with model.cross_attention_hook(lambda layer, q, k, ctx: None):
+            assert torch.equal(model(x, t, y, **args), plain)  # a hook that adds nothing changes nothing
+        with model.token_subset(torch.arange(16)):
+            assert torch.equal(model(x, t, y, **args), plain)  # every position: the plain model
+        # The region's positions, with every other position's keys and values from a capture of this input:
+        # the same predictions there as the whole model (keys in another order only).
+        context, keep = _ContextKV(model), torch.tensor([1, 2, 5, 6, 9])
+        with context.capture():
+            assert torch.equal(model(x, t, y, **args), plain)
+        with model.token_subset(keep), context.filling(keep, 16):
+            part = model(x, t, y, **args)
+        voxels = positions_mask(keep, (5, 4, 4), model.patch_size, (5, 8, 8)).expand_as(plain)
+        assert torch.allclose(part[voxels], plain[voxels], atol=1e-5)
+        assert part[~voxels].abs().max() == 0  # positions not computed hold nothing
+        with model.token_subset(keep):  # without the other positions' keys, the region alone is another model
+            assert not torch.allclose(model(x, t, y, **args)[voxels], plain[voxels], atol=1e-3)
+    assert all(b.cross_attn.logit_hook is None for b in model.spatial_blocks) and model._token_subset is None
+    with pytest.raises(ValueError, match="distinct"):
+        with model.token_subset(torch.tensor([1, 1])):
+            pass
+
+
+def test_tgaa_changes_the_logits_only_in_the_new_tokens_columns_of_the_conditional_rows():
+    torch.manual_seed(0)
+    layer = MultiHeadCrossAttention(32, 4)
+    x, text = torch.randn(2, 6, 32), torch.randn(2, 5, 32)
+    ctx = TextContext(text, None, (5, 5))
+    guidance = TokenGuidance(_LayerModel(layer), columns=[1, 3], alpha=3.0)
+    seen = {}
+
+    def spy(lyr, q, k, c):
+        bias = guidance._logit_hook(lyr, q, k, c)
+        seen["q"], seen["k"], seen["bias"] = q, k, bias
+        return bias
+
+    guidance._rows = 1  # one sample: row 0 conditional, row 1 unconditional
+    layer.logit_hook = spy
+    amplified = layer(x, ctx)
+    layer.logit_hook = None
+    plain = layer(x, ctx)
+    bias = seen["bias"]
+    assert torch.equal(bias[1], torch.zeros_like(bias[1]))  # the unconditional row is untouched
+    changed = (bias[0, 0, 0] != 0).nonzero().flatten().tolist()
+    assert changed == [1, 3] and torch.allclose(bias[0, 0, 0, [1, 3]], torch.full((2,), math.log(3.0)))
+    logits = seen["q"] @ seen["k"].transpose(-1, -2) / math.sqrt(8)
+    p_plain, p_amp = logits.softmax(-1), (logits + bias).softmax(-1)
+    ratio = p_amp[0] / p_plain[0]  # per query: the other columns keep their relative weights
+    others = ratio[..., [0, 2, 4]]
+    assert torch.allclose(others, others[..., :1].expand_as(others), atol=1e-6)
+    assert torch.allclose(ratio[..., [1, 3]], 3.0 * others[..., :1].expand(-1, -1, 2), atol=1e-5)
+    assert torch.equal(amplified[1], plain[1]) and not torch.allclose(amplified[0], plain[0])
+
+
+class _LayerModel(torch.nn.Module):
+    def patch_grid(self, thw):
+        return tuple(thw)
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+
+class SyntheticAttention(torch.nn.Module):
+    """A stand-in denoiser whose one cross-attention layer attends to caption column 2 exactly where the
+    latent is bright (its value in [0, 1]) and to column 0 elsewhere: the differing token's region is known."""
+
+    patch_size = (1, 1, 1)
+
+    def __init__(self):
+        super().__init__()
+        self.layer = MultiHeadCrossAttention(4, 1)
+        self.hook = None
+
+    def patch_grid(self, thw):
+        return tuple(int(v) for v in thw)
+
+    def cross_attention_hook(self, fn):
+        import contextlib
+
+        @contextlib.contextmanager
+        def installed():
+            self.hook = fn
+            try:
+                yield
+            finally:
+                self.hook = None
+        return installed()
+
+    def forward(self, x, timestep, y, **kwargs):
+        b, _, t, h, w = x.shape
+        bright = x[:, 0].reshape(b, 1, t * h * w, 1)
+        q = 12.0 * (bright * torch.tensor([0.0, 0.0, 1.0, 0.0]) + (1 - bright) * torch.tensor([1.0, 0.0, 0.0, 0.0]))
+        k = torch.eye(4)[None, None].expand(b, 1, 4, 4)
+        if self.hook is not None:
+            self.hook(self.layer, q, k, TextContext(torch.zeros(b, 4, 4), None, (4,) * b))
+        return torch.zeros_like(x)
+
+
+def test_the_region_covers_where_a_differing_token_draws_attention():
+    model = SyntheticAttention()
+    x = torch.zeros(2, 1, 2, 8, 8)
+    x[:, 0, :, 2:4, 5:7] = 1.0  # the region: rows 2-3, columns 5-6 of both frames
+    guidance = TokenGuidance(model, columns=[2])
+    with HookRegistry.of(model).attached(guidance):
+        model(x, torch.tensor([500.0, 500.0]), None)
+    tokens = region_tokens(guidance.last_map, guidance.grid, threshold=0.5, dilation=0)
+    expected = torch.zeros(1, 2, 8, 8, dtype=torch.bool)
+    expected[:, :, 2:4, 5:7] = True
+    assert torch.equal(tokens, expected)
+    grown = region_tokens(guidance.last_map, guidance.grid, threshold=0.5, dilation=1)
+    ring = torch.zeros(1, 2, 8, 8, dtype=torch.bool)
+    ring[:, :, 1:5, 4:8] = True
+    assert torch.equal(grown, ring)  # one token more on every side, clipped at the frame's edge
+    positions = region_positions(grown)
+    assert positions.tolist() == [r * 8 + c for r in range(1, 5) for c in range(4, 8)]
+    assert torch.equal(positions_mask(positions, (2, 8, 8), (1, 1, 1), (2, 8, 8))[0, 0], ring[0])
+    # a token the prompt shares draws attention nowhere special: the whole frame passes a zero threshold
+    assert region_tokens(guidance.last_map, guidance.grid, threshold=0.0, dilation=0).all()
+
+
+# ------------------------------------------------------------------------------ the three stages
+
+
+def test_which_steps_run_and_which_are_skipped(parts):
+    model = parts[0]
+    rflow = RFlow()
+    donor, schedule = _donor(model, rflow)
+    kw, _z = _inputs(model)
+    ts = [float(t) for t in schedule.timesteps]
+    calls = Calls(model)
+    donor_caption = HashedWordCaptions(model.config.caption_channels, model.config.model_max_length).encode(
+        "a red fox in the snow at night")
+    with HookRegistry.of(model).attached(calls):
+        run = sample_chorus(rflow, model, donor, k1=6, k2=12, full_steps=N, cfg_scale=7.0, columns=[1],
+                            mask_threshold=1.0, dilation=0, tgaa=2.0, tgaa_decay=0.8, donor_caption=donor_caption,
+                            donor_columns=[5, 6], **kw)
+    assert calls.timesteps == ts[6:] and len(calls.blocks) == 24  # stage 1 (steps 0-5) skipped, later steps once
+    first, later, final = calls.seen[0], calls.seen[1:6], calls.seen[6:]
+    assert first == (ts[6], 3, 16)  # the whole latent, plus one row under the donor's caption
+    assert all(rows == 2 and positions == round(run.region * 16) for _, rows, positions in later)
+    assert 0 < run.region < 1
+    assert all(rows == 2 and positions == 16 for _, rows, positions in final)  # stage 3: the whole model
+    assert (run.k1, run.k2, run.model_steps) == (6, 12, 24)
+    assert run.step_equivalents == pytest.approx(18 + 1 + 5 * run.region)
+    assert model.hooks.names == [] and model._token_subset is None
+    # Nothing differs from the donor: stage 2 computes nothing, the request takes the donor's z_12.
+    calls = Calls(model)
+    with HookRegistry.of(model).attached(calls):
+        same = sample_chorus(rflow, model, donor, k1=6, k2=12, full_steps=N, cfg_scale=7.0, columns=[],
+                             mask_threshold=0.5, dilation=0, **kw)
+    assert calls.timesteps == ts[12:] and same.model_steps == 18
+    plain = rflow.sample(model, donor[chorus_latent_name(12)][None], schedule=_tail(schedule, 12), cfg_scale=7.0, **kw)
+    assert torch.equal(same.latent, plain)
+
+
+def _tail(schedule, start):
+    from comfyui_chai.opensora.rflow import RFlowSchedule
+
+    return RFlowSchedule(timesteps=schedule.timesteps[start:], dts=schedule.dts[start:])
+
+
+def test_stage_two_over_the_whole_latent_without_amplification_is_plain_denoising_bit_for_bit(parts):
+    model = parts[0]
+    rflow = RFlow()
+    donor, schedule = _donor(model, rflow)
+    kw, _z = _inputs(model)
+    run = sample_chorus(rflow, model, donor, k1=5, k2=20, full_steps=N, cfg_scale=7.0, columns=[1, 2],
+                        mask_threshold=0.0, dilation=0, tgaa=1.0, **kw)
+    plain = rflow.sample(model, donor[chorus_latent_name(5)][None], schedule=_tail(schedule, 5), cfg_scale=7.0, **kw)
+    assert run.region == 1.0 and torch.equal(run.latent, plain)
+    amplified = sample_chorus(rflow, model, donor, k1=5, k2=20, full_steps=N, cfg_scale=7.0, columns=[1, 2],
+                              mask_threshold=0.0, dilation=0, tgaa=3.0, **kw)
+    assert not torch.equal(amplified.latent, plain)  # the amplification does change the result
+    with pytest.raises(ValueError, match="K1 <= K2 < N"):
+        sample_chorus(rflow, model, donor, k1=5, k2=30, full_steps=N, cfg_scale=7.0, columns=[], mask_threshold=0.5,
+                      dilation=0, **kw)
+    with pytest.raises(ValueError, match="lacks chorus_z4"):
+        sample_chorus(rflow, model, {k: v for k, v in donor.items() if k != "chorus_z4"}, k1=4, k2=9, full_steps=N,
+                      cfg_scale=7.0, columns=[], mask_threshold=0.5, dilation=0, **kw)
+
+
+# ------------------------------------------------------------------------------ settings and the new-token rule
+
+
+def test_the_stage_map_is_monotonic_inside_its_window_and_checked():
+    c = ChorusSettings(chorus_threshold=0.8, chorus_k1=(0.1, 0.4), chorus_k2=(0.6, 0.9), chorus_window=(0.1, 0.9))
+    bounds = [c.stage_bounds(m, 30) for m in np.linspace(0.5, 1.0, 26)]
+    assert bounds[0] == (3, 18) and bounds[-1] == (12, 27) and c.window(30) == (3, 27)
+    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(bounds, bounds[1:]))  # a closer donor reuses more
+    assert all(3 <= k1 <= k2 <= 27 for k1, k2 in bounds)
+    assert ChorusSettings(chorus_stage2=False).stage_bounds(0.9, 30)[0] == ChorusSettings(
+        chorus_stage2=False).stage_bounds(0.9, 30)[1]
+    s = resolve_settings(None, {"chorus_k1": [0.1, 0.4], "chorus_k2": [0.6, 0.9], "chorus_window": [0.1, 0.9]})
+    assert s.chorus == c.__class__(chorus_k1=(0.1, 0.4), chorus_k2=(0.6, 0.9), chorus_window=(0.1, 0.9))
+    # What a miss stores names the key; how an entry is used does not.
+    assert s.updated({"chorus_tgaa": 4.0, "chorus_k1": (0.2, 0.3)}).chorus_store_fingerprint() == \
+        s.chorus_store_fingerprint() == "CHORUS_N30_G7_float16_W3-27"
+    assert s.updated({"chorus_window": (0.0, 0.9)}).chorus_store_fingerprint() != s.chorus_store_fingerprint()
+    for bad, match in [({"chorus_k1": (0.5, 0.4)}, "chorus_k1"), ({"chorus_window": (0.35, 0.9)}, "inside"),
+                       ({"chorus_tgaa": 0.5}, "chorus_tgaa"), ({"chorus_dilation": -1}, "chorus_dilation")]:
+        with pytest.raises(ValueError, match=match):
+            resolve_settings(None, bad)
+
+
+def test_the_new_tokens_are_the_words_the_donor_lacks():
+    hashed = HashedWordCaptions(16, 12)
+    words = hashed.token_words("A blue fox, in the snow!")
+    assert words == ["a", "blue", "fox", "in", "the", "snow", None]
+    donor = hashed.token_words("the red fox in snow")
+    assert new_token_columns(words, donor) == [1]  # "blue"; articles and the end token never count
+    assert new_token_columns(donor, words) == [1]  # the donor's "red"
+    assert new_token_columns(words, words) == []
+    from comfyui_chai.refmodel.model import MiniLMTokenStates
+
+    minilm = MiniLMTokenStates(max_length=32)
+    words = minilm.token_words("a red plus-sign sliding left over sand")
+    y, mask = minilm.encode("a red plus-sign sliding left over sand")
+    assert len(words) == int(mask.sum()) and words[0] is None and words[-1] is None  # [CLS] ... [SEP]
+    cols = new_token_columns(words, minilm.token_words("a red cross sliding left over sand"))
+    assert sorted({words[c] for c in cols}) == ["plus", "sign"]  # every piece of a new word counts
+
+
+# ------------------------------------------------------------------------------ the modes on the store
+
+
+def test_a_chorus_miss_stores_its_window_and_a_near_duplicate_is_served_from_it(parts, store):
+    pipe = _pipe(parts, store)
+    miss = pipe.generate("a red fox running in snow, pine forest", seed=1, mode="chorus", decode=False, **SIZE)
+    assert (miss.hit, miss.served_by, miss.steps, len(miss.inserted_entry_ids)) == (False, "full", 30, 1)
+    entry = store.load(miss.inserted_entry_id)
+    assert sorted(entry) == sorted(chorus_latent_name(k) for k in range(6, 22))  # the window 0.2-0.7 of 30
+    assert all(tuple(t.shape) == (4, 5, 8, 8) and t.dtype == torch.float16 for t in entry.values())
+    near = pipe.generate("a red fox running in deep snow, pine forest", seed=2, mode="chorus", decode=False,
+                         store=False, **SIZE)
+    d = near.details
+    assert near.hit and near.served_by == "chorus" and near.entry_id == miss.inserted_entry_id
+    assert d["new_words"] == ["deep"] and d["missing_words"] == [] and 6 <= d["k1"] < d["k2"] <= 21
+    assert near.steps == 30 - d["k1"] and "0.6" in near.reason and near.similarity > 0.6
+    same = pipe.generate("A red fox running in snow, pine forest!", seed=3, mode="chorus", decode=False, store=False,
+                         **SIZE)
+    assert same.hit and same.steps == 30 - same.details["k2"] and same.details["k2"] == 21  # nothing to re-denoise
+    # A Chorus hit continues the donor: it does not depend on the request's seed.
+    again = pipe.generate("A red fox running in snow, pine forest!", seed=99, mode="chorus", decode=False,
+                          store=False, **SIZE)
+    assert torch.equal(again.latent, same.latent)
+
+
+def test_a_donor_of_another_compatibility_key_is_never_used(parts, store):
+    prompt = "a red fox running in snow, pine forest"
+    base = _pipe(parts, store)
+    assert base.generate(prompt, mode="chorus", decode=False, **SIZE).inserted_entry_id is not None
+    assert base.generate(prompt, mode="chorus", decode=False, store=False, **SIZE).hit
+    others = [base.with_settings({"cfg_scale": 5.0}), base.with_settings({"full_steps": 20}),
+              base.with_settings({"capture_dtype": "float32"}),
+              base.with_settings({"chorus_window": (0.1, 0.7), "chorus_k1": (0.2, 0.4)})]
+    for other in others:
+        r = other.generate(prompt, mode="chorus", decode=False, store=False, **SIZE)
+        assert not r.hit and r.served_by == "full" and r.similarity is None  # nothing of its key to compare
+    r = base.generate(prompt, mode="chorus", decode=False, store=False, height=80, width=64, num_frames=17)
+    assert not r.hit
+    # CHAI's entries (another key, another lookup) never serve Chorus, nor the reverse.
+    assert not base.generate("a blue kite, windy beach", mode="warm", decode=False, **SIZE).hit
+    assert not base.generate("a blue kite, windy beach", mode="chorus", decode=False, store=False, **SIZE).hit
+    assert not base.generate("a red fox running in snow, pine forest", mode="chai", decode=False, store=False,
+                             **SIZE).hit
+
+
+def test_a_failed_or_cancelled_chorus_or_auto_request_leaves_the_store_unchanged(parts, store):
+    pipe = _pipe(parts, store)
+    pipe.generate("a red fox running in snow, pine forest", mode="auto", decode=False, **SIZE)
+    before = _snapshot(store)
+
+    def cancel_after(n):
+        calls = {"n": 0}
+
+        def should_cancel():
+            calls["n"] += 1
+            return calls["n"] > n
+        return should_cancel
+
+    for mode, prompt, after in [("chorus", "a green boat on a calm lake", 12), ("auto", "a green boat on a calm lake", 20),
+                                ("chorus", "a red fox running in deep snow, pine forest", 3),
+                                ("auto", "a red fox running in deep snow, pine forest", 2)]:
+        with pytest.raises(SamplingCancelled):
+            pipe.generate(prompt, mode=mode, decode=False, should_cancel=cancel_after(after), **SIZE)
+
+    def explode(state):
+        if state.info.index == 25:
+            raise RuntimeError("out of memory (simulated)")
+    for mode in ("chorus", "auto"):
+        with pytest.raises(RuntimeError, match="simulated"):
+            pipe.generate("a yellow tram in an old town", mode=mode, decode=False, on_step=explode, **SIZE)
+    assert _snapshot(store) == before and store.verify().ok
+    assert pipe.generate("a red fox running in deep snow, pine forest", mode="auto", decode=False, store=False,
+                         **SIZE).served_by == "chorus"
+
+
+def test_auto_serves_chorus_else_chai_else_full_and_says_why(parts, store):
+    pipe = _pipe(parts, store)
+    first = pipe.generate("a red fox running in snow, pine forest", seed=1, mode="auto", decode=False, **SIZE)
+    assert (first.served_by, first.hit, first.steps) == ("full", False, 30)
+    assert "no whole-prompt donor" in first.reason and "no entity hit" in first.reason
+    keys = {e.compat_key for e in store.entries()}
+    assert len(first.inserted_entry_ids) == 2 and len(keys) == 2  # one trajectory, a Chorus and a CHAI entry
+    chai_entry = next(e for e in store.entries() if "CHAI_" in e.compat_key)
+    assert sorted(store.load(chai_entry.entry_id)) == ["step_2", "step_3", "step_4"]
+
+    near = pipe.generate("a red fox running in deep snow, pine forest", seed=2, mode="auto", decode=False, **SIZE)
+    assert (near.served_by, near.hit) == ("chorus", True) and near.reason.startswith("whole-prompt donor")
+    shared = pipe.generate("a red fox running in snow, sunny meadow by a river", seed=3, mode="auto", decode=False,
+                           **SIZE)
+    assert (shared.served_by, shared.steps, shared.hit) == ("chai", 8, True)
+    assert "no whole-prompt donor" in shared.reason and "'a red fox running in snow'" in shared.reason
+    assert shared.lookup.mode == "entity" and shared.inserted_entry_ids == []
+    new = pipe.generate("a green boat, calm lake", seed=4, mode="auto", decode=False, **SIZE)
+    assert new.served_by == "full" and len(new.inserted_entry_ids) == 2
+    stats = store.stats()
+    assert (stats.lookups, stats.hits) == (4, 2)  # one lookup counted per request: the one that decided
+    # Without a store auto runs full and stores nothing.
+    model, _vae, captions = parts
+    bare = ChaiPipeline(model, None, captions, None, size_dtype=torch.float32)
+    r = bare.generate("a green boat, calm lake", mode="auto", decode=False, **SIZE)
+    assert (r.served_by, r.inserted_entry_ids, r.reason) == ("full", [], "no whole-prompt donor (no store); "
+                                                             "no entity hit (no store)")
