@@ -8,6 +8,7 @@ the read-only ``/chai/stats`` route; outside it, both are skipped.
 
 from . import host as _host
 from .cache_nodes import CHAICache, CHAICacheAttentionSettings, CHAICacheLookup, CHAICacheState
+from .chorus_nodes import CHAIChorusSettings
 from .loader_nodes import CHAILoadSTDiT3, CHAILoadTextEncoder, CHAILoadVAE
 from .routes import register_routes as _register_routes
 from .sampler_nodes import CHAISampler, CHAIVAEDecode
@@ -43,6 +44,10 @@ NODE_DISPLAY_NAME_MAPPINGS: dict = {
     "CHAI_VAEDecode": "CHAI VAE Decode",
     "CHAI_CacheState": "CHAI Cache State",
 }
+
+# Whole-prompt reuse (Chorus) knobs for the Sampler's reuse = chorus / auto.
+NODE_CLASS_MAPPINGS["CHAI_ChorusSettings"] = CHAIChorusSettings
+NODE_DISPLAY_NAME_MAPPINGS["CHAI_ChorusSettings"] = "CHAI Chorus Settings"
 
 _host.register_model_folders()
 _register_routes()

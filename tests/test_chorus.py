@@ -465,3 +465,58 @@ def test_auto_serves_chorus_else_chai_else_full_and_says_why(parts, store):
     r = bare.generate("a green boat, calm lake", mode="auto", decode=False, **SIZE)
     assert (r.served_by, r.inserted_entry_ids, r.reason) == ("full", [], "no whole-prompt donor (no store); "
                                                              "no entity hit (no store)")
+
+
+# ------------------------------------------------------------------------------ ComfyUI
+
+
+def test_the_sampler_node_runs_its_reuse_input_and_a_saved_mode_auto_still_runs_chai(tmp_path):
+    from comfyui_chai.nodes import NODE_CLASS_MAPPINGS as NODES
+    from comfyui_chai.nodes import models, registry
+    from comfyui_chai.nodes.sampler_nodes import run_mode
+
+    definition = NODES["CHAI_Sampler"].INPUT_TYPES()
+    modes, reuse = definition["required"]["mode"][0], definition["optional"]["reuse"]
+    assert modes[0] == "chai" and "auto" in modes and "plain_fast" in modes and "chorus" not in modes
+    assert reuse[0] == ["chai", "chorus", "auto"] and reuse[1]["default"] == "chai"
+    assert all(name in reuse[1]["tooltip"] for name in ("chai:", "chorus:", "auto:"))
+    assert (run_mode("auto"), run_mode("auto", "chorus"), run_mode("chai", "auto"), run_mode("full", "chorus")) == \
+        ("chai", "chorus", "auto", "full")
+    with pytest.raises(ValueError, match="reuse must be one of chai, chorus, auto"):
+        run_mode("chai", "warm")
+    model, = NODES["CHAI_LoadSTDiT3"]().load(models.TINY)
+    enc, = NODES["CHAI_LoadTextEncoder"]().load(models.TINY_HASHED)
+    chorus, = NODES["CHAI_ChorusSettings"]().build(threshold=0.5, k1_low=0.2, k1_high=0.4, k2_low=0.5, k2_high=0.7,
+                                                   window_low=0.2, window_high=0.7)
+    with pytest.raises(ValueError, match="chorus_k1"):
+        NODES["CHAI_ChorusSettings"]().build(k1_low=0.6, k1_high=0.5)
+    try:
+        cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
+
+        def run(prompt, seed, **kw):
+            cond = NODES["CHAI_TextEncode"]().encode(enc, prompt)[0]
+            ents = NODES["CHAI_EntityExtractor"]().extract(cond, "entity")["result"][0]
+            lookup = NODES["CHAI_CacheLookup"]().lookup(cache, ents, 0.72)["result"][0]
+            out = NODES["CHAI_Sampler"]().sample(model, cond, seed, "144p", "9:16", 17, 32, 32, 6, 4, 7.0,
+                                                 lookup=lookup, **kw)
+            return out["ui"]["chai_run"][0], out["result"][1], out["ui"]["chai_stats"][0]
+
+        # A workflow saved before auto reuse existed holds mode "auto" (CHAI's old name) and no reuse value.
+        saved, _report, _panel = run("a red fox running through snow", 1, mode="auto")
+        assert (saved["sampling_mode"], saved["served_by"]) == ("chai", "full")
+        assert all("CHAI_" in e.compat_key for e in cache.store.entries())
+        assert NODES["CHAI_Sampler"].IS_CHANGED(mode="auto", reuse="chorus") != ""  # reads the store
+
+        miss, report, _panel = run("a red fox running through deep snow", 2, mode="chai", reuse="chorus",
+                                   chorus_settings=chorus)
+        assert miss["served_by"] == "full" and report.startswith("miss (") and "stored as entry #2" in report
+        hit, report, panel = run("a red fox running through deep white snow", 3, mode="chai", reuse="chorus",
+                                 chorus_settings=chorus)
+        assert hit["hit"] and hit["served_by"] == "chorus" and hit["details"]["new_words"] == ["white"]
+        assert report.startswith("hit: served by chorus (whole prompt ~ 'a red fox running through deep snow'")
+        assert panel["last_run"]["served_by"] == "chorus" and "whole prompt" in panel["last_run"]["reason"]
+        picked, _report, _panel = run("a red fox running through deep white snow", 4, mode="auto", reuse="auto",
+                                      chorus_settings=chorus)
+        assert picked["sampling_mode"] == "auto" and picked["served_by"] == "chorus"
+    finally:
+        registry.close_all()
