@@ -520,3 +520,38 @@ def test_the_sampler_node_runs_its_reuse_input_and_a_saved_mode_auto_still_runs_
         assert picked["sampling_mode"] == "auto" and picked["served_by"] == "chorus"
     finally:
         registry.close_all()
+
+
+def test_generate_reuse_on_the_command_line(tmp_path, monkeypatch, capsys):
+    import json
+
+    from comfyui_chai.cache import embed as embed_mod
+    from comfyui_chai.cache import entities as entities_mod
+    from comfyui_chai.cli import main
+
+    class Extractor(CommaExtractor):
+        def __init__(self, mode="entity"):
+            self.mode = mode
+
+    monkeypatch.setattr(entities_mod, "EntityExtractor", Extractor)
+    monkeypatch.setattr(embed_mod, "Embedder", WordBag)
+    prompts = ["a red fox running in snow, pine forest", "a red fox running in deep snow, pine forest",
+               "a red fox running in snow, sunny meadow by a river", "a green boat, calm lake"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "out"
+    args = ["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(out), "--store", str(tmp_path / "store"),
+            "--model", "tiny", "--captions", "hashed", "--no-progress", "--num-frames", "17", "--reuse", "auto",
+            "--chorus-threshold", "0.6", "--chorus-k1", "0.2", "0.4", "--chorus-k2", "0.5", "0.7",
+            "--chorus-window", "0.2", "0.7"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"]["mode"] == "auto" and report["run"]["settings"]["chorus"]["chorus_threshold"] == 0.6
+    rows = report["prompts"]
+    assert [r["served_by"] for r in rows] == ["full", "chorus", "chai", "full"]
+    assert rows[1]["reason"].startswith("whole-prompt donor") and "no entity hit" in rows[3]["reason"]
+    assert report["totals"]["served_by"] == {"full": 2, "chorus": 1, "chai": 1}
+    md = (out / "report.md").read_text()
+    assert "| served by | why |" in md and "served by full 2, chorus 1, chai 1" in md
+    capsys.readouterr()
+    assert main(args[:-13] + ["--reuse", "chorus", "--mode", "full"]) == 2
+    assert "name different modes" in capsys.readouterr().err

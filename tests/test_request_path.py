@@ -276,8 +276,9 @@ def test_comfyui_request_extracts_once_embeds_once_and_the_lookup_never_contradi
             reports.append(out["result"][1])
         assert (CountingExtractor.calls, CountingEmbedder.calls) == (3, 3)  # the sampler reused the queries
         assert reports[0].startswith("miss") and "stored as entry #1" in reports[0]
-        assert re.match(r"hit: 'red fox' ~ 'a red fox' \(similarity 0\.\d{3}, entry #1\) -> fast mode, 4 steps", reports[1])
-        assert reports[2].startswith("miss; nearest") or reports[2].startswith("miss ->")
+        assert re.match(r"hit: served by chai \(entity 'red fox' ~ 'a red fox' 0\.\d{3} >= 0\.72\), entry #1 -> 4 steps",
+                        reports[1])
+        assert re.match(r"miss \(entity '[a-z ]+' ~ '[a-z ]+' 0\.\d{3} < 0\.72\) -> full mode", reports[2])
         for prompt, report in zip(prompts, reports):
             assert f'prompt "{prompt}"' in report and re.search(r"total \d+ ms", report)
         # a Lookup node run now (the store holds the fox) previews the match, still naming the sampler
