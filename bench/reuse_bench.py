@@ -217,6 +217,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=40, help="test prompts of the near-duplicate table (0: skip it)")
     p.add_argument("--stream", type=int, default=60, help="requests of the mixed stream (0: skip it)")
     p.add_argument("--vbench", type=int, default=0, help="first N VBench prompts in order, 10%% budget (0: skip)")
+    p.add_argument("--stream-modes", default="chai,chorus,auto",
+                   help="reuse modes of the stream and VBench runs (default chai,chorus,auto; full always runs)")
     p.add_argument("--validation", action="store_true", help="the validation streams (choose settings here)")
     p.add_argument("--model-dir", type=Path, default=None, help="reference model folder (default models/reference_v1)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -235,6 +237,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="--timing: unmeasured rounds first")
     a = p.parse_args(argv)
     try:
+        a.stream_modes = tuple(m.strip() for m in a.stream_modes.split(",") if m.strip())
         a.settings = parse_settings(a.sets)
         variants = [parse_variant(v) for v in a.variant]
         from comfyui_chai.pipeline.settings import resolve_settings
@@ -280,7 +283,7 @@ def main(argv=None) -> int:
             from comfyui_chai.pipeline.stream import format_stream_table, run_stream
 
             stream = mixed_stream(a.stream, VALIDATION_STREAM_SEED if a.validation else HELDOUT_STREAM_SEED)
-            rep = run_stream(model, encoder, stream, settings=a.settings, progress=progress)
+            rep = run_stream(model, encoder, stream, modes=a.stream_modes, settings=a.settings, progress=progress)
             result["stream"] = rep.summary()
             md += [f"## Mixed stream: {a.stream} {'validation' if a.validation else 'held-out'} requests "
                    f"({result['stream']['kinds']})", "", format_stream_table(rep), ""]
@@ -310,8 +313,9 @@ def vbench(a, model, encoder, result, progress) -> List[str]:
     cfg = settings.cache_attention_config()
     itemsize = 2 if settings.schedule.capture_dtype == "float16" else 4
     chai_bytes = len(cfg.latent_names) * int(np.prod(shape)) * itemsize
-    per_entry = {"chai": chai_bytes, "chorus": chorus_entry_bytes(settings, shape)}
-    per_entry["auto"] = per_entry["chai"] + per_entry["chorus"]
+    sizes = {"chai": chai_bytes, "chorus": chorus_entry_bytes(settings, shape)}
+    sizes["auto"] = sizes["chai"] + sizes["chorus"]
+    per_entry = {mode: sizes[mode] for mode in a.stream_modes}
     budgets = {mode: int(0.10 * len(prompts) * entry) for mode, entry in per_entry.items()}
     rep = run_prompts(model, encoder, prompts, modes=tuple(per_entry), score=False, budget_bytes=budgets,
                       settings=a.settings, progress=progress)

@@ -555,3 +555,51 @@ def test_generate_reuse_on_the_command_line(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(args[:-13] + ["--reuse", "chorus", "--mode", "full"]) == 2
     assert "name different modes" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ measurement
+
+
+def test_the_harness_and_the_stream_run_chorus_and_auto_by_name():
+    from comfyui_chai.pipeline.modes import parse_mode_spec
+    from comfyui_chai.pipeline.quality import run_quality
+    from comfyui_chai.pipeline.stream import format_stream_table, run_prompts
+    from comfyui_chai.refmodel import model as R
+    from comfyui_chai.refmodel.quality import heldout_prompts
+
+    model, encoder = R.load_reference_model(R.default_model_dir())
+    stage1 = parse_mode_spec("chorus").variant("chorus-stage1", chorus_stage2=False)
+    rep = run_quality(model, encoder, heldout_prompts(1), lookup=False, modes=("chorus", stage1, "auto"), warm="near")
+    assert list(rep.modes) == ["full30", "chorus", "chorus-stage1", "auto"] and rep.warm == "near"
+    assert rep.lookup_hits == {"chorus": 1, "chorus-stage1": 1, "auto": 1}  # the hermetic lookup pairs them
+    chorus, only1 = rep.modes["chorus"], rep.modes["chorus-stage1"]
+    assert chorus.served == ["chorus"] and rep.modes["auto"].served == ["chorus"]
+    assert only1.details[0]["k1"] == only1.details[0]["k2"] and chorus.details[0]["k2"] > chorus.details[0]["k1"]
+    assert rep.summary()["modes"]["chorus"]["mean_model_steps"] == chorus.steps_run[0] < 30
+    prompts = ["a red circle moving left on a black background", "a red circle moving left on a black background",
+               "a video of a green star rising in a blue sky"]
+    stream = run_prompts(model, encoder, prompts, modes=("auto",), settings={"chorus_threshold": 0.9})
+    auto = stream.runs["auto"]
+    assert auto.served[:2] == ["full", "chorus"] and auto.hit[:2] == [False, True] and len(auto.scores) == 3
+    s = stream.summary()["modes"]
+    assert s["full"]["speedup_vs_full"] == 1.0 and s["auto"]["hits"] == sum(auto.hit) and s["auto"]["entries"] >= 2
+    assert "| auto |" in format_stream_table(stream)
+
+
+def test_the_reuse_bench_times_a_chorus_hit_at_small_size(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "reuse_bench.py"
+    spec = importlib.util.spec_from_file_location("reuse_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--timing", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    t = json.loads((tmp_path / "reuse_bench.json").read_text())["timing"]
+    assert set(t["medians_ms"]) == {"full", "chorus_miss", "chorus_hit", "chai_hit", "plain"}
+    assert t["chorus_hit"]["model_steps"] < 30 and t["full_over_chorus_hit"] > 0 and t["latent"] == [4, 5, 16, 16]
+    assert bench.parse_variant("v:chorus_k1=(0.1, 0.3),chorus_tgaa=2") == ("v", {"chorus_k1": (0.1, 0.3),
+                                                                             "chorus_tgaa": 2})
+    with pytest.raises(SystemExit):
+        bench.main(["--set", "chorus_k1=(0.5, 0.4)", "--prompts", "0", "--stream", "0", "--out", str(tmp_path)])
