@@ -86,8 +86,9 @@ class GenerationResult:
         frames: decoded video [F, H, W, 3] float32 in [0, 1] on the CPU (None without decode).
         timings: :class:`LatencySplit`. lookup: the full ``LookupResult`` (None without a cache).
         sampling_mode: the registered mode that ran (``"chai"``, ``"full"``, ``"plain"``, ...).
-        served_by: what served the request: the mode, or the method ``auto`` picked (``"chorus"``,
-            ``"chai"``, ``"full"``). reason: why, in one line (similarity against the threshold).
+        served_by: what served the request: the reuse method on a hit (``"chai"``, ``"chorus"``; for
+            ``auto`` the one it picked), ``"full"`` when a reuse mode ran the full schedule, else the mode's
+            name. reason: why, in one line (the similarity against the threshold).
         inserted_entry_ids: every entry this request created (``auto`` stores a miss under two keys).
         details: the mode's extras for reports (Chorus: stage bounds, region, new tokens).
     """
@@ -464,7 +465,6 @@ class ChaiPipeline:
             t1 = time.perf_counter()
             result = self._lookup_as(other.lookup_spec(self.settings), prompt, key_for(name),
                                      load=other.loads_latents, record=record, query=query)
-            timings.lookup_ms += (time.perf_counter() - t1) * 1000.0
             extra_lookup_ms[0] += (time.perf_counter() - t1) * 1000.0
             return result
 
@@ -503,7 +503,7 @@ class ChaiPipeline:
             out = sampling.sample(request)
         _sync(device)
         timings.denoise_ms = (time.perf_counter() - t0) * 1000.0 - out.load_ms - extra_lookup_ms[0]
-        timings.lookup_ms += out.load_ms
+        timings.lookup_ms += out.load_ms + extra_lookup_ms[0]
         timings.cache_kv_ms = out.kv_ms
         latent = out.latent
 

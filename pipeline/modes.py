@@ -154,8 +154,8 @@ class ModeOutput:
         store_info: JSON-ready metadata kept with the stored entry.
         entry_ids: the cached entries whose latents were used (the served one first).
         kv_ms: time spent turning cached latents into K/V (ms).
-        load_ms: time spent loading extra entries and making extra lookups (ms; counted as lookup time,
-            not denoising).
+        load_ms: time spent loading extra entries (ms; counted as lookup time, not denoising; lookups made
+            through ``ModeRequest.lookup_for`` are counted by the pipeline).
         inserts: more ``(lookup result, tensors, info)`` to store, each under its lookup's key, once the
             request completed (``store`` goes under the request's own lookup).
         served_by: what served the request, for reports: the reuse method on a hit (``"chai"``,
