@@ -7,13 +7,15 @@ the same noise (request i: seed ``seed + i``), through each reuse mode with a fr
 (real lookup: spaCy entities, MiniLM embeddings, hnswlib), and once through ``full`` (the reference:
 every request at the full schedule, nothing stored). Every clip is scored by ``refmodel.evaluator``;
 per mode it reports the hit rate (and, for ``auto``, what served each request), the mean latency and
-the speed-up against all-full measured in the same run, and the quality against all-full.
+the speed-up against all-full measured in the same run (request by request, every mode in turn, so the
+load of a shared machine falls on every mode alike), and the quality against all-full.
 
 Prompts that the evaluator cannot read (VBench's) give hit rate and speed only: :func:`run_prompts`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
@@ -130,7 +132,7 @@ def run_prompts(model, encoder, prompts: Sequence[str], *, modes: Sequence[str] 
         budget_bytes: each store's byte budget, or one per mode (None: the store's default); eviction is LRU.
         settings: setting overrides of every request (Chorus knobs, ...). cfg_scale: default the model's.
         seed: request i is drawn from noise seed ``seed + i`` in every mode.
-        progress: ``fn(mode, done, total)``.
+        progress: ``fn("stream", done, total)``.
 
     Returns:
         :class:`StreamReport`.
@@ -150,36 +152,39 @@ def run_prompts(model, encoder, prompts: Sequence[str], *, modes: Sequence[str] 
     base = ChaiPipeline.from_reference_model(model, encoder).with_settings(
         HARNESS_SETTINGS, {"cfg_scale": cfg_scale}, settings)
     shape_args = dict(height=None, width=None, num_frames=None, resolution=None)
-    runs: Dict[str, StreamRun] = {}
-    for name in ("full", *modes):
-        run = StreamRun(mode=name)
-        with tempfile.TemporaryDirectory(prefix="chai-stream-store-") as folder:
-            budget = budget_bytes.get(name) if isinstance(budget_bytes, Mapping) else budget_bytes
-            store = None if name == "full" else open_store(folder, budget_bytes=budget, dim=embedder.dim)
-            try:
-                lookup = None if store is None else CacheLookup(store, extractor, embedder, LookupConfig())
-                pipe = base.with_settings(lookup=lookup)
-                for i, prompt in enumerate(prompts):
-                    r = pipe.generate(prompt, seed=seed + i, mode=name, decode=False, **shape_args)
-                    run.served.append(r.served_by)
-                    run.hit.append(bool(r.hit))
-                    run.latency_ms.append(r.timings.total_ms)
-                    run.steps.append(r.steps)
-                    if score or keep_clips:
-                        pixels = model_to_pixels(r.latent[None])[0]
-                        if score:
-                            run.scores.append(dict(evaluator.evaluate(pixels, prompt).scores))
-                        if keep_clips:
-                            run.clips.append(pixels)
-                    if progress:
-                        progress(name, i + 1, len(prompts))
-                if store is not None:
-                    stats = store.stats()
-                    run.store_bytes, run.entries = int(stats.bytes), int(stats.entries)
-            finally:
-                if store is not None:
-                    store.close()
-        runs[name] = run
+    names = ("full", *modes)
+    runs: Dict[str, StreamRun] = {name: StreamRun(mode=name) for name in names}
+    with contextlib.ExitStack() as stack:
+        pipes = {}
+        for name in names:  # one fresh store per reuse mode; full stores nothing
+            store = None
+            if name != "full":
+                folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="chai-stream-store-"))
+                budget = budget_bytes.get(name) if isinstance(budget_bytes, Mapping) else budget_bytes
+                store = stack.enter_context(open_store(folder, budget_bytes=budget, dim=embedder.dim))
+            lookup = None if store is None else CacheLookup(store, extractor, embedder, LookupConfig())
+            pipes[name] = (base.with_settings(lookup=lookup), store)
+        # Request by request, every mode in turn: load on a shared machine hits every mode alike.
+        for i, prompt in enumerate(prompts):
+            for name in names:
+                run, pipe = runs[name], pipes[name][0]
+                r = pipe.generate(prompt, seed=seed + i, mode=name, decode=False, **shape_args)
+                run.served.append(r.served_by)
+                run.hit.append(bool(r.hit))
+                run.latency_ms.append(r.timings.total_ms)
+                run.steps.append(r.steps)
+                if score or keep_clips:
+                    pixels = model_to_pixels(r.latent[None])[0]
+                    if score:
+                        run.scores.append(dict(evaluator.evaluate(pixels, prompt).scores))
+                    if keep_clips:
+                        run.clips.append(pixels)
+            if progress:
+                progress("stream", i + 1, len(prompts))
+        for name, (_pipe, store) in pipes.items():
+            if store is not None:
+                stats = store.stats()
+                runs[name].store_bytes, runs[name].entries = int(stats.bytes), int(stats.entries)
     return StreamReport(prompts=list(prompts), kinds=list(kinds or []), runs=runs, device=str(base.device),
                         budget_bytes=dict(budget_bytes) if isinstance(budget_bytes, Mapping) else budget_bytes)
 
