@@ -71,15 +71,26 @@ class CHAIChorusSettings:
                    "bounds, the region rule and the amplification. Only the window changes what is stored (and "
                    "the cache key); the others change how a donor is used.")
 
-    def build(self, threshold=0.8, k1_low=0.3, k1_high=0.5, k2_low=0.5, k2_high=0.7, window_low=0.0,
-              window_high=0.9, mask_threshold=0.5, dilation=1, tgaa=2.0, tgaa_decay=0.8, stage2=True):
-        """Returns ({ChorusSettings field: value},). Raises ValueError on a bad value (the message names it)."""
+    def build(self, threshold=None, k1_low=None, k1_high=None, k2_low=None, k2_high=None, window_low=None,
+              window_high=None, mask_threshold=None, dilation=None, tgaa=None, tgaa_decay=None, stage2=None):
+        """Returns ({ChorusSettings field: value},); an input left out keeps ``ChorusSettings``' default.
+        Raises ValueError on a bad value (the message names it)."""
         from ..pipeline.settings import ChorusSettings
 
+        d = ChorusSettings()
+
+        def pick(value, default):
+            return default if value is None else value
+
         settings: Dict[str, Any] = {
-            "chorus_threshold": float(threshold), "chorus_k1": (float(k1_low), float(k1_high)),
-            "chorus_k2": (float(k2_low), float(k2_high)), "chorus_window": (float(window_low), float(window_high)),
-            "chorus_mask_threshold": float(mask_threshold), "chorus_dilation": int(dilation),
-            "chorus_tgaa": float(tgaa), "chorus_tgaa_decay": float(tgaa_decay), "chorus_stage2": bool(stage2)}
+            "chorus_threshold": float(pick(threshold, d.chorus_threshold)),
+            "chorus_k1": (float(pick(k1_low, d.chorus_k1[0])), float(pick(k1_high, d.chorus_k1[1]))),
+            "chorus_k2": (float(pick(k2_low, d.chorus_k2[0])), float(pick(k2_high, d.chorus_k2[1]))),
+            "chorus_window": (float(pick(window_low, d.chorus_window[0])),
+                              float(pick(window_high, d.chorus_window[1]))),
+            "chorus_mask_threshold": float(pick(mask_threshold, d.chorus_mask_threshold)),
+            "chorus_dilation": int(pick(dilation, d.chorus_dilation)), "chorus_tgaa": float(pick(tgaa, d.chorus_tgaa)),
+            "chorus_tgaa_decay": float(pick(tgaa_decay, d.chorus_tgaa_decay)),
+            "chorus_stage2": bool(pick(stage2, d.chorus_stage2))}
         ChorusSettings(**settings)  # validate now, with the node that holds the values
         return (settings,)
