@@ -57,6 +57,7 @@ __all__ = [
     "mib_to_bytes",
     "bytes_to_mib",
     "MIB",
+    "entity_vectors",
 ]
 
 #: Bytes in one MiB: the unit of every budget flag and node input.
@@ -214,9 +215,59 @@ def _folder_exists(location: "str | os.PathLike[str]") -> bool:
     return LatentStore.exists(_folder(location))
 
 
-#: scheme -> (open, read_stats, exists). ``""`` is a folder. Register a new scheme with
-#: :func:`register_backend`; :func:`open_store` is the one place that dispatches on it.
-BACKENDS: Dict[str, tuple] = {"": (_open_folder, _folder_stats, _folder_exists)}
+def entity_vectors(store: StoreBackend, entry_ids: Sequence[int]) -> Dict[int, np.ndarray]:
+    """entry id -> [n, dim] float32 embeddings of its entities, in the order of its record's
+    ``entities``: what copying an entry to another store needs (``cache migrate``). A backend may
+    offer ``store.entity_vectors(ids)``; for a folder store the manifest is read here (read only).
+
+    Raises:
+        StoreError: a folder store whose manifest cannot be read.
+    """
+    if hasattr(store, "entity_vectors"):
+        return store.entity_vectors(entry_ids)
+    import sqlite3
+
+    wanted = set(int(i) for i in entry_ids)
+    out: Dict[int, list] = {}
+    manifest = _folder(store.location) / "manifest.sqlite"
+    try:
+        conn = sqlite3.connect(f"{manifest.as_uri()}?mode=ro", uri=True, timeout=60)
+        try:
+            for entry_id, blob in conn.execute("SELECT entry_id, embedding FROM entities ORDER BY label"):
+                if int(entry_id) in wanted:
+                    out.setdefault(int(entry_id), []).append(np.frombuffer(blob, dtype=np.float32))
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the embeddings in {manifest} ({exc})") from exc
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def _open_postgres(location: str, **kwargs) -> StoreBackend:
+    from .pgstore import open_location  # lazily: psycopg and pgvector stay optional
+
+    return open_location(str(location), **kwargs)
+
+
+def _postgres_stats(location: str, last: int = 10) -> StoreStats:
+    from .pgstore import read_location_stats
+
+    return read_location_stats(str(location), last)
+
+
+def _postgres_exists(location: str) -> bool:
+    from .pgstore import location_exists
+
+    return location_exists(str(location))
+
+
+_POSTGRES = (_open_postgres, _postgres_stats, _postgres_exists)
+
+#: scheme -> (open, read_stats, exists). ``""`` is a folder; ``postgresql://`` (and ``postgres://``)
+#: a store shared by a farm (cache/pgstore.py). Register a new scheme with :func:`register_backend`;
+#: :func:`open_store` is the one place that dispatches on it.
+BACKENDS: Dict[str, tuple] = {"": (_open_folder, _folder_stats, _folder_exists), "postgresql": _POSTGRES,
+                              "postgres": _POSTGRES}
 
 
 def register_backend(scheme: str, opener: Opener, read_stats: Callable[..., StoreStats],

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_generate_parser(sub)
     _add_demo_parser(sub)
+    from ..farm import add_parsers as add_farm_parsers
+
+    add_farm_parsers(sub)  # db, worker, cache migrate, generate --queue (farm.py)
     return parser
 
 
@@ -144,12 +147,14 @@ def _print_stats(path: Path, stats, as_json: bool) -> None:
 
 
 def _cmd_cache(args) -> int:
-    from ..cache.backend import open_store, read_stats
+    from ..cache.backend import location_scheme, open_store, read_stats
     from ..cache.store import StoreError
 
     location = args.store
     try:
-        if args.cache_command == "stats" and (args.read_only or not os.access(Path(location).expanduser(), os.W_OK)):
+        folder = not location_scheme(location)  # a URL (PostgreSQL) has no folder to be read-only
+        if args.cache_command == "stats" and (args.read_only or (folder and not os.access(Path(location).expanduser(),
+                                                                                          os.W_OK))):
             stats = read_stats(location)
             if not args.json:
                 print("read-only: manifest read as is (no repair, nothing written)")
@@ -228,7 +233,8 @@ def _add_generate_parser(sub) -> None:
                          epilog=_GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     gen.add_argument("--prompts", required=True, help="prompt file: one per line, or a JSON list")
     gen.add_argument("--out", required=True, help="folder for the mp4 files and report.{json,md}")
-    gen.add_argument("--store", required=True, help="cache store folder (created if missing)")
+    gen.add_argument("--store", required=True,
+                     help="cache store folder (created if missing), or a postgresql:// URL shared by a farm")
     gen.add_argument("--model", nargs="+", default=["tiny"], metavar="tiny|reference|PATH",
                      help="'tiny', 'reference' [DIR], or STDIT3 VAE T5 [TOKENIZER] weight paths (see below)")
     gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -494,6 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        from .. import farm
+
+        if farm.handles(args):
+            return farm.run(args)
         if args.command == "cache":
             return _cmd_cache(args)
         if args.command == "simulate":

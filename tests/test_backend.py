@@ -74,8 +74,11 @@ def test_open_store_creates_only_when_asked_and_dispatches_by_scheme(tmp_path):
         open_store(tmp_path / "bad-option", options={"no_such_option": 1})
 
     # A URL is dispatched by its scheme: unknown schemes are refused before anything is touched ...
-    with pytest.raises(StoreError, match=r"no store backend handles postgresql:// locations"):
-        open_store("postgresql://chai@render-farm/cache")
+    with pytest.raises(StoreError, match=r"no store backend handles mysql:// locations"):
+        open_store("mysql://chai@render-farm/cache")
+    # postgresql:// goes to cache/pgstore.py (tests/test_pgstore.py): here only its refusal of a password.
+    with pytest.raises(StoreError, match="holds a password"):
+        open_store("postgresql://chai:secret@render-farm/cache")
     assert backend.location_scheme("postgresql://x/y") == "postgresql" and backend.location_scheme(missing) == ""
     with pytest.raises(ValueError, match="empty"):
         open_store("  ")
