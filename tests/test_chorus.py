@@ -473,7 +473,7 @@ def test_auto_serves_chorus_else_chai_else_full_and_says_why(parts, store):
 def test_the_sampler_node_runs_its_reuse_input_and_a_saved_mode_auto_still_runs_chai(tmp_path):
     from comfyui_chai.nodes import NODE_CLASS_MAPPINGS as NODES
     from comfyui_chai.nodes import models, registry
-    from comfyui_chai.nodes.sampler_nodes import run_mode
+    from comfyui_chai.nodes.sampler_nodes import CHAISampler, run_mode
 
     definition = NODES["CHAI_Sampler"].INPUT_TYPES()
     modes, reuse = definition["required"]["mode"][0], definition["optional"]["reuse"]
@@ -505,7 +505,7 @@ def test_the_sampler_node_runs_its_reuse_input_and_a_saved_mode_auto_still_runs_
         saved, _report, _panel = run("a red fox running through snow", 1, mode="auto")
         assert (saved["sampling_mode"], saved["served_by"]) == ("chai", "full")
         assert all("CHAI_" in e.compat_key for e in cache.store.entries())
-        assert NODES["CHAI_Sampler"].IS_CHANGED(mode="auto", reuse="chorus") != ""  # reads the store
+        assert CHAISampler.IS_CHANGED(mode="auto", reuse="chorus") != ""  # reads the store
 
         miss, report, _panel = run("a red fox running through deep snow", 2, mode="chai", reuse="chorus",
                                    chorus_settings=chorus)
