@@ -363,6 +363,36 @@ def test_the_new_tokens_are_the_words_the_donor_lacks():
     assert sorted({words[c] for c in cols}) == ["plus", "sign"]  # every piece of a new word counts
 
 
+def test_the_new_tokens_of_opensoras_t5_captions_are_words_of_the_prepared_caption():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    from comfyui_chai.opensora.text import T5TextEncoder
+    from comfyui_chai.pipeline import T5Captions
+
+    # A SentencePiece-style (Unigram, "▁" word starts) tokenizer like T5's, trained here on a few captions.
+    sp = Tokenizer(models.Unigram())
+    sp.pre_tokenizer = pre_tokenizers.Metaspace()
+    corpus = ["a red fox in the snow aesthetic score: 6.5.", "a blue whale swimming in the deep ocean",
+              "a golden retriever running on a beach at sunset", "snowy mountains under a clear sky"] * 20
+    sp.train_from_iterator(corpus, trainers.UnigramTrainer(vocab_size=60, special_tokens=["<pad>", "</s>", "<unk>"],
+                                                           unk_token="<unk>"))
+    sp.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=2,
+                                 feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval()
+    captions = T5Captions(T5TextEncoder(t5, tok, max_length=40), "tiny")
+    words = captions.token_words("A blue fox in the snow")
+    _y, mask = captions.encode("A blue fox in the snow")
+    assert len(words) == int(mask.sum()) and words[-1] is None  # one word per real row; </s> has none
+    assert [w for w in dict.fromkeys(words) if w] == ["a", "blue", "fox", "in", "the", "snow", "aesthetic", "score",
+                                                     "65"]  # the prepared caption: the score suffix included
+    assert len(words) > len(set(words))  # words split into several pieces share the word
+    cols = new_token_columns(words, captions.token_words("a red fox in the snow"))
+    assert cols and {words[c] for c in cols} == {"blue"}  # the suffix is in both prompts
+
+
 # ------------------------------------------------------------------------------ the modes on the store
 
 
