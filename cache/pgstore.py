@@ -39,6 +39,8 @@ from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 import numpy as np
 
 from .policy import EvictionPolicy
+from dataclasses import replace as _replace
+
 from .store import (
     LOOKUP_LOG_KEEP,
     EntityMatch,
@@ -47,10 +49,10 @@ from .store import (
     StoreError,
     StoreStats,
     VerifyReport,
-    _replace,
     _tensor_spec,
-    _validate_budget,
 )
+from .store_budget import validate_budget as _validate_budget
+from .store_types import BudgetError
 
 __all__ = ["PostgresStore", "is_postgres_url", "open_location", "read_location_stats", "location_exists",
            "SCHEMA_VERSION"]
@@ -182,7 +184,7 @@ class PostgresStore:
     def __init__(self, url: str, config: StoreConfig | None = None, dim: int | None = None,
                  budget_bytes: int | None = None, policy: str | EvictionPolicy | None = None, *,
                  blobs: str | None = None, retry_seconds: float = 60.0, connect_timeout: int = 10,
-                 config_is_default: bool = False) -> None:
+                 config_is_default: bool = False, evict_to_fit: bool = False) -> None:
         self._conninfo = url.strip()
         _parse_url(self._conninfo)
         # Safe to show: a URL with a password is refused above.
@@ -205,11 +207,12 @@ class PostgresStore:
         self._closed = False
         self._vector_ready = False
         self.open_report: list[str] = []
+        self.notes: list[str] = []  # nothing to upgrade yet: one schema version
         self.dim: int | None = None
         self.blobs = None
         conn = self._conn(retry=False)
         self._init_schema(conn, dim, blobs)
-        self._apply_config()
+        self._apply_config(evict_to_fit)
 
     @classmethod
     def open(cls, url: str, **kwargs) -> "PostgresStore":
@@ -449,11 +452,32 @@ class PostgresStore:
                      f"ef_construction = {int(params.get('ef_construction', 64))})")
         conn.execute("INSERT INTO chai_meta VALUES('dim', %s) ON CONFLICT (key) DO NOTHING", (str(dim),))
 
-    def _apply_config(self) -> None:
-        """Persist an explicitly given budget / policy and evict down to a smaller budget."""
+    def _check_budget_change(self, conn, budget: int, evict_to_fit: bool) -> None:
+        """Refuse a budget below what the store holds unless ``evict_to_fit`` (caller holds the writer lock).
+
+        Raises:
+            BudgetError: saying how many entries and bytes the new budget would evict (policy order).
+        """
+        held = int(conn.execute("SELECT value FROM chai_counters WHERE name='bytes_held'").fetchone()[0])
+        if held <= budget or evict_to_fit:
+            return
+        count, freed = 0, 0
+        for (nbytes,) in conn.execute(f"SELECT nbytes FROM chai_entries ORDER BY {self.config.policy.order_by}"):
+            count, freed = count + 1, freed + int(nbytes)
+            if freed >= held - budget:
+                break
+        raise BudgetError(
+            f"the store {self.location} holds {held:,} bytes; a budget of {budget:,} bytes would evict {count} "
+            f"entries ({freed:,} bytes, {self.config.policy.value} order). Nothing was changed: confirm with "
+            "--evict-to-fit (the CHAI Cache node's evict_to_fit option, or evict_to_fit=True), or keep a larger "
+            "budget", budget, held, count, freed)
+
+    def _apply_config(self, evict_to_fit: bool = False) -> None:
+        """Persist an explicitly given budget / policy; a smaller budget evicts only with ``evict_to_fit``."""
         def apply(conn):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITER_LOCK,))
             if self._explicit_budget:
+                self._check_budget_change(conn, self.config.budget_bytes, evict_to_fit)
                 conn.execute("UPDATE chai_meta SET value=%s WHERE key='budget_bytes'", (str(self.config.budget_bytes),))
             if self._explicit_policy:
                 conn.execute("UPDATE chai_meta SET value=%s WHERE key='policy'", (self.config.policy.value,))
@@ -619,19 +643,25 @@ class PostgresStore:
                 log.warning("CHAI store %s: could not delete %d blob(s) (%s); 'cache verify' removes them later",
                             self.location, len(keys), exc)
 
-    def set_budget(self, budget_bytes: int) -> int:
-        """Change the byte budget (persisted, seen by every client's next insert) and evict down to it.
+    def set_budget(self, budget_bytes: int, evict_to_fit: bool = False) -> int:
+        """Change the byte budget (persisted, seen by every client's next insert).
+
+        A budget below what the store holds is refused unless ``evict_to_fit``; then saving it and
+        evicting down to it happen in one transaction (the folder store's rule, issue 14).
 
         Returns:
             The number of entries evicted.
 
         Raises:
             ValueError: budget <= 0.
+            BudgetError: the store holds more than ``budget_bytes`` and ``evict_to_fit`` is False;
+                nothing is changed.
         """
         _validate_budget(budget_bytes)
 
         def apply(conn):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITER_LOCK,))
+            self._check_budget_change(conn, int(budget_bytes), evict_to_fit)
             conn.execute("UPDATE chai_meta SET value=%s WHERE key='budget_bytes'", (str(int(budget_bytes)),))
             self._adopt_meta(conn)
             return self._evict_locked(conn, 0, exclude=None)
@@ -1023,7 +1053,8 @@ _STORE_OPTIONS = ("blobs", "retry_seconds", "connect_timeout")
 
 
 def open_location(location: str, *, budget_bytes: int | None = None, policy: str | None = None,
-                  dim: int | None = None, create: bool = True, options: Mapping | None = None) -> PostgresStore:
+                  dim: int | None = None, create: bool = True, options: Mapping | None = None,
+                  evict_to_fit: bool = False) -> PostgresStore:
     """Open the store at a ``postgresql://`` URL (the factory's signature).
 
     Args:
@@ -1047,7 +1078,7 @@ def open_location(location: str, *, budget_bytes: int | None = None, policy: str
         raise ValueError(f"unknown PostgreSQL store option(s) {unknown}; use {sorted(known | set(_STORE_OPTIONS))}")
     config = StoreConfig(**options) if options else None
     return PostgresStore(location, config=config, dim=dim, budget_bytes=budget_bytes, policy=policy,
-                         config_is_default=True, **extra)
+                         config_is_default=True, evict_to_fit=evict_to_fit, **extra)
 
 
 def location_exists(location: str) -> bool:

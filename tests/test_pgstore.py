@@ -21,7 +21,7 @@ import torch
 
 from _store_util import DIM, assert_seeded_entry, put_seeded, seeded_entry, unit_vectors
 from comfyui_chai.cache.pgstore import PostgresStore, is_postgres_url, location_exists, open_location
-from comfyui_chai.cache.store import LatentStore, StoreError
+from comfyui_chai.cache.store import BudgetError, LatentStore, StoreError
 
 HERE = Path(__file__).resolve().parent
 KEY = "model=t|shape=4x8|fp32"
@@ -142,11 +142,14 @@ def test_budget_set_by_another_client_governs_the_next_insert(pg_url):
     with PostgresStore(pg_url, dim=DIM) as a, PostgresStore(pg_url) as b:
         ids = [_one(a, seed=i) for i in range(6)]
         size = a.entry(ids[0]).nbytes
-        assert a.set_budget(3 * size) == 3
+        with pytest.raises(BudgetError, match="would evict 3 entries"):
+            a.set_budget(3 * size)  # a smaller budget is refused unless confirmed; nothing changes
+        assert len(b) == 6 and b.stats().budget_bytes != 3 * size
+        assert a.set_budget(3 * size, evict_to_fit=True) == 3
         assert b.stats().budget_bytes == 3 * size
         new = _one(b, seed=10)
         assert [r.entry_id for r in b.entries()] == ids[4:] + [new]
-        assert a.set_budget(size // 2) == 3  # smaller than one entry: everything goes
+        assert a.set_budget(size // 2, evict_to_fit=True) == 3  # smaller than one entry: everything goes
         with pytest.raises(ValueError, match="budget"):
             _one(b, seed=11)
         assert len(b) == 0 and b.stats().inserts == 7
