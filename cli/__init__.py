@@ -529,9 +529,8 @@ def _cmd_generate(args) -> int:
                 video = write_video(result.frames, out / f"{i:03d}_{slug}.mp4", fps=args.fps or pipe.fps)
                 row = result.summary()
                 row["video"] = video.name
-                if result.lookup is not None and result.lookup.not_stored:
-                    row["not_stored"] = result.lookup.not_stored  # the video is kept; the cache skipped it
-                    tqdm.write(f"prompt {i}: {result.lookup.not_stored}", file=sys.stderr)
+                for why in result.not_stored:  # the video is kept; the cache skipped an entry
+                    tqdm.write(f"prompt {i}: {why}", file=sys.stderr)
                 rows.append(row)
                 bar.set_postfix_str(f"{result.served_by} {result.timings.total_ms / 1000:.2f}s")
                 bar.update(1)

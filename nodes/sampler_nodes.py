@@ -280,6 +280,8 @@ def _report_line(summary: Dict[str, Any]) -> str:
     elif summary["mode"] == "full" and summary.get("inserted_entry_ids"):
         stored = ", ".join(f"#{i}" for i in summary["inserted_entry_ids"])
         head = f"miss{why} -> full mode, {summary['steps']} steps, stored as entry {stored}"
+    elif summary["mode"] == "full" and summary.get("not_stored"):
+        head = f"miss{why} -> full mode, {summary['steps']} steps, {summary['not_stored']}"
     else:
         head = f"{summary['sampling_mode']} mode, {summary['steps']} steps (no cache)"
     prompt = summary["prompt"] if len(summary["prompt"]) <= 60 else summary["prompt"][:57] + "..."

@@ -91,6 +91,8 @@ class GenerationResult:
             name. reason: why, in one line (the similarity against the threshold).
         inserted_entry_ids: every entry this request created (``auto`` stores a miss under two keys).
         details: the mode's extras for reports (Chorus: stage bounds, region, new tokens).
+        not_stored: why an entry this request asked to store was skipped (one line each; the request's
+            video is unaffected), e.g. a prompt with no entity, or an entry larger than the budget.
     """
 
     prompt: str
@@ -117,6 +119,7 @@ class GenerationResult:
     reason: str = ""
     inserted_entry_ids: List[int] = field(default_factory=list)
     details: Dict[str, Any] = field(default_factory=dict)
+    not_stored: List[str] = field(default_factory=list)
 
     def frames_uint8(self) -> torch.Tensor:
         """frames as uint8 [F, H, W, 3] (round to nearest). Raises ValueError when not decoded."""
@@ -135,6 +138,7 @@ class GenerationResult:
             "entry_id": self.entry_id, "fused_entry_ids": list(self.fused_entry_ids),
             "inserted_entry_id": self.inserted_entry_id, "inserted_entry_ids": list(self.inserted_entry_ids),
             "served_by": self.served_by, "reason": self.reason, "details": dict(self.details),
+            "not_stored": "; ".join(self.not_stored) or None,
             "compat_key": self.compat_key, "latent_shape": list(self.latent.shape),
             "timings_ms": {k: round(v, 3) for k, v in asdict(self.timings).items()},
         }
@@ -521,13 +525,15 @@ class ChaiPipeline:
 
         # 5. store (the request completed)
         inserted: List[int] = []
+        not_stored: List[str] = []
         pending = list(out.inserts)
         if out.store is not None and lookup_result is not None:
             pending.insert(0, (lookup_result, out.store, out.store_info))
         if store and pending and lookup is not None:
             t0 = time.perf_counter()
-            ids = (lookup.insert(result, tensors, info) for result, tensors, info in pending)
-            inserted = [i for i in ids if i is not None]  # None: the cache skipped it (result.not_stored says why)
+            ids = [lookup.insert(result, tensors, info) for result, tensors, info in pending]
+            inserted = [i for i in ids if i is not None]
+            not_stored = [r.not_stored for (r, _t, _i), i in zip(pending, ids) if i is None and r.not_stored]
             timings.store_ms = (time.perf_counter() - t0) * 1000.0
 
         timings.total_ms = (time.perf_counter() - t_start) * 1000.0
@@ -541,5 +547,5 @@ class ChaiPipeline:
             entry_id=out.entry_ids[0] if out.hit and out.entry_ids else None, fused_entry_ids=list(out.entry_ids),
             inserted_entry_id=inserted[0] if inserted else None, timings=timings, lookup=lr,
             sampling_mode=sampling.name, served_by=out.served_by or sampling.name, reason=out.reason,
-            inserted_entry_ids=inserted, details=dict(out.details),
+            inserted_entry_ids=inserted, details=dict(out.details), not_stored=not_stored,
         )
