@@ -163,35 +163,45 @@ def test_the_hook_points_cost_nothing_unused_and_the_region_sees_the_whole_frame
             pass
 
 
-def test_tgaa_changes_the_logits_only_in_the_new_tokens_columns_of_the_conditional_rows():
+def test_tgaa_changes_attention_weights_only_in_the_new_tokens_columns_of_the_conditional_rows(monkeypatch):
+    from comfyui_chai.opensora import layers
+
     torch.manual_seed(0)
     layer = MultiHeadCrossAttention(32, 4)
     x, text = torch.randn(2, 6, 32), torch.randn(2, 5, 32)
-    ctx = TextContext(text, None, (5, 5))
+    key_mask = torch.tensor([True, True, True, True, False]).expand(2, 1, 1, 5)  # the last key is padding
+    ctx = TextContext(text, key_mask, (4, 4))
     guidance = TokenGuidance(_LayerModel(layer), columns=[1, 3], alpha=3.0)
-    seen = {}
-
-    def spy(lyr, q, k, c):
-        bias = guidance._logit_hook(lyr, q, k, c)
-        seen["q"], seen["k"], seen["bias"] = q, k, bias
-        return bias
-
     guidance._rows = 1  # one sample: row 0 conditional, row 1 unconditional
-    layer.logit_hook = spy
+    weights = []
+    sdpa = layers.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):  # the weights the layer really uses, from what it hands SDPA
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        bias = torch.zeros_like(logits).masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+            else attn_mask
+        w = (logits + bias).softmax(-1)
+        weights.append(w)
+        out = sdpa(q, k, v, attn_mask=attn_mask, **kw)
+        assert torch.allclose(out, w @ v, atol=1e-5)
+        return out
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", spy)
+    layer.logit_hook = guidance._logit_hook
     amplified = layer(x, ctx)
     layer.logit_hook = None
     plain = layer(x, ctx)
-    bias = seen["bias"]
-    assert torch.equal(bias[1], torch.zeros_like(bias[1]))  # the unconditional row is untouched
-    changed = (bias[0, 0, 0] != 0).nonzero().flatten().tolist()
-    assert changed == [1, 3] and torch.allclose(bias[0, 0, 0, [1, 3]], torch.full((2,), math.log(3.0)))
-    logits = seen["q"] @ seen["k"].transpose(-1, -2) / math.sqrt(8)
-    p_plain, p_amp = logits.softmax(-1), (logits + bias).softmax(-1)
-    ratio = p_amp[0] / p_plain[0]  # per query: the other columns keep their relative weights
-    others = ratio[..., [0, 2, 4]]
-    assert torch.allclose(others, others[..., :1].expand_as(others), atol=1e-6)
-    assert torch.allclose(ratio[..., [1, 3]], 3.0 * others[..., :1].expand(-1, -1, 2), atol=1e-5)
-    assert torch.equal(amplified[1], plain[1]) and not torch.allclose(amplified[0], plain[0])
+    w_amp, w_plain = weights
+    assert torch.equal(w_amp[1], w_plain[1]) and torch.equal(amplified[1], plain[1])  # unconditional row untouched
+    assert (w_amp[..., 4] == 0).all()  # a padded key stays masked
+    ratio = w_amp[0] / w_plain[0]  # per query, the other columns keep their relative weights ...
+    others = ratio[..., [0, 2]]
+    assert torch.allclose(others, others[..., :1].expand_as(others), atol=1e-5)
+    assert (others < 1).all()  # ... and lose what the new columns gain
+    assert torch.allclose(ratio[..., [1, 3]], 3.0 * others[..., :1].expand(-1, -1, 2), atol=1e-4)
+    assert not torch.allclose(amplified[0], plain[0])
+    guidance.alpha = 1.0  # no amplification: the plain path, no bias at all
+    assert guidance._logit_hook(layer, torch.zeros(2, 4, 6, 8), torch.zeros(2, 4, 5, 8), ctx) is None
 
 
 class _LayerModel(torch.nn.Module):
@@ -497,6 +507,18 @@ def test_auto_serves_chorus_else_chai_else_full_and_says_why(parts, store):
                                                              "no entity hit (no store)")
 
 
+def test_an_auto_miss_too_large_for_the_budget_says_why_for_each_entry_it_could_not_store(parts, tmp_path):
+    from comfyui_chai.nodes.sampler_nodes import _report_line
+
+    with LatentStore(tmp_path / "small", dim=DIM, budget_bytes=4096) as small:  # holds neither entry
+        r = _pipe(parts, small).generate("a green boat, calm lake", mode="auto", decode=False, **SIZE)
+        assert small.stats().entries == 0
+    assert (r.served_by, r.inserted_entry_ids, len(r.not_stored)) == ("full", [], 2)
+    assert all("more than the store's whole budget" in why for why in r.not_stored)
+    line = _report_line(r.summary())
+    assert line.startswith("miss (no whole-prompt donor") and line.count("not cached") == 2
+
+
 # ------------------------------------------------------------------------------ ComfyUI
 
 
@@ -574,6 +596,9 @@ def test_generate_reuse_on_the_command_line(tmp_path, monkeypatch, capsys):
             "--chorus-threshold", "0.6", "--chorus-k1", "0.2", "0.4", "--chorus-k2", "0.5", "0.7",
             "--chorus-window", "0.2", "0.7"]
     assert main(args) == 0
+    printed = capsys.readouterr().out  # the command line's output says what served each prompt and why
+    assert "| served by | why |" in printed and "| chorus | whole-prompt donor: whole prompt ~" in printed
+    assert "served by full 2, chorus 1, chai 1" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["run"]["mode"] == "auto" and report["run"]["settings"]["chorus"]["chorus_threshold"] == 0.6
     rows = report["prompts"]
