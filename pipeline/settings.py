@@ -136,7 +136,7 @@ class ChorusSettings:
         chorus_window: (first, last) fractions of ``full_steps``: the steps whose latents a miss stores
             (:meth:`window`); the map must stay inside it. It alone sets a Chorus entry's size and key.
         chorus_mask_threshold: a latent token joins the stage-2 region when its attention to the new tokens
-            is at least this fraction of its frame's largest (``opensora.chorus.region_mask``); 0 = all.
+            is at least this fraction of its frame's largest (``opensora.chorus.region_tokens``); 0 = all.
         chorus_dilation: tokens the region grows by (square max filter); 0 = none.
         chorus_tgaa: amplification factor alpha of the new tokens' cross-attention (logit bias log alpha);
             1 = off.
