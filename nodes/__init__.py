@@ -12,6 +12,7 @@ the ``/chai/*`` routes; outside it, both are skipped.
 
 from . import host as _host
 from .cache_nodes import CHAICache, CHAICacheAttentionSettings, CHAICacheLookup, CHAICacheState
+from .chorus_nodes import CHAIChorusSettings
 from .comfy_v3 import ComfyExtension as _ComfyExtension
 from .loader_nodes import CHAILoadSTDiT3, CHAILoadTextEncoder, CHAILoadVAE
 from .routes import register_routes as _register_routes
@@ -22,7 +23,7 @@ from .text_nodes import CHAIEntityExtractor, CHAIPromptList, CHAITextEncode
 #: the identity of every saved workflow: never rename one (tests/test_workflows.py checks them).
 NODE_LIST: list = [CHAILoadSTDiT3, CHAILoadVAE, CHAILoadTextEncoder, CHAIPromptList, CHAITextEncode,
                    CHAIEntityExtractor, CHAICache, CHAICacheLookup, CHAICacheAttentionSettings, CHAISampler,
-                   CHAIVAEDecode, CHAICacheState]
+                   CHAIVAEDecode, CHAICacheState, CHAIChorusSettings]
 
 #: node id -> class, and node id -> display name (for tests, tools and scripts; ComfyUI takes the
 #: list from :func:`comfy_entrypoint`).

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .comfy_v3 import io
 
-__all__ = ["Model", "Vae", "TextEncoder", "Conditioning", "Entities", "Cache", "Lookup", "CacheConfig"]
+__all__ = ["Model", "Vae", "TextEncoder", "Conditioning", "Entities", "Cache", "Lookup", "CacheConfig", "ChorusConfig"]
 
 Model = io.Custom("CHAI_MODEL")  # nodes.models.ChaiModel
 Vae = io.Custom("CHAI_VAE")  # nodes.models.ChaiVAE
@@ -16,3 +16,4 @@ Entities = io.Custom("CHAI_ENTITIES")  # nodes.text_nodes.ChaiEntities
 Cache = io.Custom("CHAI_CACHE")  # nodes.registry.StoreHandle
 Lookup = io.Custom("CHAI_LOOKUP")  # nodes.cache_nodes.ChaiLookup
 CacheConfig = io.Custom("CHAI_CACHE_CONFIG")  # dict of CacheAttentionConfig keywords
+ChorusConfig = io.Custom("CHAI_CHORUS_CONFIG")  # dict of ChorusSettings keywords (nodes.chorus_nodes)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import subprocess
 import sys
 import time
@@ -93,13 +92,13 @@ def run_prompt(tiny, cache, prompt, seed=1, **kw):
 
 
 def test_pack_imports_without_comfyui():
-    """Without ComfyUI the pack imports, lists its 12 nodes through its V3 entry point (the stand-in
+    """Without ComfyUI the pack imports, lists its 13 nodes through its V3 entry point (the stand-in
     API), and defines no NODE_CLASS_MAPPINGS (ComfyUI would then ignore comfy_entrypoint)."""
     code = ("import asyncio, sys, comfyui_chai; import comfyui_chai.nodes as n; "
             "bad = [m for m in ('comfy', 'comfy_api', 'folder_paths', 'server', 'execution') if m in sys.modules]; "
             "assert not bad, bad; assert not hasattr(comfyui_chai, 'NODE_CLASS_MAPPINGS'); "
             "ext = asyncio.run(comfyui_chai.comfy_entrypoint()); nodes = asyncio.run(ext.get_node_list()); "
-            "assert len(nodes) == len(n.NODES) == 12 and nodes == n.NODE_LIST; "
+            "assert len(nodes) == len(n.NODES) == 13 and nodes == n.NODE_LIST; "
             "assert comfyui_chai.WEB_DIRECTORY == './web'; print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
@@ -332,7 +331,7 @@ def test_miss_then_hit_in_the_same_store(tiny, tmp_path):
     assert similarity == pytest.approx(1.0, abs=1e-3)
     latent2, report2 = out2["result"]
     assert latent2["chai"]["mode"] == "fast" and latent2["chai"]["hit"] is True
-    assert report2.startswith("hit: 'red fox' ~ 'red fox'") and "4 steps" in report2
+    assert report2.startswith("hit: served by chai (entity 'red fox' ~ 'red fox' 1.000 >= 0.72)") and "4 steps" in report2
     assert not torch.equal(latent2["samples"], latent["samples"])
     assert len(cache.store) == 1  # a hit stores nothing
 
