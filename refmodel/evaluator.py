@@ -61,7 +61,8 @@ shared 2-core machine):
    the background class's row model (not the median image, so a faint copy that stays in place counts
    too), the coverage is averaged over 3 x 3 pixels, and 8-connected blobs of at least
    :data:`GHOST_MIN_PIXELS` pixels with at least :data:`GHOST_ALPHA` coverage are ghosts: faint extra
-   copies, trails, smears. Their coverage over the objects' own is the ratio. Fainter ghosts than
+   copies, trails, smears (a pixel counts only where the mix of object colour and background explains it
+   within :data:`GHOST_RESIDUAL` spreads, so a foreign background colour leaking in is not a ghost). Their coverage over the objects' own is the ratio. Fainter ghosts than
    :data:`GHOST_ALPHA` (11 sRGB units at the generator's minimum contrast) are not counted: lower, the
    grass and sand textures of ground-truth clips start to read as ghosts.
 
@@ -189,6 +190,7 @@ TEXTURE_MIN = 2.0  # sRGB; a reference whose background detail is below this has
 GHOST_NEIGHBOURHOOD = 2  # px around each object's solid pixels that belong to the object (its rims)
 GHOST_ALPHA = 0.1  # 3 x 3 mean coverage of an object colour that makes a pixel a ghost candidate
 GHOST_MIN_PIXELS = 4  # connected candidate pixels (8-neighbourhood) that make a ghost, not noise
+GHOST_RESIDUAL = 2.0  # what mixing with an object colour leaves unexplained, in the class's RMS spreads
 
 FLICKER_GRID = 4  # blocks per side for the flicker measure
 _LUT_RADIUS = 64  # unit shape templates are rasterised at this radius (px) once
@@ -667,9 +669,10 @@ def _ghost_mass(x: np.ndarray, row_mean: np.ndarray, row_spread: np.ndarray, col
     detected objects' named colours; own: [F, H, W] pixels that belong to an object (solid pixels dilated
     by :data:`GHOST_NEIGHBOURHOOD`). Coverage is measured against the row model, not the per-pixel median,
     so a faint copy that stays in place (what a short schedule leaves of the other layouts it averaged)
-    counts too; a pixel counts only where mixing explains it (residual within 3 RMS spreads)."""
+    counts too; a pixel counts only where mixing explains it (residual within :data:`GHOST_RESIDUAL` times the
+    class's spread: another background's colour leaking in is not a copy of the object)."""
     cover = np.zeros(x.shape[:3], np.float32)
-    limit = 3.0 * np.sqrt((row_spread ** 2).sum(-1))  # [H, 1]
+    limit = GHOST_RESIDUAL * np.sqrt((row_spread ** 2).sum(-1))  # [H, 1]
     for c in colors:
         a, resid = _coverage(x, row_mean, c)
         cover = np.maximum(cover, np.where(resid <= limit[None], a, 0.0))
