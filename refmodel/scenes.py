@@ -23,15 +23,15 @@ Shape colours that would be hard to see on a background (sRGB distance below
 
 **Scene distributions** (:data:`DISTRIBUTIONS`, keyword arguments of :func:`sample_scene` /
 :func:`sample_dataset`): version 1, what ``models/reference_v1`` was trained on, is one canonical layout
-per caption (``position_jitter=0``) on v1's backgrounds, so the caption fixes the clip up to texture and
-a sampler's paths are nearly straight (two steps give full quality). Version 2 leaves open what a
-caption does not say: where the object is (start position, i.e. its phase along the path, and the
-cross-motion lane; scaling centres) is drawn over the whole frame on a 2-pixel grid (``position_snap=2``,
-the reference model's patch, so every shape lies on the tokens the same way wherever it is), and
-every background carries a static luminance grain (``background_grain`` sRGB units of standard
-deviation: fine detail that a short sampling schedule averages away); sizes and travel stay at the
-middle of their ranges. Captions depend on none of these knobs: seed ``(s, i)`` gives the same caption
-in every version, so the held-out prompts are the same sentences for every model.
+per caption (``position_jitter=0``) on v1's backgrounds: the caption fixes the clip up to the grass and
+sand textures, so a sampler's paths are nearly straight and two steps give full quality. Version 2 keeps
+the canonical layouts and covers every background with a static luminance grain (``background_grain``
+sRGB units of standard deviation, drawn from the texture seed): fine detail that the caption leaves
+open, so one caption has many valid clips that differ in exactly what a short sampling schedule
+averages away (its last step predicts the mean texture the noisy input still allows: flat). Random
+layouts were tried first for v2 and dropped (the reference_v2 model card says why). Captions depend on
+none of these knobs: seed ``(s, i)`` gives the same caption in every version, so the held-out prompts are
+the same sentences for every model.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ SIZE_WORDS: Dict[str, Tuple[float, float]] = {"small": (5.0, 6.0), "large": (7.5
 #: (``position_jitter=1``) on the same backgrounds.
 DISTRIBUTIONS: Dict[int, Dict[str, float]] = {
     1: {"position_jitter": 0.0, "position_snap": 0.0, "background_grain": 0.0},
-    2: {"position_jitter": 0.0, "position_snap": 2.0, "background_grain": 6.0},
+    2: {"position_jitter": 0.0, "position_snap": 0.0, "background_grain": 6.0},
 }
 
 _SUPERSAMPLE = 4  # sub-pixel grid per axis for anti-aliased coverage
