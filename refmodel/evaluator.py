@@ -53,9 +53,11 @@ shared 2-core machine):
    neighbouring pixels of at least :data:`EDGE_MIN_STEP` give ``sum(step^2) / sum(step)``, the mean step
    weighted by step: 1 for a one-pixel edge, about 0.6 for the generator's anti-aliased edges, about
    ``1/w`` for an edge smeared over ``w`` pixels (it does not depend on the size, shape or position).
-   ``texture_contrast``: RMS of ``background image - its 3 x 3 mean`` (sRGB, channels summed) where the
-   background shows in at least half the frames: the static fine texture (grass blades, sand, the
-   grain of scene distribution v2), not per-frame noise, which the median over frames removes.
+   ``texture_contrast``: RMS of ``luma - its 3 x 3 mean`` (Rec. 601 luma of the background image, sRGB
+   units) where the background shows in at least half the frames: the static fine luminance texture
+   (grass blades, sand, the grain of scene distribution v2), the detail a viewer sees (as video codecs
+   keep luma detail and drop chroma detail); not per-frame noise, which the median over frames removes,
+   nor colour speckle, which luma leaves out.
 8. **Ghosting** ``ghost_ratio``: an object is its largest solid blob in each frame; every pixel more
    than :data:`GHOST_NEIGHBOURHOOD` px from one is unmixed against the detected objects' colours over
    the background class's row model (not the median image, so a faint copy that stays in place counts
@@ -113,11 +115,11 @@ plus Gaussian noise of 10 sRGB units still scores 0.88; independent per-frame co
 (flicker) drops temporal consistency to about 0.3. New criteria (random layouts on v2's grained backgrounds, 120 renders, setup of
 ``tests/test_fidelity.py``): another valid clip of the same caption (other layout and grain) keeps detail
 0.975 of its reference (edges 0.969, texture 0.981) and ghost-free 1.000 (ghost ratio 0.0003); a
-Gaussian blur of 0.7 / 1.0 px leaves detail 0.41 / 0.27 (edges 0.54 / 0.42, texture 0.27 / 0.13) with
+Gaussian blur of 0.7 / 1.0 px leaves detail 0.41 / 0.27 (edges 0.54 / 0.42, texture 0.27 / 0.12) with
 ghost-free 1.000 / 0.998; a copy of the object at 15 / 30 % opacity gives ghost-free 0.935 / 0.835 with
-detail 0.998 / 0.997; Gaussian noise of 8 units leaves detail 0.99 and ghost-free 0.999 (PSNR / SSIM
+detail 0.997 / 0.996; Gaussian noise of 8 units leaves detail 0.99 and ghost-free 0.999 (PSNR / SSIM
 against the clean clip see it: ``refmodel/fidelity.py``). Overall with the reference: 0.994 (ground
-truth), 0.870 / 0.819 (blur), 0.895 / 0.720 (copies), 0.966 (noise).
+truth), 0.869 / 0.819 (blur), 0.895 / 0.719 (copies), 0.966 (noise).
 """
 
 from __future__ import annotations
@@ -195,6 +197,7 @@ GHOST_MIN_PIXELS = 4  # connected candidate pixels (8-neighbourhood) that make a
 GHOST_RESIDUAL = 2.0  # what mixing with an object colour leaves unexplained, in the class's RMS spreads
 
 FLICKER_GRID = 4  # blocks per side for the flicker measure
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # Rec. 601 luma weights
 _LUT_RADIUS = 64  # unit shape templates are rasterised at this radius (px) once
 _BG_SEEDS = 16
 
@@ -439,8 +442,8 @@ class ClipMeasurement:
         edge_sharpness: mean coverage step across the objects' edges, weighted by step (1 for a
             one-pixel edge, about 0.6 for an anti-aliased one, about 1/w for an edge blurred over w
             pixels); None without objects.
-        texture_contrast: RMS high-frequency energy (pixel minus its 3 x 3 mean, sRGB, channels
-            summed) of the static background image; 0 when too little background shows.
+        texture_contrast: RMS high-frequency luma (pixel minus its 3 x 3 mean, Rec. 601 luma in sRGB
+            units) of the static background image; 0 when too little background shows.
         ghost_ratio: coverage of the objects' colours found outside the objects (faint extra copies,
             trails, smears: connected blobs of at least :data:`GHOST_MIN_PIXELS` pixels more than
             :data:`GHOST_NEIGHBOURHOOD` px from any object's main blob), as a share of the coverage of
@@ -630,14 +633,16 @@ def _coverage(x: np.ndarray, b: np.ndarray, color: np.ndarray) -> Tuple[np.ndarr
 
 
 def _texture_contrast(bgimg: np.ndarray, bg_share: np.ndarray) -> float:
-    """RMS of ``bgimg - its 3 x 3 mean`` (channels summed, sRGB) over interior pixels whose whole 3 x 3
-    neighbourhood is background in at least half the frames (``bg_share`` [H, W]); 0 below 16 such pixels."""
-    hf = bgimg - uniform_filter(bgimg, size=(3, 3, 1), mode="nearest")
+    """RMS of ``luma - its 3 x 3 mean`` (Rec. 601 luma of ``bgimg`` [H, W, 3], sRGB units) over interior
+    pixels whose whole 3 x 3 neighbourhood is background in at least half the frames (``bg_share`` [H, W]);
+    0 below 16 such pixels."""
+    luma = bgimg @ _LUMA
+    hf = luma - uniform_filter(luma, size=3, mode="nearest")
     valid = minimum_filter(bg_share >= 0.5, size=3, mode="constant", cval=False)
     valid[0, :] = valid[-1, :] = valid[:, 0] = valid[:, -1] = False
     if valid.sum() < 16:
         return 0.0
-    return float(np.sqrt((hf[valid] ** 2).sum(-1).mean()))
+    return float(np.sqrt((hf[valid] ** 2).mean()))
 
 
 def _edge_steps(alpha: np.ndarray, near: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ __all__ = ["FEATURES", "FEATURE_UNITS", "clip_features", "frechet_distance", "ps
 FEATURE_UNITS: Dict[str, float] = {
     "objects": 1.0,  # number of detected objects
     "edge_sharpness": 0.2,  # coverage step (see ClipMeasurement.edge_sharpness)
-    "texture_contrast": 5.0,  # sRGB
+    "texture_contrast": 3.0,  # sRGB luma
     "ghost_ratio": 0.1,  # share of the objects' coverage
     "flicker": evaluator.TEMPORAL_SCALES["flicker"],
     "position_jerk": evaluator.TEMPORAL_SCALES["position_jerk"],
