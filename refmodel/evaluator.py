@@ -673,7 +673,7 @@ def _ghost_mass(x: np.ndarray, row_mean: np.ndarray, row_spread: np.ndarray, col
     """Coverage of ``colors`` outside the objects: see :attr:`ClipMeasurement.ghost_ratio`.
 
     x: [F, H, W, 3] sRGB; row_mean, row_spread: the background class's row model [H, 1, 3]; colors: the
-    detected objects' named colours; own: [F, H, W] pixels that belong to an object (solid pixels dilated
+    detected objects' named colours; own: [F, H, W] pixels that belong to an object (its main blobs dilated
     by :data:`GHOST_NEIGHBOURHOOD`). Coverage is measured against the row model, not the per-pixel median,
     so a faint copy that stays in place (what a short schedule leaves of the other layouts it averaged)
     counts too; a pixel counts only where mixing explains it (residual within :data:`GHOST_RESIDUAL` times the
@@ -867,10 +867,7 @@ def measure_clip(clip) -> ClipMeasurement:
 
         steps = []
         for k, (solid, col) in enumerate(zip(solid_maps, object_colors)):
-            others = np.zeros_like(solid)
-            for j, other in enumerate(solid_maps):
-                if j != k:
-                    others |= other
+            others = np.logical_or.reduce([sm for j, sm in enumerate(solid_maps) if j != k] + [np.zeros_like(solid)])
             a_full, _ = _coverage(x, bgimg[None], col)
             steps.append(_edge_steps(a_full, grow(solid, EDGE_NEIGHBOURHOOD) & ~others))
         g = np.concatenate(steps)
