@@ -1,4 +1,4 @@
-"""`python -m comfyui_chai ...`: the headless command line (see cli.py)."""
+"""`python -m comfyui_chai ...`: the headless command line (see cli/)."""
 
 from .cli import main
 

@@ -5,7 +5,7 @@ Modes (each a full request through ``ChaiPipeline.generate``: caption, denoise, 
 * ``full``   OpenSora 1.2 baseline: 30 RFLOW steps, CFG 7.0, no cache (``mode="full"``);
 * ``miss``   a CHAI miss: lookup, 30 steps with latent capture, insertion into the store;
 * ``hit``    a CHAI hit: lookup + latent load, 8 steps with Cache Attention at steps 2-4;
-* ``plain8`` 8 plain RFLOW steps without cache (``mode="plain_fast"``): what the step cut alone gives.
+* ``plain8`` 8 plain RFLOW steps without cache (``mode="plain"``): what the step cut alone gives.
 
 ``full``, ``hit`` and ``plain8`` use the same prompt and seed; the ``miss`` request (another prompt
 that shares the entity "red fox") fills a fresh store just before, so every round's hit is real.
@@ -101,17 +101,17 @@ def build_pipeline(args, lookup):
     """The ChaiPipeline of the chosen configuration on ``args.device``."""
     import torch
 
-    from comfyui_chai.opensora.cache_attention import CacheAttentionConfig
     from comfyui_chai.opensora.stdit3 import build_stdit3, stdit3_xl2_config
     from comfyui_chai.opensora.vae import OpenSoraVAE
     from comfyui_chai.pipeline import ChaiPipeline, tiny_components
+    from comfyui_chai.pipeline.settings import resolve_settings
 
-    config = CacheAttentionConfig(fast_steps=args.fast_steps, full_steps=args.full_steps,
-                                  cache_steps=tuple(args.cache_steps))
+    settings = resolve_settings(None, {"fast_steps": args.fast_steps, "full_steps": args.full_steps,
+                                       "cache_steps": tuple(args.cache_steps)})
     device = torch.device(args.device)
     if not args.full_size:
         model, vae, captions = tiny_components(0, captions="hashed")
-        return ChaiPipeline(model.to(device), vae.to(device), captions, lookup, config,
+        return ChaiPipeline(model.to(device), vae.to(device), captions, lookup, settings=settings,
                             size_dtype=torch.float32), "tiny (seeded random weights)"
     dtype = getattr(torch, args.dtype)
     with torch.random.fork_rng(devices=[]):
@@ -121,7 +121,8 @@ def build_pipeline(args, lookup):
             vae = OpenSoraVAE().to(dtype).eval()
     captions = HashedTokenT5(device, dtype, layers=args.t5_layers)
     name = f"STDiT3-XL/2 depth {args.depth} + OpenSora VAE v1.2 + T5-XXL-sized ({args.t5_layers} layers), random, {args.dtype}"
-    return ChaiPipeline(model, vae, captions, lookup, config, model_fingerprint=f"random-xl2-d{args.depth}"), name
+    return ChaiPipeline(model, vae, captions, lookup, settings=settings,
+                        model_fingerprint=f"random-xl2-d{args.depth}"), name
 
 
 def one_round(pipe, make_lookup, size, seed, rows):
@@ -132,7 +133,7 @@ def one_round(pipe, make_lookup, size, seed, rows):
         "miss": lambda: pipe.generate(MISS_PROMPT, seed=seed + 1, **size),
         "hit": lambda: pipe.generate(HIT_PROMPT, seed=seed, **size),
         "full": lambda: pipe.generate(HIT_PROMPT, seed=seed, mode="full", **size),
-        "plain8": lambda: pipe.generate(HIT_PROMPT, seed=seed, mode="plain_fast", **size),
+        "plain8": lambda: pipe.generate(HIT_PROMPT, seed=seed, mode="plain", **size),
     }
     rest = ["hit", "full", "plain8"]
     order = ["miss"] + rest[seed % 3:] + rest[: seed % 3]  # rotate so slow drift hits every mode alike
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
     from comfyui_chai.cache.embed import Embedder
     from comfyui_chai.cache.entities import EntityExtractor
     from comfyui_chai.cache.lookup import CacheLookup
-    from comfyui_chai.cache.store import LatentStore
+    from comfyui_chai.cache.backend import open_store
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available", file=sys.stderr)
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
 
     def make_lookup():
         counter["n"] += 1
-        store = LatentStore(Path(tmp.name) / f"store{counter['n']}")  # a fresh store: the miss is real
+        store = open_store(Path(tmp.name) / f"store{counter['n']}")  # a fresh store: the miss is real
         return store, CacheLookup(store, extractor, embedder)
 
     t0 = time.perf_counter()

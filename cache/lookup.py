@@ -11,8 +11,9 @@ are read and checked before the result says "hit", so a hit can always be served
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
@@ -20,12 +21,15 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from .embed import Embedder
     from .entities import EntityExtractor
-    from .store import LatentStore
+    from .backend import StoreBackend
 
-__all__ = ["LookupConfig", "EntityScore", "LookupTimings", "LookupResult", "CacheLookup", "DEFAULT_THRESHOLD"]
+__all__ = ["LookupConfig", "EntityScore", "LookupTimings", "LookupQuery", "LookupResult", "CacheLookup",
+           "DEFAULT_THRESHOLD", "lookup_keys"]
 
 # Chosen by bench/threshold_sweep.py on the 946 VBench prompts (README, "Choosing the threshold").
 DEFAULT_THRESHOLD = 0.72
+
+log = logging.getLogger("comfyui_chai.lookup")
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,42 @@ class LookupTimings:
 
 
 @dataclass
+class LookupQuery:
+    """A prompt's lookup keys and their embeddings, computed once and reused by every lookup of the
+    request (the ComfyUI Cache Lookup node makes it; the Sampler's lookup under its exact key reuses it).
+
+    Attributes:
+        prompt: the prompt. mode: ``"entity"`` or ``"prompt"`` (the lookup's mode it was made for).
+        entities: the keys (see :func:`lookup_keys`). embeddings: [len(entities), dim] float32.
+        fingerprint: the embedder's and extractor's fingerprints it was made with.
+        extract_ms / embed_ms: what making it cost.
+    """
+
+    prompt: str
+    mode: str
+    entities: list[str]
+    embeddings: np.ndarray
+    fingerprint: str
+    extract_ms: float = 0.0
+    embed_ms: float = 0.0
+
+
+def lookup_keys(extractor, prompt: str, mode: str = "entity") -> list[str]:
+    """The strings a prompt is looked up (and later stored) by.
+
+    Entity mode: its entities, possibly none (a prompt of filler or stop words such as "a the of"
+    names nothing: its lookup is a miss and nothing is stored for it). Prompt mode: the whole
+    normalised prompt.
+
+    Raises:
+        ValueError: an empty or whitespace-only prompt, or one over the extractor's length limit.
+    """
+    if mode == "prompt":
+        return [extractor.normalize_prompt(prompt)]
+    return extractor.extract(prompt)
+
+
+@dataclass
 class LookupResult:
     """Outcome of one lookup.
 
@@ -108,6 +148,7 @@ class LookupResult:
         per_entity: the best stored match of every prompt entity (for fusion and reports).
         latents: name -> tensor of the served entry (None on a miss).
         timings: :class:`LookupTimings`.
+        not_stored: why :meth:`CacheLookup.insert` stored nothing for this request (None otherwise).
     """
 
     prompt: str
@@ -126,6 +167,7 @@ class LookupResult:
     per_entity: list[EntityScore] = field(default_factory=list)
     latents: Mapping | None = None
     timings: LookupTimings = field(default_factory=LookupTimings)
+    not_stored: str | None = None
 
     def summary(self) -> dict:
         """JSON-friendly view (no tensors, no embeddings)."""
@@ -135,11 +177,12 @@ class LookupResult:
             "matched": self.matched, "similarity": round(float(self.similarity), 4),
             "entities_matched": self.entities_matched, "entity_sharers": self.entity_sharers,
             "per_entity": [asdict(s) for s in self.per_entity], "timings_ms": asdict(self.timings),
+            "not_stored": self.not_stored,
         }
 
 
 class CacheLookup:
-    """Runs lookups against a :class:`LatentStore` and inserts requests after a miss.
+    """Runs lookups against a store (``cache.backend.StoreBackend``) and inserts requests after a miss.
 
     Args:
         store: the open store.
@@ -148,7 +191,7 @@ class CacheLookup:
         config: :class:`LookupConfig`.
     """
 
-    def __init__(self, store: "LatentStore", extractor: "EntityExtractor", embedder: "Embedder",
+    def __init__(self, store: "StoreBackend", extractor: "EntityExtractor", embedder: "Embedder",
                  config: LookupConfig | None = None) -> None:
         self.store = store
         self.extractor = extractor
@@ -162,20 +205,47 @@ class CacheLookup:
         return f"{compat_key}|{self.embedder.fingerprint}|{self.extractor.fingerprint}|{self.config.mode}"
 
     def keys_for(self, prompt: str) -> list[str]:
-        """The strings a prompt is looked up (and later stored) by.
-
-        Entity mode: its entities; when none is found, the whole normalised prompt, so every
-        prompt can still hit an identical earlier one. Prompt mode: the whole normalised prompt.
+        """The strings a prompt is looked up (and later stored) by (:func:`lookup_keys` in this lookup's mode).
 
         Raises:
             ValueError: an empty or whitespace-only prompt, or one over the extractor's length limit.
         """
-        if self.config.mode == "prompt":
-            return [self.extractor.normalize_prompt(prompt)]
-        entities = self.extractor.extract(prompt)
-        return entities or [self.extractor.normalize_prompt(prompt)]
+        return lookup_keys(self.extractor, prompt, self.config.mode)
 
-    def lookup(self, prompt: str, compat_key: str, load: bool = True, record: bool = True) -> LookupResult:
+    def with_config(self, **changes) -> "CacheLookup":
+        """A lookup on the same store, extractor and embedder with ``changes`` to its :class:`LookupConfig`."""
+        return CacheLookup(self.store, self.extractor, self.embedder, replace(self.config, **changes))
+
+    def _fingerprint(self) -> str:
+        return f"{self.embedder.fingerprint}|{self.extractor.fingerprint}"
+
+    def query(self, prompt: str, entities: list[str] | None = None) -> LookupQuery:
+        """Extract (unless ``entities`` are given, e.g. by an entity-extractor node) and embed a prompt's
+        keys once, for :meth:`lookup`, :meth:`preview` and :meth:`insert` to reuse.
+
+        Raises:
+            ValueError: a bad prompt, or ``entities`` that are not a list of non-empty strings.
+        """
+        t0 = time.perf_counter()
+        if entities is None:
+            entities = self.keys_for(prompt)
+        elif not isinstance(entities, (list, tuple)) or not all(isinstance(e, str) and e for e in entities):
+            raise ValueError("entities must be a list of non-empty strings (the prompt's lookup keys)")
+        t1 = time.perf_counter()
+        # No entity (a prompt of stop words): nothing to embed, and the lookup is a miss.
+        embeddings = (self.embedder.encode(list(entities)) if entities
+                      else np.zeros((0, self.store.dim or 0), dtype=np.float32))
+        t2 = time.perf_counter()
+        return LookupQuery(prompt=prompt, mode=self.config.mode, entities=list(entities), embeddings=embeddings,
+                           fingerprint=self._fingerprint(), extract_ms=(t1 - t0) * 1000, embed_ms=(t2 - t1) * 1000)
+
+    def _check_query(self, query: LookupQuery, prompt: str) -> None:
+        if query.prompt != prompt or query.mode != self.config.mode or query.fingerprint != self._fingerprint():
+            raise ValueError("this lookup query was made for another prompt, mode, extractor or embedder; "
+                             "make it with this lookup's query()")
+
+    def lookup(self, prompt: str, compat_key: str, load: bool = True, record: bool = True,
+               query: LookupQuery | None = None) -> LookupResult:
         """Look a prompt up.
 
         Args:
@@ -184,20 +254,27 @@ class CacheLookup:
                 settings that change the cached tensors); only entries of the same key match.
             load: read and verify the best entry's latents (a hit is only reported when they load).
             record: count the lookup in the store's statistics.
+            query: the prompt's :meth:`query`, made earlier for this request: its keys and embeddings
+                are reused (this call then spends nothing on extraction or embedding).
 
         Returns:
             A :class:`LookupResult`.
 
         Raises:
-            ValueError: bad prompt (empty, too long) or bad compat_key.
+            ValueError: bad prompt (empty, too long), bad compat_key, or a query of another prompt.
         """
         t0 = time.perf_counter()
         key = self.full_key(compat_key)
-        entities = self.keys_for(prompt)
-        t1 = time.perf_counter()
-        embeddings = self.embedder.encode(entities)
-        t2 = time.perf_counter()
-        matches = self.store.search(embeddings, key, k=self.config.neighbours)
+        if query is None:
+            query = self.query(prompt)
+            t2 = time.perf_counter()
+            t1 = t2 - query.embed_ms / 1000
+        else:  # made earlier for this request: no extraction or embedding here
+            self._check_query(query, prompt)
+            t1 = t2 = t0
+        entities, embeddings = query.entities, query.embeddings
+        # A prompt with no entity has nothing to look up: a miss, and insert() stores nothing.
+        matches = self.store.search(embeddings, key, k=self.config.neighbours) if entities else []
         t3 = time.perf_counter()
         result = LookupResult(prompt=prompt, mode=self.config.mode, entities=entities, embeddings=embeddings,
                               compat_key=key)
@@ -261,8 +338,59 @@ class CacheLookup:
             result.timings.record_ms = (time.perf_counter() - t4) * 1000
         return result
 
-    def insert(self, result: LookupResult, tensors: Mapping, info: Mapping | None = None) -> int:
+    def preview(self, query: LookupQuery, limit_neighbours: int | None = None) -> dict:
+        """The best stored match of each of a query's keys over every compatibility key of the store that
+        was made with this lookup's embedder, extractor and mode (any model, size or schedule).
+
+        Nothing is recorded in the store's statistics and no latent is loaded. A hit here means "an
+        entry this close exists"; a request's own lookup, under its exact key, decides.
+
+        Returns:
+            ``{"entities", "hit", "entity", "matched", "similarity", "entry_id", "entry_prompt",
+            "entry_size", "threshold", "per_entity": [{"entity", "matched", "similarity", "entry_id",
+            "hit"}]}`` (JSON-ready; ``matched`` None when nothing comparable is stored).
+
+        Raises:
+            ValueError: a query made with another mode, extractor or embedder.
+        """
+        self._check_query(query, query.prompt)
+        marker = "\x00"
+        suffix = self.full_key(marker)[len(marker):]
+        keys = query.entities
+        best: dict[int, object] = {}
+        for key in (k for k in self.store.compat_keys() if k.endswith(suffix) and keys):
+            for m in self.store.search(query.embeddings, key, k=limit_neighbours or self.config.neighbours):
+                if m.query_index not in best or m.similarity > best[m.query_index].similarity:
+                    best[m.query_index] = m
+        threshold = float(self.config.threshold)
+        per_entity = []
+        for i, key in enumerate(keys):
+            m = best.get(i)
+            per_entity.append({"entity": key, "matched": getattr(m, "text", None),
+                               "similarity": round(float(m.similarity), 4) if m is not None else None,
+                               "entry_id": getattr(m, "entry_id", None),
+                               "hit": bool(m is not None and m.similarity >= threshold)})
+        top = max(best.values(), key=lambda m: m.similarity) if best else None
+        out = {"entities": list(keys), "hit": bool(top is not None and top.similarity >= threshold), "entity": None,
+               "matched": None, "similarity": None, "entry_id": None, "entry_prompt": None, "entry_size": None,
+               "per_entity": per_entity, "threshold": threshold}
+        if top is not None:
+            out.update(entity=keys[top.query_index], matched=top.text, similarity=round(float(top.similarity), 4),
+                       entry_id=int(top.entry_id))
+            record = self.store.entry(int(top.entry_id))
+            if record is not None:
+                info = record.info or {}
+                out["entry_prompt"] = record.prompt
+                if "height" in info and "width" in info:
+                    out["entry_size"] = f"{info['height']}x{info['width']}, {info.get('num_frames', '?')} frames"
+        return out
+
+    def insert(self, result: LookupResult, tensors: Mapping, info: Mapping | None = None) -> int | None:
         """Store a request's latents under the keys and embeddings its lookup computed.
+
+        A request is not stored, with a warning (logged, and kept in ``result.not_stored``), when
+        its prompt has no entity to be found by, or when its latents are larger than the store's
+        whole budget: the request itself (its video) is unaffected.
 
         Args:
             result: the :class:`LookupResult` of this request (normally a miss).
@@ -270,9 +398,22 @@ class CacheLookup:
             info: JSON-serialisable metadata (seed, steps, timesteps ...).
 
         Returns:
-            The new entry id.
+            The new entry id, or None when nothing was stored.
 
         Raises:
-            ValueError: see :meth:`LatentStore.put`.
+            ValueError: see ``StoreBackend.put`` (bad tensors or embeddings).
+            StoreError: the store cannot be written (read-only, disk full).
         """
-        return self.store.put(tensors, result.entities, result.embeddings, result.compat_key, result.prompt, info)
+        from .store_types import EntryTooLargeError
+
+        if not result.entities:
+            result.not_stored = (f"not cached: the prompt {result.prompt[:60]!r} has no entity to be found by "
+                                 "(only filler or stop words)")
+        else:
+            try:
+                return self.store.put(tensors, result.entities, result.embeddings, result.compat_key, result.prompt,
+                                      info)
+            except EntryTooLargeError as exc:
+                result.not_stored = f"not cached: {exc}"
+        log.warning("CHAI: %s", result.not_stored)
+        return None

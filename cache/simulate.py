@@ -19,7 +19,8 @@ from typing import Sequence
 import numpy as np
 
 from .lookup import CacheLookup, LookupConfig
-from .store import LatentStore, StoreConfig
+from .backend import mib_to_bytes, open_store
+from .store_types import MAX_BUDGET_BYTES
 
 __all__ = ["SimulationRow", "SimulationReport", "read_prompts", "entry_tensors", "simulate",
            "OPENSORA_240P_51F_LATENT"]
@@ -34,15 +35,38 @@ def read_prompts(path: str | Path) -> list[str]:
     objects with ``prompt_en``/``prompt`` as in VBench_full_info.json).
 
     Raises:
-        FileNotFoundError: no such file. ValueError: no prompt in it.
+        FileNotFoundError: no such file. ValueError: naming the file and what is wrong: not UTF-8
+            text (a binary file), not JSON, a JSON value that is not a list, an item that is
+            neither a string nor an object with a string ``prompt_en``/``prompt``, or no prompt.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"prompt file {path} is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); "
+                         "give a text file with one prompt per line, or a JSON list of strings") from None
+    if "\x00" in text:
+        raise ValueError(f"prompt file {path} holds NUL bytes (a binary file?); give a text file with one prompt "
+                         "per line, or a JSON list of strings")
     if path.suffix.lower() == ".json":
-        rows = json.loads(text)
-        prompts = [r if isinstance(r, str) else (r.get("prompt_en") or r.get("prompt") or "") for r in rows]
+        try:
+            rows = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"prompt file {path} is not valid JSON ({exc}); give a JSON list of strings") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"prompt file {path} holds a JSON {type(rows).__name__}, not a list; give a JSON list of "
+                             'prompt strings (or of objects with a "prompt" field)')
+        prompts = []
+        for i, row in enumerate(rows):
+            if isinstance(row, dict):
+                row = row.get("prompt_en") or row.get("prompt")
+            if not isinstance(row, str):
+                raise ValueError(f"prompt file {path}: item {i} is {json.dumps(rows[i])[:60]}, not a prompt string "
+                                 '(or an object with a string "prompt"); fix or remove it')
+            prompts.append(row)
     else:
         prompts = text.splitlines()
     prompts = [p.strip() for p in prompts if p and p.strip()]
@@ -64,7 +88,7 @@ def entry_tensors(latent_shape: Sequence[int] = OPENSORA_240P_51F_LATENT, cache_
 
 @dataclass
 class SimulationRow:
-    """Result of one replay: mode, budget (MB = 10**6 bytes), hits, lookups, hit rate, evictions,
+    """Result of one replay: mode, budget (MiB = 2**20 bytes), hits, lookups, hit rate, evictions,
     entries and bytes held at the end, and mean lookup latency (ms)."""
 
     mode: str
@@ -92,12 +116,12 @@ class SimulationReport:
         """Markdown table: one row per budget, entity-level against whole-prompt hit rate."""
         budgets = sorted({r.budget_mb for r in self.rows})
         modes = [m for m in ("entity", "prompt") if any(r.mode == m for r in self.rows)]
-        head = "| budget (MB) | entries that fit | " + " | ".join(
+        head = "| budget (MiB) | entries that fit | " + " | ".join(
             f"{m}-level hit rate | {m} evictions" for m in modes) + " |"
         sep = "|" + "---|" * (2 + 2 * len(modes))
         lines = [head, sep]
         for b in budgets:
-            cells = [f"{b:g}", str(int(b * 1e6 // self.entry_bytes))]
+            cells = [f"{b:g}", str(int(mib_to_bytes(b) // self.entry_bytes))]
             for m in modes:
                 row = next(r for r in self.rows if r.mode == m and r.budget_mb == b)
                 cells += [f"{row.hit_rate * 100:.1f}% ({row.hits}/{row.lookups})", str(row.evictions)]
@@ -122,9 +146,9 @@ class SimulationReport:
             if rows:
                 ax.plot([r.budget_mb for r in rows], [100 * r.hit_rate for r in rows], marker="o", label=label)
         ax.set_xscale("log")
-        ax.set_xlabel("cache budget (MB)")
+        ax.set_xlabel("cache budget (MiB)")
         ax.set_ylabel("hit rate (%)")
-        ax.set_title(f"{self.prompts} prompts, {self.entry_bytes / 1e6:.2f} MB per entry, threshold {self.threshold:.2f}")
+        ax.set_title(f"{self.prompts} prompts, {self.entry_bytes / 2**20:.2f} MiB per entry, threshold {self.threshold:.2f}")
         ax.grid(True, alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -184,7 +208,7 @@ def simulate(
     """Replay ``prompts`` in order for every (mode, budget) and report hit rates.
 
     Args:
-        prompts: the request stream. budgets_mb: cache budgets in MB (10**6 bytes), each > 0.
+        prompts: the request stream. budgets_mb: cache budgets in MiB (2**20 bytes), each > 0.
         modes: "entity" (CHAI) and/or "prompt" (whole-prompt baseline).
         threshold: similarity threshold (default: :data:`LookupConfig.threshold`).
         latent_shape / cache_steps / dtype: size of one stored entry (see :func:`entry_tensors`).
@@ -204,8 +228,8 @@ def simulate(
 
     if not prompts:
         raise ValueError("no prompts to simulate")
-    if any(b <= 0 for b in budgets_mb):
-        raise ValueError(f"budgets must be > 0 MB, got {list(budgets_mb)}")
+    if any(not 0 < float(b) <= MAX_BUDGET_BYTES / 2**20 for b in budgets_mb):  # NaN and inf fail too
+        raise ValueError(f"budgets must be > 0 MiB and at most 1 PiB, got {list(budgets_mb)}")
     for mode in modes:
         LookupConfig(mode=mode)  # validates
     started = time.perf_counter()
@@ -228,8 +252,8 @@ def simulate(
         for mode in modes:
             for budget in budgets_mb:
                 store_dir = Path(tmp) / f"{mode}-{budget:g}"
-                store = LatentStore(store_dir, config=StoreConfig(budget_bytes=int(budget * 1e6), policy=policy,
-                                                                  durable=False, autosave_every=10**9))
+                store = open_store(store_dir, budget_bytes=mib_to_bytes(budget), policy=policy,
+                                   options={"durable": False, "autosave_every": 10**9})
                 lookup = CacheLookup(store, memo_extractor, embedder, LookupConfig(threshold=cfg_threshold, mode=mode))
                 hits = 0
                 lat = []

@@ -3,28 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from . import registry
 from .text_nodes import ChaiEntities
 
 __all__ = ["CHAICache", "CHAICacheLookup", "CHAICacheAttentionSettings", "CHAICacheState", "ChaiLookup",
-           "parse_cache_steps"]
+           "parse_cache_steps", "lookup_text"]
 
 
 @dataclass
 class ChaiLookup:
     """``CHAI_LOOKUP``: a prompt's lookup against one store, for the CHAI Sampler.
 
-    The node that makes it previews the match (``preview``); the sampler repeats the lookup under
-    its exact compatibility key (model, size, schedule) right before sampling, because the store
-    may have changed in between (in a batch, an earlier prompt may just have stored a match).
+    The node that makes it extracts nothing itself (the Entity Extractor did) and embeds the prompt's
+    entities once (``query``); the sampler reuses that query when it searches under its exact
+    compatibility key (model, size, schedule) right before sampling, because the store may have
+    changed in between (in a batch, an earlier prompt may just have stored a match).
 
     Attributes:
         cache: the ``registry.StoreHandle``. lookup: the ``cache.lookup.CacheLookup`` (store,
         extractor, embedder, threshold, mode). prompt / entities: what is looked up.
+        query: the ``cache.lookup.LookupQuery`` (entities and their embeddings), made once.
         threshold: least cosine similarity for a hit. preview: JSON-ready best match per entity
-        over every compatible entry of the store (any size), see :func:`preview_lookup`.
+        over every compatible entry of the store (any size), see ``CacheLookup.preview``.
         generation: store generation when the preview was made.
     """
 
@@ -33,6 +35,7 @@ class ChaiLookup:
     prompt: str
     entities: List[str]
     threshold: float
+    query: Any = None
     preview: Dict[str, Any] = field(default_factory=dict)
     generation: int = 0
 
@@ -63,6 +66,11 @@ class CHAICache:
                 "default": "lru",
                 "tooltip": "Which entry goes first when the budget is full: least recently used (the paper's), "
                            "least frequently used, or oldest."}),
+        }, "optional": {
+            "evict_to_fit": ("BOOLEAN", {
+                "default": False,
+                "tooltip": "Allow a budget smaller than what the store holds: the entries beyond it are evicted. "
+                           "Off: such a budget is refused with an error that says how much would go."}),
         }}
 
     RETURN_TYPES = ("CHAI_CACHE",)
@@ -75,7 +83,7 @@ class CHAICache:
                    "lookup or a sample made against an older state of the store.")
 
     @classmethod
-    def IS_CHANGED(cls, folder, budget_mb=1024, policy="lru"):
+    def IS_CHANGED(cls, folder, budget_mb=1024, policy="lru", evict_to_fit=False):
         """The store's path and manifest generation: every node downstream re-runs after an insert,
         eviction or repair (also by another process), and only then."""
         try:
@@ -84,56 +92,17 @@ class CHAICache:
             return f"invalid:{exc}"
         return f"{path}@{registry.peek_generation(path)}"
 
-    def open(self, folder, budget_mb=1024, policy="lru"):
-        """Returns (CHAI_CACHE,). Raises ValueError (bad name, budget, policy) or StoreError."""
-        if isinstance(budget_mb, bool) or not isinstance(budget_mb, int) or budget_mb < 1:
-            raise ValueError(f"budget_mb must be a whole number of MiB >= 1, got {budget_mb!r}")
-        return (registry.open_store(folder, budget_bytes=int(budget_mb) << 20, policy=policy),)
+    def open(self, folder, budget_mb=1024, policy="lru", evict_to_fit=False):
+        """Returns (CHAI_CACHE,). Raises ValueError (bad name, budget, policy) or StoreError
+        (the folder is not empty and not a store; BudgetError: the budget would evict entries and
+        ``evict_to_fit`` is off)."""
+        if isinstance(budget_mb, bool) or not isinstance(budget_mb, int) or not 1 <= budget_mb <= 1 << 20:
+            raise ValueError(f"budget_mb must be a whole number of MiB from 1 to {1 << 20} (the input's range), "
+                             f"got {budget_mb!r}")
+        from ..cache.backend import mib_to_bytes
 
-
-def preview_lookup(lookup: Any, prompt: str, limit_neighbours: Optional[int] = None) -> Dict[str, Any]:
-    """Best stored match of each of a prompt's keys over every partition of the store whose
-    entries were made with the same embedder, extractor and mode (any model, size or schedule).
-
-    Nothing is recorded in the store's statistics. Returns ``{"entities": [...], "hit": bool,
-    "entity", "matched", "similarity", "entry_id", "entry_prompt", "entry_size", "per_entity":
-    [{"entity", "matched", "similarity", "entry_id", "hit"}]}``; a hit here means "an entry this
-    close exists"; the sampler decides under its exact key.
-    """
-    store = lookup.store
-    marker = "\x00"
-    suffix = lookup.full_key(marker)[len(marker):]
-    keys = lookup.keys_for(prompt)
-    partitions = sorted({e.compat_key for e in store.entries() if e.compat_key.endswith(suffix)})
-    best: Dict[int, Any] = {}
-    if partitions:
-        vectors = lookup.embedder.encode(keys)
-        for key in partitions:
-            for m in store.search(vectors, key, k=limit_neighbours or lookup.config.neighbours):
-                if m.query_index not in best or m.similarity > best[m.query_index].similarity:
-                    best[m.query_index] = m
-    threshold = float(lookup.config.threshold)
-    per_entity = []
-    for i, key in enumerate(keys):
-        m = best.get(i)
-        per_entity.append({"entity": key, "matched": getattr(m, "text", None),
-                           "similarity": round(float(m.similarity), 4) if m is not None else None,
-                           "entry_id": getattr(m, "entry_id", None),
-                           "hit": bool(m is not None and m.similarity >= threshold)})
-    top = max(best.values(), key=lambda m: m.similarity) if best else None
-    out = {"entities": keys, "hit": bool(top is not None and top.similarity >= threshold), "entity": None,
-           "matched": None, "similarity": None, "entry_id": None, "entry_prompt": None, "entry_size": None,
-           "per_entity": per_entity, "threshold": threshold}
-    if top is not None:
-        out.update(entity=keys[top.query_index], matched=top.text, similarity=round(float(top.similarity), 4),
-                   entry_id=int(top.entry_id))
-        record = store.entry(int(top.entry_id))
-        if record is not None:
-            info = record.info or {}
-            out["entry_prompt"] = record.prompt
-            if "height" in info and "width" in info:
-                out["entry_size"] = f"{info['height']}x{info['width']}, {info.get('num_frames', '?')} frames"
-    return out
+        return (registry.open_store(folder, budget_bytes=mib_to_bytes(budget_mb), policy=policy,
+                                    evict_to_fit=bool(evict_to_fit)),)
 
 
 class CHAICacheLookup:
@@ -155,15 +124,18 @@ class CHAICacheLookup:
     RETURN_TYPES = ("CHAI_LOOKUP", "BOOLEAN", "STRING", "FLOAT")
     RETURN_NAMES = ("lookup", "hit", "matched", "similarity")
     OUTPUT_TOOLTIPS = (
-        "The lookup, for the CHAI Sampler (which repeats it under its exact model/size key just before sampling).",
-        "True when a stored entity is at least `threshold` similar (preview over all sizes and models).",
+        "The lookup (entities and their embeddings, made once), for the CHAI Sampler, which searches with it "
+        "under its exact model/size key just before sampling and reports the verdict that counts.",
+        "Preview: True when a stored entity is at least `threshold` similar (over all sizes and models, as the "
+        "store stood when this node ran).",
         "The stored entity that matched best and the prompt of its entry ('' when the store is empty).",
         "Cosine similarity of the best match (0 when nothing is stored).")
     FUNCTION = "lookup"
     CATEGORY = "CHAI"
-    DESCRIPTION = ("Find the stored request whose entities are closest to this prompt's (HNSW index, cosine "
-                   "similarity). This node previews; the CHAI Sampler makes the decision that counts, under its "
-                   "own model, size and schedule, and records it in the store's statistics.")
+    DESCRIPTION = ("Embed the prompt's entities once and preview the closest stored request (HNSW index, cosine "
+                   "similarity). The verdict that counts is taken at sampling time: the CHAI Sampler searches "
+                   "again under its own model, size and schedule (in a batch, after the earlier prompts stored "
+                   "theirs), records it in the store's statistics and shows it per prompt.")
 
     def lookup(self, cache, entities, threshold=0.72):
         """Returns {"ui": {"text": [...]}, "result": (CHAI_LOOKUP, hit, matched, similarity)}."""
@@ -177,21 +149,28 @@ class CHAICacheLookup:
             raise ValueError(f"threshold must be a cosine similarity in [0, 1], got {threshold}")
         lk = CacheLookup(handle.store, registry.shared_extractor(entities.mode), registry.shared_embedder(),
                          LookupConfig(threshold=threshold, mode=entities.mode))
-        preview = preview_lookup(lk, entities.prompt)
-        result = ChaiLookup(cache=handle, lookup=lk, prompt=entities.prompt, entities=list(preview["entities"]),
-                            threshold=threshold, preview=preview, generation=int(handle.store.generation))
-        if preview["matched"] is None:
-            text = f"miss: the store has no compatible entry yet ({len(handle.store)} entries)"
-            matched = ""
-        else:
-            verdict = "hit" if preview["hit"] else "miss"
-            where = f" [{preview['entry_size']}]" if preview["entry_size"] else ""
-            text = (f"{verdict}: '{preview['entity']}' ~ '{preview['matched']}' similarity "
-                    f"{preview['similarity']:.3f} (threshold {threshold:.2f}), entry #{preview['entry_id']}{where}: "
-                    f"{preview['entry_prompt']}")
-            matched = f"{preview['matched']} | {preview['entry_prompt']}"
+        query = lk.query(entities.prompt, entities.entities)  # the Entity Extractor's keys, embedded once
+        preview = lk.preview(query)
+        result = ChaiLookup(cache=handle, lookup=lk, prompt=entities.prompt, entities=list(query.entities),
+                            threshold=threshold, query=query, preview=preview,
+                            generation=int(handle.store.generation))
+        matched = "" if preview["matched"] is None else f"{preview['matched']} | {preview['entry_prompt']}"
         similarity = float(preview["similarity"] or 0.0)
-        return {"ui": {"text": [text]}, "result": (result, bool(preview["hit"]), matched, similarity)}
+        return {"ui": {"text": [lookup_text(preview, len(handle.store))]},
+                "result": (result, bool(preview["hit"]), matched, similarity)}
+
+
+def lookup_text(preview: Dict[str, Any], entries: int) -> str:
+    """What the Cache Lookup node shows: the closest stored entry as a preview, never a verdict (the
+    Sampler takes that at sampling time, under its own key, after earlier prompts of a batch stored theirs)."""
+    later = "CHAI Sampler decides hit or miss when it samples this prompt"
+    if preview["matched"] is None:
+        return f"preview: nothing comparable stored yet ({entries} entries); the {later}"
+    where = f" [{preview['entry_size']}]" if preview["entry_size"] else ""
+    close = "above" if preview["hit"] else "below"
+    return (f"preview: '{preview['entity']}' ~ '{preview['matched']}' similarity {preview['similarity']:.3f}, "
+            f"{close} the threshold {preview['threshold']:.2f}; entry #{preview['entry_id']}{where}: "
+            f"{preview['entry_prompt']}. The {later}, under its model, size and schedule")
 
 
 def parse_cache_steps(text: str) -> tuple:

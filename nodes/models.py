@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -65,8 +65,10 @@ class ChaiModel:
         pixel_space: the model denoises RGB pixels in [-1, 1] directly (no VAE; the bundled
         reference model). native_size: (height, width) in pixels used when the sampler's height
         and width are 0 (pixel-space models). default_frames: frames when the sampler says 0.
-        cache_attention: the model's own ``CacheAttentionConfig`` defaults (the bundled reference
-        model: ``{"mode": "concat"}`` from its config.json); a settings node's values win.
+        defaults: the model's own CHAI settings (flat keys of ``pipeline.settings``; the bundled
+        reference model: ``{"cfg_scale": 1.5, "full_steps": 30, "mode": "concat"}`` from its
+        config.json), the layer the sampler's inputs and a settings node override
+        (``pipeline.settings.resolve_settings``).
     """
 
     module: Any
@@ -79,7 +81,14 @@ class ChaiModel:
     pixel_space: bool = False
     native_size: Optional[Tuple[int, int]] = None
     default_frames: int = 51
-    cache_attention: Optional[Dict[str, Any]] = None
+    defaults: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cache_attention(self) -> Dict[str, Any]:
+        """The model's own Cache Attention and lookup settings (its defaults without the schedule)."""
+        from ..pipeline.settings import SETTING_FIELDS
+
+        return {k: v for k, v in self.defaults.items() if SETTING_FIELDS[k][0] != "schedule"}
 
     @property
     def caption_channels(self) -> int:
@@ -283,7 +292,7 @@ def load_stdit3(choice: str, dtype: str = "auto") -> ChaiModel:
     bundled = bundled_models()
     if choice in bundled and _is_reference_layout(_read_config(bundled[choice])):
         from ..opensora.rflow import RFlow
-        from ..refmodel.model import cache_attention_settings, load_reference_model
+        from ..refmodel.model import cache_attention_defaults, load_reference_model
 
         folder = bundled[choice]
         cfg = _read_config(folder)
@@ -297,7 +306,7 @@ def load_stdit3(choice: str, dtype: str = "auto") -> ChaiModel:
                          placement=host.Placement(model, "diffusion"), rflow=RFlow(**sampler), pixel_space=pixel,
                          native_size=(int(clip["height"]), int(clip["width"])),
                          default_frames=int(clip.get("num_frames", 8)),
-                         cache_attention=cache_attention_settings(cfg))
+                         defaults=cache_attention_defaults(cfg))
     if choice in bundled:
         folder = bundled[choice]
         cfg = _read_config(folder)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -75,23 +74,15 @@ def resolve_store_path(folder: str) -> Path:
 
 
 def peek_generation(path: Path) -> Optional[int]:
-    """The manifest generation of the store at ``path`` read without opening it (read-only SQLite),
-    or None when there is no store there yet. Cheap: used by ``IS_CHANGED`` before every prompt."""
+    """The generation of the store at ``path`` without opening it (``cache.backend.generation_of``),
+    or None when there is no store there yet (nothing is written in a folder that is not a store).
+    Cheap: used by ``IS_CHANGED`` before every prompt."""
+    from ..cache.backend import generation_of
+
     handle = _STORES.get(str(path))
     if handle is not None and not handle.closed:
         return int(handle.store.generation)
-    manifest = path / "manifest.sqlite"
-    if not manifest.is_file():
-        return None
-    try:
-        conn = sqlite3.connect(f"file:{manifest}?mode=ro", uri=True, timeout=5)
-        try:
-            row = conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return None
-    return int(row[0]) if row else None
+    return generation_of(path)
 
 
 @dataclass
@@ -99,7 +90,8 @@ class StoreHandle:
     """A store opened by this process (the ``CHAI_CACHE`` value passed between nodes).
 
     Attributes:
-        id: public id (:func:`store_id`). path: resolved directory. store: the ``LatentStore``.
+        id: public id (:func:`store_id`). path: resolved directory. store: the open
+        ``cache.backend.StoreBackend``.
         name: what the Cache node was given. opened_at: UNIX seconds.
         last_run: summary of the last CHAI Sampler run on this store in this process (or None).
     """
@@ -114,22 +106,27 @@ class StoreHandle:
     @property
     def closed(self) -> bool:
         """True when the underlying store was closed."""
-        return bool(getattr(self.store, "_closed", False))
+        return bool(self.store.closed)
 
 
-def open_store(folder: str, budget_bytes: Optional[int] = None, policy: Optional[str] = None) -> StoreHandle:
-    """Open (or create) a store, or return this process's open one, applying budget and policy.
+def open_store(folder: str, budget_bytes: Optional[int] = None, policy: Optional[str] = None,
+               evict_to_fit: bool = False) -> StoreHandle:
+    """Open (or create) a store through ``cache.backend.open_store``, or return this process's open one,
+    applying budget and policy.
 
     Args:
         folder: see :func:`resolve_store_path`.
-        budget_bytes: byte budget (> 0); None keeps the persisted one. A smaller budget evicts now.
+        budget_bytes: byte budget (> 0); None keeps the persisted one. A budget smaller than what
+            the store holds is refused unless ``evict_to_fit`` (then it evicts now).
         policy: ``"lru"``, ``"lfu"`` or ``"fifo"``; None keeps the persisted one.
+        evict_to_fit: confirm evicting down to a smaller budget.
 
     Raises:
         ValueError: bad folder, budget or policy. ``cache.store.StoreError``: the folder is not a
-        usable store (a file, not writable, another schema); the message says what to do.
+        usable store (a file, not writable, not empty and not a store, another format;
+        ``BudgetError``: the budget would evict); the message says what to do.
     """
-    from ..cache.store import LatentStore
+    from ..cache import backend
 
     if budget_bytes is not None and (isinstance(budget_bytes, bool) or int(budget_bytes) <= 0):
         raise ValueError(f"budget must be positive, got {budget_bytes} bytes")
@@ -140,14 +137,15 @@ def open_store(folder: str, budget_bytes: Optional[int] = None, policy: Optional
         handle = _STORES.get(str(path))
         if handle is not None and not handle.closed:
             store = handle.store
-            if policy is not None and store.config.policy.value != policy:
-                store.close()  # the policy is part of the store's config: reopen with the new one
-                handle = None
-            elif budget_bytes is not None and int(budget_bytes) != int(store.config.budget_bytes):
-                store.set_budget(int(budget_bytes))
-        if handle is None or handle.closed:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            store = LatentStore(path, budget_bytes=None if budget_bytes is None else int(budget_bytes), policy=policy)
+            if policy is not None and store.policy != policy:
+                store.set_policy(policy)
+            if budget_bytes is not None and int(budget_bytes) != int(store.budget_bytes):
+                store.set_budget(int(budget_bytes), evict_to_fit=evict_to_fit)
+        else:
+            if not os.path.isabs(os.path.expanduser(folder.strip())):
+                path.parent.mkdir(parents=True, exist_ok=True)  # the store root; an absolute path's parent must exist
+            store = backend.open_store(path, budget_bytes=None if budget_bytes is None else int(budget_bytes),
+                                       policy=policy, evict_to_fit=evict_to_fit)
             handle = StoreHandle(id=store_id(path), path=path, store=store, name=folder, opened_at=time.time(),
                                  last_run=_STORES[str(path)].last_run if str(path) in _STORES else None)
             _STORES[str(path)] = handle
@@ -182,7 +180,7 @@ def close_all() -> None:
 def stats_payload(handle: StoreHandle, last: int = 8) -> Dict[str, Any]:
     """JSON-ready state of one store for the panel and ``/chai/stats``.
 
-    Keys: ``id``, ``name``, ``path``, ``stats`` (``LatentStore.stats().to_dict()``: entries,
+    Keys: ``id``, ``name``, ``path``, ``stats`` (``StoreBackend.stats().to_dict()``: entries,
     bytes, budget_bytes, hits, misses, lookups, hit_rate, evictions, last_lookups with entity,
     matched and similarity, top_entities, generation...), ``fill`` (bytes / budget, 0..1) and
     ``last_run`` (the last sampler run's summary in this process, or None).

@@ -8,11 +8,24 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from ..pipeline.modes import DEFAULT_MODE
 from . import host, registry
 from .cache_nodes import ChaiLookup
 from .models import ChaiConditioning, ChaiModel, ChaiVAE
 
 __all__ = ["CHAISampler", "CHAIVAEDecode", "LATENT_META_KEY"]
+
+
+def _mode_choices() -> list:
+    from ..pipeline.modes import mode_choices
+
+    return mode_choices()
+
+
+def _mode_help() -> list:
+    from ..pipeline.modes import get_mode, mode_names
+
+    return [f"{name}: {get_mode(name).description}." for name in mode_names()]
 
 log = logging.getLogger("comfyui_chai.nodes")
 
@@ -80,17 +93,18 @@ class CHAISampler:
                                               "model: its native size, and resolution/aspect_ratio are ignored)."}),
                 "width": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8,
                                   "tooltip": "Pixel width; 0 = as height."}),
-                "steps": ("INT", {"default": 30, "min": 1, "max": 200,
-                                  "tooltip": "Steps of a full run (a miss, or mode=full). OpenSora 1.2: 30."}),
+                "steps": ("INT", {"default": 0, "min": 0, "max": 200,
+                                  "tooltip": "Steps of a full run (a miss, or mode=full); 0 = the model's own "
+                                             "(OpenSora 1.2: 30; a bundled model: its config.json)."}),
                 "fast_steps": ("INT", {"default": 8, "min": 1, "max": 200,
                                        "tooltip": "Steps on a cache hit (fast mode with Cache Attention). Paper: 8."}),
-                "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 30.0, "step": 0.5,
-                                  "tooltip": "Classifier-free guidance scale (OpenSora 1.2: 7.0)."}),
-                "mode": (["auto", "full", "plain_fast"], {
-                    "default": "auto",
-                    "tooltip": "auto: CHAI (hit -> fast with cache, miss -> full and store). full: always the full "
-                               "schedule, nothing looked up or stored (baseline). plain_fast: fast_steps without the "
-                               "cache (baseline)."}),
+                "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.5,
+                                  "tooltip": "Classifier-free guidance scale; 0 = the model's own (OpenSora 1.2: 7.0; "
+                                             "the bundled reference model: 1.5 from its config.json)."}),
+                "mode": (_mode_choices(), {
+                    "default": DEFAULT_MODE,
+                    "tooltip": "Sampling mode. " + " ".join(_mode_help()) + " (auto and plain_fast are the "
+                               "older names of chai and plain.)"}),
                 "store_on_miss": ("BOOLEAN", {
                     "default": True, "tooltip": "Store a miss's latents when its run completes (auto mode)."}),
             },
@@ -108,6 +122,7 @@ class CHAISampler:
         "The clean video latent {'samples': [1, C, T, H, W]} with the video's size and fps, for CHAI VAE Decode.",
         "What happened: hit or miss, matched entity and similarity, steps, latency split in ms.")
     FUNCTION = "sample"
+    PROMPT_BATCH = True  # nodes/adapter.py maps ComfyUI's lists: progress shows "prompt k of n"
     CATEGORY = "CHAI"
     DESCRIPTION = ("OpenSora 1.2 RFLOW sampling with CHAI. Right before sampling it looks the prompt up under the "
                    "exact key of this model, size and schedule: a hit runs fast_steps with Cache Attention on the "
@@ -115,41 +130,50 @@ class CHAISampler:
                    "Reports progress, stops on Cancel (nothing stored), and re-runs when the store changes.")
 
     @classmethod
-    def IS_CHANGED(cls, mode="auto", **kwargs):
-        """In auto mode: the generation of every store this process has open, so a result sampled
-        against an older store state is never reused (the Cache node upstream does the same per
+    def IS_CHANGED(cls, mode=DEFAULT_MODE, **kwargs):
+        """For a mode that looks up: the generation of every store this process has open, so a result
+        sampled against an older store state is never reused (the Cache node upstream does the same per
         store). Other modes do not read the store: their cache key is the inputs alone."""
-        if mode != "auto":
-            return ""
+        from ..pipeline.modes import get_mode
+
+        try:
+            if not get_mode(mode).uses_lookup:
+                return ""
+        except ValueError as exc:  # ComfyUI shows the error when the node runs
+            return f"invalid:{exc}"
         return ";".join(f"{h.id}@{h.store.generation}" for h in registry.open_stores())
 
     def sample(self, model, conditioning, seed=42, resolution="240p", aspect_ratio="9:16", num_frames=0, height=0,
-               width=0, steps=30, fast_steps=8, cfg=7.0, mode="auto", store_on_miss=True, lookup=None, settings=None,
-               unique_id=None):
+               width=0, steps=0, fast_steps=8, cfg=0.0, mode=DEFAULT_MODE, store_on_miss=True, lookup=None,
+               settings=None, unique_id=None):
         """Returns {"ui": {...}, "result": (LATENT, report)}.
 
+        Settings (``pipeline.settings.resolve_settings``): the model's own (``model.defaults``), then
+        this node's steps / fast_steps / cfg (0 = not given), then the Cache Attention Settings node,
+        then the Cache Lookup node's threshold.
+
         Raises:
-            TypeError / ValueError: wrong sockets, mismatched text encoder, bad size or settings (the
-                message says what to change). ComfyUI's InterruptProcessingException on Cancel.
+            TypeError / ValueError: wrong sockets, mismatched text encoder, bad size, settings or mode
+                (the message says what to change). ComfyUI's InterruptProcessingException on Cancel.
         """
-        from ..opensora.cache_attention import CacheAttentionConfig
         from ..opensora.rflow import SamplingCancelled
+        from ..pipeline import ChaiPipeline
+        from ..pipeline.modes import get_mode
+        from ..pipeline.settings import resolve_settings
+
         model, cond, lookup = _check_inputs(model, conditioning, lookup)
-        if mode not in ("auto", "full", "plain_fast"):
-            raise ValueError(f"mode must be 'auto', 'full' or 'plain_fast', got {mode!r}")
+        get_mode(mode)
         if (height == 0) != (width == 0):
             raise ValueError(f"set both height and width (pixels), or both to 0 to use the bucket; got {height}x{width}")
-        extra: Dict[str, Any] = {**(getattr(model, "cache_attention", None) or {}), **dict(settings or {})}
-        config = CacheAttentionConfig(fast_steps=int(fast_steps), full_steps=int(steps), cfg_scale=float(cfg),
-                                      threshold=lookup.threshold if lookup is not None else None, **extra)
+        request_settings = resolve_settings(
+            model.defaults, {"full_steps": int(steps) or None, "fast_steps": int(fast_steps), "cfg_scale": float(cfg) or None},
+            dict(settings or {}), {"threshold": lookup.threshold if lookup is not None else None})
         cache_lookup = lookup.lookup if lookup is not None else None
-        from ..pipeline import ChaiPipeline
-
-        # Pixel-space models (the bundled reference model) size and decode in pixels: see pipeline.py.
-        pipe = ChaiPipeline(model.module, None, _FixedCaptions(cond), cache_lookup, config,
-                            model_fingerprint=model.fingerprint, size_dtype=model.size_dtype, rflow=model.rflow,
-                            pixel_space=bool(model.pixel_space), native_size=model.native_size,
-                            default_frames=int(model.default_frames), fps=int(model.fps))
+        # Pixel-space models (the bundled reference model) size and decode in pixels: see the pipeline package.
+        pipe = ChaiPipeline(model.module, None, _FixedCaptions(cond), cache_lookup, settings=request_settings,
+                            model_defaults=model.defaults, model_fingerprint=model.fingerprint,
+                            size_dtype=model.size_dtype, rflow=model.rflow, pixel_space=bool(model.pixel_space),
+                            native_size=model.native_size, default_frames=int(model.default_frames), fps=int(model.fps))
         frames = int(num_frames) or int(model.default_frames)
         if model.pixel_space and not height:
             height, width = model.native_size or (0, 0)
@@ -157,12 +181,13 @@ class CHAISampler:
         size = pipe.resolve_size(None if height else resolution, aspect_ratio, height or None, width or None, frames)
         progress = host.ProgressReporter(unique_id)
         try:
-            with host.model_compute():
+            with host.model_compute(), host.interruptible(model.module):
                 if model.placement is not None:
                     model.placement.load()
                 result = pipe.generate(cond.prompt, seed=int(seed), height=size[0], width=size[1], num_frames=size[2],
                                        mode=mode, decode=False, store=bool(store_on_miss), progress=progress,
-                                       should_cancel=host.interrupted)
+                                       should_cancel=host.interrupted,
+                                       query=lookup.query if lookup is not None else None)
         except SamplingCancelled as exc:
             host.raise_interrupted(exc)
         finally:
@@ -188,19 +213,21 @@ class CHAISampler:
 
 
 def _report_line(summary: Dict[str, Any]) -> str:
+    """One prompt's verdict as the Sampler took it: hit or miss, matched entity, similarity, steps, ms."""
     t = summary["timings_ms"]
     if summary["hit"]:
         head = (f"hit: '{summary['entity']}' ~ '{summary['matched']}' (similarity {summary['similarity']:.3f}, "
                 f"entry #{summary['entry_id']}) -> fast mode, {summary['steps']} steps")
     elif summary["mode"] == "full" and summary.get("inserted_entry_id") is not None:
-        near = (f"; nearest '{summary['matched']}' {summary['similarity']:.3f}"
+        near = (f"; nearest '{summary['entity']}' ~ '{summary['matched']}' {summary['similarity']:.3f}"
                 if summary.get("matched") and summary.get("similarity") is not None else "")
         head = f"miss{near} -> full mode, {summary['steps']} steps, stored as entry #{summary['inserted_entry_id']}"
     else:
-        head = f"{summary['mode']} mode, {summary['steps']} steps (no cache)"
+        head = f"{summary['sampling_mode']} mode, {summary['steps']} steps (no cache)"
+    prompt = summary["prompt"] if len(summary["prompt"]) <= 60 else summary["prompt"][:57] + "..."
     return (f"{head}; {summary['height']}x{summary['width']}, {summary['num_frames']} frames; "
             f"lookup {t['lookup_ms']:.0f} ms, denoise {t['denoise_ms']:.0f} ms, store {t['store_ms']:.0f} ms, "
-            f"total {t['total_ms'] / 1000:.2f} s")
+            f"total {t['total_ms']:.0f} ms; prompt \"{prompt}\"")
 
 
 class CHAIVAEDecode:

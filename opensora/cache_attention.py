@@ -32,6 +32,10 @@ attention mask; that is mathematically the plain attention but not always bit-id
 With the defaults (replace, cond, best) no mask is used and the unconditional half is
 bit-identical to a run without cache.
 
+Cache Attention is a model hook (:mod:`.hooks`, name ``"cache_attention"``): :func:`sample_fast`
+attaches it to the STDiT3 for the run and takes it off after, so another technique that wraps the
+model (an intra-request cache, say) attaches the same way and the registry refuses incompatible pairs.
+
 Nothing here imports ``cache/``: the cached latents come in as a plain ``name -> tensor`` dict and
 the compatibility information leaves as the fingerprint string of the config.
 """
@@ -44,6 +48,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from .hooks import HookRegistry, ModelHook
 from .rflow import RFlow, RFlowSchedule, StepInfo, StepState
 
 __all__ = [
@@ -266,20 +271,23 @@ class CacheAttentionCall:
     kv_ms: float
 
 
-class CacheAttention:
-    """Wraps an STDiT3 so that the sampler's cache steps use cached K/V in one spatial block.
+class CacheAttention(ModelHook):
+    """The Cache Attention model hook: at the sampler's cache steps, one spatial block of an STDiT3
+    attends to cached K/V.
 
-    Use it as the sampler's model together with :meth:`step_kwargs`::
+    Attach it to the model (``opensora.hooks.HookRegistry``, name ``"cache_attention"``) and pass
+    :meth:`step_kwargs` to the sampler, as :func:`sample_fast` does::
 
         ca = CacheAttention(model, config, cached)            # cached: {"step_2": [C,T,H,W], ...}
-        rflow.sample(ca, z, ..., step_model_kwargs=ca.step_kwargs)
+        with HookRegistry.of(model).attached(ca):
+            rflow.sample(model, z, ..., step_model_kwargs=ca.step_kwargs)
 
-    :meth:`step_kwargs` tells each call its step index (keyword :data:`STEP_KWARG`); at a cache
-    step the wrapper computes the cached latent's K/V with ``model.spatial_self_attention_kv``
-    (same patch/pos embedding, LayerNorm, modulation with the live timestep, ``qkv`` and
-    ``k_norm``), installs a K/V hook on spatial block ``config.block_index`` for that one call
-    (``model.kv_hook``) and removes it afterwards, also on error. Other calls go straight to the
-    model. Every cache-step call is recorded in :attr:`calls`.
+    or call it directly in the model's place (``ca(x, t, y, **kwargs)``). :meth:`step_kwargs` tells
+    each call its step index (keyword :data:`STEP_KWARG`); at a cache step the hook computes the
+    cached latent's K/V with ``model.spatial_self_attention_kv`` (same patch/pos embedding, LayerNorm,
+    modulation with the live timestep, ``qkv`` and ``k_norm``), installs a K/V hook on spatial block
+    ``config.block_index`` for that one call (``model.kv_hook``) and removes it afterwards, also on
+    error. Other calls go straight through. Every cache-step call is recorded in :attr:`calls`.
 
     Args:
         model: an STDiT3 (needs ``kv_hook``, ``spatial_self_attention_kv`` and ``forward``).
@@ -292,6 +300,8 @@ class CacheAttention:
     Raises:
         ValueError: no entry, a missing name, or tensors of different shapes.
     """
+
+    name = "cache_attention"
 
     def __init__(self, model: torch.nn.Module, config: CacheAttentionConfig,
                  cached: Union[Mapping[str, torch.Tensor], Sequence[Mapping[str, torch.Tensor]]],
@@ -337,14 +347,20 @@ class CacheAttention:
         return float(sum(c.kv_ms for c in self.calls))
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """The model call: ``model(x, timestep, y, **kwargs)``, with cached K/V at cache steps.
+        """The model call with this hook in front: ``model(x, timestep, y, **kwargs)``, with cached K/V
+        at cache steps (see :meth:`forward`)."""
+        return self.forward(self.model, x, timestep, y, **kwargs)
+
+    def forward(self, call_next: Callable[..., torch.Tensor], x: torch.Tensor, timestep: torch.Tensor,
+                y: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """One model call: ``call_next(x, timestep, y, **kwargs)``, with cached K/V at cache steps.
 
         ``x`` is the CFG batch [2n, C, T, H, W] (rows 0..n-1 conditional). Raises ValueError when
         ``x`` does not have the cached latents' shape, or with ``branches="cond"`` an odd batch.
         """
         index = kwargs.pop(STEP_KWARG, None)
         if index is None or (int(index) + 1) not in self.config.cache_steps:
-            return self.model(x, timestep, y, **kwargs)
+            return call_next(x, timestep, y, **kwargs)
         step = int(index) + 1
         if tuple(x.shape[1:]) != self.latent_shape:
             raise ValueError(f"the live latent is {tuple(x.shape[1:])} but the cached latents are {self.latent_shape}; "
@@ -360,7 +376,7 @@ class CacheAttention:
         frames = ks[0].shape[0]
         hook = self._make_hook(ks, vs, samples * frames)
         with self.model.kv_hook(hook, block_index=self.config.block_index):
-            out = self.model(x, timestep, y, **kwargs)
+            out = call_next(x, timestep, y, **kwargs)
         key_length = sum(k.shape[2] for k in ks) + (hook.own_length if self.config.mode == "concat" else 0)
         self.calls.append(CacheAttentionCall(step=step, timestep=float(timestep.reshape(-1)[0]),
                                              rows=samples * frames, key_length=key_length,
@@ -504,7 +520,8 @@ def sample_fast(rflow: RFlow, model: torch.nn.Module, z: torch.Tensor, config: C
                 cached: Optional[Union[Mapping[str, torch.Tensor], Sequence[Mapping[str, torch.Tensor]]]] = None,
                 callback: Optional[Callable[[StepState], None]] = None, measure: bool = False,
                 **sample_kwargs: Any) -> Tuple[torch.Tensor, Optional[CacheAttention]]:
-    """Fast mode (a hit): ``config.fast_steps`` RFLOW steps, Cache Attention at ``config.cache_steps``.
+    """Fast mode (a hit): ``config.fast_steps`` RFLOW steps, Cache Attention at ``config.cache_steps``
+    (the :class:`CacheAttention` hook is attached to ``model`` for the run and detached after it).
 
     With ``cached=None`` or no cache steps this is exactly ``rflow.sample(model, z,
     num_steps=config.fast_steps, cfg_scale=config.cfg_scale, ...)`` (the same calls, bit for bit).
@@ -524,6 +541,7 @@ def sample_fast(rflow: RFlow, model: torch.nn.Module, z: torch.Tensor, config: C
         return rflow.sample(model, z, schedule=schedule, cfg_scale=config.cfg_scale, callback=callback,
                             **sample_kwargs), None
     ca = CacheAttention(model, config, cached, measure=measure)
-    latent = rflow.sample(ca, z, schedule=schedule, cfg_scale=config.cfg_scale, callback=callback,
-                          step_model_kwargs=ca.step_kwargs, **sample_kwargs)
+    with HookRegistry.of(model).attached(ca):
+        latent = rflow.sample(model, z, schedule=schedule, cfg_scale=config.cfg_scale, callback=callback,
+                              step_model_kwargs=ca.step_kwargs, **sample_kwargs)
     return latent, ca

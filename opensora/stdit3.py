@@ -31,6 +31,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .hooks import HookRegistry
 from .layers import (
     Attention,
     CaptionEmbedder,
@@ -386,6 +387,13 @@ class STDiT3(nn.Module):
         S = H'·W' tokens per frame. E.g. (15, 30, 53) -> (15, 15, 27).
         """
         return tuple(-(-int(n) // p) for n, p in zip(latent_thw, self.patch_size))  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ model hooks
+
+    @property
+    def hooks(self) -> HookRegistry:
+        """Named, removable hooks around this model's forward (:mod:`.hooks`; Cache Attention is one)."""
+        return HookRegistry.of(self)
 
     # ------------------------------------------------------------------ Cache Attention hook
 

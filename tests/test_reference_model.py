@@ -12,7 +12,8 @@ import torch
 
 from comfyui_chai.refmodel import model as R
 from comfyui_chai.refmodel import scenes
-from comfyui_chai.refmodel.quality import heldout_prompts, run_quality, warm_scene_for
+from comfyui_chai.pipeline.quality import run_quality
+from comfyui_chai.refmodel.quality import heldout_prompts, warm_scene_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = R.default_model_dir()

@@ -45,7 +45,7 @@ def test_entity_level_beats_whole_prompt_and_budget_limits_entries(models, tmp_p
     assert tight.entries <= 2 and tight.bytes_held <= tight_mb * 1e6
     assert tight.evictions == len(PROMPTS) - tight.hits - tight.entries
     assert tight.hits <= roomy_entity.hits
-    assert "| budget (MB) |" in report.table()
+    assert "| budget (MiB) |" in report.table()
 
 
 def test_cli_writes_table_json_and_plot(tmp_path):

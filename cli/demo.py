@@ -10,7 +10,7 @@ What it does (issue 7, item 2):
 3. Runs every prompt of :data:`DEMO_PROMPTS` (12 related prompts that share shapes, colours and
    backgrounds) twice, interleaved, from the same seed:
 
-   * **CHAI** (``mode="auto"``): lookup; a hit runs the fast schedule (8 steps, Cache Attention at
+   * **CHAI** (``mode="chai"``): lookup; a hit runs the fast schedule (8 steps, Cache Attention at
      steps 2-4 on the matched entry's latents), a miss runs the full schedule (30 steps) and stores
      its latents;
    * **full-mode twin** (``mode="full"``): the same prompt and seed, 30 steps, no lookup, nothing
@@ -306,7 +306,7 @@ def run_demo(out_dir: Union[str, Path] = "out/demo", store_dir: Optional[Union[s
         seed: prompt i uses noise seed ``seed + i`` in both of its runs.
         model_dir: reference-model folder (default the bundled ``models/reference_v1``).
         threshold: hit similarity (default: the lookup's calibrated 0.72).
-        budget_mb: store budget in MB (10^6 bytes; default: a new store's default, or the kept one).
+        budget_mb: store budget in MiB (2^20 bytes; default: a new store's 1024, or the kept one).
         full_steps: steps of a miss and of the full-mode twins (default: the model's, 30).
         fast_steps: steps of a hit (default 8; Cache Attention at steps 2-4, or up to ``fast_steps``).
         scale: nearest-neighbour upscaling of the mp4 files (32 x 32 -> 256 x 256 at 8).
@@ -331,14 +331,12 @@ def run_demo(out_dir: Union[str, Path] = "out/demo", store_dir: Optional[Union[s
     """
     from tqdm import tqdm
 
-    from .cache.embed import Embedder
-    from .cache.entities import EntityExtractor
-    from .cache.lookup import CacheLookup
-    from .cache.store import LatentStore
-    from .opensora.cache_attention import CacheAttentionConfig
-    from .pipeline import ChaiPipeline, write_video
-    from .refmodel import evaluator
-    from .refmodel.model import cache_attention_defaults, read_model_config
+    from ..cache.embed import Embedder
+    from ..cache.entities import EntityExtractor
+    from ..cache.lookup import CacheLookup
+    from ..cache.backend import mib_to_bytes, open_store, store_exists
+    from ..pipeline import ChaiPipeline, write_video
+    from ..refmodel import evaluator
 
     batch = list(prompts)
     if limit is not None:
@@ -361,25 +359,19 @@ def run_demo(out_dir: Union[str, Path] = "out/demo", store_dir: Optional[Union[s
         store_path = Path(temp_dir)
     else:
         store_path = Path(store_dir)
-    fresh = not (store_path / "manifest.sqlite").is_file()
+    fresh = not store_exists(store_path)
     try:
         t_load = time.perf_counter()
-        store = LatentStore(store_path, budget_bytes=int(budget_mb * 1e6) if budget_mb else None)
+        store = open_store(store_path, budget_bytes=mib_to_bytes(budget_mb) if budget_mb else None)
         with store:
-            defaults = cache_attention_defaults(read_model_config(model_dir))
-            # The model's (else the paper's) cache steps, cut to a shorter --fast-steps.
-            cache_steps = defaults.get("cache_steps", CacheAttentionConfig.cache_steps)
-            mine = {"threshold": threshold, "fast_steps": int(fast_steps),
-                    "cache_steps": tuple(s for s in cache_steps if s <= int(fast_steps))}
-            if full_steps:
-                mine["full_steps"] = int(full_steps)
-            config = CacheAttentionConfig(**{**defaults, **mine})
-            pipe = ChaiPipeline.reference(CacheLookup(store, EntityExtractor(), Embedder()), config,
-                                          model_dir=model_dir)
+            # The model's own settings (its config.json), then the demo's: pipeline.settings.resolve_settings.
+            pipe = ChaiPipeline.reference(CacheLookup(store, EntityExtractor(), Embedder()), model_dir=model_dir)
+            pipe = pipe.with_settings({"threshold": threshold, "fast_steps": int(fast_steps),
+                                       "full_steps": int(full_steps) if full_steps else None})
             # Load every lazy model and run the sampler once, so no timed request pays for loading.
             pipe.lookup.keys_for(batch[0])
             pipe.lookup.embedder.encode([batch[0]])
-            pipe.generate(batch[0], seed=seed, mode="plain_fast", store=False)
+            pipe.generate(batch[0], seed=seed, mode="plain", store=False)
             load_s = time.perf_counter() - t_load
             height, width, frames = pipe.resolve_size(None, "", None, None, None)
             before = store.stats()
@@ -450,7 +442,7 @@ def _run_one(pipe, evaluator, write_video, tqdm, out: Path, i: int, n: int, prom
         return fn
 
     try:
-        chai = pipe.generate(prompt, seed=seed, mode="auto", progress=tick("chai"))
+        chai = pipe.generate(prompt, seed=seed, mode="chai", progress=tick("chai"))
         bar.set_postfix_str(f"{'hit' if chai.hit else 'miss'}, full twin")
         full = pipe.generate(prompt, seed=seed, mode="full", progress=tick("full"))
         score = evaluator.evaluate(chai.frames.numpy(), prompt)
@@ -486,7 +478,7 @@ def _print_summary(report: DemoReport, out: Path, store_dir, echo: Callable[[str
         echo(f"speed-up        {t['speedup_vs_all_full']:.2f}x against running every prompt in full mode (measured)")
     echo(f"quality         mean score CHAI {t['mean_score_chai']:.3f} vs all-full {t['mean_score_all_full']:.3f} "
          f"({t['quality_difference']:+.3f})")
-    echo(f"store           {t['cache']['entries']} entries, {t['cache']['bytes'] / 1e6:.1f} MB; "
+    echo(f"store           {t['cache']['entries']} entries, {t['cache']['bytes'] / 2**20:.1f} MiB; "
          f"{t['cache']['inserts']} inserted this run")
     echo(f"wrote           {len(report.rows)} mp4 files (+ full_mode/), "
          f"{'contact_sheet.png, ' if report.files.get('contact_sheet') else ''}report.md, report.json in {out}")

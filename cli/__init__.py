@@ -9,7 +9,7 @@ Commands:
     simulate                 replay a prompt list through the cache at several budgets (no video model)
     generate                 run prompts through CHAI (lookup, fast or full mode, store): one mp4 each + report
     demo                     the CHAI batch on the bundled reference model over 12 related prompts, against an
-                             all-full run of the same batch: mp4s, a contact sheet, report.{md,json} (demo.py)
+                             all-full run of the same batch: mp4s, a contact sheet, report.{md,json} (cli/demo.py)
 """
 
 from __future__ import annotations
@@ -22,12 +22,51 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser", "default_prompt_file"]
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 def default_prompt_file() -> Path:
     """The VBench prompt list shipped with the pack (946 prompts, Apache-2.0, data/vbench/)."""
     return PACKAGE_DIR / "data" / "vbench" / "all_dimension.txt"
+
+
+SEED_MAX = (1 << 64) - 1  # torch.manual_seed accepts 0 .. 2**64 - 1
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (``--limit 0`` or ``-1`` would silently run all or none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """argparse type: a noise seed torch accepts (0 .. 2**64 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {SEED_MAX}, got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {SEED_MAX}, got {text!r}")
+    return value
+
+
+def _budget_mb(text: str) -> float:
+    """argparse type: a store budget in MiB (2^20 bytes): finite, at least one byte, at most 1 PiB."""
+    from ..cache.store_types import MAX_BUDGET_BYTES
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of MiB, e.g. 1024, got {text!r}") from None
+    if not (value > 0 and value * 2**20 <= MAX_BUDGET_BYTES) or round(value * 2**20) < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of MiB above 0 and at most {MAX_BUDGET_BYTES >> 20:,} (1 PiB), got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("verify", "check and repair the store (exit 1 if anything needed repair)"),
                        ("compact", "rebuild the index without tombstones")):
         p = cache_sub.add_parser(name, help=text)
-        p.add_argument("store", help="store folder")
+        p.add_argument("store", help="store folder (or the URL of a registered store backend)")
         if name == "stats":
             p.add_argument("--json", action="store_true", help="print JSON")
             p.add_argument("--read-only", action="store_true",
@@ -54,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="replay prompts through the cache at several budgets")
     sim.add_argument("--prompts", default=str(default_prompt_file()),
                      help="prompt file: one per line, or JSON (default: the 946 VBench prompts shipped with the pack)")
-    sim.add_argument("--budget-mb", type=float, nargs="+", default=[25, 50, 100, 200, 400, 1000],
-                     help="cache budgets in MB (10^6 bytes); several give a curve")
+    sim.add_argument("--budget-mb", type=_budget_mb, nargs="+", default=[25, 50, 100, 200, 400, 1000],
+                     help="cache budgets in MiB (2^20 bytes); several give a curve")
     sim.add_argument("--mode", choices=["entity", "prompt", "both"], default="both",
                      help="entity-level (CHAI), whole-prompt (baseline) or both")
     sim.add_argument("--threshold", type=float, default=None, help="similarity threshold (default: the pack's)")
@@ -64,11 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="latent of one video (default OpenSora 1.2 at 240p 9:16, 51 frames)")
     sim.add_argument("--cache-steps", type=int, default=3, help="latents stored per entry (steps 2-4 -> 3)")
     sim.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored latent dtype")
-    sim.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    sim.add_argument("--limit", type=_positive_int, default=None, help="use only the first N prompts")
     sim.add_argument("--out", default="out/simulate", help="folder for simulate.md, simulate.json and simulate.png")
     sim.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_generate_parser(sub)
     _add_demo_parser(sub)
+    from ..farm import add_parsers as add_farm_parsers
+
+    add_farm_parsers(sub)  # db, worker, cache migrate, generate --queue (farm.py)
     return parser
 
 
@@ -91,11 +133,12 @@ def _add_demo_parser(sub) -> None:
     demo.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     demo.add_argument("--store", default=None,
                       help="cache store folder to create or reuse (default: a fresh temporary store, deleted after)")
-    demo.add_argument("--limit", type=int, default=None, help="only the first N of the 12 prompts")
-    demo.add_argument("--seed", type=int, default=42, help="noise seed of prompt i is seed + i (both runs)")
+    demo.add_argument("--limit", type=_positive_int, default=None, help="only the first N of the 12 prompts")
+    demo.add_argument("--seed", type=_seed, default=42, help="noise seed of prompt i is seed + i (both runs)")
     demo.add_argument("--model-dir", default=None, help="reference-model folder (default: the bundled models/reference_v1)")
     demo.add_argument("--threshold", type=float, default=None, help="hit similarity (default: the lookup's, 0.72)")
-    demo.add_argument("--budget-mb", type=float, default=None, help="store budget in MB (default: kept / 1 GiB new)")
+    demo.add_argument("--budget-mb", type=_budget_mb, default=None,
+                      help="store budget in MiB (2^20 bytes; default: kept, 1024 when new)")
     demo.add_argument("--full-steps", type=int, default=None, help="steps on a miss and of the full-mode twins (default 30)")
     demo.add_argument("--fast-steps", type=int, default=8, help="steps on a hit (default 8)")
     demo.add_argument("--scale", type=int, default=8, help="nearest-neighbour upscaling of the mp4 files (32 -> 256 px)")
@@ -107,7 +150,7 @@ def _add_demo_parser(sub) -> None:
 def _cmd_demo(args) -> int:
     import torch
 
-    from .cache.store import StoreError
+    from ..cache.store import StoreError
     from .demo import run_demo
 
     torch.set_num_threads(max(1, args.threads))
@@ -141,40 +184,43 @@ def _print_stats(path: Path, stats, as_json: bool) -> None:
 
 
 def _cmd_cache(args) -> int:
-    from .cache.store import LatentStore, StoreError, read_stats
+    from ..cache.backend import location_scheme, open_store, read_stats
+    from ..cache.store import StoreError
 
-    path = Path(args.store)
-    if not (path / "manifest.sqlite").is_file():
-        print(f"error: {path} is not a CHAI store (no manifest.sqlite in it)", file=sys.stderr)
-        return 2
-    if args.cache_command == "stats" and (args.read_only or not os.access(path, os.W_OK)):
-        try:
-            stats = read_stats(path)
-        except StoreError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        if not args.json:
-            print("read-only: manifest read as is (no repair, nothing written)")
-        _print_stats(path, stats, args.json)
-        return 0
+    location = args.store
     try:
-        store = LatentStore(path)
+        folder = not location_scheme(location)  # a URL (PostgreSQL) has no folder to be read-only
+        if args.cache_command == "stats" and (args.read_only or (folder and not os.access(Path(location).expanduser(),
+                                                                                          os.W_OK))):
+            stats = read_stats(location)
+            if not args.json:
+                print("read-only: manifest read as is (no repair, nothing written)")
+            _print_stats(Path(location), stats, args.json)
+            return 0
+        store = open_store(location, create=False)
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with store:
-        for line in store.open_report:
-            print(f"repaired on open: {line}")
+        report_to = sys.stderr if getattr(args, "json", False) else sys.stdout  # --json keeps stdout pure JSON
+        for line in store.notes:
+            print(f"note: {line}", file=report_to)
+        repaired_on_open = list(store.open_report)
+        for line in repaired_on_open:
+            print(f"repaired on open: {line}", file=report_to)
         if args.cache_command == "stats":
-            _print_stats(path, store.stats(), args.json)
+            _print_stats(Path(location), store.stats(), args.json)
             return 0
         if args.cache_command == "verify":
             report = store.verify(full=not args.quick)
             print(f"checked {report.entries_checked} entries")
             for problem in report.problems:
                 print(f"repaired: {problem}")
-            print("OK: store is consistent" if report.ok else f"{len(report.problems)} problem(s) found and repaired")
-            return 0 if report.ok else 1
+            for name in report.left_alone:
+                print(f"left alone (not the store's own file, never touched): {name}")
+            found = len(report.problems) + len(repaired_on_open)
+            print("OK: store is consistent" if not found else f"{found} problem(s) found and repaired")
+            return 0 if not found else 1
         if args.cache_command == "compact":
             result = store.compact()
             print(f"compacted {result['partitions']} partition(s): {result['vectors']} vectors kept, "
@@ -184,7 +230,7 @@ def _cmd_cache(args) -> int:
 
 
 def _cmd_simulate(args) -> int:
-    from .cache.simulate import read_prompts, simulate
+    from ..cache.simulate import read_prompts, simulate
 
     prompts = read_prompts(args.prompts)
     if args.limit:
@@ -231,7 +277,8 @@ def _add_generate_parser(sub) -> None:
                          epilog=_GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     gen.add_argument("--prompts", required=True, help="prompt file: one per line, or a JSON list")
     gen.add_argument("--out", required=True, help="folder for the mp4 files and report.{json,md}")
-    gen.add_argument("--store", required=True, help="cache store folder (created if missing)")
+    gen.add_argument("--store", required=True,
+                     help="cache store folder (created if missing), or a postgresql:// URL shared by a farm")
     gen.add_argument("--model", nargs="+", default=["tiny"], metavar="tiny|reference|PATH",
                      help="'tiny', 'reference' [DIR], or STDIT3 VAE T5 [TOKENIZER] weight paths (see below)")
     gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -244,16 +291,19 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--width", type=int, default=None, help="pixel width (overrides --resolution)")
     gen.add_argument("--num-frames", default=None,
                      help="frames or a duration name (default 51 = '2s'; tiny: 17; reference: 8)")
-    gen.add_argument("--seed", type=int, default=42, help="noise seed of prompt i is seed + i")
+    gen.add_argument("--seed", type=_seed, default=42, help="noise seed of prompt i is seed + i")
     gen.add_argument("--fps", type=int, default=None, help="frame rate of the mp4 files (default: the model's, 24)")
-    gen.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    gen.add_argument("--limit", type=_positive_int, default=None, help="only the first N prompts")
     gen.add_argument("--captions", choices=["minilm", "hashed"], default="minilm",
                      help="caption encoder of --model tiny: MiniLM token states or hashed words (no model)")
     gen.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default: 1 for --model tiny/reference on cpu, else torch's default)")
-    # Every knob defaults to None: the reference model's config.json, else CacheAttentionConfig's default.
-    ca = gen.add_argument_group("CHAI knobs (opensora.cache_attention.CacheAttentionConfig; a flag left out "
-                                "takes the reference model's config.json, else the paper's default)")
+    gen.add_argument("--mode", choices=_mode_choices(), default="chai",
+                     help="sampling mode (registered modes: " + "; ".join(_mode_help()) + ")")
+    # Every knob defaults to None: pipeline.settings.resolve_settings takes the model's config.json, else
+    # the built-in default (OpenSora 1.2 / the CHAI paper).
+    ca = gen.add_argument_group("CHAI settings (pipeline.settings; a flag left out takes the model's own setting from "
+                                "its config.json, else the paper's default)")
     ca.add_argument("--fast-steps", type=int, default=None, help="steps on a hit (8)")
     ca.add_argument("--cache-steps", type=int, nargs="*", default=None,
                     help="1-based Cache Attention steps (2 3 4; none given: no Cache Attention)")
@@ -266,50 +316,67 @@ def _add_generate_parser(sub) -> None:
     ca.add_argument("--fusion", choices=["best", "per_entity"], default=None,
                     help="one best entry (paper) or one per matched entity, K/V concatenated (best)")
     ca.add_argument("--threshold", type=float, default=None, help="hit similarity (default: the lookup's, 0.72)")
-    ca.add_argument("--capture-dtype", choices=["float16", "float32"], default="float16", help="stored latent dtype")
+    ca.add_argument("--capture-dtype", choices=["float16", "float32"], default=None,
+                    help="stored latent dtype (float16)")
     ca.add_argument("--lookup-mode", choices=["entity", "prompt"], default="entity",
                     help="entity-level keys (CHAI) or the whole prompt (NIRVANA-style baseline)")
-    ca.add_argument("--budget-mb", type=float, default=None, help="store budget in MB (10^6 bytes; default: kept)")
+    ca.add_argument("--budget-mb", type=_budget_mb, default=None,
+                    help="store budget in MiB (2^20 bytes, as the ComfyUI Cache node; default: kept, 1024 when new)")
+    ca.add_argument("--evict-to-fit", action="store_true",
+                    help="allow a --budget-mb smaller than what the store holds (evicts the entries beyond it); "
+                         "without it such a budget is refused and nothing is evicted")
     ca.add_argument("--policy", choices=["lru", "lfu", "fifo"], default=None, help="eviction policy (default: kept)")
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _mode_choices() -> list:
+    from ..pipeline.modes import mode_choices
+
+    return mode_choices()
+
+
+def _mode_help() -> list:
+    from ..pipeline.modes import get_mode, mode_names
+
+    return [f"{name}: {get_mode(name).description}" for name in mode_names()]
+
+
+def _generate_settings(args) -> dict:
+    """The CHAI settings the command line names (None = not given): the user layer of resolve_settings."""
+    return {"fast_steps": args.fast_steps, "cache_steps": None if args.cache_steps is None else tuple(args.cache_steps),
+            "block_index": args.block_index, "mode": args.attention_mode, "branches": args.branches,
+            "threshold": args.threshold, "fusion": args.fusion, "capture_dtype": args.capture_dtype,
+            "full_steps": args.full_steps, "cfg_scale": args.cfg_scale}
+
+
 def _generate_pipeline(args, lookup):
-    """The ChaiPipeline of ``--model`` with the CHAI knobs of ``args``."""
+    """The ChaiPipeline of ``--model``, its settings resolved from the model's defaults and the flags."""
     import torch
 
-    from .opensora.cache_attention import CacheAttentionConfig
-    from .pipeline import ChaiPipeline
+    from ..pipeline import ChaiPipeline
+    from ..pipeline.settings import resolve_settings
 
-    model_defaults = {}
-    if args.model[0] == "reference":  # the bundled model's own settings, unless a flag says otherwise
-        from .refmodel.model import cache_attention_defaults, read_model_config
-
-        model_defaults = cache_attention_defaults(read_model_config(args.model[1] if len(args.model) == 2 else None))
-    cache_steps = None if args.cache_steps is None else tuple(args.cache_steps)
-    flags = {"fast_steps": args.fast_steps, "cache_steps": cache_steps, "block_index": args.block_index,
-             "mode": args.attention_mode, "branches": args.branches, "threshold": args.threshold,
-             "fusion": args.fusion, "capture_dtype": args.capture_dtype, "full_steps": args.full_steps,
-             "cfg_scale": args.cfg_scale}
-    config = CacheAttentionConfig(**{**model_defaults, **{k: v for k, v in flags.items() if v is not None}})
+    flags = _generate_settings(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model == ["tiny"]:
-        pipe = ChaiPipeline.tiny(lookup, config, captions=args.captions)
+        pipe = ChaiPipeline.tiny(lookup, settings=resolve_settings(None, flags), captions=args.captions)
         pipe.model.to(device)
         pipe.vae.to(device)
         return pipe
     if args.model[0] == "reference":
         if len(args.model) > 2:
             raise ValueError("--model reference takes at most one folder: --model reference [DIR]")
-        return ChaiPipeline.reference(lookup, config, model_dir=args.model[1] if len(args.model) == 2 else None,
+        pipe = ChaiPipeline.reference(lookup, model_dir=args.model[1] if len(args.model) == 2 else None,
                                       device=device)
+        return pipe.with_settings(flags)
     if len(args.model) not in (3, 4):
         raise ValueError("--model takes 'tiny', 'reference' [DIR] or 3-4 paths: STDIT3 VAE T5 [TOKENIZER]")
     default = torch.bfloat16 if device.startswith("cuda") else torch.float32
     dtype = getattr(torch, args.dtype) if args.dtype else default
     stdit, vae, t5 = args.model[:3]
     tokenizer = args.model[3] if len(args.model) == 4 else None
-    return ChaiPipeline.from_files(stdit, vae, t5, tokenizer, lookup, config, device=device, dtype=dtype)
+    return ChaiPipeline.from_files(stdit, vae, t5, tokenizer, lookup, settings=resolve_settings(None, flags),
+                                   device=device, dtype=dtype)
 
 
 def _cache_behaviour(before, after) -> dict:
@@ -391,16 +458,20 @@ def _cmd_generate(args) -> int:
     import re
     import time
 
-    from .cache.embed import Embedder
-    from .cache.entities import EntityExtractor
-    from .cache.lookup import CacheLookup, LookupConfig
-    from .cache.simulate import read_prompts
-    from .cache.store import LatentStore, StoreError
-    from .pipeline import write_video
+    from ..cache.embed import Embedder
+    from ..cache.entities import EntityExtractor
+    from ..cache.lookup import CacheLookup, LookupConfig
+    from ..cache.simulate import read_prompts
+    from ..cache.backend import mib_to_bytes, open_store
+    from ..cache.store import StoreError
+    from ..pipeline import write_video
 
     prompts = read_prompts(args.prompts)
     if args.limit:
         prompts = prompts[: args.limit]
+    if args.seed + len(prompts) - 1 > SEED_MAX:
+        raise ValueError(f"--seed {args.seed}: prompt i uses seed + i, which must stay at most {SEED_MAX} for "
+                         f"{len(prompts)} prompts; give a smaller --seed")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tiny = args.model == ["tiny"]
@@ -415,8 +486,8 @@ def _cmd_generate(args) -> int:
         height, width = 64, 64
     num_frames = args.num_frames or (17 if tiny else None)  # None: the model's default (51; reference: 8)
     try:
-        store = LatentStore(args.store, budget_bytes=int(args.budget_mb * 1e6) if args.budget_mb else None,
-                            policy=args.policy)
+        store = open_store(args.store, budget_bytes=mib_to_bytes(args.budget_mb) if args.budget_mb else None,
+                           policy=args.policy, evict_to_fit=args.evict_to_fit)
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -433,8 +504,9 @@ def _cmd_generate(args) -> int:
         height, width, frames = pipe.resolve_size(resolution or "240p", args.aspect_ratio, height, width, num_frames)
         before = store.stats()
         header = {"model": "tiny" if tiny else " ".join(args.model), "height": height, "width": width,
-                  "num_frames": frames, "device": str(pipe.device), "config": pipe.config.tag(),
-                  "compat_key": pipe.compat_key(height, width, frames), "store": str(store.path),
+                  "num_frames": frames, "device": str(pipe.device), "mode": args.mode,
+                  "config": pipe.settings.tag(), "settings": pipe.settings.to_dict(),
+                  "compat_key": pipe.compat_key(height, width, frames), "store": store.location,
                   "load_s": round(load_s, 2), "seed": args.seed}
         rows: list[dict] = []
         from tqdm import tqdm
@@ -443,11 +515,15 @@ def _cmd_generate(args) -> int:
         status = 0
         try:
             for i, prompt in enumerate(prompts):
-                result = pipe.generate(prompt, seed=args.seed + i, height=height, width=width, num_frames=frames)
+                result = pipe.generate(prompt, seed=args.seed + i, height=height, width=width, num_frames=frames,
+                                       mode=args.mode)
                 slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
                 video = write_video(result.frames, out / f"{i:03d}_{slug}.mp4", fps=args.fps or pipe.fps)
                 row = result.summary()
                 row["video"] = video.name
+                if result.lookup is not None and result.lookup.not_stored:
+                    row["not_stored"] = result.lookup.not_stored  # the video is kept; the cache skipped it
+                    tqdm.write(f"prompt {i}: {result.lookup.not_stored}", file=sys.stderr)
                 rows.append(row)
                 bar.set_postfix_str(f"{'hit' if result.hit else 'miss'} {result.timings.total_ms / 1000:.2f}s")
                 bar.update(1)
@@ -468,9 +544,15 @@ def _cmd_generate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
+    from ..cache.store_types import StoreError
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        from .. import farm
+
+        if farm.handles(args):
+            return farm.run(args)
         if args.command == "cache":
             return _cmd_cache(args)
         if args.command == "simulate":
@@ -479,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_generate(args)
         if args.command == "demo":
             return _cmd_demo(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 2

@@ -1,0 +1,294 @@
+"""The quality harness: every sampling mode side by side on the reference model, through the request path.
+
+Each mode is a spec parsed by :func:`.modes.parse_mode_spec` (``full30``, ``plain8``, ``chai8``,
+``chai4``, any registered mode by name with an optional step count, ``+hook`` for a registered model
+hook), so a method that registers a mode or a hook is measured here without editing this file. Every
+prompt runs every mode from the same initial noise (prompt i: seed ``seed + i``), as one request of
+:meth:`.core.ChaiPipeline.generate` with ``store=False``; ``full30`` is always run (it is the reference
+for speed-ups and deltas).
+
+Modes that look the prompt up (``chai``) are served from a store warmed first: for each test prompt a
+warm prompt that shares exactly one entity (``refmodel.quality.warm_scene_for``) runs in the mode's
+``warm_with`` mode (``warm``: the full schedule, its capture stored), once per distinct compatibility
+key (``chai8`` and ``chai4`` store at different noise levels). With ``lookup=True`` the lookup is the
+real one (spaCy entities, MiniLM embeddings, HNSW over the store); with ``lookup=False`` a hermetic
+pairing lookup (no spaCy or MiniLM) keys test prompt i and warm prompt i alike, so prompt i is served
+warm entry i through the same store and request path. A lookup that misses runs CHAI's miss path (the
+full schedule), as a real request would.
+
+Scores come from ``refmodel.evaluator.evaluate`` on the uint8 clip; every field of its result's
+``scores`` dict is reported (a new criterion appears without a change here). Latency is a request's
+``total_ms`` (lookup, caption, sampling), batch 1, on the model's device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..cache.backend import open_store
+from ..cache.lookup import CacheLookup, LookupConfig
+from ..refmodel import evaluator, scenes
+from ..refmodel.model import model_to_pixels
+from ..refmodel.quality import WARM_SEED, share_kind, warm_scene_for
+from .core import ChaiPipeline
+from .modes import ModeSpec, get_mode, parse_mode_spec
+
+__all__ = ["DEFAULT_MODES", "REFERENCE_MODE", "ModeResult", "QualityReport", "run_quality", "format_table"]
+
+#: The modes of the default table, in order.
+DEFAULT_MODES: Tuple[str, ...] = ("full30", "plain8", "chai8", "plain4", "chai4")
+#: The reference every other mode is compared with (always run, first).
+REFERENCE_MODE = "full30"
+#: Settings of every harness request before a spec's own step count: the paper's 8 / 30 steps, and
+#: float32 captures (the harness measures the method, not the fp16 rounding of its store).
+HARNESS_SETTINGS: Dict[str, Any] = {"fast_steps": 8, "full_steps": 30, "capture_dtype": "float32"}
+
+
+@dataclass
+class ModeResult:
+    """Per-prompt results of one mode spec.
+
+    Attributes:
+        name: the spec as written (``chai8``). mode: the registered mode. steps: its nominal step count
+        (the settings field its number sets). cached: it looks prompts up (served from the store).
+        scores: the evaluator's ``scores`` dict per prompt. latency_ms: request ``total_ms`` per prompt.
+        clips: uint8 [F, H, W, 3] per prompt. hits: prompts served from the store.
+        settings: the request settings' fingerprint.
+    """
+
+    name: str
+    mode: str
+    steps: int
+    cached: bool
+    settings: str = ""
+    scores: List[Dict[str, float]] = field(default_factory=list)
+    latency_ms: List[float] = field(default_factory=list)
+    clips: List[np.ndarray] = field(default_factory=list)
+    hits: int = 0
+
+    def mean(self, key: str = "overall") -> float:
+        """Mean of one criterion over prompts (``overall`` or any key of the evaluator's scores)."""
+        return float(np.mean([s[key] for s in self.scores])) if self.scores else float("nan")
+
+    @property
+    def criteria(self) -> List[str]:
+        """Every criterion the evaluator returned, in its order (``overall`` first when present)."""
+        keys: List[str] = []
+        for s in self.scores:
+            keys += [k for k in s if k not in keys]
+        return sorted(keys, key=lambda k: k != "overall")
+
+    @property
+    def mean_latency_ms(self) -> float:
+        """Mean request latency in ms."""
+        return float(np.mean(self.latency_ms)) if self.latency_ms else float("nan")
+
+
+@dataclass
+class QualityReport:
+    """Everything one :func:`run_quality` call measured.
+
+    Attributes:
+        modes: spec text -> :class:`ModeResult` (the reference first). prompts / warm_prompts /
+        shared_entities: the test captions, their warm captions and the entity each pair shares.
+        lookup_hits: spec -> prompts served from the store (modes that look up). lookup_ms: every real
+        lookup's total ms. served_shares: what served entries share with their request (object,
+        background, ...: ``refmodel.quality.share_kind``). warm_ms: time of the warm runs. device.
+        cfg_scale: the CFG scale every mode ran at.
+    """
+
+    modes: Dict[str, ModeResult]
+    prompts: List[str]
+    warm_prompts: List[str]
+    shared_entities: List[str]
+    lookup_hits: Dict[str, int]
+    lookup_ms: List[float]
+    served_shares: Dict[str, int]
+    warm_ms: float
+    device: str
+    cfg_scale: float
+
+    def summary(self) -> Dict[str, Any]:
+        """JSON-friendly view (no clips): per mode every criterion's mean, latency, speed-up and deltas."""
+        full = self.modes[REFERENCE_MODE]
+        out = {"n_prompts": len(self.prompts), "device": self.device, "cfg_scale": self.cfg_scale,
+               "lookup_hits": self.lookup_hits, "served_entry_shares": self.served_shares,
+               "mean_lookup_ms": float(np.mean(self.lookup_ms)) if self.lookup_ms else None,
+               "warm_full_runs_s": round(self.warm_ms / 1000, 2), "modes": {}}
+        for name, m in self.modes.items():
+            out["modes"][name] = {
+                "mode": m.mode, "steps": m.steps, "cache_attention": m.cached, "settings": m.settings,
+                **{k: round(m.mean(k), 4) for k in m.criteria},
+                "latency_ms": round(m.mean_latency_ms, 2),
+                "speedup_vs_full": round(full.mean_latency_ms / m.mean_latency_ms, 3),
+                "delta_overall_vs_full": round(m.mean() - full.mean(), 4),
+                "lookup_hits": self.lookup_hits.get(name),
+            }
+        return out
+
+
+class _PairKeys:
+    """Hermetic lookup keys: test prompt i and warm prompt i share the key ``pair <i>`` and nothing else,
+    embedded as the i-th unit vector (an extractor and an embedder for ``cache.lookup.CacheLookup``)."""
+
+    def __init__(self, pairs: Sequence[Tuple[str, str]]) -> None:
+        self.index: Dict[str, int] = {}
+        for i, (test, warm) in enumerate(pairs):
+            self.index.setdefault(test, i)
+            self.index.setdefault(warm, i)
+        self.dim = max(2, len(pairs))
+        digest = hashlib.sha256("\n".join(f"{t}\t{w}" for t, w in pairs).encode()).hexdigest()[:12]
+        self.fingerprint = f"pairs-{digest}"
+
+    def extract(self, prompt: str) -> List[str]:
+        return [f"pair {self.index[prompt]}"]
+
+    def normalize_prompt(self, prompt: str) -> str:
+        return self.extract(prompt)[0]
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            out[row, int(text.split()[-1])] = 1.0
+        return out
+
+
+def _specs(modes: Sequence[str]) -> List[ModeSpec]:
+    specs: Dict[str, ModeSpec] = {REFERENCE_MODE: parse_mode_spec(REFERENCE_MODE)}
+    for text in modes:
+        spec = parse_mode_spec(text)
+        specs.setdefault(spec.text, spec)
+    return list(specs.values())
+
+
+def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *, lookup: bool = True,
+                cfg_scale: Optional[float] = None, modes: Sequence[str] = DEFAULT_MODES,
+                store_dir: Optional[str] = None, seed: int = 0,
+                progress: Optional[Callable[[str, int, int], None]] = None) -> QualityReport:
+    """Run every mode spec on every prompt through the request path and score the clips.
+
+    Args:
+        model: the reference STDiT3 (``refmodel.model.load_reference_model``: with ``reference_config``
+            and ``fingerprint``). encoder: its caption encoder.
+        items: (scene, caption) pairs; only the captions reach the model.
+        lookup: serve lookup modes through the real lookup (spaCy, MiniLM, hnswlib; needs ``store_dir``);
+            False: the hermetic pairing lookup (prompt i is served warm prompt i's entry).
+        cfg_scale: CFG scale of every mode (default: the model's ``config.json``).
+        modes: mode specs (:func:`.modes.parse_mode_spec`); ``full30`` is always run, first. Warm prompts
+            are made and run only when a mode looks prompts up.
+        store_dir: an empty directory for the store (``lookup=True``; default for the hermetic lookup:
+            a temporary folder).
+        seed: base of the noise seeds (prompt i: ``seed + i``; warm prompt i: ``seed + 100000 + i``).
+        progress: ``fn(phase, done, total)``.
+
+    Returns:
+        :class:`QualityReport`.
+
+    Raises:
+        ValueError: an unknown mode or hook, empty ``items``, ``lookup=True`` with a lookup mode but no
+            ``store_dir``.
+    """
+    specs = _specs(modes)
+    if not items:
+        raise ValueError("no prompts given")
+    cached_specs = [s for s in specs if get_mode(s.mode).uses_lookup]
+    real_lookup = lookup and bool(cached_specs)  # no lookup mode: no store to warm (half a CFG sweep's work)
+    if real_lookup and not store_dir:
+        raise ValueError("lookup=True needs store_dir (an empty directory for the latent store)")
+    rng = np.random.default_rng(WARM_SEED)
+    extractor = embedder = None
+    if real_lookup:
+        from ..cache.embed import Embedder
+        from ..cache.entities import EntityExtractor
+
+        extractor, embedder = EntityExtractor(), Embedder()
+    warm = [warm_scene_for(spec, text, rng, extractor) for spec, text in items] if cached_specs else []
+    if cached_specs and not real_lookup:
+        extractor = embedder = _PairKeys([(text, w[1]) for (_spec, text), w in zip(items, warm)])
+
+    with tempfile.TemporaryDirectory(prefix="chai-quality-store-") as scratch:
+        store = open_store(store_dir or scratch, dim=embedder.dim) if cached_specs else None
+        try:
+            cache = CacheLookup(store, extractor, embedder, LookupConfig()) if store is not None else None
+            base = ChaiPipeline.from_reference_model(model, encoder, cache)
+            base = base.with_settings(HARNESS_SETTINGS, {"cfg_scale": cfg_scale})
+            return _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress)
+        finally:
+            if store is not None:
+                store.close()
+
+
+def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) -> QualityReport:
+    pipes = {s.text: base.with_settings(s.overrides()) for s in specs}
+    clip = model_to_pixels  # the model tensor is the RGB clip in [-1, 1]
+    shape_args = dict(height=None, width=None, num_frames=None, resolution=None)
+
+    # Warm: once per distinct store key among the lookup modes.
+    entry_scene: Dict[Tuple[str, int], scenes.SceneSpec] = {}
+    warm_keys: Dict[str, ModeSpec] = {}
+    for s in cached_specs:
+        pipe = pipes[s.text]
+        h, w, f = pipe.resolve_size(None, "", None, None, None)
+        warm_keys.setdefault(pipe.compat_key(h, w, f), s)
+    t0 = time.perf_counter()
+    for i, (wspec, wtext, _) in enumerate(warm):
+        for key, s in warm_keys.items():
+            r = pipes[s.text].generate(wtext, seed=seed + 100_000 + i, mode=get_mode(s.mode).warm_with,
+                                       decode=False, **shape_args)
+            if r.inserted_entry_id is not None:
+                entry_scene[(key, r.inserted_entry_id)] = wspec
+        if progress:
+            progress("warm", i + 1, len(warm))
+    warm_ms = (time.perf_counter() - t0) * 1000
+
+    results = {s.text: ModeResult(s.text, s.mode, int(getattr(pipes[s.text].settings.schedule,
+                                                              get_mode(s.mode).steps_setting)),
+                                  get_mode(s.mode).uses_lookup, pipes[s.text].settings.fingerprint())
+               for s in specs}
+    shares: Dict[str, int] = {}
+    lookup_ms: List[float] = []
+    for i, (spec, text) in enumerate(items):
+        for s in specs:
+            r = pipes[s.text].generate(text, seed=seed + i, mode=s.mode, hooks=s.hooks, decode=False, store=False,
+                                       **shape_args)
+            m = results[s.text]
+            if r.lookup is not None and real_lookup:
+                lookup_ms.append(r.lookup.timings.total_ms)
+            if r.hit:
+                m.hits += 1
+                if real_lookup:
+                    kind = share_kind(spec, entry_scene.get((r.compat_key, r.entry_id)))
+                    shares[kind] = shares.get(kind, 0) + 1
+            pixels = clip(r.latent[None])[0]
+            m.scores.append(dict(evaluator.evaluate(pixels, text).scores))
+            m.latency_ms.append(r.timings.total_ms)
+            m.clips.append(pixels)
+        if progress:
+            progress("test", i + 1, len(items))
+    return QualityReport(modes=results, prompts=[t for _, t in items], warm_prompts=[w[1] for w in warm],
+                         shared_entities=[w[2] for w in warm], lookup_hits={s.text: results[s.text].hits
+                                                                            for s in cached_specs},
+                         lookup_ms=lookup_ms, served_shares=shares, warm_ms=warm_ms,
+                         device=str(base.device), cfg_scale=float(base.settings.schedule.cfg_scale))
+
+
+def format_table(report: QualityReport) -> str:
+    """Markdown table: mode, steps, lookup, every criterion's mean, latency, speed-up, delta vs full."""
+    s = report.summary()
+    criteria: List[str] = []
+    for m in report.modes.values():
+        criteria += [k for k in m.criteria if k not in criteria]
+    head = ["mode", "steps", "Cache Attention", *criteria, "latency ms", "speed-up", "Δ overall vs full"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in s["modes"].items():
+        cells = [name, str(m["steps"]), "yes" if m["cache_attention"] else "no",
+                 *(f"{m[k]:.3f}" if k in m else "" for k in criteria),
+                 f"{m['latency_ms']:.1f}", f"{m['speedup_vs_full']:.2f}x", f"{m['delta_overall_vs_full']:+.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
