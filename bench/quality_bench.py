@@ -10,8 +10,9 @@ mode or model hook a later method registers (``<mode>[k][+<hook>...]``, e.g. ``c
 ``full30`` always runs: it is the reference. Each clip is scored by ``refmodel/evaluator.py`` against its
 prompt; every criterion the evaluator returns is reported.
 
-Prints a markdown table (every criterion's mean, mean request latency, speed-up and the overall delta
-vs full) and writes ``<out>/quality_bench.json`` and ``<out>/quality_bench.png`` (score against latency
+Prints a markdown table (every criterion's mean, overall with its standard error, PSNR / SSIM against the
+full run from the same noise, the Frechet distance to the ground-truth renders, mean request latency,
+speed-up and the overall delta vs full with its paired standard error) and writes ``<out>/quality_bench.json`` and ``<out>/quality_bench.png`` (score against latency
 per mode) plus a strip of sample clips ``<out>/quality_samples.png``.
 
 Usage::
@@ -37,7 +38,7 @@ import torch
 
 from comfyui_chai.pipeline.modes import parse_mode_spec
 from comfyui_chai.pipeline.quality import DEFAULT_MODES, format_table, run_quality
-from comfyui_chai.refmodel.model import load_reference_model
+from comfyui_chai.refmodel.model import load_reference_model, reference_scene_kwargs
 from comfyui_chai.refmodel.quality import HELDOUT_SEED, VALIDATION_SEED, heldout_prompts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     stream = VALIDATION_SEED if a.validation else (HELDOUT_SEED if a.seed is None else a.seed)
     torch.set_num_threads(a.threads)
     model, encoder = load_reference_model(a.model_dir, device=a.device)
-    items = heldout_prompts(a.prompts, seed=stream)
+    items = heldout_prompts(a.prompts, seed=stream, **reference_scene_kwargs(model.reference_config))
     t0 = time.perf_counter()
     from tqdm import tqdm
 

@@ -16,9 +16,13 @@ pairing lookup (no spaCy or MiniLM) keys test prompt i and warm prompt i alike, 
 warm entry i through the same store and request path. A lookup that misses runs CHAI's miss path (the
 full schedule), as a real request would.
 
-Scores come from ``refmodel.evaluator.evaluate`` on the uint8 clip; every field of its result's
-``scores`` dict is reported (a new criterion appears without a change here). Latency is a request's
-``total_ms`` (lookup, caption, sampling), batch 1, on the model's device.
+Scores come from ``refmodel.evaluator.evaluate`` on the uint8 clip against its prompt and the
+ground-truth render of the prompt's scene spec (so the detail criterion is scored); every field of its
+result's ``scores`` dict is reported (a new criterion appears without a change here). Per mode the report
+adds fidelity to the full run from the same noise (PSNR / SSIM, ``refmodel.fidelity.psnr_ssim``) and the
+FVD-style Frechet distance between the mode's clips and the ground-truth renders
+(``refmodel.fidelity.frechet_distance``). Latency is a request's ``total_ms`` (lookup, caption,
+sampling), batch 1, on the model's device.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import numpy as np
 
 from ..cache.backend import open_store
 from ..cache.lookup import CacheLookup, LookupConfig
-from ..refmodel import evaluator, scenes
+from ..refmodel import evaluator, fidelity, scenes
 from ..refmodel.model import model_to_pixels
 from ..refmodel.quality import WARM_SEED, share_kind, warm_scene_for
 from .core import ChaiPipeline
@@ -59,7 +63,9 @@ class ModeResult:
         (the settings field its number sets). cached: it looks prompts up (served from the store).
         scores: the evaluator's ``scores`` dict per prompt. latency_ms: request ``total_ms`` per prompt.
         clips: uint8 [F, H, W, 3] per prompt. hits: prompts served from the store.
-        settings: the request settings' fingerprint.
+        settings: the request settings' fingerprint. psnr_db / ssim: mean fidelity to the reference
+        mode's clip of the same prompt and noise (``inf`` / 1.0 for the reference itself).
+        frechet: Frechet distance of the mode's clips to the ground-truth renders (squared feature units).
     """
 
     name: str
@@ -71,10 +77,18 @@ class ModeResult:
     latency_ms: List[float] = field(default_factory=list)
     clips: List[np.ndarray] = field(default_factory=list)
     hits: int = 0
+    psnr_db: float = float("nan")
+    ssim: float = float("nan")
+    frechet: float = float("nan")
 
     def mean(self, key: str = "overall") -> float:
         """Mean of one criterion over prompts (``overall`` or any key of the evaluator's scores)."""
         return float(np.mean([s[key] for s in self.scores])) if self.scores else float("nan")
+
+    def stderr(self, key: str = "overall") -> float:
+        """Standard error of the mean of one criterion over prompts (NaN below 2 prompts)."""
+        vals = np.array([s[key] for s in self.scores], dtype=np.float64)
+        return float(vals.std(ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else float("nan")
 
     @property
     def criteria(self) -> List[str]:
@@ -121,13 +135,21 @@ class QualityReport:
                "lookup_hits": self.lookup_hits, "served_entry_shares": self.served_shares,
                "mean_lookup_ms": float(np.mean(self.lookup_ms)) if self.lookup_ms else None,
                "warm_full_runs_s": round(self.warm_ms / 1000, 2), "modes": {}}
+        ref = np.array([s["overall"] for s in full.scores])
         for name, m in self.modes.items():
+            diff = np.array([s["overall"] for s in m.scores]) - ref
+            paired_se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
             out["modes"][name] = {
                 "mode": m.mode, "steps": m.steps, "cache_attention": m.cached, "settings": m.settings,
                 **{k: round(m.mean(k), 4) for k in m.criteria},
+                "overall_se": round(m.stderr(), 4),
                 "latency_ms": round(m.mean_latency_ms, 2),
                 "speedup_vs_full": round(full.mean_latency_ms / m.mean_latency_ms, 3),
                 "delta_overall_vs_full": round(m.mean() - full.mean(), 4),
+                "delta_overall_paired_se": round(paired_se, 4),
+                "psnr_db_vs_full": None if not np.isfinite(m.psnr_db) else round(m.psnr_db, 2),
+                "ssim_vs_full": round(m.ssim, 4),
+                "frechet_vs_ground_truth": round(m.frechet, 3),
                 "lookup_hits": self.lookup_hits.get(name),
             }
         return out
@@ -253,7 +275,10 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
                for s in specs}
     shares: Dict[str, int] = {}
     lookup_ms: List[float] = []
+    truths: List[evaluator.ClipMeasurement] = []
     for i, (spec, text) in enumerate(items):
+        truth = evaluator.measure_clip(scenes.render(spec))  # measured once, shared by every mode
+        truths.append(truth)
         for s in specs:
             r = pipes[s.text].generate(text, seed=seed + i, mode=s.mode, hooks=s.hooks, decode=False, store=False,
                                        **shape_args)
@@ -266,11 +291,17 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
                     kind = share_kind(spec, entry_scene.get((r.compat_key, r.entry_id)))
                     shares[kind] = shares.get(kind, 0) + 1
             pixels = clip(r.latent[None])[0]
-            m.scores.append(dict(evaluator.evaluate(pixels, text).scores))
+            m.scores.append(dict(evaluator.evaluate(pixels, text, truth).scores))
             m.latency_ms.append(r.timings.total_ms)
             m.clips.append(pixels)
         if progress:
             progress("test", i + 1, len(items))
+    reference = results[REFERENCE_MODE]
+    for m in results.values():
+        fid = fidelity.psnr_ssim(m.clips, reference.clips)
+        m.psnr_db, m.ssim = fid["psnr_db"], fid["ssim"]
+        if len(m.clips) >= 2:
+            m.frechet = fidelity.frechet_distance(m.clips, truths)
     return QualityReport(modes=results, prompts=[t for _, t in items], warm_prompts=[w[1] for w in warm],
                          shared_entities=[w[2] for w in warm], lookup_hits={s.text: results[s.text].hits
                                                                             for s in cached_specs},
@@ -279,16 +310,22 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
 
 
 def format_table(report: QualityReport) -> str:
-    """Markdown table: mode, steps, lookup, every criterion's mean, latency, speed-up, delta vs full."""
+    """Markdown table: mode, steps, lookup, every criterion's mean (overall +- standard error), PSNR / SSIM
+    vs full, Frechet distance to the ground truth, latency, speed-up, delta vs full (+- paired SE)."""
     s = report.summary()
     criteria: List[str] = []
     for m in report.modes.values():
         criteria += [k for k in m.criteria if k not in criteria]
-    head = ["mode", "steps", "Cache Attention", *criteria, "latency ms", "speed-up", "Δ overall vs full"]
+    head = ["mode", "steps", "Cache Attention", *criteria, "PSNR vs full", "SSIM vs full", "Fréchet vs GT",
+            "latency ms", "speed-up", "Δ overall vs full"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in s["modes"].items():
         cells = [name, str(m["steps"]), "yes" if m["cache_attention"] else "no",
-                 *(f"{m[k]:.3f}" if k in m else "" for k in criteria),
-                 f"{m['latency_ms']:.1f}", f"{m['speedup_vs_full']:.2f}x", f"{m['delta_overall_vs_full']:+.3f}"]
+                 *((f"{m[k]:.3f} ± {m['overall_se']:.3f}" if k == "overall" else f"{m[k]:.3f}") if k in m else ""
+                   for k in criteria),
+                 "-" if m["psnr_db_vs_full"] is None else f"{m['psnr_db_vs_full']:.1f} dB", f"{m['ssim_vs_full']:.3f}",
+                 f"{m['frechet_vs_ground_truth']:.2f}",
+                 f"{m['latency_ms']:.1f}", f"{m['speedup_vs_full']:.2f}x",
+                 f"{m['delta_overall_vs_full']:+.3f} ± {m['delta_overall_paired_se']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
