@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from comfyui_chai.cache.lookup import LookupConfig
 from comfyui_chai.pipeline.modes import parse_mode_spec
 from comfyui_chai.pipeline.quality import DEFAULT_MODES, format_table, run_quality
 from comfyui_chai.refmodel.model import load_reference_model, reference_scene_kwargs
@@ -99,6 +100,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-lookup", action="store_true",
                    help="serve each prompt its own warm entry through a hermetic pairing lookup (no spaCy/MiniLM)")
+    p.add_argument("--no-modifier-agreement", action="store_true",
+                   help="let the lookup serve a stored entity whose colour words contradict the request's "
+                        "(the gate's ablation: cache/agreement.py)")
     a = p.parse_args(argv)
     if a.prompts < 1:
         p.error("--prompts must be >= 1")
@@ -126,7 +130,8 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="chai_quality_store_") as store_dir:
         report = run_quality(model, encoder, items, lookup=not a.no_lookup, cfg_scale=a.cfg, modes=modes,
-                             store_dir=store_dir, progress=progress)
+                             store_dir=store_dir, progress=progress,
+                             lookup_config=LookupConfig(modifier_agreement=not a.no_modifier_agreement))
     for b in bars.values():
         b.close()
     wall = time.perf_counter() - t0
@@ -134,7 +139,7 @@ def main(argv=None) -> int:
     summary.update({"wall_s": round(wall, 1), "model": getattr(model, "fingerprint", None),
                     "torch_threads": torch.get_num_threads(), "lookup": not a.no_lookup,
                     "prompt_stream": "validation" if a.validation else "held-out", "stream_seed": stream,
-                    "modes_requested": modes})
+                    "modes_requested": modes, "modifier_agreement": not a.no_modifier_agreement})
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "quality_bench.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(report, a.out / "quality_bench.png")
@@ -142,7 +147,8 @@ def main(argv=None) -> int:
     print(format_table(report))
     print()
     print(f"prompts {len(items)}, cfg {report.cfg_scale:g}, device {report.device}, wall {wall / 60:.1f} min; "
-          f"lookup hits {summary['lookup_hits']}, served entries share {summary['served_entry_shares']}, "
+          f"lookup hits {summary['lookup_hits']}, served entries share {summary['served_entry_shares']} "
+          f"(unrelated: {summary['served_unrelated']}; refused by modifier agreement {summary['refused_by_modifier_agreement']}), "
           f"mean lookup {summary['mean_lookup_ms'] or 0:.1f} ms")
     print(f"wrote {a.out / 'quality_bench.json'}, {a.out / 'quality_bench.png'}, {a.out / 'quality_samples.png'}")
     return 0

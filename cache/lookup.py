@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
+from .agreement import contradicts
+
 if TYPE_CHECKING:  # pragma: no cover
     from .embed import Embedder
     from .entities import EntityExtractor
@@ -43,12 +45,17 @@ class LookupConfig:
             baseline: the whole normalised prompt is the only key).
         neighbours: stored entities fetched per prompt entity from the HNSW index.
         max_candidates: entries tried, best first, when the best one's latent file turns out invalid.
+        modifier_agreement: refuse a stored entity with the request entity's head noun whose colour
+            words contradict it ("black background" for "white background": ``cache/agreement.py``).
+            Default on: measured on the reference model's validation stream (README, "What the
+            lookup serves").
     """
 
     threshold: float = DEFAULT_THRESHOLD
     mode: str = "entity"
     neighbours: int = 8
     max_candidates: int = 3
+    modifier_agreement: bool = True
 
     def __post_init__(self) -> None:
         if not (-1.0 <= float(self.threshold) <= 1.0):
@@ -60,7 +67,7 @@ class LookupConfig:
 
     def fingerprint(self) -> str:
         """E.g. ``LOOKUP_entity_T0.72_K8``: names the settings in reports and keys."""
-        return f"LOOKUP_{self.mode}_T{self.threshold:.2f}_K{self.neighbours}"
+        return f"LOOKUP_{self.mode}_T{self.threshold:.2f}_K{self.neighbours}" + ("_MA" if self.modifier_agreement else "")
 
 
 @dataclass
@@ -167,6 +174,7 @@ class LookupResult:
     per_entity: list[EntityScore] = field(default_factory=list)
     latents: Mapping | None = None
     timings: LookupTimings = field(default_factory=LookupTimings)
+    refused: list = field(default_factory=list)
     not_stored: str | None = None
 
     def summary(self) -> dict:
@@ -177,6 +185,7 @@ class LookupResult:
             "matched": self.matched, "similarity": round(float(self.similarity), 4),
             "entities_matched": self.entities_matched, "entity_sharers": self.entity_sharers,
             "per_entity": [asdict(s) for s in self.per_entity], "timings_ms": asdict(self.timings),
+            "refused": [list(pair) for pair in self.refused],
             "not_stored": self.not_stored,
         }
 
@@ -275,9 +284,11 @@ class CacheLookup:
         entities, embeddings = query.entities, query.embeddings
         # A prompt with no entity has nothing to look up: a miss, and insert() stores nothing.
         matches = self.store.search(embeddings, key, k=self.config.neighbours) if entities else []
+        matches, refused = self._agreeing(entities, matches)
         t3 = time.perf_counter()
         result = LookupResult(prompt=prompt, mode=self.config.mode, entities=entities, embeddings=embeddings,
                               compat_key=key)
+        result.refused = refused
         threshold = float(self.config.threshold)
 
         best_per_entity: dict[int, object] = {}
@@ -338,6 +349,19 @@ class CacheLookup:
             result.timings.record_ms = (time.perf_counter() - t4) * 1000
         return result
 
+    def _agreeing(self, entities: list, matches: list) -> tuple[list, list]:
+        """Split ANN matches into those the modifier-agreement gate keeps and the (request entity, stored
+        entity) pairs it refuses (``LookupConfig.modifier_agreement``; off: everything is kept)."""
+        if not self.config.modifier_agreement:
+            return matches, []
+        kept, refused = [], []
+        for m in matches:
+            if contradicts(entities[m.query_index], m.text):
+                refused.append((entities[m.query_index], m.text))
+            else:
+                kept.append(m)
+        return kept, refused
+
     def preview(self, query: LookupQuery, limit_neighbours: int | None = None) -> dict:
         """The best stored match of each of a query's keys over every compatibility key of the store that
         was made with this lookup's embedder, extractor and mode (any model, size or schedule).
@@ -359,7 +383,8 @@ class CacheLookup:
         keys = query.entities
         best: dict[int, object] = {}
         for key in (k for k in self.store.compat_keys() if k.endswith(suffix) and keys):
-            for m in self.store.search(query.embeddings, key, k=limit_neighbours or self.config.neighbours):
+            found = self.store.search(query.embeddings, key, k=limit_neighbours or self.config.neighbours)
+            for m in self._agreeing(keys, found)[0]:
                 if m.query_index not in best or m.similarity > best[m.query_index].similarity:
                     best[m.query_index] = m
         threshold = float(self.config.threshold)

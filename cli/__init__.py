@@ -318,6 +318,9 @@ def _add_generate_parser(sub) -> None:
     ca.add_argument("--threshold", type=float, default=None, help="hit similarity (default: the lookup's, 0.72)")
     ca.add_argument("--capture-dtype", choices=["float16", "float32"], default=None,
                     help="stored latent dtype (float16)")
+    ca.add_argument("--no-modifier-agreement", action="store_true",
+                    help="serve a stored entity even when its colour words contradict the prompt's "
+                         "('black background' for 'white background'); default: refused")
     ca.add_argument("--lookup-mode", choices=["entity", "prompt"], default="entity",
                     help="entity-level keys (CHAI) or the whole prompt (NIRVANA-style baseline)")
     ca.add_argument("--budget-mb", type=_budget_mb, default=None,
@@ -494,7 +497,8 @@ def _cmd_generate(args) -> int:
     with store:
         t_load = time.perf_counter()
         extractor = EntityExtractor(mode=args.lookup_mode)
-        lookup = CacheLookup(store, extractor, Embedder(), LookupConfig(mode=args.lookup_mode))
+        lookup = CacheLookup(store, extractor, Embedder(), LookupConfig(mode=args.lookup_mode,
+                                                                   modifier_agreement=not args.no_modifier_agreement))
         pipe = _generate_pipeline(args, lookup)
         # Load the lazy models now so the first request's timings hold no loading.
         lookup.keys_for("a red fox in the snow")

@@ -113,7 +113,9 @@ class QualityReport:
         shared_entities: the test captions, their warm captions and the entity each pair shares.
         lookup_hits: spec -> prompts served from the store (modes that look up). lookup_ms: every real
         lookup's total ms. served_shares: what served entries share with their request (object,
-        background, ...: ``refmodel.quality.share_kind``). warm_ms: time of the warm runs. device.
+        background, ...: ``refmodel.quality.share_kind``; a served entry that shares neither the object nor
+        the background contradicts or ignores the request). refused: matches the modifier-agreement gate
+        refused, per spec. warm_ms: time of the warm runs. device.
         cfg_scale: the CFG scale every mode ran at.
     """
 
@@ -127,12 +129,16 @@ class QualityReport:
     warm_ms: float
     device: str
     cfg_scale: float
+    refused: Dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> Dict[str, Any]:
         """JSON-friendly view (no clips): per mode every criterion's mean, latency, speed-up and deltas."""
         full = self.modes[REFERENCE_MODE]
         out = {"n_prompts": len(self.prompts), "device": self.device, "cfg_scale": self.cfg_scale,
                "lookup_hits": self.lookup_hits, "served_entry_shares": self.served_shares,
+               "served_unrelated": sum(n for kind, n in self.served_shares.items()
+                                       if "object" not in kind and "background" not in kind),
+               "refused_by_modifier_agreement": self.refused,
                "mean_lookup_ms": float(np.mean(self.lookup_ms)) if self.lookup_ms else None,
                "warm_full_runs_s": round(self.warm_ms / 1000, 2), "modes": {}}
         ref = np.array([s["overall"] for s in full.scores])
@@ -191,7 +197,7 @@ def _specs(modes: Sequence[str]) -> List[ModeSpec]:
 
 def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *, lookup: bool = True,
                 cfg_scale: Optional[float] = None, modes: Sequence[str] = DEFAULT_MODES,
-                store_dir: Optional[str] = None, seed: int = 0,
+                store_dir: Optional[str] = None, seed: int = 0, lookup_config: Optional[LookupConfig] = None,
                 progress: Optional[Callable[[str, int, int], None]] = None) -> QualityReport:
     """Run every mode spec on every prompt through the request path and score the clips.
 
@@ -207,6 +213,8 @@ def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *
         store_dir: an empty directory for the store (``lookup=True``; default for the hermetic lookup:
             a temporary folder).
         seed: base of the noise seeds (prompt i: ``seed + i``; warm prompt i: ``seed + 100000 + i``).
+        lookup_config: the lookup's knobs (default ``LookupConfig()``: the pack's threshold, modifier
+            agreement on).
         progress: ``fn(phase, done, total)``.
 
     Returns:
@@ -237,7 +245,7 @@ def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *
     with tempfile.TemporaryDirectory(prefix="chai-quality-store-") as scratch:
         store = open_store(store_dir or scratch, dim=embedder.dim) if cached_specs else None
         try:
-            cache = CacheLookup(store, extractor, embedder, LookupConfig()) if store is not None else None
+            cache = CacheLookup(store, extractor, embedder, lookup_config or LookupConfig()) if store is not None else None
             base = ChaiPipeline.from_reference_model(model, encoder, cache)
             base = base.with_settings(HARNESS_SETTINGS, {"cfg_scale": cfg_scale})
             return _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress)
@@ -276,6 +284,7 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
     shares: Dict[str, int] = {}
     lookup_ms: List[float] = []
     truths: List[evaluator.ClipMeasurement] = []
+    refused: Dict[str, int] = {}
     for i, (spec, text) in enumerate(items):
         truth = evaluator.measure_clip(scenes.render(spec))  # measured once, shared by every mode
         truths.append(truth)
@@ -285,6 +294,8 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
             m = results[s.text]
             if r.lookup is not None and real_lookup:
                 lookup_ms.append(r.lookup.timings.total_ms)
+                if r.lookup.refused:
+                    refused[s.text] = refused.get(s.text, 0) + 1
             if r.hit:
                 m.hits += 1
                 if real_lookup:
@@ -306,7 +317,8 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
                          shared_entities=[w[2] for w in warm], lookup_hits={s.text: results[s.text].hits
                                                                             for s in cached_specs},
                          lookup_ms=lookup_ms, served_shares=shares, warm_ms=warm_ms,
-                         device=str(base.device), cfg_scale=float(base.settings.schedule.cfg_scale))
+                         device=str(base.device), cfg_scale=float(base.settings.schedule.cfg_scale),
+                         refused=refused)
 
 
 def format_table(report: QualityReport) -> str:
