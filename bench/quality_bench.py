@@ -148,7 +148,8 @@ def main(argv=None) -> int:
     print()
     print(f"prompts {len(items)}, cfg {report.cfg_scale:g}, device {report.device}, wall {wall / 60:.1f} min; "
           f"lookup hits {summary['lookup_hits']}, served entries share {summary['served_entry_shares']} "
-          f"(unrelated: {summary['served_unrelated']}; refused by modifier agreement {summary['refused_by_modifier_agreement']}), "
+          f"(unrelated: {summary['served_unrelated']}; contradicting colour: {summary['served_contradicting']}; "
+          f"lookups where modifier agreement refused a match: {summary['refused_by_modifier_agreement']}), "
           f"mean lookup {summary['mean_lookup_ms'] or 0:.1f} ms")
     print(f"wrote {a.out / 'quality_bench.json'}, {a.out / 'quality_bench.png'}, {a.out / 'quality_samples.png'}")
     return 0

@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..cache.backend import open_store
+from ..cache.agreement import contradicts
 from ..cache.lookup import CacheLookup, LookupConfig
 from ..refmodel import evaluator, fidelity, scenes
 from ..refmodel.model import model_to_pixels
@@ -115,7 +116,9 @@ class QualityReport:
         lookup's total ms. served_shares: what served entries share with their request (object,
         background, ...: ``refmodel.quality.share_kind``; a served entry that shares neither the object nor
         the background contradicts or ignores the request). refused: matches the modifier-agreement gate
-        refused, per spec. warm_ms: time of the warm runs. device.
+        refused, per spec. served_contradicting: hits, per spec, whose served entity names the request
+        entity's head noun with other colour words (``cache.agreement.contradicts``: "black background"
+        served for "white background"). warm_ms: time of the warm runs. device.
         cfg_scale: the CFG scale every mode ran at.
     """
 
@@ -130,6 +133,7 @@ class QualityReport:
     device: str
     cfg_scale: float
     refused: Dict[str, int] = field(default_factory=dict)
+    served_contradicting: Dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> Dict[str, Any]:
         """JSON-friendly view (no clips): per mode every criterion's mean, latency, speed-up and deltas."""
@@ -139,6 +143,7 @@ class QualityReport:
                "served_unrelated": sum(n for kind, n in self.served_shares.items()
                                        if "object" not in kind and "background" not in kind),
                "refused_by_modifier_agreement": self.refused,
+               "served_contradicting": self.served_contradicting,
                "mean_lookup_ms": float(np.mean(self.lookup_ms)) if self.lookup_ms else None,
                "warm_full_runs_s": round(self.warm_ms / 1000, 2), "modes": {}}
         ref = np.array([s["overall"] for s in full.scores])
@@ -285,6 +290,7 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
     lookup_ms: List[float] = []
     truths: List[evaluator.ClipMeasurement] = []
     refused: Dict[str, int] = {}
+    contradicting: Dict[str, int] = {}
     for i, (spec, text) in enumerate(items):
         truth = evaluator.measure_clip(scenes.render(spec))  # measured once, shared by every mode
         truths.append(truth)
@@ -301,6 +307,8 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
                 if real_lookup:
                     kind = share_kind(spec, entry_scene.get((r.compat_key, r.entry_id)))
                     shares[kind] = shares.get(kind, 0) + 1
+                    if r.lookup is not None and contradicts(r.lookup.entity or "", r.lookup.matched or ""):
+                        contradicting[s.text] = contradicting.get(s.text, 0) + 1
             pixels = clip(r.latent[None])[0]
             m.scores.append(dict(evaluator.evaluate(pixels, text, truth).scores))
             m.latency_ms.append(r.timings.total_ms)
@@ -318,7 +326,7 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
                                                                             for s in cached_specs},
                          lookup_ms=lookup_ms, served_shares=shares, warm_ms=warm_ms,
                          device=str(base.device), cfg_scale=float(base.settings.schedule.cfg_scale),
-                         refused=refused)
+                         refused=refused, served_contradicting=contradicting)
 
 
 def format_table(report: QualityReport) -> str:
