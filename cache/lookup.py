@@ -45,8 +45,8 @@ class LookupConfig:
             baseline: the whole normalised prompt is the only key).
         neighbours: stored entities fetched per prompt entity from the HNSW index.
         max_candidates: entries tried, best first, when the best one's latent file turns out invalid.
-        modifier_agreement: refuse a stored entity with the request entity's head noun whose colour
-            words contradict it ("black background" for "white background": ``cache/agreement.py``).
+        modifier_agreement: entity mode: refuse a stored entity with the request entity's head noun whose
+            colour words contradict it ("black background" for "white background": ``cache/agreement.py``).
             Default on: measured on the reference model's validation stream (README, "What the
             lookup serves").
     """
@@ -155,6 +155,7 @@ class LookupResult:
         per_entity: the best stored match of every prompt entity (for fusion and reports).
         latents: name -> tensor of the served entry (None on a miss).
         timings: :class:`LookupTimings`.
+        threshold: the similarity threshold this lookup applied.
         not_stored: why :meth:`CacheLookup.insert` stored nothing for this request (None otherwise).
     """
 
@@ -175,6 +176,7 @@ class LookupResult:
     latents: Mapping | None = None
     timings: LookupTimings = field(default_factory=LookupTimings)
     refused: list = field(default_factory=list)
+    threshold: float = DEFAULT_THRESHOLD
     not_stored: str | None = None
 
     def summary(self) -> dict:
@@ -186,6 +188,7 @@ class LookupResult:
             "entities_matched": self.entities_matched, "entity_sharers": self.entity_sharers,
             "per_entity": [asdict(s) for s in self.per_entity], "timings_ms": asdict(self.timings),
             "refused": [list(pair) for pair in self.refused],
+            "threshold": float(self.threshold),
             "not_stored": self.not_stored,
         }
 
@@ -286,10 +289,10 @@ class CacheLookup:
         matches = self.store.search(embeddings, key, k=self.config.neighbours) if entities else []
         matches, refused = self._agreeing(entities, matches)
         t3 = time.perf_counter()
-        result = LookupResult(prompt=prompt, mode=self.config.mode, entities=entities, embeddings=embeddings,
-                              compat_key=key)
-        result.refused = refused
         threshold = float(self.config.threshold)
+        result = LookupResult(prompt=prompt, mode=self.config.mode, entities=entities, embeddings=embeddings,
+                              compat_key=key, threshold=threshold)
+        result.refused = refused
 
         best_per_entity: dict[int, object] = {}
         for m in matches:  # sorted by similarity, so the first seen per query is its best
@@ -344,15 +347,15 @@ class CacheLookup:
         result.timings = LookupTimings(extract_ms=(t1 - t0) * 1000, embed_ms=(t2 - t1) * 1000,
                                        ann_ms=(t3 - t2) * 1000, load_ms=load_ms, total_ms=(t4 - t0) * 1000)
         if record:
-            self.store.record_lookup(prompt, entities, result.entry_id, result.entity, result.matched,
-                                     result.similarity if matches else None, result.timings.total_ms)
+            self.record(result)
             result.timings.record_ms = (time.perf_counter() - t4) * 1000
         return result
 
     def _agreeing(self, entities: list, matches: list) -> tuple[list, list]:
         """Split ANN matches into those the modifier-agreement gate keeps and the (request entity, stored
-        entity) pairs it refuses (``LookupConfig.modifier_agreement``; off: everything is kept)."""
-        if not self.config.modifier_agreement:
+        entity) pairs it refuses (``LookupConfig.modifier_agreement``; off, or in prompt mode, where a key
+        is a whole prompt rather than a noun phrase with a head: everything is kept)."""
+        if not self.config.modifier_agreement or self.config.mode != "entity":
             return matches, []
         kept, refused = [], []
         for m in matches:
@@ -361,6 +364,12 @@ class CacheLookup:
             else:
                 kept.append(m)
         return kept, refused
+
+    def record(self, result: LookupResult) -> None:
+        """Count a lookup made with ``record=False`` in the store's statistics (hit or miss, the match and
+        its similarity, the lookup's time): for a caller that looks up twice and counts the deciding one."""
+        self.store.record_lookup(result.prompt, result.entities, result.entry_id, result.entity, result.matched,
+                                 result.similarity if result.matched is not None else None, result.timings.total_ms)
 
     def preview(self, query: LookupQuery, limit_neighbours: int | None = None) -> dict:
         """The best stored match of each of a query's keys over every compatibility key of the store that

@@ -10,6 +10,9 @@ Commands:
     generate                 run prompts through CHAI (lookup, fast or full mode, store): one mp4 each + report
     demo                     the CHAI batch on the bundled reference model over 12 related prompts, against an
                              all-full run of the same batch: mp4s, a contact sheet, report.{md,json} (cli/demo.py)
+    db, worker, cache migrate, generate --queue
+                             the render farm: an embedded PostgreSQL, the job queue's worker, store
+                             migration, queued batches (cli/farm.py)
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from .reuse import add_reuse_arguments, request_mode, reuse_settings
 
 __all__ = ["main", "build_parser", "default_prompt_file"]
 
@@ -108,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_generate_parser(sub)
     _add_demo_parser(sub)
-    from ..farm import add_parsers as add_farm_parsers
+    from .farm import add_parsers as add_farm_parsers
 
-    add_farm_parsers(sub)  # db, worker, cache migrate, generate --queue (farm.py)
+    add_farm_parsers(sub)  # db, worker, cache migrate, generate --queue (cli/farm.py)
     return parser
 
 
@@ -298,8 +303,8 @@ def _add_generate_parser(sub) -> None:
                      help="caption encoder of --model tiny: MiniLM token states or hashed words (no model)")
     gen.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default: 1 for --model tiny/reference on cpu, else torch's default)")
-    gen.add_argument("--mode", choices=_mode_choices(), default="chai",
-                     help="sampling mode (registered modes: " + "; ".join(_mode_help()) + ")")
+    gen.add_argument("--mode", choices=_mode_choices(), default=None,
+                     help="sampling mode (default chai; registered modes: " + "; ".join(_mode_help()) + ")")
     # Every knob defaults to None: pipeline.settings.resolve_settings takes the model's config.json, else
     # the built-in default (OpenSora 1.2 / the CHAI paper).
     ca = gen.add_argument_group("CHAI settings (pipeline.settings; a flag left out takes the model's own setting from "
@@ -329,6 +334,7 @@ def _add_generate_parser(sub) -> None:
                     help="allow a --budget-mb smaller than what the store holds (evicts the entries beyond it); "
                          "without it such a budget is refused and nothing is evicted")
     ca.add_argument("--policy", choices=["lru", "lfu", "fifo"], default=None, help="eviction policy (default: kept)")
+    add_reuse_arguments(gen)
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -349,10 +355,10 @@ def _generate_settings(args) -> dict:
     return {"fast_steps": args.fast_steps, "cache_steps": None if args.cache_steps is None else tuple(args.cache_steps),
             "block_index": args.block_index, "mode": args.attention_mode, "branches": args.branches,
             "threshold": args.threshold, "fusion": args.fusion, "capture_dtype": args.capture_dtype,
-            "full_steps": args.full_steps, "cfg_scale": args.cfg_scale}
+            "full_steps": args.full_steps, "cfg_scale": args.cfg_scale, **reuse_settings(args)}
 
 
-def _generate_pipeline(args, lookup):
+def generate_pipeline(args, lookup):
     """The ChaiPipeline of ``--model``, its settings resolved from the model's defaults and the flags."""
     import torch
 
@@ -382,7 +388,7 @@ def _generate_pipeline(args, lookup):
                                    device=device, dtype=dtype)
 
 
-def _cache_behaviour(before, after) -> dict:
+def cache_behaviour(before, after) -> dict:
     """What a run did to the store: sizes after it, and this run's share of the lifetime counters."""
     return {
         "entries": after.entries, "entities": after.entities, "bytes": after.bytes, "budget_bytes": after.budget_bytes,
@@ -393,16 +399,18 @@ def _cache_behaviour(before, after) -> dict:
     }
 
 
-def _generate_report(rows: list[dict], header: dict, cache: dict | None = None) -> tuple[dict, str]:
-    """Totals and the markdown table of a generate run (``cache``: :func:`_cache_behaviour`)."""
+def generate_report(rows: list[dict], header: dict, cache: dict | None = None) -> tuple[dict, str]:
+    """Totals and the markdown table of a generate run (``cache``: :func:`cache_behaviour`)."""
     n = len(rows)
     hits = sum(1 for r in rows if r["hit"])
     total_ms = sum(r["timings_ms"]["total_ms"] for r in rows)
     full = [r["timings_ms"]["total_ms"] for r in rows if r["mode"] == "full"]
     fast = [r["timings_ms"]["total_ms"] for r in rows if r["mode"] == "fast"]
     all_miss = n * (sum(full) / len(full)) if full else None
+    served_by = [r.get("served_by", "") for r in rows]
     totals = {
         "prompts": n, "hits": hits, "misses": n - hits, "hit_rate": hits / n if n else 0.0,
+        "served_by": {k: served_by.count(k) for k in dict.fromkeys(served_by)},
         "mean_latency_ms": total_ms / n if n else 0.0, "total_ms": total_ms,
         "mean_full_ms": sum(full) / len(full) if full else None,
         "mean_fast_ms": sum(fast) / len(fast) if fast else None,
@@ -422,21 +430,21 @@ def _generate_report(rows: list[dict], header: dict, cache: dict | None = None) 
     lines = [
         "# CHAI generate report", "",
         f"model `{header['model']}`, {header['height']}x{header['width']}, {header['num_frames']} frames, "
-        f"device {header['device']}, config `{header['config']}`", "",
-        "| # | prompt | hit | entity -> matched | sim | steps | lookup ms | denoise ms | decode ms | store ms | total ms |",
+        f"device {header['device']}, mode `{header.get('mode', 'chai')}`, config `{header['config']}`", "",
+        "| # | prompt | hit | served by | why | steps | lookup ms | denoise ms | decode ms | store ms | total ms |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(rows):
         t = r["timings_ms"]
-        match = f"{r['entity']} -> {r['matched']}" if r["matched"] else ""
         prompt = r["prompt"].replace("|", "/")
         prompt = prompt if len(prompt) <= 60 else prompt[:57] + "..."
-        lines.append(f"| {i} | {prompt} | {'hit' if r['hit'] else 'miss'} | {match.replace('|', '/')} | "
-                     f"{cell(r['similarity'], '{:.3f}')} | {r['steps']} | {cell(t['lookup_ms'], '{:.1f}')} | "
+        lines.append(f"| {i} | {prompt} | {'hit' if r['hit'] else 'miss'} | {r.get('served_by', '')} | "
+                     f"{r.get('reason', '').replace('|', '/')} | {r['steps']} | {cell(t['lookup_ms'], '{:.1f}')} | "
                      f"{cell(t['denoise_ms'])} | {cell(t['decode_ms'])} | {cell(t['store_ms'], '{:.1f}')} | "
                      f"{cell(t['total_ms'])} |")
+    served = ", ".join(f"{k} {v}" for k, v in totals["served_by"].items())
     lines += [
-        "", f"**Totals**: {n} prompts, {hits} hits (hit rate {100 * totals['hit_rate']:.1f}%), "
+        "", f"**Totals**: {n} prompts, {hits} hits (hit rate {100 * totals['hit_rate']:.1f}%; served by {served}), "
         f"mean latency {totals['mean_latency_ms']:.0f} ms, total {total_ms / 1000:.2f} s.",
     ]
     if totals["speedup_vs_all_miss"] is not None:
@@ -499,7 +507,7 @@ def _cmd_generate(args) -> int:
         extractor = EntityExtractor(mode=args.lookup_mode)
         lookup = CacheLookup(store, extractor, Embedder(), LookupConfig(mode=args.lookup_mode,
                                                                    modifier_agreement=not args.no_modifier_agreement))
-        pipe = _generate_pipeline(args, lookup)
+        pipe = generate_pipeline(args, lookup)
         # Load the lazy models now so the first request's timings hold no loading.
         lookup.keys_for("a red fox in the snow")
         lookup.embedder.encode(["a red fox"])
@@ -507,8 +515,11 @@ def _cmd_generate(args) -> int:
         load_s = time.perf_counter() - t_load
         height, width, frames = pipe.resolve_size(resolution or "240p", args.aspect_ratio, height, width, num_frames)
         before = store.stats()
+        from ..pipeline.modes import DEFAULT_MODE
+
+        mode = request_mode(args, DEFAULT_MODE)
         header = {"model": "tiny" if tiny else " ".join(args.model), "height": height, "width": width,
-                  "num_frames": frames, "device": str(pipe.device), "mode": args.mode,
+                  "num_frames": frames, "device": str(pipe.device), "mode": mode,
                   "config": pipe.settings.tag(), "settings": pipe.settings.to_dict(),
                   "compat_key": pipe.compat_key(height, width, frames), "store": store.location,
                   "load_s": round(load_s, 2), "seed": args.seed}
@@ -520,16 +531,15 @@ def _cmd_generate(args) -> int:
         try:
             for i, prompt in enumerate(prompts):
                 result = pipe.generate(prompt, seed=args.seed + i, height=height, width=width, num_frames=frames,
-                                       mode=args.mode)
+                                       mode=mode)
                 slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
                 video = write_video(result.frames, out / f"{i:03d}_{slug}.mp4", fps=args.fps or pipe.fps)
                 row = result.summary()
                 row["video"] = video.name
-                if result.lookup is not None and result.lookup.not_stored:
-                    row["not_stored"] = result.lookup.not_stored  # the video is kept; the cache skipped it
-                    tqdm.write(f"prompt {i}: {result.lookup.not_stored}", file=sys.stderr)
+                for why in result.not_stored:  # the video is kept; the cache skipped an entry
+                    tqdm.write(f"prompt {i}: {why}", file=sys.stderr)
                 rows.append(row)
-                bar.set_postfix_str(f"{'hit' if result.hit else 'miss'} {result.timings.total_ms / 1000:.2f}s")
+                bar.set_postfix_str(f"{result.served_by} {result.timings.total_ms / 1000:.2f}s")
                 bar.update(1)
         except KeyboardInterrupt:
             status = 130
@@ -537,7 +547,7 @@ def _cmd_generate(args) -> int:
                   file=sys.stderr)
         finally:
             bar.close()
-        totals, table = _generate_report(rows, header, _cache_behaviour(before, store.stats()))
+        totals, table = generate_report(rows, header, cache_behaviour(before, store.stats()))
         (out / "report.json").write_text(json.dumps({"run": header, "totals": totals, "prompts": rows}, indent=2),
                                          encoding="utf-8")
         (out / "report.md").write_text(table, encoding="utf-8")
@@ -553,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
-        from .. import farm
+        from . import farm
 
         if farm.handles(args):
             return farm.run(args)

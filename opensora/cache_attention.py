@@ -61,6 +61,7 @@ __all__ = [
     "capture_plan",
     "sample_fast",
     "sample_full",
+    "sample_capturing",
     "STEP_KWARG",
 ]
 
@@ -508,12 +509,27 @@ def sample_full(rflow: RFlow, model: Callable[..., torch.Tensor], z: torch.Tenso
                 size_dtype=sample_kwargs.get("size_dtype", torch.bfloat16))
     full = rflow.schedule(num_steps=config.full_steps, **size)
     fast = rflow.schedule(num_steps=config.fast_steps, **size)
-    plan = capture_plan(config, full, fast)
-    capture = LatentCapture(plan, config.torch_capture_dtype, then=callback)
-    latent = rflow.sample(model, z, schedule=full, cfg_scale=config.cfg_scale, callback=capture, **sample_kwargs)
+    return sample_capturing(rflow, model, z, capture_plan(config, full, fast), schedule=full,
+                            cfg_scale=config.cfg_scale, dtype=config.torch_capture_dtype, callback=callback,
+                            **sample_kwargs)
+
+
+def sample_capturing(rflow: RFlow, model: Callable[..., torch.Tensor], z: torch.Tensor, plan: Mapping[str, int], *,
+                     schedule: RFlowSchedule, cfg_scale: float, dtype: torch.dtype = torch.float16,
+                     callback: Optional[Callable[[StepState], None]] = None, **sample_kwargs: Any) -> FullRun:
+    """Run ``schedule`` from ``z`` and keep the latents ``plan`` names (``name -> 0-based step index``: the
+    latent fed to the model at that step), as [C, T, H, W] ``dtype`` tensors on the CPU. :func:`sample_full`
+    uses it with CHAI's :func:`capture_plan`; a miss that serves several reuse methods merges their plans.
+
+    Raises:
+        the errors of ``RFlow.sample`` (``SamplingCancelled`` included); RuntimeError if a planned latent
+        was not captured (a step index beyond the schedule).
+    """
+    capture = LatentCapture(plan, dtype, then=callback)
+    latent = rflow.sample(model, z, schedule=schedule, cfg_scale=cfg_scale, callback=capture, **sample_kwargs)
     if not capture.complete():
         raise RuntimeError(f"captured {sorted(capture.tensors)} of the planned {sorted(plan)}")
-    return FullRun(latent=latent, captured=capture.tensors, plan=plan, timesteps=capture.timesteps)
+    return FullRun(latent=latent, captured=capture.tensors, plan=dict(plan), timesteps=capture.timesteps)
 
 
 def sample_fast(rflow: RFlow, model: torch.nn.Module, z: torch.Tensor, config: CacheAttentionConfig, *,

@@ -10,6 +10,8 @@ request's settings. Modules, each with one job:
   (built-in defaults < the model's ``config.json`` < the user's overrides), and the compatibility key;
 * :mod:`.modes`: sampling modes as plug-ins (``chai``, ``full``, ``plain``, ``warm``; a new one is one
   class and one ``register_mode`` call) and named model hooks per request (``+hook``);
+* :mod:`.chorus`: whole-prompt reuse after Chorus (``chorus``, ``chorus_warm``) and ``auto`` reuse
+  (Chorus, else CHAI, else full);
 * :mod:`.core`: :class:`ChaiPipeline`, one :meth:`ChaiPipeline.generate` call per request;
 * :mod:`.builders`: what a pipeline is built from per model family: the small CPU configuration
   (seeded random weights), the bundled reference model (pixel space, no VAE) and the real OpenSora 1.2
@@ -44,10 +46,18 @@ from .builders import (
     tiny_components,
 )
 from .captions import HashedWordCaptions, MiniLMCaptions, T5Captions
+from .chorus import chorus_entry_bytes, new_token_columns  # registers chorus, chorus_warm, auto
 from .core import ChaiPipeline, GenerationResult, LatencySplit
 from .fingerprints import files_fingerprint, module_fingerprint
 from .modes import ModeOutput, ModeRequest, SamplingMode, parse_mode_spec, register_mode, register_model_hook
-from .settings import AttentionSettings, LookupSettings, RequestSettings, ScheduleSettings, resolve_settings
+from .settings import (
+    AttentionSettings,
+    ChorusSettings,
+    LookupSettings,
+    RequestSettings,
+    ScheduleSettings,
+    resolve_settings,
+)
 from .video import frames_to_uint8, write_video
 
 __all__ = [
@@ -70,7 +80,10 @@ __all__ = [
     "ScheduleSettings",
     "AttentionSettings",
     "LookupSettings",
+    "ChorusSettings",
     "resolve_settings",
+    "chorus_entry_bytes",
+    "new_token_columns",
     "SamplingMode",
     "ModeRequest",
     "ModeOutput",

@@ -7,10 +7,13 @@ prompt runs every mode from the same initial noise (prompt i: seed ``seed + i``)
 :meth:`.core.ChaiPipeline.generate` with ``store=False``; ``full30`` is always run (it is the reference
 for speed-ups and deltas).
 
-Modes that look the prompt up (``chai``) are served from a store warmed first: for each test prompt a
-warm prompt that shares exactly one entity (``refmodel.quality.warm_scene_for``) runs in the mode's
-``warm_with`` mode (``warm``: the full schedule, its capture stored), once per distinct compatibility
-key (``chai8`` and ``chai4`` store at different noise levels). With ``lookup=True`` the lookup is the
+Modes that look the prompt up (``chai``, ``chorus``, ``auto``) are served from a store warmed first: for
+each test prompt a warm prompt runs in the mode's ``warm_with`` mode(s) (``warm``: the full schedule, its
+CHAI capture stored; ``chorus_warm``: its Chorus window stored), once per distinct compatibility key
+(``chai8`` and ``chai4`` store at different noise levels). The warm prompt shares exactly one entity with
+the test prompt (``warm="share"``, ``refmodel.quality.warm_scene_for``) or is a near-duplicate of it
+(``warm="near"``, ``refmodel.streams.near_duplicate``: the same scene in other words, or one scored
+attribute changed). A spec may be a ``ModeSpec`` variant with settings of its own (an ablation). With ``lookup=True`` the lookup is the
 real one (spaCy entities, MiniLM embeddings, HNSW over the store); with ``lookup=False`` a hermetic
 pairing lookup (no spaCy or MiniLM) keys test prompt i and warm prompt i alike, so prompt i is served
 warm entry i through the same store and request path. A lookup that misses runs CHAI's miss path (the
@@ -31,7 +34,7 @@ import hashlib
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -41,6 +44,7 @@ from ..cache.lookup import CacheLookup, LookupConfig
 from ..refmodel import evaluator, fidelity, scenes
 from ..refmodel.model import model_to_pixels
 from ..refmodel.quality import WARM_SEED, share_kind, warm_scene_for
+from ..refmodel.streams import NEAR_SEED, near_duplicate_pairs
 from .core import ChaiPipeline
 from .modes import ModeSpec, get_mode, parse_mode_spec
 
@@ -64,9 +68,11 @@ class ModeResult:
         (the settings field its number sets). cached: it looks prompts up (served from the store).
         scores: the evaluator's ``scores`` dict per prompt. latency_ms: request ``total_ms`` per prompt.
         clips: uint8 [F, H, W, 3] per prompt. hits: prompts served from the store.
-        settings: the request settings' fingerprint. psnr_db / ssim: mean fidelity to the reference
-        mode's clip of the same prompt and noise (``inf`` / 1.0 for the reference itself).
-        frechet: Frechet distance of the mode's clips to the ground-truth renders (squared feature units).
+        settings: the request settings' fingerprint. served: what served each prompt (``served_by``).
+        steps_run: model steps per prompt. details: each request's mode details (Chorus: stage bounds,
+        region, ``step_equivalents``). psnr_db / ssim: mean fidelity to the reference mode's clip of the
+        same prompt and noise (``inf`` / 1.0 for the reference itself). frechet: Frechet distance of the
+        mode's clips to the ground-truth renders (squared feature units).
     """
 
     name: str
@@ -81,6 +87,9 @@ class ModeResult:
     psnr_db: float = float("nan")
     ssim: float = float("nan")
     frechet: float = float("nan")
+    served: List[str] = field(default_factory=list)
+    steps_run: List[int] = field(default_factory=list)
+    details: List[Dict[str, Any]] = field(default_factory=list)
 
     def mean(self, key: str = "overall") -> float:
         """Mean of one criterion over prompts (``overall`` or any key of the evaluator's scores)."""
@@ -111,7 +120,8 @@ class QualityReport:
 
     Attributes:
         modes: spec text -> :class:`ModeResult` (the reference first). prompts / warm_prompts /
-        shared_entities: the test captions, their warm captions and the entity each pair shares.
+        shared_entities: the test captions, their warm captions and the entity each pair shares (warm
+        ``"share"``) or the near-duplicate's kind (warm ``"near"``). warm: which warm prompts.
         lookup_hits: spec -> prompts served from the store (modes that look up). lookup_ms: every real
         lookup's total ms. served_shares: what served entries share with their request (object,
         background, ...: ``refmodel.quality.share_kind``; a served entry that shares neither the object nor
@@ -134,12 +144,13 @@ class QualityReport:
     cfg_scale: float
     refused: Dict[str, int] = field(default_factory=dict)
     served_contradicting: Dict[str, int] = field(default_factory=dict)
+    warm: str = "share"
 
     def summary(self) -> Dict[str, Any]:
         """JSON-friendly view (no clips): per mode every criterion's mean, latency, speed-up and deltas."""
         full = self.modes[REFERENCE_MODE]
         out = {"n_prompts": len(self.prompts), "device": self.device, "cfg_scale": self.cfg_scale,
-               "lookup_hits": self.lookup_hits, "served_entry_shares": self.served_shares,
+               "warm_prompts": self.warm, "lookup_hits": self.lookup_hits, "served_entry_shares": self.served_shares,
                "served_unrelated": sum(n for kind, n in self.served_shares.items()
                                        if "object" not in kind and "background" not in kind),
                "refused_by_modifier_agreement": self.refused,
@@ -162,6 +173,8 @@ class QualityReport:
                 "ssim_vs_full": round(m.ssim, 4),
                 "frechet_vs_ground_truth": round(m.frechet, 3),
                 "lookup_hits": self.lookup_hits.get(name),
+                "mean_model_steps": round(float(np.mean(m.steps_run)), 3) if m.steps_run else None,
+                "served_by": {k: m.served.count(k) for k in dict.fromkeys(m.served)},
             }
         return out
 
@@ -192,17 +205,25 @@ class _PairKeys:
         return out
 
 
-def _specs(modes: Sequence[str]) -> List[ModeSpec]:
+def _specs(modes: Sequence[Union[str, ModeSpec]]) -> List[ModeSpec]:
     specs: Dict[str, ModeSpec] = {REFERENCE_MODE: parse_mode_spec(REFERENCE_MODE)}
-    for text in modes:
-        spec = parse_mode_spec(text)
+    for item in modes:
+        spec = item if isinstance(item, ModeSpec) else parse_mode_spec(item)
+        get_mode(spec.mode)
         specs.setdefault(spec.text, spec)
     return list(specs.values())
 
 
+def _warm_modes(spec: ModeSpec) -> Tuple[str, ...]:
+    warm = get_mode(spec.mode).warm_with
+    return (warm,) if isinstance(warm, str) else tuple(warm)
+
+
 def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *, lookup: bool = True,
-                cfg_scale: Optional[float] = None, modes: Sequence[str] = DEFAULT_MODES,
-                store_dir: Optional[str] = None, seed: int = 0, lookup_config: Optional[LookupConfig] = None,
+                cfg_scale: Optional[float] = None, modes: Sequence[Union[str, ModeSpec]] = DEFAULT_MODES,
+                store_dir: Optional[str] = None, seed: int = 0, warm: str = "share",
+                lookup_config: Optional[LookupConfig] = None,
+                settings: Optional[Dict[str, Any]] = None,
                 progress: Optional[Callable[[str, int, int], None]] = None) -> QualityReport:
     """Run every mode spec on every prompt through the request path and score the clips.
 
@@ -213,13 +234,16 @@ def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *
         lookup: serve lookup modes through the real lookup (spaCy, MiniLM, hnswlib; needs ``store_dir``);
             False: the hermetic pairing lookup (prompt i is served warm prompt i's entry).
         cfg_scale: CFG scale of every mode (default: the model's ``config.json``).
-        modes: mode specs (:func:`.modes.parse_mode_spec`); ``full30`` is always run, first. Warm prompts
-            are made and run only when a mode looks prompts up.
+        modes: mode specs (:func:`.modes.parse_mode_spec`) or ``ModeSpec`` variants; ``full30`` is always run,
+            first. Warm prompts are made and run only when a mode looks prompts up.
         store_dir: an empty directory for the store (``lookup=True``; default for the hermetic lookup:
             a temporary folder).
         seed: base of the noise seeds (prompt i: ``seed + i``; warm prompt i: ``seed + 100000 + i``).
         lookup_config: the lookup's knobs (default ``LookupConfig()``: the pack's threshold, modifier
             agreement on).
+        warm: ``"share"`` (warm prompts share one entity with the test prompts) or ``"near"`` (they are
+            near-duplicates of them, ``refmodel.streams.near_duplicate_pairs``).
+        settings: setting overrides of every request (e.g. Chorus knobs), under each spec's own.
         progress: ``fn(phase, done, total)``.
 
     Returns:
@@ -227,11 +251,13 @@ def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *
 
     Raises:
         ValueError: an unknown mode or hook, empty ``items``, ``lookup=True`` with a lookup mode but no
-            ``store_dir``.
+            ``store_dir``, an unknown ``warm``.
     """
     specs = _specs(modes)
     if not items:
         raise ValueError("no prompts given")
+    if warm not in ("share", "near"):
+        raise ValueError(f"warm must be 'share' or 'near', got {warm!r}")
     cached_specs = [s for s in specs if get_mode(s.mode).uses_lookup]
     real_lookup = lookup and bool(cached_specs)  # no lookup mode: no store to warm (half a CFG sweep's work)
     if real_lookup and not store_dir:
@@ -243,7 +269,13 @@ def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *
         from ..cache.entities import EntityExtractor
 
         extractor, embedder = EntityExtractor(), Embedder()
-    warm = [warm_scene_for(spec, text, rng, extractor) for spec, text in items] if cached_specs else []
+    kind = warm
+    if not cached_specs:
+        warm = []
+    elif kind == "near":
+        warm = near_duplicate_pairs(list(items), NEAR_SEED)
+    else:
+        warm = [warm_scene_for(spec, text, rng, extractor) for spec, text in items]
     if cached_specs and not real_lookup:
         extractor = embedder = _PairKeys([(text, w[1]) for (_spec, text), w in zip(items, warm)])
 
@@ -252,8 +284,10 @@ def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *
         try:
             cache = CacheLookup(store, extractor, embedder, lookup_config or LookupConfig()) if store is not None else None
             base = ChaiPipeline.from_reference_model(model, encoder, cache)
-            base = base.with_settings(HARNESS_SETTINGS, {"cfg_scale": cfg_scale})
-            return _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress)
+            base = base.with_settings(HARNESS_SETTINGS, {"cfg_scale": cfg_scale}, settings)
+            report = _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress)
+            report.warm = kind
+            return report
         finally:
             if store is not None:
                 store.close()
@@ -264,20 +298,20 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
     clip = model_to_pixels  # the model tensor is the RGB clip in [-1, 1]
     shape_args = dict(height=None, width=None, num_frames=None, resolution=None)
 
-    # Warm: once per distinct store key among the lookup modes.
-    entry_scene: Dict[Tuple[str, int], scenes.SceneSpec] = {}
-    warm_keys: Dict[str, ModeSpec] = {}
+    # Warm: once per distinct store key among the lookup modes' warm modes.
+    entry_scene: Dict[int, scenes.SceneSpec] = {}
+    warm_keys: Dict[str, Tuple[ModeSpec, str]] = {}
     for s in cached_specs:
         pipe = pipes[s.text]
         h, w, f = pipe.resolve_size(None, "", None, None, None)
-        warm_keys.setdefault(pipe.compat_key(h, w, f), s)
+        for warm_mode in _warm_modes(s):
+            warm_keys.setdefault(pipe.compat_key(h, w, f, warm_mode), (s, warm_mode))
     t0 = time.perf_counter()
     for i, (wspec, wtext, _) in enumerate(warm):
-        for key, s in warm_keys.items():
-            r = pipes[s.text].generate(wtext, seed=seed + 100_000 + i, mode=get_mode(s.mode).warm_with,
-                                       decode=False, **shape_args)
-            if r.inserted_entry_id is not None:
-                entry_scene[(key, r.inserted_entry_id)] = wspec
+        for s, warm_mode in warm_keys.values():
+            r = pipes[s.text].generate(wtext, seed=seed + 100_000 + i, mode=warm_mode, decode=False, **shape_args)
+            for entry in r.inserted_entry_ids:
+                entry_scene[entry] = wspec
         if progress:
             progress("warm", i + 1, len(warm))
     warm_ms = (time.perf_counter() - t0) * 1000
@@ -305,7 +339,7 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
             if r.hit:
                 m.hits += 1
                 if real_lookup:
-                    kind = share_kind(spec, entry_scene.get((r.compat_key, r.entry_id)))
+                    kind = share_kind(spec, entry_scene.get(r.entry_id))
                     shares[kind] = shares.get(kind, 0) + 1
                     if r.lookup is not None and contradicts(r.lookup.entity or "", r.lookup.matched or ""):
                         contradicting[s.text] = contradicting.get(s.text, 0) + 1
@@ -313,6 +347,9 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
             m.scores.append(dict(evaluator.evaluate(pixels, text, truth).scores))
             m.latency_ms.append(r.timings.total_ms)
             m.clips.append(pixels)
+            m.served.append(r.served_by)
+            m.steps_run.append(r.steps)
+            m.details.append(dict(r.details))
         if progress:
             progress("test", i + 1, len(items))
     reference = results[REFERENCE_MODE]
@@ -330,17 +367,19 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
 
 
 def format_table(report: QualityReport) -> str:
-    """Markdown table: mode, steps, lookup, every criterion's mean (overall +- standard error), PSNR / SSIM
-    vs full, Frechet distance to the ground truth, latency, speed-up, delta vs full (+- paired SE)."""
+    """Markdown table: mode, steps (the mean model steps where they vary), whether it looks up, every
+    criterion's mean (overall +- standard error), PSNR / SSIM vs full, Frechet distance to the ground truth,
+    latency, speed-up, delta vs full (+- paired SE)."""
     s = report.summary()
     criteria: List[str] = []
     for m in report.modes.values():
         criteria += [k for k in m.criteria if k not in criteria]
-    head = ["mode", "steps", "Cache Attention", *criteria, "PSNR vs full", "SSIM vs full", "Fréchet vs GT",
+    head = ["mode", "steps", "looks up", *criteria, "PSNR vs full", "SSIM vs full", "Fréchet vs GT",
             "latency ms", "speed-up", "Δ overall vs full"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in s["modes"].items():
-        cells = [name, str(m["steps"]), "yes" if m["cache_attention"] else "no",
+        steps = str(m["steps"]) if m["mean_model_steps"] in (None, m["steps"]) else f"{m['mean_model_steps']:.1f}"
+        cells = [name, steps, "yes" if m["cache_attention"] else "no",
                  *((f"{m[k]:.3f} ± {m['overall_se']:.3f}" if k == "overall" else f"{m[k]:.3f}") if k in m else ""
                    for k in criteria),
                  "-" if m["psnr_db_vs_full"] is None else f"{m['psnr_db_vs_full']:.1f} dB", f"{m['ssim_vs_full']:.3f}",

@@ -86,7 +86,7 @@ def test_queued_batch_runs_on_two_workers_and_reports(pg_url, tmp_path, monkeypa
     worker threads run it through the CHAI pipeline on the shared store; every follower hits."""
     import comfyui_chai.cache.embed as embed_mod
     import comfyui_chai.cache.entities as entities_mod
-    from comfyui_chai.farm import run_worker
+    from comfyui_chai.cli.farm import run_worker
     from test_pipeline import CommaExtractor, WordBagEmbedder
 
     class Extractor(CommaExtractor):
@@ -222,7 +222,7 @@ def test_a_sigkilled_worker_process_has_its_job_taken_again(pg_url, tmp_path):
     import subprocess
     import sys
 
-    from comfyui_chai.farm import run_worker
+    from comfyui_chai.cli.farm import run_worker
 
     prompts = ["a red fox in the snow", "a lighthouse at night", "a sailboat on a lake"]
     (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
