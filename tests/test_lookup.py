@@ -291,3 +291,21 @@ def test_modifier_agreement_refuses_a_contradicting_colour(tmp_path):
         open_gate = gated.with_config(modifier_agreement=False)
         assert open_gate.lookup("white background", "K").entry_id == black
         assert open_gate.config.fingerprint() != gated.config.fingerprint()
+
+
+def test_agreement_bench_counts_what_the_gate_refuses(tmp_path, real_models):
+    """On scene captions the open gate serves colour-contradicting entities ('white background' gets
+    'gray background'); the closed gate serves none and keeps nearly every hit."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "agreement_bench.py"
+    spec = importlib.util.spec_from_file_location("agreement_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--validation", "--prompts", "60", "--out", str(tmp_path)]) == 0
+    off, on = json.loads((tmp_path / "agreement_bench.json").read_text())["rows"]
+    assert (off["modifier_agreement"], on["modifier_agreement"]) == (False, True)
+    assert off["contradicting_hits"] >= 3 and on["contradicting_hits"] == 0
+    assert on["hits"] >= off["hits"] - 3
