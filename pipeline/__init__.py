@@ -10,6 +10,8 @@ request's settings. Modules, each with one job:
   (built-in defaults < the model's ``config.json`` < the user's overrides), and the compatibility key;
 * :mod:`.modes`: sampling modes as plug-ins (``chai``, ``full``, ``plain``, ``warm``; a new one is one
   class and one ``register_mode`` call) and named model hooks per request (``+hook``);
+* :mod:`.mixcache`: intra-request caching as two registered hooks, ``mixcache`` (hybrid step / CFG /
+  block reuse) and ``teacache`` (the single-granularity baseline), with presets;
 * :mod:`.core`: :class:`ChaiPipeline`, one :meth:`ChaiPipeline.generate` call per request;
 * :mod:`.builders`: what a pipeline is built from per model family: the small CPU configuration
   (seeded random weights), the bundled reference model (pixel space, no VAE) and the real OpenSora 1.2
@@ -47,7 +49,9 @@ from .captions import HashedWordCaptions, MiniLMCaptions, T5Captions
 from .core import ChaiPipeline, GenerationResult, LatencySplit
 from .fingerprints import files_fingerprint, module_fingerprint
 from .modes import ModeOutput, ModeRequest, SamplingMode, parse_mode_spec, register_mode, register_model_hook
-from .settings import AttentionSettings, LookupSettings, RequestSettings, ScheduleSettings, resolve_settings
+from . import mixcache as _mixcache  # registers the "mixcache" and "teacache" hooks
+from .settings import (AttentionSettings, LookupSettings, MixCacheSettings, RequestSettings, ScheduleSettings,
+                       resolve_settings)
 from .video import frames_to_uint8, write_video
 
 __all__ = [
@@ -70,6 +74,7 @@ __all__ = [
     "ScheduleSettings",
     "AttentionSettings",
     "LookupSettings",
+    "MixCacheSettings",
     "resolve_settings",
     "SamplingMode",
     "ModeRequest",

@@ -31,7 +31,7 @@ from ..opensora.vae import OpenSoraVAE, latent_shape
 from .builders import opensora_parts, reference_parts, tiny_parts
 from .captions import check_prompt
 from .fingerprints import module_fingerprint
-from .modes import DEFAULT_MODE, ModeRequest, get_mode, make_model_hook
+from .modes import DEFAULT_MODE, ModeRequest, get_mode, keyed_hook_names, make_model_hook, model_hook_names
 from .settings import RequestSettings, compat_key, resolve_settings
 from .video import frames_to_uint8
 
@@ -86,6 +86,9 @@ class GenerationResult:
         frames: decoded video [F, H, W, 3] float32 in [0, 1] on the CPU (None without decode).
         timings: :class:`LatencySplit`. lookup: the full ``LookupResult`` (None without a cache).
         sampling_mode: the registered mode that ran (``"chai"``, ``"full"``, ``"plain"``, ...).
+        hooks: the model hooks the request ran, in order. hook_reports: ``name -> report`` of every hook
+            that reports (``ModelHook.report``; an intra-request cache: which steps it computed or reused
+            at which granularity, see ``opensora.mixcache.IntraCache.report``).
     """
 
     prompt: str
@@ -108,6 +111,8 @@ class GenerationResult:
     timings: LatencySplit = field(default_factory=LatencySplit)
     lookup: Optional[LookupResult] = None
     sampling_mode: str = DEFAULT_MODE
+    hooks: Tuple[str, ...] = ()
+    hook_reports: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def frames_uint8(self) -> torch.Tensor:
         """frames as uint8 [F, H, W, 3] (round to nearest). Raises ValueError when not decoded."""
@@ -127,6 +132,7 @@ class GenerationResult:
             "inserted_entry_id": self.inserted_entry_id, "compat_key": self.compat_key,
             "latent_shape": list(self.latent.shape),
             "timings_ms": {k: round(v, 3) for k, v in asdict(self.timings).items()},
+            "hooks": list(self.hooks), "hook_reports": self.hook_reports,
         }
 
 
@@ -346,13 +352,14 @@ class ChaiPipeline:
             return tuple(self.vae.latent_shape(num_frames, height, width))  # type: ignore[return-value]
         return latent_shape(num_frames, height, width, latent_channels=int(self.model.in_channels))
 
-    def compat_key(self, height: int, width: int, num_frames: int) -> str:
+    def compat_key(self, height: int, width: int, num_frames: int, hooks: Sequence[str] = ()) -> str:
         """The cache's compatibility key of a request at this size (:func:`.settings.compat_key`):
         denoiser, caption encoder and dtype, latent shape, pixel size and frames, size-conditioning
-        dtype and the store fingerprint of the settings. Only entries of the same key are ever matched.
+        dtype, the store fingerprint of the settings and the names of the request's ``hooks`` that change
+        the model's output (``modes.keyed_hook_names``). Only entries of the same key are ever matched.
         """
         return compat_key(self.model_fingerprint, self.latent_shape(height, width, num_frames), height, width,
-                          num_frames, self.size_dtype, self.settings)
+                          num_frames, self.size_dtype, self.settings, keyed_hook_names(hooks))
 
     # ---------------------------------------------------------------- the request
     def query(self, prompt: str, entities: Optional[Sequence[str]] = None) -> Optional[LookupQuery]:
@@ -392,7 +399,9 @@ class ChaiPipeline:
             query: the prompt's :meth:`query`, made earlier for this request (extraction and embedding
                 are then not repeated).
             hooks: names of registered model hooks (``modes.register_model_hook``) attached to the model
-                for this request.
+                for this request, outermost first (``"mixcache"``, ``"teacache"``: intra-request caching,
+                its knobs from the settings' ``mixcache`` part). Hooks registered ``keyed`` are part of the
+                request's compatibility key.
 
         Returns:
             :class:`GenerationResult`.
@@ -405,11 +414,15 @@ class ChaiPipeline:
         t_start = time.perf_counter()
         check_prompt(prompt)
         sampling = get_mode(mode)
+        hooks = tuple(hooks)
+        unknown = [h for h in hooks if h not in model_hook_names()]
+        if unknown:
+            raise ValueError(f"unknown model hook(s) {unknown}; registered hooks: {', '.join(model_hook_names()) or 'none'}")
         if decode and self.vae is None and not self.pixel_space:
             raise ValueError("decode=True needs a VAE; build the pipeline with one or pass decode=False")
         height, width, frames = self.resolve_size(resolution, aspect_ratio, height, width, num_frames)
         shape = self.latent_shape(height, width, frames)
-        key = self.compat_key(height, width, frames)
+        key = self.compat_key(height, width, frames, hooks)
         device = self.device
         timings = LatencySplit()
         lookup = self.lookup
@@ -445,10 +458,13 @@ class ChaiPipeline:
             callback=callback, lookup=lookup_result, load_entry=None if lookup is None else lookup.store.load,
             measure=device.type == "cuda")
         t0 = time.perf_counter()
+        running = []
         with contextlib.ExitStack() as attached:
             for name in hooks:
-                attached.enter_context(HookRegistry.of(self.model).attached(make_model_hook(name, request)))
+                running.append((name, attached.enter_context(
+                    HookRegistry.of(self.model).attached(make_model_hook(name, request), name))))
             out = sampling.sample(request)
+        hook_reports = {name: r for name, r in ((name, hook.report()) for name, hook in running) if r is not None}
         _sync(device)
         timings.denoise_ms = (time.perf_counter() - t0) * 1000.0 - out.load_ms
         timings.lookup_ms += out.load_ms
@@ -483,4 +499,5 @@ class ChaiPipeline:
             similarity=float(lr.similarity) if lr is not None and lr.matched is not None else None,
             entry_id=out.entry_ids[0] if out.hit and out.entry_ids else None, fused_entry_ids=list(out.entry_ids),
             inserted_entry_id=inserted, timings=timings, lookup=lr, sampling_mode=sampling.name,
+            hooks=hooks, hook_reports=hook_reports,
         )

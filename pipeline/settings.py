@@ -8,7 +8,10 @@ style of diffusers' per-technique cache configs):
 * :class:`AttentionSettings`: how Cache Attention uses cached latents: at which fast steps, in which
   block, replacing or extending that block's keys and values, in which CFG half;
 * :class:`LookupSettings`: which cached entries a request is served: the similarity threshold, and
-  one best entry or one per matched entity (fusion).
+  one best entry or one per matched entity (fusion);
+* :class:`MixCacheSettings`: the intra-request caches' knobs (``opensora.mixcache``: warm-up, the cap on
+  consecutive reuse, the trigger and per-granularity thresholds, the block span; the TeaCache
+  baseline's threshold). They act only when a request names the ``mixcache`` or ``teacache`` hook.
 
 :func:`resolve_settings` is the one place they are assembled, with one precedence, lowest first:
 
@@ -39,14 +42,17 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ..opensora.cache_attention import CacheAttentionConfig
+from ..opensora.mixcache import MixCacheConfig
 
 __all__ = [
     "ScheduleSettings",
     "AttentionSettings",
     "LookupSettings",
+    "MixCacheSettings",
     "RequestSettings",
     "SETTING_FIELDS",
     "resolve_settings",
+    "parse_setting",
     "compat_key",
 ]
 
@@ -116,15 +122,24 @@ class LookupSettings:
         return f"LOOKUP_T{threshold}_{fusion}"
 
 
-_GROUPS = {"schedule": ScheduleSettings, "attention": AttentionSettings, "lookup": LookupSettings}
-#: Flat override key -> (part, field). The keys are ``CacheAttentionConfig``'s keyword names.
+#: The intra-request caches' settings (``opensora.mixcache.MixCacheConfig``, the dataclass the hooks take;
+#: its fingerprint names every knob). Defaults chosen on the reference model's validation stream.
+MixCacheSettings = MixCacheConfig
+
+_GROUPS = {"schedule": ScheduleSettings, "attention": AttentionSettings, "lookup": LookupSettings,
+           "mixcache": MixCacheSettings}
+#: The parts that make up a ``CacheAttentionConfig``.
+_CHAI_GROUPS = ("schedule", "attention", "lookup")
+#: Flat override key -> (part, field). The keys are ``CacheAttentionConfig``'s keyword names and
+#: ``MixCacheSettings``' field names.
 SETTING_FIELDS: Dict[str, Tuple[str, str]] = {
     f.name: (group, f.name) for group, cls in _GROUPS.items() for f in fields(cls)}
 
 
 @dataclass(frozen=True)
 class RequestSettings:
-    """Everything CHAI needs to know about how to serve one request: schedule, attention, lookup.
+    """Everything CHAI needs to know about how to serve one request: schedule, attention, lookup, and the
+    intra-request caches' knobs.
 
     Build it with :func:`resolve_settings` (or :meth:`updated` on top of another). The three parts
     are checked together on construction (cache steps within the fast schedule, known names, ranges).
@@ -136,6 +151,7 @@ class RequestSettings:
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     attention: AttentionSettings = field(default_factory=AttentionSettings)
     lookup: LookupSettings = field(default_factory=LookupSettings)
+    mixcache: MixCacheSettings = field(default_factory=MixCacheSettings)
 
     def __post_init__(self) -> None:
         attention = replace(self.attention, cache_steps=tuple(int(s) for s in self.attention.cache_steps))
@@ -148,7 +164,8 @@ class RequestSettings:
 
     def cache_attention_config(self) -> CacheAttentionConfig:
         """The ``opensora.cache_attention.CacheAttentionConfig`` that the sampling functions take."""
-        return CacheAttentionConfig(**self.flat())
+        return CacheAttentionConfig(**{key: getattr(getattr(self, group), name)
+                                       for key, (group, name) in SETTING_FIELDS.items() if group in _CHAI_GROUPS})
 
     def store_fingerprint(self) -> str:
         """The part of the compatibility key that names what a miss stores (which noise levels, from which
@@ -157,8 +174,8 @@ class RequestSettings:
         return self.cache_attention_config().fingerprint()
 
     def fingerprint(self) -> str:
-        """Every part's fingerprint, for reports: ``SCHED_...|ATTN_...|LOOKUP_...``."""
-        return f"{self.schedule.fingerprint()}|{self.attention.fingerprint()}|{self.lookup.fingerprint()}"
+        """Every part's fingerprint, for reports: ``SCHED_...|ATTN_...|LOOKUP_...|MIX_...``."""
+        return "|".join(getattr(self, group).fingerprint() for group in _GROUPS)
 
     def tag(self) -> str:
         """Every knob in one line, as ``CacheAttentionConfig.tag`` (reports, a store entry's info)."""
@@ -169,9 +186,10 @@ class RequestSettings:
         return _resolve(self, overrides)
 
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-friendly ``{"schedule": {...}, "attention": {...}, "lookup": {...}}``."""
+        """JSON-friendly ``{"schedule": {...}, "attention": {...}, "lookup": {...}, "mixcache": {...}}``."""
         out = {group: asdict(getattr(self, group)) for group in _GROUPS}
         out["attention"]["cache_steps"] = list(self.attention.cache_steps)
+        out["mixcache"]["granularities"] = list(self.mixcache.granularities)
         return out
 
     @classmethod
@@ -193,6 +211,8 @@ def _resolve(base: RequestSettings, layers: Sequence[Optional[Mapping[str, Any]]
             if key == "cache_steps":
                 value = tuple(int(s) for s in value)
                 named_steps = True
+            elif key == "granularities":
+                value = (value,) if isinstance(value, str) else tuple(value)
             parts[group][name] = value
     if not named_steps:  # cache steps from the defaults follow a shorter fast schedule
         fast = parts["schedule"]["fast_steps"]
@@ -218,16 +238,43 @@ def resolve_settings(model_defaults: Optional[Mapping[str, Any]] = None,
     return _resolve(RequestSettings(), [model_defaults, *overrides])
 
 
+def parse_setting(key: str, text: str) -> Any:
+    """A setting typed as text (a mode spec's ``@key=value``, a preset file) as its field's type.
+
+    Numbers, names and booleans as themselves; tuples ``/``-separated (``cache_steps=2/3/4``,
+    ``granularities=step/cfg``); the optional lookup threshold also takes ``none``.
+
+    Raises:
+        ValueError: an unknown key or a value that does not parse (range checks come when it is applied).
+    """
+    if key not in SETTING_FIELDS:
+        raise ValueError(f"unknown CHAI setting {key!r}; the settings are {', '.join(SETTING_FIELDS)}")
+    group, name = SETTING_FIELDS[key]
+    default = next(f.default for f in fields(_GROUPS[group]) if f.name == name)
+    if isinstance(default, tuple):
+        element = type(default[0]) if default else str
+        return tuple(element(v) for v in text.split("/") if v)
+    if default is None:  # optional numbers (the lookup threshold)
+        return None if text.lower() == "none" else float(text)
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{key} takes true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    return type(default)(text)
+
+
 def compat_key(model_fingerprint: str, latent_shape: Sequence[int], height: int, width: int, num_frames: int,
-               size_dtype: torch.dtype, settings: RequestSettings) -> str:
+               size_dtype: torch.dtype, settings: RequestSettings, hooks: Sequence[str] = ()) -> str:
     """The cache's compatibility key of a request; only entries of the same key are ever matched.
 
-    ``<model>|<C>x<T>x<H>x<W>|<height>x<width>f<frames>|<size dtype>|<store fingerprint>``: the
-    denoiser (its weights, caption encoder and dtype, as the pipeline names them), the latent shape,
+    ``<model>|<C>x<T>x<H>x<W>|<height>x<width>f<frames>|<size dtype>|<store fingerprint>[|hooks=<a>+<b>]``:
+    the denoiser (its weights, caption encoder and dtype, as the pipeline names them), the latent shape,
     the pixel size and frame count (they set the position-embedding scale and the timestep shift), the
-    size-conditioning dtype and :meth:`RequestSettings.store_fingerprint`. The lookup appends the
-    embedder's and extractor's fingerprints and its mode.
+    size-conditioning dtype, :meth:`RequestSettings.store_fingerprint` and, when the request runs model
+    hooks that change the model's output (an intra-request cache: ``modes.keyed_hook_names``), their
+    names in the order given. The lookup appends the embedder's and extractor's fingerprints and its mode.
     """
     c, t, h, w = (int(v) for v in latent_shape)
     size = str(size_dtype).replace("torch.", "")
-    return f"{model_fingerprint}|{c}x{t}x{h}x{w}|{height}x{width}f{num_frames}|{size}|{settings.store_fingerprint()}"
+    key = f"{model_fingerprint}|{c}x{t}x{h}x{w}|{height}x{width}f{num_frames}|{size}|{settings.store_fingerprint()}"
+    return f"{key}|hooks={'+'.join(hooks)}" if hooks else key
