@@ -18,7 +18,9 @@ full schedule), as a real request would.
 
 Scores come from ``refmodel.evaluator.evaluate`` on the uint8 clip; every field of its result's
 ``scores`` dict is reported (a new criterion appears without a change here). Latency is a request's
-``total_ms`` (lookup, caption, sampling), batch 1, on the model's device.
+``total_ms`` (lookup, caption, sampling), batch 1, on the model's device. Compute is reported as
+*equivalent steps*: the steps run times the share of block work a model hook ran (an intra-request
+cache's ``work_share``; 1 without one), so ``plain<k>`` at the same compute is easy to read off.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ class ModeResult:
         (the settings field its number sets). cached: it looks prompts up (served from the store).
         scores: the evaluator's ``scores`` dict per prompt. latency_ms: request ``total_ms`` per prompt.
         clips: uint8 [F, H, W, 3] per prompt. hits: prompts served from the store.
-        settings: the request settings' fingerprint.
+        settings: the request settings' fingerprint. equivalent_steps: per prompt, steps run x the share
+        of block work the hooks ran. hook_maps: per prompt, each reporting hook's step map (``FFSSC...``).
     """
 
     name: str
@@ -71,6 +74,8 @@ class ModeResult:
     latency_ms: List[float] = field(default_factory=list)
     clips: List[np.ndarray] = field(default_factory=list)
     hits: int = 0
+    equivalent_steps: List[float] = field(default_factory=list)
+    hook_maps: List[Dict[str, str]] = field(default_factory=list)
 
     def mean(self, key: str = "overall") -> float:
         """Mean of one criterion over prompts (``overall`` or any key of the evaluator's scores)."""
@@ -126,6 +131,7 @@ class QualityReport:
                 "mode": m.mode, "steps": m.steps, "cache_attention": m.cached, "settings": m.settings,
                 **{k: round(m.mean(k), 4) for k in m.criteria},
                 "latency_ms": round(m.mean_latency_ms, 2),
+                "equivalent_steps": round(float(np.mean(m.equivalent_steps)), 2) if m.equivalent_steps else None,
                 "speedup_vs_full": round(full.mean_latency_ms / m.mean_latency_ms, 3),
                 "delta_overall_vs_full": round(m.mean() - full.mean(), 4),
                 "lookup_hits": self.lookup_hits.get(name),
@@ -232,15 +238,15 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
     # Warm: once per distinct store key among the lookup modes.
     entry_scene: Dict[Tuple[str, int], scenes.SceneSpec] = {}
     warm_keys: Dict[str, ModeSpec] = {}
-    for s in cached_specs:
+    for s in cached_specs:  # a spec's hooks may be part of its key: warm with them
         pipe = pipes[s.text]
         h, w, f = pipe.resolve_size(None, "", None, None, None)
-        warm_keys.setdefault(pipe.compat_key(h, w, f), s)
+        warm_keys.setdefault(pipe.compat_key(h, w, f, s.hooks), s)
     t0 = time.perf_counter()
     for i, (wspec, wtext, _) in enumerate(warm):
         for key, s in warm_keys.items():
             r = pipes[s.text].generate(wtext, seed=seed + 100_000 + i, mode=get_mode(s.mode).warm_with,
-                                       decode=False, **shape_args)
+                                       hooks=s.hooks, decode=False, **shape_args)
             if r.inserted_entry_id is not None:
                 entry_scene[(key, r.inserted_entry_id)] = wspec
         if progress:
@@ -269,6 +275,9 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
             m.scores.append(dict(evaluator.evaluate(pixels, text).scores))
             m.latency_ms.append(r.timings.total_ms)
             m.clips.append(pixels)
+            work = float(np.prod([rep["work_share"] for rep in r.hook_reports.values() if "work_share" in rep]))
+            m.equivalent_steps.append(r.steps * work)
+            m.hook_maps.append({name: rep["map"] for name, rep in r.hook_reports.items() if "map" in rep})
         if progress:
             progress("test", i + 1, len(items))
     return QualityReport(modes=results, prompts=[t for _, t in items], warm_prompts=[w[1] for w in warm],
@@ -284,10 +293,12 @@ def format_table(report: QualityReport) -> str:
     criteria: List[str] = []
     for m in report.modes.values():
         criteria += [k for k in m.criteria if k not in criteria]
-    head = ["mode", "steps", "Cache Attention", *criteria, "latency ms", "speed-up", "Δ overall vs full"]
+    head = ["mode", "steps", "equivalent steps", "Cache Attention", *criteria, "latency ms", "speed-up",
+            "Δ overall vs full"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in s["modes"].items():
-        cells = [name, str(m["steps"]), "yes" if m["cache_attention"] else "no",
+        cells = [name, str(m["steps"]), "" if m["equivalent_steps"] is None else f"{m['equivalent_steps']:.1f}",
+                 "yes" if m["cache_attention"] else "no",
                  *(f"{m[k]:.3f}" if k in m else "" for k in criteria),
                  f"{m['latency_ms']:.1f}", f"{m['speedup_vs_full']:.2f}x", f"{m['delta_overall_vs_full']:+.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
