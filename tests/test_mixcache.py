@@ -304,3 +304,43 @@ def test_statistics_reach_the_summary_and_one_line(pipe):
         with HookRegistry.of(model).attached(hook):
             out = model(x, torch.full((2,), 500.0), y2, mask=mask, fps=24, height=64, width=64)
     assert torch.equal(out, ref) and hook.records == []
+
+
+# ------------------------------------------------------------------------------ interfaces
+
+
+def test_command_line_flags_presets_and_report(tmp_path, monkeypatch):
+    import json
+
+    from comfyui_chai import cli
+    from comfyui_chai.cache import embed as embed_mod
+    from comfyui_chai.cache import entities as entities_mod
+
+    def settings_of(*flags):
+        args = cli.build_parser().parse_args(["generate", "--prompts", "p", "--out", "o", "--store", "s", *flags])
+        return cli._generate_pipeline(args, None).settings.mixcache
+
+    assert settings_of() == MixCacheSettings()
+    fast = settings_of("--intra", "mixcache", "--intra-preset", "fast", "--max-reuse", "5", "--granularities", "step")
+    assert fast == MixCacheSettings(**{**PRESETS["mixcache"]["fast"], "max_reuse": 5, "granularities": ("step",)})
+    assert settings_of("--intra", "teacache", "--intra-preset", "quality").teacache_threshold == \
+        PRESETS["teacache"]["quality"]["teacache_threshold"]
+
+    monkeypatch.setattr(entities_mod, "EntityExtractor", CountingExtractor)
+    monkeypatch.setattr(embed_mod, "Embedder", CountingEmbedder)
+    (tmp_path / "p.txt").write_text("a red fox, snow\nred fox, a river\n")
+    out = tmp_path / "out"
+    assert cli.main(["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(out), "--store",
+                     str(tmp_path / "store"), "--model", "tiny", "--captions", "hashed", "--no-progress",
+                     "--full-steps", "12", "--intra", "mixcache", "--warmup-steps", "2", "--trigger-threshold", "1e5",
+                     "--step-threshold", "1e5"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"]["intra"] == "mixcache" and report["run"]["compat_key"].endswith("|hooks=mixcache")
+    rows = report["prompts"]
+    assert [r["hit"] for r in rows] == [False, True]
+    maps = [r["hook_reports"]["mixcache"]["map"] for r in rows]
+    assert len(maps[0]) == 12 and len(maps[1]) == 8 and "S" in maps[0]
+    totals = report["totals"]["intra"]
+    assert totals["steps"] == 20 and totals["computed_steps"] == sum(m.count("F") for m in maps)
+    md = (out / "report.md").read_text()
+    assert "**Intra-request caching** (mixcache)" in md and maps[0] in md and maps[1] in md
