@@ -344,3 +344,46 @@ def test_command_line_flags_presets_and_report(tmp_path, monkeypatch):
     assert totals["steps"] == 20 and totals["computed_steps"] == sum(m.count("F") for m in maps)
     md = (out / "report.md").read_text()
     assert "**Intra-request caching** (mixcache)" in md and maps[0] in md and maps[1] in md
+
+
+def test_comfyui_node_is_off_by_default_and_reaches_the_sampler_text_and_panel(tmp_path):
+    from comfyui_chai.nodes import NODE_CLASS_MAPPINGS as NODES
+    from comfyui_chai.nodes import models, registry
+
+    node = NODES["CHAI_IntraCacheSettings"]()
+    spec = node.INPUT_TYPES()["required"]
+    assert spec["method"][1]["default"] == "off" and spec["preset"][1]["default"] == "balanced"
+    assert all(opts[1].get("tooltip") for opts in spec.values())
+    defaults = {name: opts[1]["default"] for name, opts in spec.items()}
+    assert node.build(**defaults) == ({"hook": None, "settings": {}},)
+    built, = node.build(**{**defaults, "method": "mixcache", "preset": "fast", "max_reuse": 5,
+                           "granularities": "step+cfg"})
+    assert built == {"hook": "mixcache", "settings": {**PRESETS["mixcache"]["fast"], "max_reuse": 5,
+                                                      "granularities": ("step", "cfg")}}
+    with pytest.raises(ValueError, match="warmup_steps"):
+        node.build(**{**defaults, "method": "mixcache", "warmup_steps": 0})
+
+    model, = NODES["CHAI_LoadSTDiT3"]().load(models.TINY)
+    enc, = NODES["CHAI_LoadTextEncoder"]().load(models.TINY_HASHED)
+    cond = NODES["CHAI_TextEncode"]().encode(enc, "a red fox, snow")[0]
+    small = dict(resolution="144p", aspect_ratio="9:16", num_frames=17, height=32, width=32, steps=12, fast_steps=4,
+                 cfg=7.0)
+    sampler = NODES["CHAI_Sampler"]()
+    plain = sampler.sample(model, cond, 5, **small, mode="full")
+    off = sampler.sample(model, cond, 5, **small, mode="full", intra_cache=node.build(**defaults)[0])
+    assert torch.equal(plain["result"][0]["samples"], off["result"][0]["samples"])
+    on, = node.build(**{**defaults, "method": "mixcache", "warmup_steps": 2, "trigger_threshold": 1e5,
+                        "step_threshold": 1e5})
+    try:
+        cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
+        ents = NODES["CHAI_EntityExtractor"]().extract(cond, "entity")["result"][0]
+        lookup = NODES["CHAI_CacheLookup"]().lookup(cache, ents, 0.72)["result"][0]
+        cached = sampler.sample(model, cond, 5, **small, mode="auto", lookup=lookup, intra_cache=on)
+        report = cached["ui"]["chai_run"][0]["hook_reports"]["mixcache"]
+        text = cached["result"][1]
+        assert text.startswith("miss") and f"mixcache: {report['full']}/12 steps computed" in text
+        assert report["map"] in cached["ui"]["text"][0]
+        payload = cached["ui"]["chai_stats"][0]
+        assert payload["steps"] == {"steps": 12, "computed": report["full"]} and report["full"] < 12
+    finally:
+        registry.close_all()
