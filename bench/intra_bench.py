@@ -7,12 +7,14 @@ and writes everything under ``--out``):
   and TeaCache thresholds side by side with full30 and plain<k> (the quality harness,
   ``pipeline/quality.py``). Picks (:func:`choose`) the MixCache knobs (the fastest set, in equivalent
   steps, whose overall score stays within ``--margin`` of full30), the TeaCache threshold at the same
-  speed (equivalent steps closest to MixCache's) and k of plain<k> at the same compute. Writes
+  speed (equivalent steps closest to MixCache's) and k of plain<k> at the same compute; then, with those
+  knobs, chai8 against chai8+mixcache on CHAI hits: MixCache stays on in short schedules
+  (``min_steps`` 1) only if it keeps the hits' overall within ``--margin`` of chai8. Writes
   ``validation.json`` and ``validation.png`` (score against equivalent steps).
 * ``heldout``: on the **held-out** stream, one run side by side: full30, ``mixcache`` (the shipped
-  defaults), ``teacache`` at the threshold validation matched, ``plain<k>`` at the same compute; every
-  evaluator criterion, latency, speed-up, equivalent steps. Reads ``validation.json`` (or ``--teacache``
-  and ``--plain-steps``).
+  defaults), ``teacache`` at the threshold validation matched, ``plain<k>`` at the same compute, and
+  chai8 against chai8+mixcache (CHAI hits); every evaluator criterion, latency, speed-up, equivalent
+  steps. Reads ``validation.json`` (or ``--teacache`` and ``--plain-steps``).
 * ``stream``: a mixed stream of scene captions (``refmodel/stream.py``: near-duplicates, entity-sharing and
   unrelated prompts) in request order through the real lookup, each configuration on a fresh store whose
   budget is ``--budget-share`` (10%) of what storing every request's entry would take: all full, CHAI
@@ -148,14 +150,25 @@ def validate(args) -> Dict[str, Any]:
     report = run_quality(model, encoder, items, lookup=False, modes=modes, progress=_progress())
     summary = report.summary()
     picked = choose(summary, args.margin)
+    # Short schedules: chai8 against chai8 + MixCache with the chosen knobs (every short schedule cached).
+    knobs = {**picked["mixcache"], "min_steps": 1}
+    hits = run_quality(model, encoder, items, lookup=False, modes=["full30", "chai8", _spec("chai8+mixcache", knobs)],
+                       progress=_progress())
+    hit_rows = {r["spec"]: r for r in _summary_rows(hits.summary())}
+    chai, cached = hit_rows["chai8"], hit_rows[_spec("chai8+mixcache", knobs)]
+    pays = cached["overall"] >= chai["overall"] - args.margin and cached["equivalent_steps"] < chai["equivalent_steps"]
+    picked["min_steps"] = 1 if pays else 9
+    picked["short_schedule"] = {"chai8": chai, "chai8+mixcache": cached, "pays": pays}
     out = {"stream": "validation", "stream_seed": VALIDATION_SEED, "prompts": len(items),
            "model": getattr(model, "fingerprint", None), "wall_s": round(time.perf_counter() - t0, 1),
-           "summary": summary, "chosen": picked}
+           "summary": summary, "short_schedule_summary": hits.summary(), "chosen": picked}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "validation.json").write_text(json.dumps(out, indent=2) + "\n")
     _plot_tradeoff(summary, args.out / "validation.png", f"validation stream, {len(items)} prompts")
     print(format_table(report))
-    print(f"\nchosen on validation (margin {args.margin}): mixcache {picked['mixcache']} "
+    print()
+    print(format_table(hits))
+    print(f"\nchosen on validation (margin {args.margin}): mixcache {picked['mixcache']}, min_steps {picked['min_steps']} "
           f"({picked['mixcache_row']['equivalent_steps']} equivalent steps, overall "
           f"{picked['mixcache_row']['delta_overall_vs_full']:+.3f}); teacache threshold {picked['teacache_threshold']} "
           f"({picked['teacache_row']['equivalent_steps']} equivalent steps); plain{picked['plain_steps']}")
@@ -174,13 +187,15 @@ def heldout(args, chosen: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     plain = args.plain_steps if args.plain_steps is not None else (chosen or {}).get("plain_steps")
     if threshold is None or plain is None:
         raise SystemExit("heldout needs validation.json in --out (run 'validate' first) or --teacache and --plain-steps")
-    shipped = {k: v for k, v in MixCacheSettings().to_dict().items()}
-    if chosen is not None and any(shipped[k] != v for k, v in chosen["mixcache"].items()):
-        print(f"note: the shipped MixCache defaults differ from validation's choice {chosen['mixcache']}; "
+    shipped = MixCacheSettings().to_dict()
+    wanted = {**chosen["mixcache"], "min_steps": chosen.get("min_steps", shipped["min_steps"])} if chosen else {}
+    if any(shipped[k] != v for k, v in wanted.items()):
+        print(f"note: the shipped MixCache defaults differ from validation's choice {wanted}; "
               "held-out measures the shipped defaults", file=sys.stderr)
     model, encoder = _load(args)
     items = heldout_prompts(args.prompts, seed=HELDOUT_SEED)
-    modes = ["full30", "mixcache", _spec("teacache", {"teacache_threshold": threshold}), f"plain{plain}"]
+    modes = ["full30", "mixcache", _spec("teacache", {"teacache_threshold": threshold}), f"plain{plain}", "chai8",
+             "chai8+mixcache"]
     t0 = time.perf_counter()
     report = run_quality(model, encoder, items, lookup=False, modes=modes, progress=_progress())
     summary = report.summary()

@@ -293,6 +293,8 @@ def _add_intra_flags(gen) -> None:
                     help="named knob set (balanced = the defaults, chosen on the reference model's validation stream)")
     ic.add_argument("--warmup-steps", type=int, default=None, help="first steps always computed (4)")
     ic.add_argument("--final-steps", type=int, default=None, help="last steps always computed (1)")
+    ic.add_argument("--min-steps", type=int, default=None,
+                    help="schedules with fewer steps run without caching (1: cache in every schedule)")
     ic.add_argument("--max-reuse", type=int, default=None, help="most approximated steps in a row (3)")
     ic.add_argument("--trigger-threshold", type=float, default=None,
                     help="caching starts once the measured residual change per step is at most this")
@@ -315,7 +317,8 @@ def _intra_settings(args) -> dict:
     if args.intra == "off":
         return {}
     out = preset_settings(args.intra, args.intra_preset)
-    knobs = {"warmup_steps": args.warmup_steps, "final_steps": args.final_steps, "max_reuse": args.max_reuse,
+    knobs = {"warmup_steps": args.warmup_steps, "final_steps": args.final_steps, "min_steps": args.min_steps,
+             "max_reuse": args.max_reuse,
              "trigger_threshold": args.trigger_threshold, "step_threshold": args.step_threshold,
              "block_threshold": args.block_threshold, "cfg_threshold": args.cfg_threshold,
              "block_front": args.block_front, "block_back": args.block_back,

@@ -17,6 +17,8 @@ _KNOBS: Dict[str, Tuple[str, Dict[str, Any], str]] = {
     "warmup_steps": ("INT", {"min": -1, "max": 200},
                      "First steps always computed in full (MixCache; default 4). "),
     "final_steps": ("INT", {"min": -1, "max": 200}, "Last steps always computed in full (MixCache; default 1). "),
+    "min_steps": ("INT", {"min": -1, "max": 200},
+                  "Schedules with fewer steps (a cache hit's 8, say) run without caching (MixCache; 1 = always cache). "),
     "max_reuse": ("INT", {"min": -1, "max": 200},
                   "Most approximated steps in a row, any granularity; the next step is computed (MixCache; default 3). "),
     "trigger_threshold": ("FLOAT", {"min": -1.0, "max": 100.0, "step": 0.01},

@@ -19,7 +19,9 @@ formulas are not public; ours, each a knob of :class:`MixCacheConfig`:
   - *CFG*: only the conditional half of the CFG batch runs the blocks; the unconditional output is
     the conditional one minus the guidance difference ``out_cond - out_uncond`` of the last fully
     computed step, so the sampler's ``v_u + s (v_c - v_u)`` becomes ``v_c + (s - 1) g``;
-* **warm-up**: the first ``warmup_steps`` steps and the last ``final_steps`` are always computed;
+* **warm-up**: the first ``warmup_steps`` steps and the last ``final_steps`` are always computed, and a
+  schedule shorter than ``min_steps`` (a CHAI hit's 8 steps, say) is computed in full where caching
+  inside it does not pay;
 * **change indicator, measured at run time** (no offline calibration, so any step count and any
   model): every step computes block 0's timestep-modulated input ``m`` (TeaCache's input; no block
   runs) and its relative L1 change ``d_i`` from the previous step. Between two full computes the
@@ -91,6 +93,7 @@ class MixCacheConfig:
     Attributes:
         warmup_steps: first steps always computed in full (>= 1).
         final_steps: last steps always computed in full (>= 0).
+        min_steps: schedules with fewer steps are computed in full (>= 1; 1: cache in every schedule).
         max_reuse: most approximated steps in a row, any granularity (>= 1); the next one computes.
         trigger_threshold: caching starts once the whole-stack residual's measured relative change per
             step (between the last two full computes) is at most this.
@@ -112,6 +115,7 @@ class MixCacheConfig:
 
     warmup_steps: int = 4
     final_steps: int = 1
+    min_steps: int = 1
     max_reuse: int = 3
     trigger_threshold: float = 0.2
     step_threshold: float = 0.1
@@ -124,8 +128,8 @@ class MixCacheConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "granularities", tuple(str(g) for g in self.granularities))
-        for name, least in (("warmup_steps", 1), ("final_steps", 0), ("max_reuse", 1), ("block_front", 1),
-                            ("block_back", 0)):
+        for name, least in (("warmup_steps", 1), ("final_steps", 0), ("min_steps", 1), ("max_reuse", 1),
+                            ("block_front", 1), ("block_back", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
@@ -139,9 +143,10 @@ class MixCacheConfig:
             raise ValueError(f"granularities must be distinct names among {GRANULARITIES}, got {self.granularities}")
 
     def fingerprint(self) -> str:
-        """Every knob, for reports, e.g. ``MIX_W4_F1_R3_T0.2_S0.1_B0.1_C0.05_P1-0_step-block-cfg_TEA0.1``."""
+        """Every knob, for reports, e.g. ``MIX_W4_F1_M1_R3_T0.2_S0.1_B0.1_C0.05_P1-0_step-block-cfg_TEA0.1``."""
         grans = "-".join(self.granularities) or "none"
-        return (f"MIX_W{self.warmup_steps}_F{self.final_steps}_R{self.max_reuse}_T{self.trigger_threshold:g}"
+        return (f"MIX_W{self.warmup_steps}_F{self.final_steps}_M{self.min_steps}_R{self.max_reuse}"
+                f"_T{self.trigger_threshold:g}"
                 f"_S{self.step_threshold:g}_B{self.block_threshold:g}_C{self.cfg_threshold:g}"
                 f"_P{self.block_front}-{self.block_back}_{grans}_TEA{self.teacache_threshold:g}")
 
@@ -160,7 +165,8 @@ class StepRecord:
         index: 0-based step. t: its timestep (0..1000).
         kind: ``"full"`` (every block pair on every row), ``"step"`` (no block), ``"block"`` (the front and
             back pairs only) or ``"cfg"`` (the conditional rows only).
-        reason: why: ``"exact"`` (marked by the sampler), ``"warmup"``, ``"final"``, ``"cap"``
+        reason: why: ``"exact"`` (marked by the sampler), ``"warmup"``, ``"final"``, ``"short"`` (a
+            schedule under ``min_steps``), ``"cap"``
             (``max_reuse`` reached), ``"untriggered"``, ``"cold"`` (nothing cached yet), ``"indicator"``
             (the indicators chose), ``"probe"`` (a block probe failed), ``"outside"`` (no sampler step).
         work: block-pair evaluations run, as a share of a full step's (rows x pairs); 0 for step reuse.
@@ -384,7 +390,8 @@ class MixCache(IntraCache):
         rows = int(h.shape[0])
         if not self._triggered and self._residual_change is not None and info.index >= cfg.warmup_steps:
             self._triggered = self._residual_change <= cfg.trigger_threshold  # once on, on for the request
-        reason = ("exact" if info.exact else "warmup" if info.index < cfg.warmup_steps
+        reason = ("exact" if info.exact else "short" if info.total < cfg.min_steps
+                  else "warmup" if info.index < cfg.warmup_steps
                   else "final" if info.index >= info.total - cfg.final_steps
                   else "cold" if change is None or not self._usable(h) or self._rate is None
                   else "untriggered" if not self._triggered

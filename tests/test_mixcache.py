@@ -387,3 +387,10 @@ def test_comfyui_node_is_off_by_default_and_reaches_the_sampler_text_and_panel(t
         assert payload["steps"] == {"steps": 12, "computed": report["full"]} and report["full"] < 12
     finally:
         registry.close_all()
+
+
+def test_short_schedules_below_min_steps_are_not_cached(pipe):
+    short = _run(pipe, ("mixcache",), warmup_steps=1, min_steps=13, **ALWAYS)
+    records = short.hook_reports["mixcache"]["records"]
+    assert set(short.hook_reports["mixcache"]["map"]) == {"F"} and {r["reason"] for r in records} == {"short"}
+    assert set(_run(pipe, ("mixcache",), warmup_steps=1, min_steps=12, **ALWAYS).hook_reports["mixcache"]["map"]) > {"F"}
