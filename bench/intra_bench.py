@@ -29,8 +29,8 @@ and writes everything under ``--out``):
 
 Usage::
 
-    python bench/intra_bench.py all --out bench/out/intra                # about 2 h on 2 shared CPU cores
-    python bench/intra_bench.py validate --prompts 32 --out bench/out/intra
+    python bench/intra_bench.py all --out bench/out/intra                # about 2 h on 2 idle CPU cores
+    python bench/intra_bench.py validate --prompts 24 --out bench/out/intra
     python bench/intra_bench.py heldout --prompts 200 --out bench/out/intra
     python bench/intra_bench.py stream --prompts 200 --out bench/out/intra
     python bench/intra_bench.py vbench --limit 300 --out bench/out/intra
@@ -60,13 +60,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: MixCache knob sets of the validation grid: every threshold scaled by one factor, times the reuse cap
-#: and the warm-up (the shape of the thresholds is the defaults').
+#: MixCache knob sets of the validation grid: these thresholds scaled by one factor, times the reuse cap
+#: and the warm-up.
+GRID_THRESHOLDS = {"trigger_threshold": 0.2, "step_threshold": 0.1, "block_threshold": 0.1, "cfg_threshold": 0.05}
 THRESHOLD_SCALES = (0.5, 1.0, 2.0, 4.0)
-REUSE_CAPS = (2, 3, 4)
-WARMUPS = (3, 4)
-TEACACHE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
-PLAIN_STEPS = (8, 10, 12, 15, 20)
+REUSE_CAPS = (2, 4)
+WARMUPS = (3,)
+TEACACHE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5)
+PLAIN_STEPS = (8, 12, 16)
 
 
 def _progress():
@@ -90,20 +91,10 @@ def _spec(name: str, knobs: Dict[str, Any]) -> str:
 
 
 def mixcache_grid() -> List[Dict[str, Any]]:
-    """The validation grid of MixCache knob sets (see THRESHOLD_SCALES, REUSE_CAPS, WARMUPS)."""
-    from comfyui_chai.pipeline.settings import MixCacheSettings
-
-    base = MixCacheSettings()
-    grid = []
-    for scale in THRESHOLD_SCALES:
-        for cap in REUSE_CAPS:
-            for warmup in WARMUPS:
-                grid.append({"warmup_steps": warmup, "max_reuse": cap,
-                             "trigger_threshold": round(base.trigger_threshold * scale, 4),
-                             "step_threshold": round(base.step_threshold * scale, 4),
-                             "block_threshold": round(base.block_threshold * scale, 4),
-                             "cfg_threshold": round(base.cfg_threshold * scale, 4)})
-    return grid
+    """The validation grid of MixCache knob sets (GRID_THRESHOLDS x THRESHOLD_SCALES, REUSE_CAPS, WARMUPS)."""
+    return [{"warmup_steps": warmup, "max_reuse": cap,
+             **{name: round(value * scale, 4) for name, value in GRID_THRESHOLDS.items()}}
+            for scale in THRESHOLD_SCALES for cap in REUSE_CAPS for warmup in WARMUPS]
 
 
 def _load(args):
@@ -398,12 +389,11 @@ def timing_runs(model, sample, *, steps: int, repeats: int, sync) -> Dict[str, A
     from comfyui_chai.opensora.mixcache import MixCache, MixCacheConfig, TeaCache
 
     forced = dict(trigger_threshold=1e5, step_threshold=1e5, block_threshold=1e5, cfg_threshold=1e5,
-                  warmup_steps=2, max_reuse=steps)
+                  warmup_steps=2, max_reuse=steps, min_steps=1)
     runs = {
         "plain": None,
         "mixcache (defaults)": lambda: MixCache(model, MixCacheConfig(), cfg_scale=7.0, measure=True),
-        "teacache (0.1)": lambda: TeaCache(model, MixCacheConfig(teacache_threshold=0.1), cfg_scale=7.0,
-                                           measure=True),
+        "teacache (defaults)": lambda: TeaCache(model, MixCacheConfig(), cfg_scale=7.0, measure=True),
         "mixcache, every step computed": lambda: MixCache(model, MixCacheConfig(warmup_steps=steps), cfg_scale=7.0,
                                                           measure=True),
         "forced step reuse": lambda: MixCache(model, MixCacheConfig(**forced, granularities=("step",)),
@@ -499,7 +489,7 @@ def main(argv=None) -> int:
     p.add_argument("part", choices=["all", "validate", "heldout", "stream", "vbench", "timing"])
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "intra", help="output folder")
     p.add_argument("--prompts", type=int, default=None,
-                   help="prompts (validate 32, heldout 200, stream 200 by default)")
+                   help="prompts (validate 24, heldout 200, stream 200 by default)")
     p.add_argument("--margin", type=float, default=0.01,
                    help="validation: largest overall drop vs full30 a chosen MixCache set may have (0.01)")
     p.add_argument("--teacache", type=float, default=None, help="heldout: TeaCache threshold (default: validation's)")
@@ -524,7 +514,7 @@ def main(argv=None) -> int:
     chosen = None
     for part in parts:
         if part == "validate":
-            chosen = validate(argparse.Namespace(**{**vars(a), "prompts": a.prompts or 32}))["chosen"]
+            chosen = validate(argparse.Namespace(**{**vars(a), "prompts": a.prompts or 24}))["chosen"]
         elif part == "heldout":
             heldout(argparse.Namespace(**{**vars(a), "prompts": a.prompts or 200}), chosen)
         elif part == "stream":

@@ -291,11 +291,11 @@ def _add_intra_flags(gen) -> None:
                     help="mixcache: hybrid step / block / CFG reuse; teacache: step reuse (baseline); off")
     ic.add_argument("--intra-preset", choices=list(PRESETS["mixcache"]), default="balanced",
                     help="named knob set (balanced = the defaults, chosen on the reference model's validation stream)")
-    ic.add_argument("--warmup-steps", type=int, default=None, help="first steps always computed (4)")
+    ic.add_argument("--warmup-steps", type=int, default=None, help="first steps always computed (3)")
     ic.add_argument("--final-steps", type=int, default=None, help="last steps always computed (1)")
     ic.add_argument("--min-steps", type=int, default=None,
-                    help="schedules with fewer steps run without caching (1: cache in every schedule)")
-    ic.add_argument("--max-reuse", type=int, default=None, help="most approximated steps in a row (3)")
+                    help="schedules with fewer steps run without caching (9: not in an 8-step hit; 1: in every schedule)")
+    ic.add_argument("--max-reuse", type=int, default=None, help="most approximated steps in a row (4)")
     ic.add_argument("--trigger-threshold", type=float, default=None,
                     help="caching starts once the measured residual change per step is at most this")
     ic.add_argument("--step-threshold", type=float, default=None, help="predicted change up to which a step is reused")

@@ -15,12 +15,12 @@ _KEEP = "-1 = the preset's value."
 # knob -> (ComfyUI type, widget options, tooltip)
 _KNOBS: Dict[str, Tuple[str, Dict[str, Any], str]] = {
     "warmup_steps": ("INT", {"min": -1, "max": 200},
-                     "First steps always computed in full (MixCache; default 4). "),
+                     "First steps always computed in full (MixCache; default 3). "),
     "final_steps": ("INT", {"min": -1, "max": 200}, "Last steps always computed in full (MixCache; default 1). "),
     "min_steps": ("INT", {"min": -1, "max": 200},
-                  "Schedules with fewer steps (a cache hit's 8, say) run without caching (MixCache; 1 = always cache). "),
+                  "Schedules with fewer steps (a cache hit's 8, say) run without caching (MixCache; default 9; 1 = always cache). "),
     "max_reuse": ("INT", {"min": -1, "max": 200},
-                  "Most approximated steps in a row, any granularity; the next step is computed (MixCache; default 3). "),
+                  "Most approximated steps in a row, any granularity; the next step is computed (MixCache; default 4). "),
     "trigger_threshold": ("FLOAT", {"min": -1.0, "max": 100.0, "step": 0.01},
                           "Caching starts once the measured change of the blocks' residual per step is at most this "
                           "(MixCache's trigger; 0 = never). "),

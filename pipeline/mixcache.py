@@ -24,18 +24,22 @@ __all__ = ["INTRA_HOOKS", "PRESETS", "preset_settings", "describe"]
 INTRA_HOOKS = ("mixcache", "teacache")
 
 #: method -> preset -> settings overrides (flat keys of ``MixCacheSettings``); "balanced" = the defaults.
-#: Chosen on the reference model's validation stream (README, "Intra-request caching").
+#: Chosen on the reference model's validation stream (``bench/intra_bench.py validate``, 24 prompts, v1):
+#: quality = thresholds x 1/4 of the defaults with a cap of 2 (18.6 equivalent steps of 30, overall +0.004
+#: vs full 30), balanced = the selection rule's pick (9.7, +0.016), fast = thresholds x 2, cap 6, warm-up
+#: 2 (7.0, +0.007); TeaCache: 0.2 matched balanced MixCache's compute (9.8 equivalent steps).
 PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "mixcache": {
-        "quality": {"max_reuse": 2, "step_threshold": 0.06, "block_threshold": 0.06, "cfg_threshold": 0.03},
+        "quality": {"max_reuse": 2, "trigger_threshold": 0.2, "step_threshold": 0.1, "block_threshold": 0.1,
+                    "cfg_threshold": 0.05},
         "balanced": {},
-        "fast": {"warmup_steps": 3, "max_reuse": 4, "step_threshold": 0.15, "block_threshold": 0.15,
-                 "cfg_threshold": 0.08},
+        "fast": {"warmup_steps": 2, "max_reuse": 6, "trigger_threshold": 1.6, "step_threshold": 0.8,
+                 "block_threshold": 0.8, "cfg_threshold": 0.4},
     },
     "teacache": {
-        "quality": {"teacache_threshold": 0.05},
-        "balanced": {"teacache_threshold": 0.1},
-        "fast": {"teacache_threshold": 0.2},
+        "quality": {"teacache_threshold": 0.1},
+        "balanced": {"teacache_threshold": 0.2},
+        "fast": {"teacache_threshold": 0.3},
     },
 }
 

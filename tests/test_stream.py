@@ -79,7 +79,7 @@ def test_bench_timing_path_at_small_size_on_cpu(tmp_path):
     assert bench.main(["timing", "--steps", "8", "--repeats", "1", "--out", str(tmp_path)]) == 0
     out = json.loads((tmp_path / "timing_small_cpu.json").read_text())
     runs = out["runs"]
-    assert set(runs) >= {"plain", "mixcache (defaults)", "teacache (0.1)", "mixcache, every step computed",
+    assert set(runs) >= {"plain", "mixcache (defaults)", "teacache (defaults)", "mixcache, every step computed",
                          "forced step reuse", "forced block reuse", "forced CFG reuse"}
     assert runs["plain"]["map"] == "F" * 8 and runs["mixcache, every step computed"]["map"] == "F" * 8
     assert runs["forced step reuse"]["map"] == "FF" + "S" * 5 + "F"
