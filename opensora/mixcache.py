@@ -56,8 +56,9 @@ such as ``FFFFSSCFBS...``, the share of block work run, the decision overhead in
 
 from __future__ import annotations
 
+import abc
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -169,9 +170,9 @@ class StepRecord:
         kind: ``"full"`` (every block pair on every row), ``"step"`` (no block), ``"block"`` (the front and
             back pairs only) or ``"cfg"`` (the conditional rows only).
         reason: why: ``"exact"`` (marked by the sampler), ``"warmup"``, ``"final"``, ``"short"`` (a
-            schedule under ``min_steps``), ``"cap"``
-            (``max_reuse`` reached), ``"untriggered"``, ``"cold"`` (nothing cached yet), ``"indicator"``
-            (the indicators chose), ``"probe"`` (a block probe failed), ``"outside"`` (no sampler step).
+            schedule under ``min_steps``), ``"cap"`` (``max_reuse`` reached), ``"untriggered"``, ``"cold"``
+            (nothing cached yet), ``"indicator"`` (the indicators chose), ``"probe"`` (a block probe
+            failed), ``"outside"`` (the model call never reached the blocks).
         work: block-pair evaluations run, as a share of a full step's (rows x pairs); 0 for step reuse.
         indicator: the predicted step-reuse error ``E_step`` (MixCache) or the accumulated distance
             (TeaCache) at the decision, or None before it is defined.
@@ -189,7 +190,7 @@ class StepRecord:
     guidance_error: Optional[float] = None
 
 
-class IntraCache(ModelHook):
+class IntraCache(ModelHook, abc.ABC):
     """Base of the intra-request caches: per-step bookkeeping, the block runner, statistics.
 
     Subclasses implement :meth:`_decide` (``(h, blocks, info) -> h``) using :meth:`_full`, :meth:`_reuse_step`
@@ -221,8 +222,13 @@ class IntraCache(ModelHook):
         self._residual: Optional[torch.Tensor] = None  # whole-stack residual of the last full step
         self._last_full: Optional[int] = None
         self._run_length = 0  # approximated steps in a row
-        self._work = 0.0
+        # the call being run: its step, record, block work, batch rows and depth, CFG half reused
+        self._info: Optional[StepInfo] = None
         self._record: Optional[StepRecord] = None
+        self._work = 0.0
+        self._full_rows = 1
+        self._depth: Optional[int] = None
+        self._cfg_reused = False
 
     def on_attach(self, model: torch.nn.Module) -> None:
         """A fresh run: forget everything cached by an earlier one."""
@@ -256,8 +262,9 @@ class IntraCache(ModelHook):
     def _after(self, out: torch.Tensor, record: StepRecord) -> torch.Tensor:
         return out
 
-    def _decide(self, h: torch.Tensor, blocks, info: StepInfo) -> torch.Tensor:  # pragma: no cover - abstract
-        raise TypeError(f"{type(self).__name__} must implement _decide")
+    @abc.abstractmethod
+    def _decide(self, h: torch.Tensor, blocks, info: StepInfo) -> torch.Tensor:
+        """Run this step's blocks on ``h`` [B, T, S, C] (or reuse), record why in ``self._record``; return h."""
 
     # ---------------------------------------------------------------- building blocks
     def _pairs(self, blocks, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -309,7 +316,7 @@ class IntraCache(ModelHook):
         for r in self.records:
             counts[r.kind] = counts.get(r.kind, 0) + 1
         n = len(self.records)
-        depth = getattr(self, "_depth", None)
+        depth = self._depth
         front, back = self.config.block_front, self.config.block_back
         reused = (f"{front}-{depth - back - 1}" if depth is not None and depth - back - 1 >= front else "none")
         return {
