@@ -1,12 +1,14 @@
 """ComfyUI node classes, one file per node group. Only this package may touch ComfyUI modules,
 and only lazily (``nodes.host`` looks them up in ``sys.modules``), so the pack and its tests
-import without ComfyUI.
+import without ComfyUI. ComfyUI gets each class through ``adapter.for_comfyui`` (errors that
+name the node, display data sent to the page, batches mapped by the pack).
 
 Inside ComfyUI, importing this package also registers the ``models/opensora`` model folder and
 the read-only ``/chai/stats`` route; outside it, both are skipped.
 """
 
 from . import host as _host
+from .adapter import for_comfyui as _for_comfyui
 from .cache_nodes import CHAICache, CHAICacheAttentionSettings, CHAICacheLookup, CHAICacheState
 from .intra_cache_node import CHAIIntraCacheSettings
 from .loader_nodes import CHAILoadSTDiT3, CHAILoadTextEncoder, CHAILoadVAE
@@ -15,7 +17,7 @@ from .sampler_nodes import CHAISampler, CHAIVAEDecode
 from .text_nodes import CHAIEntityExtractor, CHAIPromptList, CHAITextEncode
 
 #: node id -> class. Node ids are the workflow identity: never rename them.
-NODE_CLASS_MAPPINGS: dict = {
+_NODE_CLASSES: dict = {
     "CHAI_LoadSTDiT3": CHAILoadSTDiT3,
     "CHAI_LoadVAE": CHAILoadVAE,
     "CHAI_LoadTextEncoder": CHAILoadTextEncoder,
@@ -46,6 +48,10 @@ NODE_DISPLAY_NAME_MAPPINGS: dict = {
     "CHAI_VAEDecode": "CHAI VAE Decode",
     "CHAI_CacheState": "CHAI Cache State",
 }
+
+#: node id -> the class ComfyUI registers (a subclass of the plain node class, see nodes/adapter.py).
+NODE_CLASS_MAPPINGS: dict = {node_id: _for_comfyui(cls, NODE_DISPLAY_NAME_MAPPINGS[node_id])
+                             for node_id, cls in _NODE_CLASSES.items()}
 
 _host.register_model_folders()
 _register_routes()

@@ -9,12 +9,14 @@ Host APIs used (reference/comfyui.md sections 1.9, 1.10, 1.13-1.15, 7, 8):
 ``comfy.utils.ProgressBar``, ``comfy.model_management`` (``get_torch_device``,
 ``unet_offload_device``, ``load_models_gpu``, ``soft_empty_cache``, ``processing_interrupted``,
 ``throw_exception_if_processing_interrupted``, ``InterruptProcessingException``),
-``comfy.model_patcher.ModelPatcher``, ``folder_paths`` and ``server.PromptServer``.
+``comfy.model_patcher.ModelPatcher``, ``comfy_execution.utils.get_executing_context``,
+``folder_paths`` and ``server.PromptServer``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import sys
@@ -30,17 +32,27 @@ __all__ = [
     "in_comfyui",
     "ProgressReporter",
     "interrupted",
+    "interruptible",
     "raise_interrupted",
     "Placement",
     "register_model_folders",
     "model_folder_files",
     "models_root",
     "send_event",
+    "executing_node",
+    "batch_position",
+    "in_batch",
+    "PROGRESS_EVENT",
     "model_compute",
     "log",
 ]
 
 log = logging.getLogger("comfyui_chai.nodes")
+
+#: Websocket event with a sampler's progress through a batch (see :class:`ProgressReporter`).
+PROGRESS_EVENT = "chai.progress"
+#: Resolution of ComfyUI's own progress bar while it shows a whole batch (value / max).
+_BATCH_BAR_MAX = 1000
 
 #: ComfyUI model-folder key registered for OpenSora weights (``models/opensora``).
 OPENSORA_FOLDER = "opensora"
@@ -107,13 +119,62 @@ def model_compute() -> Iterator[None]:
 # ------------------------------------------------------------------------------ progress / interrupt
 
 
-class ProgressReporter:
-    """Adapts the pipeline's ``progress(done, total)`` callback to ``comfy.utils.ProgressBar``.
+_BATCH: contextvars.ContextVar[Tuple[int, int]] = contextvars.ContextVar("chai_batch_position", default=(0, 1))
 
-    The bar is created on the first report, when the number of steps is known (8 on a hit, 30 on a
-    miss). Inside ComfyUI every update is also a cancellation point (the host's progress hook
-    calls ``throw_exception_if_processing_interrupted``). Outside ComfyUI the reports are kept in
-    :attr:`reports` (for tests) and nothing else happens.
+
+def batch_position() -> Tuple[int, int]:
+    """(index, count) of the prompt being processed in the current batch: (0, 1) outside a batch."""
+    return _BATCH.get()
+
+
+@contextlib.contextmanager
+def in_batch(index: int, count: int) -> Iterator[None]:
+    """Mark the code inside as prompt ``index`` (0-based) of ``count`` (see :class:`ProgressReporter`).
+
+    Raises:
+        ValueError: ``count < 1`` or ``index`` outside ``0..count-1``.
+    """
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"batch position {index} of {count} is impossible")
+    token = _BATCH.set((int(index), int(count)))
+    try:
+        yield
+    finally:
+        _BATCH.reset(token)
+
+
+def executing_node() -> Optional[Tuple[Optional[str], str]]:
+    """(prompt_id, node id) of the node ComfyUI is executing in this thread, or None outside one.
+
+    Reads ``comfy_execution.utils.get_executing_context()`` (ComfyUI 0.3.4x and later), else the
+    server's ``last_prompt_id`` / ``last_node_id``; never imports anything.
+    """
+    utils = sys.modules.get("comfy_execution.utils")
+    getter = getattr(utils, "get_executing_context", None) if utils is not None else None
+    context = getter() if getter is not None else None
+    if context is not None and getattr(context, "node_id", None) is not None:
+        return getattr(context, "prompt_id", None), str(context.node_id)
+    server = prompt_server()
+    node = getattr(server, "last_node_id", None) if server is not None else None
+    return (getattr(server, "last_prompt_id", None), str(node)) if node is not None else None
+
+
+class ProgressReporter:
+    """Adapts the pipeline's ``progress(done, total)`` callback to ComfyUI's progress display.
+
+    The position in a batch comes from :func:`batch_position` when the reporter is made (prompt
+    ``index`` of ``count``). Every report:
+
+    * moves ``comfy.utils.ProgressBar`` of the node: the steps of the prompt (8 on a hit, 30 on a
+      miss) for a single prompt, or, in a batch, the whole batch (``(index + done / total) / count``
+      in 1/1000ths), so that bar moves with every step of every prompt and never restarts;
+    * sends the websocket event :data:`PROGRESS_EVENT` ``{"node", "prompt_id", "index", "count",
+      "step", "steps", "overall"}`` (``overall`` in 0..1) from which the page draws "prompt k of n",
+      the batch bar and the prompt's step bar.
+
+    Inside ComfyUI every bar update is also a cancellation point (the host's progress hook calls
+    ``throw_exception_if_processing_interrupted``). Outside ComfyUI the reports are only kept in
+    :attr:`reports` (for tests).
 
     Args:
         node_id: the node's ``UNIQUE_ID`` (routes the bar to the right node in the UI), or None.
@@ -121,20 +182,56 @@ class ProgressReporter:
 
     def __init__(self, node_id: Optional[str] = None) -> None:
         self.node_id = node_id
+        self.index, self.count = batch_position()
         self.reports: List[Tuple[int, int]] = []
         self._bar = None
 
+    def overall(self, done: int, total: int) -> float:
+        """Fraction of the whole batch done after ``done`` of ``total`` steps of this prompt (0..1)."""
+        return (self.index + min(done, total) / max(1, total)) / self.count
+
     def __call__(self, done: int, total: int) -> None:
-        self.reports.append((int(done), int(total)))
+        done, total = int(done), int(total)
+        self.reports.append((done, total))
         utils = comfy_module("comfy.utils")
         if utils is None:
             return
-        if self._bar is None or getattr(self._bar, "total", total) != total:
+        value, maximum = (done, total) if self.count == 1 else (round(_BATCH_BAR_MAX * self.overall(done, total)),
+                                                                  _BATCH_BAR_MAX)
+        if self._bar is None or getattr(self._bar, "total", maximum) != maximum:
             try:
-                self._bar = utils.ProgressBar(int(total), node_id=self.node_id)
+                self._bar = utils.ProgressBar(maximum, node_id=self.node_id)
             except TypeError:  # older hosts: no node_id keyword
-                self._bar = utils.ProgressBar(int(total))
-        self._bar.update_absolute(int(done), int(total))
+                self._bar = utils.ProgressBar(maximum)
+        send_event(PROGRESS_EVENT, {"node": self.node_id, "index": self.index, "count": self.count, "step": done,
+                                    "steps": total, "overall": round(self.overall(done, total), 4)})
+        self._bar.update_absolute(value, maximum)
+
+
+@contextlib.contextmanager
+def interruptible(module: torch.nn.Module) -> Iterator[None]:
+    """Let Cancel stop ``module`` between two of its blocks, not only between denoising steps.
+
+    Before every block of each ``nn.ModuleList`` child of ``module`` (STDiT3's spatial and
+    temporal blocks) ComfyUI's ``throw_exception_if_processing_interrupted`` runs, so a Cancel
+    waits for one block instead of a whole step (a step of OpenSora 1.2 at 720p, or of any model
+    on a busy CPU, takes seconds). The hooks are removed on exit. Nothing happens outside ComfyUI.
+
+    Raises:
+        ComfyUI's ``InterruptProcessingException`` from inside the model's forward on Cancel.
+    """
+    mm = comfy_module("comfy.model_management")
+    check = getattr(mm, "throw_exception_if_processing_interrupted", None) if mm is not None else None
+    if check is None:
+        yield
+        return
+    handles = [block.register_forward_pre_hook(lambda _block, _args: check())
+               for blocks in module.children() if isinstance(blocks, torch.nn.ModuleList) for block in blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def interrupted() -> bool:
@@ -322,12 +419,16 @@ def model_folder_path(key: str, name: str) -> Optional[Path]:
 def send_event(event: str, data: Dict[str, Any]) -> bool:
     """Broadcast a websocket event to every connected ComfyUI client (thread-safe ``send_sync``).
 
-    Returns True when sent, False outside a ComfyUI server. Errors are logged, never raised: a
-    finished run must not fail because a browser tab went away.
+    Inside a node the data gains ``prompt_id`` (the run it belongs to, :func:`executing_node`)
+    unless it has one. Returns True when sent, False outside a ComfyUI server. Errors are logged,
+    never raised: a finished run must not fail because a browser tab went away.
     """
     server = prompt_server()
     if server is None:
         return False
+    if "prompt_id" not in data:
+        running = executing_node()
+        data = {**data, "prompt_id": running[0] if running is not None else None}
     try:
         server.send_sync(event, data, None)
         return True

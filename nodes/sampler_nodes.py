@@ -126,6 +126,7 @@ class CHAISampler:
         "What happened: hit or miss, matched entity and similarity, steps, latency split in ms; with intra-request "
         "caching, which steps were computed and which reused at which granularity.")
     FUNCTION = "sample"
+    PROMPT_BATCH = True  # nodes/adapter.py maps ComfyUI's lists: progress shows "prompt k of n"
     CATEGORY = "CHAI"
     DESCRIPTION = ("OpenSora 1.2 RFLOW sampling with CHAI. Right before sampling it looks the prompt up under the "
                    "exact key of this model, size and schedule: a hit runs fast_steps with Cache Attention on the "
@@ -190,7 +191,7 @@ class CHAISampler:
         size = pipe.resolve_size(None if height else resolution, aspect_ratio, height or None, width or None, frames)
         progress = host.ProgressReporter(unique_id)
         try:
-            with host.model_compute():
+            with host.model_compute(), host.interruptible(model.module):
                 if model.placement is not None:
                     model.placement.load()
                 result = pipe.generate(cond.prompt, seed=int(seed), height=size[0], width=size[1], num_frames=size[2],

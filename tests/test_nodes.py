@@ -13,6 +13,7 @@ import asyncio
 import math
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 
 from comfyui_chai.nodes import NODE_CLASS_MAPPINGS as NODES
 from comfyui_chai.nodes import NODE_DISPLAY_NAME_MAPPINGS as NAMES
-from comfyui_chai.nodes import host, models, registry, routes
+from comfyui_chai.nodes import adapter, host, models, registry, routes
 from comfyui_chai.nodes.cache_nodes import ChaiLookup, parse_cache_steps
 from comfyui_chai.nodes.models import ChaiConditioning
 from comfyui_chai.nodes.text_nodes import ChaiEntities, parse_prompt_list
@@ -269,7 +270,7 @@ def test_modes_without_cache(tiny):
     assert full["result"][0]["chai"]["mode"] == "full" and fast["result"][0]["chai"]["mode"] == "plain_fast"
     assert torch.equal(full["result"][0]["samples"], again["result"][0]["samples"])  # seeded: reproducible
     assert "chai_stats" not in full["ui"]  # no store involved
-    assert NODES["CHAI_Sampler"].IS_CHANGED(mode="full") == ""
+    assert NODES["CHAI_Sampler"].IS_CHANGED(mode=["full"]) == ("",)  # ComfyUI passes lists (PROMPT_BATCH)
 
 
 def test_sampler_input_errors(tiny, tmp_path):
@@ -338,10 +339,16 @@ class _Interrupt(Exception):
     pass
 
 
-def _fake_comfy(monkeypatch, interrupt_after=None):
-    """Minimal stand-ins for comfy.utils, comfy.model_management, comfy.model_patcher and server."""
-    calls = {"bars": [], "loads": [], "empty": 0, "events": [], "routes": []}
-    state = {"updates": 0}
+def _fake_comfy(monkeypatch, interrupt_after=None, cancel_after=None, executing=None):
+    """Minimal stand-ins for comfy.utils, comfy.model_management, comfy.model_patcher and server.
+
+    ``interrupt_after``: the n-th progress update raises (ComfyUI's progress hook on Cancel).
+    ``cancel_after``: the n-th update sets the interrupt flag only (what POST /interrupt does;
+    the next check of ``processing_interrupted`` sees it). ``executing``: (prompt_id, node_id) of
+    the node ComfyUI is running, served by a stand-in ``comfy_execution.utils``.
+    """
+    state = {"updates": 0, "cancelled": False}
+    calls = {"bars": [], "loads": [], "empty": 0, "events": [], "routes": [], "state": state}
 
     class ProgressBar:
         def __init__(self, total, node_id=None):
@@ -353,6 +360,8 @@ def _fake_comfy(monkeypatch, interrupt_after=None):
             state["updates"] += 1
             if interrupt_after is not None and state["updates"] >= interrupt_after:
                 raise _Interrupt()  # ComfyUI's progress hook raises on Cancel
+            if cancel_after is not None and state["updates"] >= cancel_after:
+                state["cancelled"] = True
 
     mm = types.ModuleType("comfy.model_management")
     mm.InterruptProcessingException = _Interrupt
@@ -361,9 +370,15 @@ def _fake_comfy(monkeypatch, interrupt_after=None):
     mm.intermediate_device = lambda: torch.device("cpu")
     mm.load_models_gpu = lambda patchers, **kw: calls["loads"].append((patchers, kw))
     mm.soft_empty_cache = lambda force=False: calls.__setitem__("empty", calls["empty"] + 1)
-    mm.processing_interrupted = lambda: False
+    mm.processing_interrupted = lambda: state["cancelled"]
     mm.interrupt_current_processing = lambda value=True: None
-    mm.throw_exception_if_processing_interrupted = lambda: None
+
+    def throw_exception_if_processing_interrupted():  # ComfyUI's: consume the flag, raise
+        if state["cancelled"]:
+            state["cancelled"] = False
+            raise _Interrupt()
+
+    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
 
     class ModelPatcher:
         def __init__(self, model, load_device, offload_device, size=0):
@@ -387,7 +402,17 @@ def _fake_comfy(monkeypatch, interrupt_after=None):
     monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
     monkeypatch.setitem(sys.modules, "comfy.model_patcher", patcher)
     monkeypatch.setitem(sys.modules, "server", server)
+    if executing is not None:
+        context = types.SimpleNamespace(prompt_id=executing[0], node_id=executing[1], list_index=None)
+        monkeypatch.setitem(sys.modules, "comfy_execution.utils",
+                            types.SimpleNamespace(get_executing_context=lambda: context))
     return calls
+
+
+def comfy_call(node_id, **inputs):
+    """Call a node the way ComfyUI does: through the registered class's FUNCTION (nodes/adapter.py)."""
+    cls = NODES[node_id]
+    return getattr(cls(), cls.FUNCTION)(**inputs)
 
 
 def test_comfyui_progress_placement_and_event(tmp_path, monkeypatch):
@@ -403,10 +428,13 @@ def test_comfyui_progress_placement_and_event(tmp_path, monkeypatch):
     assert patchers[0].size == sum(p.numel() * 4 for p in model.module.parameters()) + \
         sum(b.numel() * b.element_size() for b in model.module.buffers())
     assert calls["empty"] >= 1
-    (event, data, sid), = calls["events"]
+    (event, data, sid), = [e for e in calls["events"] if e[0] == registry.STATS_EVENT]
     assert event == registry.STATS_EVENT and sid is None and data["id"] == cache.id
     assert data["stats"]["entries"] == 1 and data["last_run"]["mode"] == "full"
     assert out["ui"]["chai_stats"][0]["stats"]["inserts"] == 1
+    progress = [d for e, d, _sid in calls["events"] if e == host.PROGRESS_EVENT]  # one prompt: "prompt 1 of 1"
+    assert [(d["index"], d["count"], d["step"], d["steps"]) for d in progress] == [(0, 1, i, 6) for i in range(1, 7)]
+    assert progress[-1]["overall"] == 1.0
 
 
 def test_comfyui_cancel_stores_nothing(tmp_path, monkeypatch):
@@ -431,6 +459,130 @@ def test_cancel_flag_outside_progress_stops_sampling(tmp_path, monkeypatch):
     with pytest.raises(SamplingCancelled):  # outside ComfyUI the pipeline's own exception surfaces
         run_prompt((model, None, enc), cache, "a red fox")
     assert len(cache.store) == 0
+
+
+def test_errors_name_the_node_by_its_display_name(tmp_path):
+    with pytest.raises(ValueError, match=r"^CHAI Cache: the cache folder is empty"):
+        comfy_call("CHAI_Cache", folder="  ", budget_mb=64, policy="lru")
+    with pytest.raises(TypeError, match=r"^CHAI Cache Lookup: cache must come from a CHAI Cache node"):
+        comfy_call("CHAI_CacheLookup", cache="x", entities=None, threshold=0.72)
+
+    class TwoArgs(Exception):
+        def __init__(self, code, detail):
+            super().__init__(code, detail)
+
+    renamed = adapter.named_error(TwoArgs(2, "no such file"), "CHAI Cache")
+    assert type(renamed) is RuntimeError and str(renamed) == "CHAI Cache: TwoArgs: (2, 'no such file')"
+    same = ValueError("CHAI Cache: already named")
+    assert adapter.named_error(same, "CHAI Cache") is same
+
+
+def test_batch_mapping_follows_comfyui_list_rule():
+    """One call per element of the longest list; a shorter list repeats its last element."""
+    calls = list(adapter.map_lists({"prompt": ["a", "b", "c"], "seed": [7], "mode": ["auto", "full"]}))
+    assert calls == [{"prompt": "a", "seed": 7, "mode": "auto"}, {"prompt": "b", "seed": 7, "mode": "full"},
+                     {"prompt": "c", "seed": 7, "mode": "full"}]
+    with pytest.raises(TypeError, match="must arrive as a list"):
+        list(adapter.map_lists({"prompt": "a"}))
+    sampler = NODES["CHAI_Sampler"]
+    assert sampler.INPUT_IS_LIST is True and sampler.OUTPUT_IS_LIST == (True, True)
+    # ComfyUI asks IS_CHANGED with literals only: a linked input arrives as (None,). The answer must
+    # be a plain, repeatable value, or ComfyUI re-runs the sampler on every queue.
+    asked = dict(model=(None,), conditioning=(None,), lookup=(None,), seed=[42], mode=["chai"], unique_id=["8"])
+    assert sampler.IS_CHANGED(**asked) == sampler.IS_CHANGED(**asked) == ("",)  # no store open here
+    assert not hasattr(NODES["CHAI_Cache"], "INPUT_IS_LIST")  # only PROMPT_BATCH nodes take lists whole
+
+
+def test_node_display_data_goes_to_the_page_not_into_the_history(tiny, monkeypatch):
+    """Inside ComfyUI a node's ``ui`` becomes a chai.ui websocket event: ComfyUI's Queue counts
+    every list item of a ``ui`` dict as an output (6 videos showed as 38 outputs)."""
+    calls = _fake_comfy(monkeypatch, executing=("prompt-1", "5"))
+    out = comfy_call("CHAI_EntityExtractor", conditioning=encode(tiny[2], "a red fox in snow"), mode="entity")
+    assert "ui" not in out and isinstance(out["result"][0], ChaiEntities)
+    (event, data, sid), = calls["events"]
+    assert (event, sid) == (adapter.UI_EVENT, None)
+    assert data == {"node": "5", "prompt_id": "prompt-1", "ui": {"text": ["red fox, snow"]}}
+    outside = NODES["CHAI_EntityExtractor"]().extract(encode(tiny[2], "a red fox in snow"), "entity")
+    assert outside["ui"] == {"text": ["red fox, snow"]}  # called directly, the node keeps its ui
+
+
+def _batch_inputs(tiny, cache, prompts, seed=3):
+    """ComfyUI's lists for the sampler of a batch (every prompt's conditioning and lookup)."""
+    model, _vae, enc = tiny
+    conds = [encode(enc, p) for p in prompts]
+    lookups = [NODES["CHAI_CacheLookup"]().lookup(
+        cache, NODES["CHAI_EntityExtractor"]().extract(c, "entity")["result"][0], 0.72)["result"][0] for c in conds]
+    return dict({k: [v] for k, v in SMALL.items()}, model=[model], conditioning=conds, lookup=lookups, seed=[seed],
+                mode=["auto"], store_on_miss=[True], unique_id=["8"])
+
+
+def test_batch_progress_prompt_k_of_n_and_one_bar_for_the_whole_batch(tiny, tmp_path, monkeypatch):
+    calls = _fake_comfy(monkeypatch, executing=("prompt-1", "8"))
+    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
+    prompts = ["a red fox running through snow", "a red fox sleeping in a forest", "a lighthouse at night"]
+    out = comfy_call("CHAI_Sampler", **_batch_inputs(tiny, cache, prompts))
+    latents, reports = out["result"]
+    assert len(latents) == len(reports) == 3 and "ui" not in out
+    assert [lat["chai"]["mode"] for lat in latents] == ["full", "fast", "full"]
+    progress = [d for e, d, _sid in calls["events"] if e == host.PROGRESS_EVENT]
+    steps = {"full": 6, "fast": 4}
+    expected = [(k, 3, i, steps[lat["chai"]["mode"]]) for k, lat in enumerate(latents)
+                for i in range(1, steps[lat["chai"]["mode"]] + 1)]
+    assert [(d["index"], d["count"], d["step"], d["steps"]) for d in progress] == expected
+    assert all(d["node"] == "8" and d["prompt_id"] == "prompt-1" for d in progress)
+    overall = [d["overall"] for d in progress]
+    assert overall == sorted(overall) and len(set(overall)) == len(overall) and overall[-1] == 1.0
+    assert overall[steps["full"] - 1] == pytest.approx(1 / 3, abs=1e-3)  # prompt 1 done: a third of the batch
+    values = [v for bar in calls["bars"] for v in bar.values]  # ComfyUI's bar: the batch, never restarting
+    assert {bar.total for bar in calls["bars"]} == {1000} and values == sorted(values) and values[-1] == 1000
+    assert len(values) == len(expected)
+    reports_shown = [d["ui"]["text"][0] for e, d, _sid in calls["events"] if e == adapter.UI_EVENT]
+    assert reports_shown == list(reports)
+
+
+def test_interrupt_in_a_batch_stops_at_once_and_keeps_the_store(tiny, tmp_path, monkeypatch):
+    """POST /interrupt during prompt 2 of 3: no further step runs, prompt 3 never starts, and the
+    store holds exactly what prompt 1 stored before (prompt 2's capture is dropped)."""
+    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
+    prompts = ["a red fox running through snow", "a lighthouse at night", "a golden retriever on a beach"]
+    inputs = _batch_inputs(tiny, cache, prompts)
+    calls = _fake_comfy(monkeypatch, cancel_after=6 + 2, executing=("prompt-1", "8"))  # prompt 1: 6 steps
+    with pytest.raises(_Interrupt) as caught:
+        comfy_call("CHAI_Sampler", **inputs)
+    assert str(caught.value) == ""  # Cancel is ComfyUI's exception, unchanged (not an error with a name)
+    *progress, cancelled = [d for e, d, _sid in calls["events"] if e == host.PROGRESS_EVENT]
+    assert [(d["index"], d["step"]) for d in progress][-1] == (1, 2) and len(progress) == 8  # no step after it
+    assert time.time() - 5 < cancelled.pop("time") <= time.time()
+    assert cancelled == {"node": "8", "prompt_id": "prompt-1", "index": 1, "count": 3, "cancelled": True}
+    assert len(cache.store) == 1 and cache.store.entries()[0].prompt == prompts[0]
+    assert cache.store.generation == 1  # only prompt 1's insert
+
+
+def test_cancel_in_the_middle_of_a_step_stops_before_the_next_block(tmp_path, monkeypatch):
+    """A denoising step can take seconds (a big model, a busy CPU): Cancel is checked before every
+    transformer block, so the sampler stops inside the step, and stores nothing."""
+    calls = _fake_comfy(monkeypatch)
+    model, = NODES["CHAI_LoadSTDiT3"]().load(models.TINY)
+    enc, = NODES["CHAI_LoadTextEncoder"]().load(models.TINY_HASHED)
+    cache, = NODES["CHAI_Cache"]().open(str(tmp_path / "store"), 64, "lru")
+    blocks = [*model.module.spatial_blocks, *model.module.temporal_blocks]  # 4 blocks run per step
+    ran = []
+
+    def spy(block, _args):
+        ran.append(block)
+        if len(ran) == len(blocks) + 2:  # step 2, before its third block: the user presses Cancel
+            calls["state"]["cancelled"] = True
+
+    handles = [b.register_forward_pre_hook(spy) for b in blocks]
+    try:
+        with pytest.raises(_Interrupt):
+            run_prompt((model, None, enc), cache, "a red fox running through snow")
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(ran) == len(blocks) + 2  # no block ran after the Cancel
+    assert [v for bar in calls["bars"] for v in bar.values] == [1]  # step 2 never completed
+    assert len(cache.store) == 0 and not model.module.spatial_blocks[0]._forward_pre_hooks  # hooks removed
 
 
 def test_routes_register_with_a_prompt_server(monkeypatch):

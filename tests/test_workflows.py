@@ -1,5 +1,12 @@
 """Every workflow in workflows/ against the node definitions, and the batch workflow run in-process.
 
+* Layout of the folder: ComfyUI lists every ``*.json`` directly under a pack's ``workflows/`` in
+  Workflow -> Browse Templates, titled by its file name, with the same-name ``.jpg`` as its
+  thumbnail, and an API-format file there wipes the user's graph when clicked. So ``workflows/``
+  holds only UI-format workflows, each with a thumbnail; their API-format twins live in
+  ``workflows/api/`` (not listed).
+* Saved view: no node overlaps another, and every node is on screen at the saved zoom and offset
+  in a 1600x1000 window (the editor's canvas and overlays measured in ComfyUI 0.3.64).
 * API format (what POST /prompt runs): every class exists, every required input is given, no
   unknown input, literals valid (combo options, INT/FLOAT ranges, types), every link points at an
   existing output whose type the input accepts.
@@ -26,8 +33,27 @@ from comfyui_chai.nodes import NODE_CLASS_MAPPINGS as NODES
 from comfyui_chai.nodes import models, registry
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+API_WORKFLOWS = WORKFLOWS / "api"
+#: UI workflow in workflows/ (its file name is the title Browse Templates shows) -> its API twin in workflows/api/.
+TWINS = {
+    "CHAI single prompt (tiny test model).json": "chai_single.json",
+    "CHAI batch (tiny test model).json": "chai_batch.json",
+    "CHAI batch (reference model).json": "chai_batch_reference.json",
+}
+#: Node ids the saved workflows use: renaming one breaks every workflow users saved.
+NODE_IDS = {"CHAI_LoadSTDiT3", "CHAI_LoadVAE", "CHAI_LoadTextEncoder", "CHAI_PromptList", "CHAI_TextEncode",
+            "CHAI_EntityExtractor", "CHAI_Cache", "CHAI_CacheLookup", "CHAI_CacheAttentionSettings", "CHAI_Sampler",
+            "CHAI_VAEDecode", "CHAI_CacheState", "CHAI_IntraCacheSettings"}
 VIRTUAL_UI_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}  # frontend-only, never sent to the server
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+
+# The editor in a 1600x1000 window (ComfyUI 0.3.64, frontend 1.27.10, headless Chromium), screen pixels
+# (left, top, right, bottom): the graph canvas, and the minimap and zoom controls drawn over its corner.
+CANVAS = (64, 78, 1600, 1000)
+OVERLAYS = [(1306, 734, 1556, 934), (1277, 939, 1584, 984)]
+TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar sits above its pos
+BADGE_HEIGHT = 24  # the node-source badge ("CHAI") drawn above the title bar
+EDGE = 8  # screen pixels kept free along the canvas edges
 
 # GET /object_info of ComfyUI 0.3.64 (Comfy-Org/ComfyUI a125cd84), the parts the workflows use.
 CORE_NODES = {
@@ -106,33 +132,92 @@ def is_link(value) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
-def load(name: str) -> dict:
+def load(path: Path) -> dict:
     """A workflow; skips the test when it names a bundled model (``pack: <name>``) that this
     checkout does not hold (the reference model's checkpoint is committed separately)."""
-    data = json.loads((WORKFLOWS / name).read_text(encoding="utf-8"))
+    data = json.loads(path.read_text(encoding="utf-8"))
     if "nodes" in data:  # UI format
         values = [v for n in data["nodes"] for v in n.get("widgets_values", [])]
     else:  # API format
         values = [v for n in data.values() for v in n["inputs"].values()]
     missing = {v for v in values if isinstance(v, str) and v.startswith("pack: ") and v not in models.bundled_models()}
     if missing:
-        pytest.skip(f"{name} uses {sorted(missing)}, not in this checkout's models/ folder")
+        pytest.skip(f"{path.name} uses {sorted(missing)}, not in this checkout's models/ folder")
     return data
 
 
-API_FILES = sorted(p.name for p in WORKFLOWS.glob("*_api.json"))
-UI_FILES = sorted(p.name for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
+def is_api_format(data) -> bool:
+    """``{node_id: {"class_type", "inputs"}}``: what POST /prompt takes, not what the editor loads."""
+    return isinstance(data, dict) and bool(data) and all(isinstance(v, dict) and "class_type" in v
+                                                          for v in data.values())
 
 
-def test_the_expected_workflows_exist():
-    assert {"chai_single_api.json", "chai_batch_api.json"} <= set(API_FILES)
-    assert {"chai_single.json", "chai_batch.json", "chai_batch_reference.json"} <= set(UI_FILES)
-    assert {u.replace(".json", "_api.json") for u in UI_FILES} == set(API_FILES)  # every UI file has its twin
+API_FILES = sorted(API_WORKFLOWS.glob("*.json"))
+UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 
 
-@pytest.mark.parametrize("name", API_FILES)
-def test_api_workflow_against_definitions(name):
-    prompt = load(name)
+def test_workflows_folder_holds_only_ui_workflows_each_with_a_thumbnail():
+    from PIL import Image
+
+    assert {p.name for p in UI_FILES} == set(TWINS) and {p.name for p in API_FILES} == set(TWINS.values())
+    for path in UI_FILES:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        assert not is_api_format(data), f"{path.name} is an API-format workflow: move it to workflows/api/"
+        assert data.get("version") == 0.4 and isinstance(data.get("nodes"), list), f"{path.name}: not a UI workflow"
+        thumbnail = path.with_suffix(".jpg")
+        assert thumbnail.is_file(), f"{path.name} has no thumbnail {thumbnail.name} (a frame of its output)"
+        assert 1_000 < thumbnail.stat().st_size < 150_000, f"{thumbnail.name}: {thumbnail.stat().st_size} bytes"
+        with Image.open(thumbnail) as image:
+            assert image.format == "JPEG" and min(image.size) >= 128, f"{thumbnail.name}: {image.format} {image.size}"
+            assert max(image.convert("L").getextrema()) > 0, f"{thumbnail.name} is blank"
+    assert {p.stem for p in WORKFLOWS.glob("*.jpg")} == {p.stem for p in UI_FILES}  # no thumbnail without workflow
+    for path in API_FILES:
+        assert is_api_format(json.loads(path.read_text(encoding="utf-8"))), f"{path} is not in API format"
+
+
+def test_node_ids_never_change():
+    assert set(NODES) == NODE_IDS
+    used = {n["type"] for p in UI_FILES for n in json.loads(p.read_text(encoding="utf-8"))["nodes"]}
+    assert used <= NODE_IDS | set(CORE_NODES) | VIRTUAL_UI_NODES
+
+
+def screen_box(node: dict, scale: float, offset) -> tuple:
+    """A UI node's rectangle on screen (left, top, right, bottom), title bar and badge included."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    top = y - TITLE_HEIGHT - BADGE_HEIGHT
+    return (CANVAS[0] + (x + offset[0]) * scale, CANVAS[1] + (top + offset[1]) * scale,
+            CANVAS[0] + (x + w + offset[0]) * scale, CANVAS[1] + (y + h + offset[1]) * scale)
+
+
+def overlap(a: tuple, b: tuple) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_saved_view_shows_every_node_and_none_overlaps(path):
+    ui = json.loads(path.read_text(encoding="utf-8"))
+    ds = ui["extra"]["ds"]
+    scale, offset = float(ds["scale"]), ds["offset"]
+    assert 0.6 <= scale <= 1.5, f"{path.name}: saved zoom {scale} (text becomes unreadable below 0.6)"
+    boxes = {n["id"]: screen_box(n, scale, offset) for n in ui["nodes"]}
+    for node in ui["nodes"]:
+        box = boxes[node["id"]]
+        where = f"{path.name} node {node['id']} ({node['type']}) at {tuple(round(v) for v in box)}"
+        assert not node.get("flags", {}).get("collapsed"), f"{where} is collapsed"
+        assert (CANVAS[0] + EDGE <= box[0] and CANVAS[1] + EDGE <= box[1] and box[2] <= CANVAS[2] - EDGE
+                and box[3] <= CANVAS[3] - EDGE), f"{where} is outside the 1600x1000 view"
+        for cover in OVERLAYS:
+            assert not overlap(box, cover), f"{where} is under the minimap or the zoom controls {cover}"
+    ids = sorted(boxes)
+    for i, a in enumerate(ids):
+        for b in ids[i + 1:]:
+            assert not overlap(boxes[a], boxes[b]), f"{path.name}: nodes {a} and {b} overlap"
+
+
+@pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.stem)
+def test_api_workflow_against_definitions(path):
+    prompt = load(path)
+    name = path.name
     assert prompt and all(isinstance(k, str) for k in prompt)
     outputs_seen = False
     for node_id, node in prompt.items():
@@ -189,9 +274,10 @@ def ui_to_api(ui: dict) -> dict:
     return api
 
 
-@pytest.mark.parametrize("name", UI_FILES)
-def test_ui_workflow_against_definitions(name):
-    ui = load(name)
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_workflow_against_definitions(path):
+    ui = load(path)
+    name = path.name
     assert ui["version"] == 0.4 and {"nodes", "links", "last_node_id", "last_link_id"} <= set(ui)
     nodes = {n["id"]: n for n in ui["nodes"]}
     assert len(nodes) == len(ui["nodes"]) and max(nodes) <= ui["last_node_id"]
@@ -222,11 +308,11 @@ def test_ui_workflow_against_definitions(name):
             assert inp["link"] is None or any(link[0] == inp["link"] for link in ui["links"])
 
 
-@pytest.mark.parametrize("name", UI_FILES)
-def test_ui_workflow_matches_its_api_twin(name):
-    converted = ui_to_api(load(name))
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_workflow_matches_its_api_twin(path):
+    converted = ui_to_api(load(path))
     twin = {k: {"class_type": v["class_type"], "inputs": v["inputs"]}
-            for k, v in load(name.replace(".json", "_api.json")).items()}
+            for k, v in load(API_WORKFLOWS / TWINS[path.name]).items()}
     assert converted == twin
 
 
@@ -296,7 +382,7 @@ class _SaveVideo:
 
 
 def test_batch_workflow_runs_and_later_prompts_hit(tmp_path):
-    prompt = load("chai_batch_api.json")
+    prompt = load(API_WORKFLOWS / "chai_batch.json")
     for node in prompt.values():
         if node["class_type"] == "CHAI_Cache":
             node["inputs"]["folder"] = str(tmp_path / "store")

@@ -1,18 +1,28 @@
-// ComfyUI-CHAI frontend: the cache-state panel inside the "CHAI Cache State" node, and read-only
-// text displays on the Entity Extractor, Cache Lookup and Sampler nodes.
+// ComfyUI-CHAI frontend: the cache-state panel inside the "CHAI Cache State" node, the text displays
+// of the Entity Extractor, Cache Lookup and Sampler nodes, the sampler's batch progress, and error
+// dialogs that name CHAI nodes by their display name.
 //
 // Data sources (all read-only):
-//   * the node's own `executed` output (`chai_stats` / `text` UI keys);
-//   * the websocket event "chai.stats", sent by the CHAI Sampler after every run;
-//   * GET /chai/stats[?store=<id>] on the Refresh button (only stores this ComfyUI process opened).
+//   * "chai.ui" {node, prompt_id, ui}: a node's display data (nodes/adapter.py sends it instead of
+//     ComfyUI's `ui` output, which the Queue would count as outputs);
+//   * "chai.stats" {id, name, path, stats, ..., prompt_id}: a store's state, after every sampler run;
+//   * "chai.progress" {node, index, count, step, steps, overall} or {node, index, count, cancelled}:
+//     the sampler's progress;
+//   * GET /chai/stats[?store=<id>]: every store this ComfyUI process opened (the selector, Refresh).
+// The panel follows the work: the first "chai.stats" of a run this page queued selects that run's
+// store; the selector shows any other open store, and every store's events update it live.
 // Everything is rendered with textContent (never innerHTML): prompts are user text.
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const STATE_NODE = "CHAI_CacheState";
-const TEXT_NODES = new Set(["CHAI_EntityExtractor", "CHAI_CacheLookup", "CHAI_Sampler"]);
-const EVENT = "chai.stats";
+const SAMPLER_NODE = "CHAI_Sampler";
+const TEXT_NODES = new Set(["CHAI_EntityExtractor", "CHAI_CacheLookup", SAMPLER_NODE]);
+
+const STORES = new Map();   // store id -> latest payload (from events and /chai/stats)
+const PANELS = new Set();   // every live CachePanel
+const DISPLAY_NAMES = {};   // CHAI node id -> display name
 
 function el(tag, style, text) {
   const e = document.createElement(tag);
@@ -34,6 +44,18 @@ function clip(s, n) {
   return s.length > n ? s.slice(0, n - 1) + "\u2026" : s;
 }
 
+// The graph node of an execution id: "12" at the top level, "5:12" inside subgraph node 5.
+function nodeFor(executionId) {
+  let graph = app.graph;
+  let node = null;
+  for (const part of String(executionId ?? "").split(":")) {
+    node = graph?.getNodeById?.(isNaN(Number(part)) ? part : Number(part)) ?? null;
+    if (!node) return null;
+    graph = node.subgraph;
+  }
+  return node;
+}
+
 const C = {
   fg: "var(--fg-color, #ddd)",
   dim: "var(--descrip-text, #999)",
@@ -43,12 +65,21 @@ const C = {
   miss: "#d9822b",
 };
 
+function bar(height) {
+  const track = el("div", { height: `${height}px`, background: "rgba(128,128,128,0.25)", borderRadius: "4px",
+                            overflow: "hidden" });
+  const fill = el("div", { height: "100%", width: "0%", background: C.hit, transition: "width 0.2s" });
+  track.append(fill);
+  return [track, fill];
+}
+
 // ---------------------------------------------------------------------------- the panel
 
 class CachePanel {
   constructor(node) {
     this.node = node;
-    this.storeId = null;
+    this.selected = null;      // store id shown
+    this.awaitingRun = null;   // prompt id of a run this page started: its first chai.stats selects its store
     this.root = el("div", {
       font: "12px sans-serif", color: C.fg, background: C.bg, border: `1px solid ${C.border}`,
       borderRadius: "6px", padding: "8px", boxSizing: "border-box", width: "100%", height: "100%",
@@ -57,14 +88,25 @@ class CachePanel {
     this.root.className = "chai-cache-panel";
 
     const head = el("div", { display: "flex", alignItems: "center", gap: "6px" });
-    this.title = el("div", { fontWeight: "bold", flex: "1", whiteSpace: "nowrap", overflow: "hidden",
-                             textOverflow: "ellipsis" }, "CHAI cache: no data yet");
+    this.title = el("div", { fontWeight: "bold", whiteSpace: "nowrap" }, "CHAI cache");
+    this.select = el("select", { flex: "1", minWidth: "0", font: "12px sans-serif", color: C.fg, background: C.bg,
+                                 border: `1px solid ${C.border}`, borderRadius: "4px", padding: "1px 2px" });
+    this.select.className = "chai-store-select";
+    this.select.title = "Stores this ComfyUI process has open";
+    this.select.addEventListener("change", (ev) => {
+      ev.stopPropagation();
+      this.show(this.select.value);
+      this.refresh();
+    });
+    for (const type of ["pointerdown", "mousedown", "wheel"]) {  // keep the canvas from taking these
+      this.select.addEventListener(type, (ev) => ev.stopPropagation());
+    }
     this.button = el("button", { font: "12px sans-serif", cursor: "pointer", padding: "2px 8px",
                                   color: C.fg, background: "transparent", border: `1px solid ${C.border}`,
                                   borderRadius: "4px" }, "Refresh");
     this.button.className = "chai-refresh";
     this.button.addEventListener("click", (ev) => { ev.stopPropagation(); this.refresh(); });
-    head.append(this.title, this.button);
+    head.append(this.title, this.select, this.button);
 
     this.tiles = el("div", { display: "grid", gridTemplateColumns: "repeat(6, 1fr)", gap: "4px" });
     this.tile = {};
@@ -82,12 +124,10 @@ class CachePanel {
 
     const barWrap = el("div", {});
     this.barLabel = el("div", { fontSize: "11px", color: C.dim, marginBottom: "2px" }, "bytes / budget");
-    const bar = el("div", { height: "10px", background: "rgba(128,128,128,0.25)", borderRadius: "5px",
-                            overflow: "hidden" });
-    this.barFill = el("div", { height: "100%", width: "0%", background: C.hit, transition: "width 0.3s" });
+    const [track, fill] = bar(10);
+    this.barFill = fill;
     this.barFill.className = "chai-budget-fill";
-    bar.append(this.barFill);
-    barWrap.append(this.barLabel, bar);
+    barWrap.append(this.barLabel, track);
 
     this.lastRun = el("div", { fontSize: "11px", color: C.dim, whiteSpace: "nowrap", overflow: "hidden",
                                textOverflow: "ellipsis" }, "");
@@ -109,14 +149,49 @@ class CachePanel {
     this.root.append(head, this.tiles, barWrap, this.lastRun, tableWrap, this.status);
   }
 
-  update(payload) {
-    if (!payload || !payload.stats) return;
-    const s = payload.stats;
-    this.storeId = payload.id;
+  // The options of the selector: every store known to this page, the shown one selected.
+  fillSelector() {
+    const ids = [...STORES.keys()];
+    const current = [...this.select.options].map((o) => o.value);
+    if (ids.length !== current.length || ids.some((id, i) => id !== current[i])) {
+      this.select.replaceChildren(...ids.map((id) => {
+        const p = STORES.get(id);
+        const option = el("option", {}, `${clip(p.name ?? id, 28)} \u00b7 ${id.slice(0, 6)}`);
+        option.value = id;
+        option.title = p.path ?? "";
+        return option;
+      }));
+    }
+    if (this.selected && STORES.has(this.selected)) this.select.value = this.selected;
+  }
+
+  // Show store `id` (its latest known state).
+  show(id) {
+    if (!id || !STORES.has(id)) return;
+    this.selected = id;
     this.node.properties = this.node.properties || {};
-    this.node.properties.chai_store_id = payload.id;
-    this.title.textContent = `CHAI cache: ${payload.name ?? payload.id}`;
-    this.title.title = payload.path ?? "";
+    this.node.properties.chai_store_id = id;
+    this.fillSelector();
+    this.render(STORES.get(id));
+  }
+
+  // A store's new state arrived (any store): follow the run, or update if it is the one shown.
+  onStats(payload) {
+    const run = this.awaitingRun;
+    if (run && (run === true || !payload.prompt_id || payload.prompt_id === run)) {
+      this.awaitingRun = null;
+      this.show(payload.id);
+    } else if (!this.selected) {
+      this.show(payload.id);
+    } else {
+      this.fillSelector();
+      if (payload.id === this.selected) this.render(payload);
+    }
+  }
+
+  render(payload) {
+    const s = payload.stats;
+    this.select.title = payload.path ?? "";
     this.tile.entries.textContent = String(s.entries);
     this.tile.hit_rate.textContent = `${(100 * (s.hit_rate ?? 0)).toFixed(1)}%`;
     this.tile.hits.textContent = String(s.hits);
@@ -151,53 +226,123 @@ class CachePanel {
       this.tbody.append(tr);
     }
     const when = payload.time ? new Date(payload.time * 1000).toLocaleTimeString() : "";
-    this.status.textContent = `store ${payload.id} \u00b7 generation ${s.generation} \u00b7 updated ${when}`;
+    this.status.textContent =
+      `${STORES.size} open store${STORES.size === 1 ? "" : "s"} \u00b7 generation ${s.generation} \u00b7 updated ${when}`;
     this.node.setDirtyCanvas?.(true, true);
   }
 
+  // Reload every open store from the server, then show the selected (or remembered) one.
   async refresh() {
-    const id = this.storeId ?? this.node.properties?.chai_store_id ?? null;
-    const url = id ? `/chai/stats?store=${encodeURIComponent(id)}` : "/chai/stats";
     this.status.textContent = "refreshing\u2026";
-    try {
-      const res = await api.fetchApi(url);
-      const body = await res.json();
-      if (!res.ok) {
-        if (id && res.status === 404) {  // the server restarted: fall back to the open stores
-          this.storeId = null;
-          if (this.node.properties) delete this.node.properties.chai_store_id;
-          return this.refresh();
-        }
-        this.status.textContent = body.error ?? `HTTP ${res.status}`;
-        return;
-      }
-      if (body.stores) {
-        if (!body.stores.length) {
-          this.status.textContent = "No store open in this ComfyUI process yet: queue the workflow.";
-          return;
-        }
-        this.update(body.stores[0]);
-      } else {
-        this.update(body);
-      }
-    } catch (err) {
-      this.status.textContent = `refresh failed: ${err}`;
+    const error = await loadStores();
+    if (error) {
+      this.status.textContent = error;
+    } else if (!STORES.size) {
+      this.status.textContent = "No store open in this ComfyUI process yet: queue the workflow.";
+    } else {
+      const wanted = [this.selected, this.node.properties?.chai_store_id].find((id) => id && STORES.has(id));
+      this.show(wanted ?? [...STORES.keys()][0]);
     }
   }
 }
 
+// GET /chai/stats: every store this ComfyUI process has open, into STORES and every panel.
+// Returns an error text, or null.
+async function loadStores() {
+  try {
+    const res = await api.fetchApi("/chai/stats");
+    const body = await res.json();
+    if (!res.ok) return body.error ?? `HTTP ${res.status}`;
+    for (const p of body.stores ?? []) STORES.set(p.id, p);
+  } catch (err) {
+    return `refresh failed: ${err}`;
+  }
+  for (const panel of PANELS) {
+    panel.fillSelector();
+    if (panel.selected && STORES.has(panel.selected)) panel.render(STORES.get(panel.selected));
+  }
+  return null;
+}
+
+function storeStats(payload) {
+  if (!payload?.id || !payload.stats) return;
+  STORES.set(payload.id, payload);
+  for (const panel of PANELS) panel.onStats(payload);
+}
+
 // ---------------------------------------------------------------------------- text displays
 
-function addTextDisplay(node) {
-  const box = el("div", {
-    font: "11px monospace", color: C.fg, background: C.bg, border: `1px solid ${C.border}`,
-    borderRadius: "4px", padding: "4px", whiteSpace: "pre-wrap", overflow: "auto", boxSizing: "border-box",
-    width: "100%", height: "100%", minHeight: "28px",
-  }, "");
-  box.className = "chai-text-display";
-  node.addDOMWidget("chai_text", "chai_text", box, { serialize: false, getMinHeight: () => 40 });
-  node.__chaiText = box;
+class TextDisplay {
+  constructor(node, withProgress) {
+    this.node = node;
+    this.promptId = null;
+    this.lines = [];
+    this.root = el("div", {
+      font: "11px monospace", color: C.fg, background: C.bg, border: `1px solid ${C.border}`,
+      borderRadius: "4px", padding: "4px", boxSizing: "border-box", width: "100%", height: "100%",
+      minHeight: "28px", display: "flex", flexDirection: "column", gap: "3px", overflow: "hidden",
+    });
+    this.root.className = "chai-text-display";
+    if (withProgress) {
+      this.progress = el("div", { display: "none", flexDirection: "column", gap: "2px" });
+      this.progress.className = "chai-progress";
+      this.progressLabel = el("div", { font: "11px sans-serif", color: C.dim }, "");
+      this.progressLabel.className = "chai-progress-label";
+      const [batchTrack, batchFill] = bar(6);
+      const [stepTrack, stepFill] = bar(4);
+      batchTrack.className = "chai-batch-bar";
+      stepTrack.className = "chai-step-bar";
+      this.batchFill = batchFill;
+      this.stepFill = stepFill;
+      this.batchTrack = batchTrack;
+      this.progress.append(this.progressLabel, batchTrack, stepTrack);
+      this.root.append(this.progress);
+    }
+    this.text = el("div", { whiteSpace: "pre-wrap", overflow: "auto", flex: "1" }, "");
+    this.text.className = "chai-text";
+    this.root.append(this.text);
+  }
+
+  // One line per call of the node in a run (a batch maps the node over its prompts).
+  addText(promptId, lines) {
+    if (promptId !== this.promptId) {
+      this.promptId = promptId;
+      this.lines = [];
+    }
+    this.lines.push(...lines);
+    this.text.textContent = this.lines.join("\n");
+    this.node.setDirtyCanvas?.(true, true);
+  }
+
+  setProgress(p) {
+    if (!this.progress) return;
+    const batch = p.count > 1;
+    this.progress.style.display = "flex";
+    if (p.cancelled) {
+      this.progressLabel.textContent = `cancelled${batch ? ` in prompt ${p.index + 1} of ${p.count}` : ""}`;
+      return;
+    }
+    this.batchTrack.style.display = batch ? "block" : "none";
+    const prompt = batch ? `prompt ${p.index + 1} of ${p.count} \u00b7 ` : "";
+    this.progressLabel.textContent =
+      `${prompt}step ${p.step} of ${p.steps}${batch ? ` \u00b7 batch ${Math.round(100 * p.overall)}%` : ""}`;
+    this.batchFill.style.width = `${(100 * p.overall).toFixed(1)}%`;
+    this.stepFill.style.width = `${(100 * p.step / Math.max(1, p.steps)).toFixed(1)}%`;
+    this.node.setDirtyCanvas?.(true, false);
+  }
 }
+
+// ---------------------------------------------------------------------------- error dialogs
+
+// ComfyUI's error dialog titles an error with the node's id ("CHAI_Cache"); name CHAI nodes the way
+// the canvas does. Registered when this module loads, which is before the app adds its own
+// execution_error listener (app.setup loads extensions first), so the dialog sees the new name.
+api.addEventListener("execution_error", ({ detail }) => {
+  const type = detail?.node_type;
+  if (!type || !(type in DISPLAY_NAMES)) return;
+  const node = nodeFor(detail.node_id);
+  detail.node_type = `${node?.title || DISPLAY_NAMES[type]} (node ${detail.node_id})`;
+});
 
 // ---------------------------------------------------------------------------- extension
 
@@ -205,44 +350,55 @@ app.registerExtension({
   name: "comfyui_chai.cache_panel",
 
   async setup() {
-    api.addEventListener(EVENT, ({ detail }) => {
-      for (const node of app.graph?._nodes ?? []) {
-        if (node.comfyClass !== STATE_NODE || !node.__chaiPanel) continue;
-        const panel = node.__chaiPanel;
-        if (!panel.storeId || panel.storeId === detail.id) panel.update(detail);
+    api.addEventListener("chai.stats", ({ detail }) => storeStats(detail));
+    api.addEventListener("chai.ui", ({ detail }) => {
+      const node = nodeFor(detail?.node);
+      const ui = detail?.ui ?? {};
+      if (!node) return;
+      if (ui.chai_stats?.length) {  // Cache State: its own store
+        const payload = ui.chai_stats[ui.chai_stats.length - 1];
+        STORES.set(payload.id, payload);
+        node.__chaiPanel?.show(payload.id);
+        for (const panel of PANELS) panel.fillSelector();
       }
+      if (ui.text?.length) node.__chaiText?.addText(detail.prompt_id, ui.text);
     });
+    api.addEventListener("chai.progress", ({ detail }) => nodeFor(detail?.node)?.__chaiText?.setProgress(detail));
+    api.addEventListener("execution_start", ({ detail }) => {
+      for (const panel of PANELS) panel.awaitingRun = detail?.prompt_id ?? true;
+    });
+    api.addEventListener("execution_success", () => { if (PANELS.size) loadStores(); });  // stores a run opened
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name.startsWith("CHAI_")) DISPLAY_NAMES[nodeData.name] = nodeData.display_name ?? nodeData.name;
     if (nodeData.name === STATE_NODE) {
       const created = nodeType.prototype.onNodeCreated;
       nodeType.prototype.onNodeCreated = function () {
         const r = created?.apply(this, arguments);
         const panel = new CachePanel(this);
         this.__chaiPanel = panel;
+        PANELS.add(panel);
         this.addDOMWidget("chai_panel", "chai_panel", panel.root, { serialize: false, getMinHeight: () => 250 });
         this.setSize([Math.max(this.size[0], 440), Math.max(this.size[1], 330)]);
         setTimeout(() => panel.refresh(), 0);
         return r;
       };
-      const executed = nodeType.prototype.onExecuted;
-      nodeType.prototype.onExecuted = function (output) {
-        executed?.apply(this, arguments);
-        const payload = output?.chai_stats?.[0];
-        if (payload) this.__chaiPanel?.update(payload);
+      const removed = nodeType.prototype.onRemoved;
+      nodeType.prototype.onRemoved = function () {
+        PANELS.delete(this.__chaiPanel);
+        return removed?.apply(this, arguments);
       };
     } else if (TEXT_NODES.has(nodeData.name)) {
       const created = nodeType.prototype.onNodeCreated;
+      const withProgress = nodeData.name === SAMPLER_NODE;
       nodeType.prototype.onNodeCreated = function () {
         const r = created?.apply(this, arguments);
-        addTextDisplay(this);
+        const display = new TextDisplay(this, withProgress);
+        this.__chaiText = display;
+        this.addDOMWidget("chai_text", "chai_text", display.root,
+                          { serialize: false, getMinHeight: () => (withProgress ? 80 : 40) });
         return r;
-      };
-      const executed = nodeType.prototype.onExecuted;
-      nodeType.prototype.onExecuted = function (output) {
-        executed?.apply(this, arguments);
-        if (this.__chaiText && output?.text) this.__chaiText.textContent = output.text.join("\n");
       };
     }
   },
