@@ -231,7 +231,13 @@ class IntraCache(ModelHook, abc.ABC):
         self._cfg_reused = False
 
     def on_attach(self, model: torch.nn.Module) -> None:
-        """A fresh run: forget everything cached by an earlier one."""
+        """A fresh run: forget everything cached by an earlier one.
+
+        Raises:
+            TypeError: ``model`` has no ``block_runner`` (intra-request caching needs an STDiT3).
+        """
+        if not hasattr(model, "block_runner"):
+            raise TypeError(f"{type(self).__name__} needs an STDiT3 (a model with block_runner), got {type(model).__name__}")
         self._reset()
         self.records = []
         self.decision_ms = 0.0

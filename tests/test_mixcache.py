@@ -279,6 +279,8 @@ def test_mode_specs_presets_and_hook_rules(pipe):
         pipe.generate(PROMPT, mode="full", hooks=("nocache",), decode=False, **SIZE)
     with pytest.raises(ValueError, match="max_reuse"):
         MixCacheConfig(max_reuse=0)
+    with pytest.raises(TypeError, match="STDiT3"):
+        HookRegistry.of(torch.nn.Linear(2, 2)).attach(MixCache(model))
     assert MixCacheSettings is MixCacheConfig
 
 
