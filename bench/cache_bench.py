@@ -423,7 +423,7 @@ def _build_or_load_index_file(folder: Path, key: str, base: np.ndarray, M: int, 
     import hnswlib
 
     _import_pack()
-    from comfyui_chai.cache.index import file_sha256, partition_file_name
+    from comfyui_chai.cache.index import partition_file_name
 
     meta_path = folder / "build.json"
     path = folder / partition_file_name(key)
@@ -451,7 +451,7 @@ def _build_or_load_index_file(folder: Path, key: str, base: np.ndarray, M: int, 
     index.save_index(str(path))
     del index
     meta = {"build_s": build_s, "vectors_per_s": n / build_s, "threads": threads, "M": M, "ef_construction": efc,
-            "size": path.stat().st_size, "sha256": file_sha256(path), "cached": False}
+            "size": path.stat().st_size, "n": n, "cached": False}
     meta_path.write_text(json.dumps(meta, indent=1))
     return meta
 
@@ -459,7 +459,7 @@ def _build_or_load_index_file(folder: Path, key: str, base: np.ndarray, M: int, 
 def _ann_case(name: str, base: np.ndarray, queries: np.ndarray, folder: Path, key: str, args) -> dict:
     """Time EntityIndex.query and exact search on one data set; recall@1 against exact search."""
     _import_pack()
-    from comfyui_chai.cache.index import EntityIndex, IndexParams
+    from comfyui_chai.cache.index import EntityIndex, IndexParams, partition_file_name
 
     n, d = base.shape
     res: dict = {"name": name, "n": n, "queries": len(queries), "dim": d}
@@ -499,7 +499,8 @@ def _ann_case(name: str, base: np.ndarray, queries: np.ndarray, folder: Path, ke
         gc.collect()
         index = EntityIndex(IndexParams(dim=d, M=args.M, ef_construction=args.ef_construction, ef_search=ef))
         t = time.perf_counter()
-        index.load_partition(key, folder, build["sha256"], build["size"], np.zeros(0, np.int64))
+        # The bench built this file itself a moment ago; a store vets files first (cache/index_file.py).
+        index.load_partition(key, str(folder / partition_file_name(key)), n, np.zeros(0, np.int64))
         load_s = time.perf_counter() - t
         for q in queries[:20]:  # warm-up
             index.query(q, ANN_K, key)

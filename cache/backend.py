@@ -57,6 +57,7 @@ __all__ = [
     "mib_to_bytes",
     "bytes_to_mib",
     "MIB",
+    "entity_vectors",
 ]
 
 #: Bytes in one MiB: the unit of every budget flag and node input.
@@ -86,11 +87,13 @@ class StoreBackend(Protocol):
     Attributes:
         location: the location string the store was opened from (a resolved folder path for a folder).
         open_report: repairs made while opening (one line each; empty when the store was consistent).
+        notes: what opening did that is not a repair, e.g. an upgrade of an older store format (one line each).
         dim: embedding width of the stored vectors, None until the first insert.
     """
 
     location: str
     open_report: list
+    notes: list
     dim: Optional[int]
 
     # --------------------------------------------------------------- writes
@@ -159,8 +162,10 @@ class StoreBackend(Protocol):
     def policy(self) -> str:
         """The eviction policy in force: ``"lru"``, ``"lfu"`` or ``"fifo"``."""
 
-    def set_budget(self, budget_bytes: int) -> int:
-        """Persist a new budget (bytes > 0) and evict down to it; returns the number evicted."""
+    def set_budget(self, budget_bytes: int, evict_to_fit: bool = False) -> int:
+        """Persist a new budget (bytes > 0); returns the number evicted. A budget below what the store
+        holds is refused (``cache.store.BudgetError``: how many entries and bytes would go) unless
+        ``evict_to_fit``, which evicts down to it in the same transaction."""
 
     def set_policy(self, policy: str) -> None:
         """Persist a new eviction policy (``"lru"``, ``"lfu"``, ``"fifo"``)."""
@@ -195,15 +200,11 @@ def _folder(location: "str | os.PathLike[str]") -> Path:
 
 def _open_folder(location: "str | os.PathLike[str]", *, budget_bytes: Optional[int] = None,
                  policy: Optional[str] = None, dim: Optional[int] = None, create: bool = True,
-                 options: Optional[Mapping[str, Any]] = None) -> StoreBackend:
-    path = _folder(location)
-    if not create and not LatentStore.exists(path):
-        raise StoreError(f"{path} is not a CHAI store (no store in it); check the path, or create the store by "
-                         "running a request with it")
-    if options:
-        config = StoreConfig(**dict(options))
-        return LatentStore(path, config=config, dim=dim, budget_bytes=budget_bytes, policy=policy)
-    return LatentStore(path, dim=dim, budget_bytes=budget_bytes, policy=policy)
+                 options: Optional[Mapping[str, Any]] = None, evict_to_fit: bool = False) -> StoreBackend:
+    path = _folder(location)  # create=False: LatentStore refuses, saying what the folder is instead
+    config = StoreConfig(**dict(options)) if options else None
+    return LatentStore(path, config=config, dim=dim, budget_bytes=budget_bytes, policy=policy, create=create,
+                       evict_to_fit=evict_to_fit)
 
 
 def _folder_stats(location: "str | os.PathLike[str]", last: int = 10) -> StoreStats:
@@ -214,9 +215,59 @@ def _folder_exists(location: "str | os.PathLike[str]") -> bool:
     return LatentStore.exists(_folder(location))
 
 
-#: scheme -> (open, read_stats, exists). ``""`` is a folder. Register a new scheme with
-#: :func:`register_backend`; :func:`open_store` is the one place that dispatches on it.
-BACKENDS: Dict[str, tuple] = {"": (_open_folder, _folder_stats, _folder_exists)}
+def entity_vectors(store: StoreBackend, entry_ids: Sequence[int]) -> Dict[int, np.ndarray]:
+    """entry id -> [n, dim] float32 embeddings of its entities, in the order of its record's
+    ``entities``: what copying an entry to another store needs (``cache migrate``). A backend may
+    offer ``store.entity_vectors(ids)``; for a folder store the manifest is read here (read only).
+
+    Raises:
+        StoreError: a folder store whose manifest cannot be read.
+    """
+    if hasattr(store, "entity_vectors"):
+        return store.entity_vectors(entry_ids)
+    import sqlite3
+
+    wanted = set(int(i) for i in entry_ids)
+    out: Dict[int, list] = {}
+    manifest = _folder(store.location) / "manifest.sqlite"
+    try:
+        conn = sqlite3.connect(f"{manifest.as_uri()}?mode=ro", uri=True, timeout=60)
+        try:
+            for entry_id, blob in conn.execute("SELECT entry_id, embedding FROM entities ORDER BY label"):
+                if int(entry_id) in wanted:
+                    out.setdefault(int(entry_id), []).append(np.frombuffer(blob, dtype=np.float32))
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the embeddings in {manifest} ({exc})") from exc
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def _open_postgres(location: str, **kwargs) -> StoreBackend:
+    from .pgstore import open_location  # lazily: psycopg and pgvector stay optional
+
+    return open_location(str(location), **kwargs)
+
+
+def _postgres_stats(location: str, last: int = 10) -> StoreStats:
+    from .pgstore import read_location_stats
+
+    return read_location_stats(str(location), last)
+
+
+def _postgres_exists(location: str) -> bool:
+    from .pgstore import location_exists
+
+    return location_exists(str(location))
+
+
+_POSTGRES = (_open_postgres, _postgres_stats, _postgres_exists)
+
+#: scheme -> (open, read_stats, exists). ``""`` is a folder; ``postgresql://`` (and ``postgres://``)
+#: a store shared by a farm (cache/pgstore.py). Register a new scheme with :func:`register_backend`;
+#: :func:`open_store` is the one place that dispatches on it.
+BACKENDS: Dict[str, tuple] = {"": (_open_folder, _folder_stats, _folder_exists), "postgresql": _POSTGRES,
+                              "postgres": _POSTGRES}
 
 
 def register_backend(scheme: str, opener: Opener, read_stats: Callable[..., StoreStats],
@@ -225,7 +276,7 @@ def register_backend(scheme: str, opener: Opener, read_stats: Callable[..., Stor
 
     Args:
         scheme: lower-case URL scheme, e.g. ``"postgresql"``.
-        opener: ``opener(location, *, budget_bytes, policy, dim, create, options) -> StoreBackend``.
+        opener: ``opener(location, *, budget_bytes, policy, dim, create, options, evict_to_fit) -> StoreBackend``.
         read_stats: ``read_stats(location, last) -> StoreStats`` without opening for writing.
         exists: ``exists(location) -> bool``: a store is there already.
 
@@ -250,18 +301,20 @@ def _backend(location: "str | os.PathLike[str]") -> tuple:
 
 def open_store(location: "str | os.PathLike[str]", *, budget_bytes: Optional[int] = None,
                policy: Optional[str] = None, dim: Optional[int] = None, create: bool = True,
-               options: Optional[Mapping[str, Any]] = None) -> StoreBackend:
+               options: Optional[Mapping[str, Any]] = None, evict_to_fit: bool = False) -> StoreBackend:
     """Open the store at ``location`` (a folder, or ``scheme://...`` of a registered backend).
 
     Args:
         location: folder path (``~`` expanded; relative to the working directory) or URL.
-        budget_bytes: byte budget to persist (evicting down to it now); None keeps the stored one
-            (1 GiB for a new store). Convert MiB with :func:`mib_to_bytes`.
+        budget_bytes: byte budget to persist; None keeps the stored one (1 GiB for a new store).
+            Convert MiB with :func:`mib_to_bytes`. One below what the store holds is refused
+            (``BudgetError``) unless ``evict_to_fit``, which evicts down to it now.
         policy: ``"lru"``, ``"lfu"`` or ``"fifo"`` to persist; None keeps the stored one (lru when new).
         dim: embedding width; checked against the store's, or set for a new store.
         create: create the store when the location holds none; False raises StoreError instead.
         options: backend tuning (a folder: ``cache.store.StoreConfig`` fields such as ``durable``,
             ``autosave_every``, ``index_ef_search``); budget_bytes and policy above win over it.
+        evict_to_fit: confirm a budget smaller than what the store holds (see ``budget_bytes``).
 
     Returns:
         an open :class:`StoreBackend` (a ``LatentStore`` for a folder). Close it, or use ``with``.
@@ -272,7 +325,8 @@ def open_store(location: "str | os.PathLike[str]", *, budget_bytes: Optional[int
         ValueError: an empty location, a non-positive budget, an unknown policy or option.
     """
     opener, _, _ = _backend(location)
-    return opener(location, budget_bytes=budget_bytes, policy=policy, dim=dim, create=create, options=options)
+    return opener(location, budget_bytes=budget_bytes, policy=policy, dim=dim, create=create, options=options,
+                  evict_to_fit=evict_to_fit)
 
 
 def read_stats(location: "str | os.PathLike[str]", last: int = 10) -> StoreStats:

@@ -81,7 +81,8 @@ How a prompt becomes entities (``mode="entity"``):
    ("Van Gogh style", "oil painting", "pixel art", and the name after "in the style of");
    :data:`QUANTITY_NOUNS` before "of" drop the phrase ("a bunch of grapes" -> "grapes");
    :data:`FILLER_WORDS` are removed from phrases ("still frame", "scene", "camera"); a
-   phrase left with only adjectives or numbers is dropped. :data:`SCENE_REGION_WORDS`
+   phrase left with only adjectives or numbers, or only stop words of the pipeline ("a the
+   of", "so very": they name nothing, whatever the tagger made of them), is dropped. :data:`SCENE_REGION_WORDS`
    ("background", "backdrop", "foreground") are removed the same way unless they are the head
    after a descriptive word that is not filler: "in the background" and "against the backdrop
    of the hills" give nothing for them, "on a gray background" gives "gray background" (a
@@ -142,7 +143,7 @@ MAX_PROMPT_CHARS = 2000
 """Longest prompt accepted, in characters (after stripping). OpenSora 1.2's T5 reads at most 300
 tokens (roughly 1,200-1,500 characters of English), so longer text would not condition the video."""
 
-RULES_VERSION = "3"
+RULES_VERSION = "4"
 """Bump when the chunking rules change; the stop lists are hashed into the fingerprint anyway."""
 
 # Step 2: removed from the text before parsing (case-insensitive, whole words). These are quality,
@@ -967,8 +968,11 @@ class EntityExtractor:
                 kept.pop()
             while kept and kept[0][1] in ("glue", "conj"):
                 kept.pop(0)
-            # What is left must still name a thing: a head that is not a number.
+            # What is left must still name a thing: a head that is not a number, and a word that is
+            # not a stop word ("a the of" names nothing, whatever the tagger made of "of").
             if not any(r == "head" and doc[i].pos_ != "NUM" for i, r, _ in kept):
+                continue
+            if all(doc[i].is_stop for i, r, _ in kept if r not in ("glue", "conj")):
                 continue
             text = ""
             prev = -2

@@ -3,8 +3,11 @@
 hnswlib is fast but has sharp edges (see reference/ecosystem.md section 2.3), which this module
 handles so the store does not have to:
 
-* ``save_index`` is not atomic -> we write to a temp file, fsync and rename, and return the
-  file's SHA-256 so the owner can refuse a file that does not match what it recorded.
+* ``save_index`` is not atomic -> the store gives it a fresh temp file and renames it into place.
+* ``load_index`` trusts every byte of the file (a bad entry point or neighbour id segfaults a
+  later query) -> only files vetted by :mod:`~comfyui_chai.cache.index_file` (keyed checksum or
+  full structural check) reach it, and it allocates for the file's element count, never for the
+  capacity the file states.
 * ``ef`` is not saved -> :class:`IndexParams` travels with every partition and ``set_ef`` is
   called after every load.
 * adding and querying at the same time is unsafe (the bindings release the GIL) -> every
@@ -23,20 +26,16 @@ visited node and loses recall when the matching share is small).
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from .index_file import IndexFileError
+
 __all__ = ["IndexParams", "ReadWriteLock", "EntityIndex", "IndexFileError", "partition_file_name"]
-
-
-class IndexFileError(RuntimeError):
-    """An index file is missing, truncated, corrupt or does not match its recorded checksum."""
 
 
 @dataclass(frozen=True)
@@ -117,27 +116,6 @@ def partition_file_name(compat_key: str) -> str:
     return "index-" + hashlib.sha1(compat_key.encode("utf-8")).hexdigest()[:16] + ".bin"
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory by path (a directory fsync makes a rename durable)."""
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    """SHA-256 hex digest of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while True:
-            block = handle.read(chunk_bytes)
-            if not block:
-                break
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class _Partition:
     """One hnswlib index plus its bookkeeping (live and deleted labels)."""
 
@@ -153,22 +131,22 @@ class _Partition:
         self.deleted: set[int] = set()
 
     @classmethod
-    def load(cls, params: IndexParams, path: Path, deleted: np.ndarray) -> "_Partition":
+    def load(cls, params: IndexParams, path: str, deleted: np.ndarray, count: int) -> "_Partition":
         import hnswlib
 
         part = cls.__new__(cls)
         part.params = params
         part.index = hnswlib.Index(space="cosine", dim=params.dim)
         try:
-            part.index.load_index(str(path))
+            part.index.load_index(str(path), max_elements=max(int(count), 16))
         except Exception as exc:  # hnswlib raises RuntimeError with a terse message
-            raise IndexFileError(f"hnswlib could not load {path.name}: {exc}") from exc
+            raise IndexFileError(f"hnswlib could not load the index file: {exc}") from exc
         part.index.set_ef(params.ef_search)
         part.index.set_num_threads(1)
         stored = set(int(x) for x in part.index.get_ids_list())
         part.deleted = set(int(x) for x in deleted)
         if not part.deleted <= stored:
-            raise IndexFileError(f"{path.name} lacks labels its record lists as deleted")
+            raise IndexFileError("the index file lacks labels its record lists as deleted")
         part.live = stored - part.deleted
         return part
 
@@ -351,59 +329,35 @@ class EntityIndex:
             self._parts.pop(compat_key, None)
 
     # ------------------------------------------------------------------ persistence
-    def save_partition(self, compat_key: str, directory: Path) -> tuple[str, int, list[int], list[int]] | None:
-        """Atomically write one partition to ``directory/partition_file_name(key)``.
-
-        Temp file, fsync, rename, fsync of the directory: a crash leaves the old file or the new
-        one, never a torn one.
+    def write_partition(self, compat_key: str, path: str) -> tuple[list[int], list[int]] | None:
+        """Write one partition with hnswlib's ``save_index`` to ``path`` (the store passes a fresh
+        exclusive temp file and renames it into place: a crash never leaves a torn partition).
 
         Returns:
-            (sha256 hex, size in bytes, live labels, deleted labels) of what was written, or None
-            when the partition does not exist (its file, if any, is removed).
+            (live labels, deleted labels) of what was written, or None when the partition does not
+            exist (nothing is written).
         """
-        directory = Path(directory)
-        path = directory / partition_file_name(compat_key)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         with self.lock.write():  # hnswlib's save walks the graph: no concurrent add
             part = self._parts.get(compat_key)
             if part is None:
-                if path.exists():
-                    path.unlink()
                 return None
-            part.index.save_index(str(tmp))
-            live, deleted = sorted(part.live), sorted(part.deleted)
-        fsync_path(tmp)
-        digest, size = file_sha256(tmp), tmp.stat().st_size
-        os.replace(tmp, path)
-        fsync_path(directory)
-        return digest, size, live, deleted
+            part.index.save_index(str(path))
+            return sorted(part.live), sorted(part.deleted)
 
-    def load_partition(
-        self,
-        compat_key: str,
-        directory: Path,
-        expected_sha256: str,
-        expected_size: int,
-        deleted_labels: np.ndarray,
-    ) -> None:
-        """Load one partition from disk after checking it against what the owner recorded.
+    def load_partition(self, compat_key: str, path: str, count: int, deleted_labels: np.ndarray) -> None:
+        """Load one partition from a file the caller has vetted (``index_file``: keyed checksum or
+        :func:`~comfyui_chai.cache.index_file.check_hnsw_file`); hnswlib trusts every byte of it.
 
-        The size and SHA-256 are checked before hnswlib sees the file, because hnswlib may crash
-        or over-allocate on malformed input (nmslib/hnswlib#677).
+        Args:
+            path: the file (the store passes ``/proc/self/fd/<fd>`` of the file it checked).
+            count: elements the file holds; hnswlib allocates room for this many (plus growth
+                later), never the capacity the file states.
+            deleted_labels: labels the owner recorded as deleted.
 
         Raises:
-            IndexFileError: the file is missing, of another size or checksum, or hnswlib rejects it.
+            IndexFileError: hnswlib rejects the file, or it lacks a label recorded as deleted.
         """
-        path = Path(directory) / partition_file_name(compat_key)
-        if not path.is_file():
-            raise IndexFileError(f"index file {path.name} is missing")
-        size = path.stat().st_size
-        if size != expected_size:
-            raise IndexFileError(f"index file {path.name} is {size} bytes, the manifest recorded {expected_size}")
-        digest = file_sha256(path)
-        if digest != expected_sha256:
-            raise IndexFileError(f"index file {path.name} does not match its recorded SHA-256")
-        part = _Partition.load(self.params, path, np.asarray(deleted_labels, dtype=np.int64))
+        part = _Partition.load(self.params, path, np.asarray(deleted_labels, dtype=np.int64), int(count))
         with self.lock.write():
             self._parts[compat_key] = part
 

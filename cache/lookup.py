@@ -11,6 +11,7 @@ are read and checked before the result says "hit", so a hit can always be served
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Mapping
@@ -27,6 +28,8 @@ __all__ = ["LookupConfig", "EntityScore", "LookupTimings", "LookupQuery", "Looku
 
 # Chosen by bench/threshold_sweep.py on the 946 VBench prompts (README, "Choosing the threshold").
 DEFAULT_THRESHOLD = 0.72
+
+log = logging.getLogger("comfyui_chai.lookup")
 
 
 @dataclass(frozen=True)
@@ -113,16 +116,16 @@ class LookupQuery:
 def lookup_keys(extractor, prompt: str, mode: str = "entity") -> list[str]:
     """The strings a prompt is looked up (and later stored) by.
 
-    Entity mode: its entities; when none is found, the whole normalised prompt, so every prompt can
-    still hit an identical earlier one. Prompt mode: the whole normalised prompt.
+    Entity mode: its entities, possibly none (a prompt of filler or stop words such as "a the of"
+    names nothing: its lookup is a miss and nothing is stored for it). Prompt mode: the whole
+    normalised prompt.
 
     Raises:
         ValueError: an empty or whitespace-only prompt, or one over the extractor's length limit.
     """
     if mode == "prompt":
         return [extractor.normalize_prompt(prompt)]
-    entities = extractor.extract(prompt)
-    return entities or [extractor.normalize_prompt(prompt)]
+    return extractor.extract(prompt)
 
 
 @dataclass
@@ -145,6 +148,7 @@ class LookupResult:
         per_entity: the best stored match of every prompt entity (for fusion and reports).
         latents: name -> tensor of the served entry (None on a miss).
         timings: :class:`LookupTimings`.
+        not_stored: why :meth:`CacheLookup.insert` stored nothing for this request (None otherwise).
     """
 
     prompt: str
@@ -163,6 +167,7 @@ class LookupResult:
     per_entity: list[EntityScore] = field(default_factory=list)
     latents: Mapping | None = None
     timings: LookupTimings = field(default_factory=LookupTimings)
+    not_stored: str | None = None
 
     def summary(self) -> dict:
         """JSON-friendly view (no tensors, no embeddings)."""
@@ -172,6 +177,7 @@ class LookupResult:
             "matched": self.matched, "similarity": round(float(self.similarity), 4),
             "entities_matched": self.entities_matched, "entity_sharers": self.entity_sharers,
             "per_entity": [asdict(s) for s in self.per_entity], "timings_ms": asdict(self.timings),
+            "not_stored": self.not_stored,
         }
 
 
@@ -218,15 +224,17 @@ class CacheLookup:
         keys once, for :meth:`lookup`, :meth:`preview` and :meth:`insert` to reuse.
 
         Raises:
-            ValueError: a bad prompt, or an empty ``entities`` list.
+            ValueError: a bad prompt, or ``entities`` that are not a list of non-empty strings.
         """
         t0 = time.perf_counter()
         if entities is None:
             entities = self.keys_for(prompt)
-        elif not entities or not all(isinstance(e, str) and e for e in entities):
-            raise ValueError("entities must be a non-empty list of strings (the prompt's lookup keys)")
+        elif not isinstance(entities, (list, tuple)) or not all(isinstance(e, str) and e for e in entities):
+            raise ValueError("entities must be a list of non-empty strings (the prompt's lookup keys)")
         t1 = time.perf_counter()
-        embeddings = self.embedder.encode(list(entities))
+        # No entity (a prompt of stop words): nothing to embed, and the lookup is a miss.
+        embeddings = (self.embedder.encode(list(entities)) if entities
+                      else np.zeros((0, self.store.dim or 0), dtype=np.float32))
         t2 = time.perf_counter()
         return LookupQuery(prompt=prompt, mode=self.config.mode, entities=list(entities), embeddings=embeddings,
                            fingerprint=self._fingerprint(), extract_ms=(t1 - t0) * 1000, embed_ms=(t2 - t1) * 1000)
@@ -265,7 +273,8 @@ class CacheLookup:
             self._check_query(query, prompt)
             t1 = t2 = t0
         entities, embeddings = query.entities, query.embeddings
-        matches = self.store.search(embeddings, key, k=self.config.neighbours)
+        # A prompt with no entity has nothing to look up: a miss, and insert() stores nothing.
+        matches = self.store.search(embeddings, key, k=self.config.neighbours) if entities else []
         t3 = time.perf_counter()
         result = LookupResult(prompt=prompt, mode=self.config.mode, entities=entities, embeddings=embeddings,
                               compat_key=key)
@@ -349,7 +358,7 @@ class CacheLookup:
         suffix = self.full_key(marker)[len(marker):]
         keys = query.entities
         best: dict[int, object] = {}
-        for key in (k for k in self.store.compat_keys() if k.endswith(suffix)):
+        for key in (k for k in self.store.compat_keys() if k.endswith(suffix) and keys):
             for m in self.store.search(query.embeddings, key, k=limit_neighbours or self.config.neighbours):
                 if m.query_index not in best or m.similarity > best[m.query_index].similarity:
                     best[m.query_index] = m
@@ -376,8 +385,12 @@ class CacheLookup:
                     out["entry_size"] = f"{info['height']}x{info['width']}, {info.get('num_frames', '?')} frames"
         return out
 
-    def insert(self, result: LookupResult, tensors: Mapping, info: Mapping | None = None) -> int:
+    def insert(self, result: LookupResult, tensors: Mapping, info: Mapping | None = None) -> int | None:
         """Store a request's latents under the keys and embeddings its lookup computed.
+
+        A request is not stored, with a warning (logged, and kept in ``result.not_stored``), when
+        its prompt has no entity to be found by, or when its latents are larger than the store's
+        whole budget: the request itself (its video) is unaffected.
 
         Args:
             result: the :class:`LookupResult` of this request (normally a miss).
@@ -385,9 +398,22 @@ class CacheLookup:
             info: JSON-serialisable metadata (seed, steps, timesteps ...).
 
         Returns:
-            The new entry id.
+            The new entry id, or None when nothing was stored.
 
         Raises:
-            ValueError: see ``StoreBackend.put``.
+            ValueError: see ``StoreBackend.put`` (bad tensors or embeddings).
+            StoreError: the store cannot be written (read-only, disk full).
         """
-        return self.store.put(tensors, result.entities, result.embeddings, result.compat_key, result.prompt, info)
+        from .store_types import EntryTooLargeError
+
+        if not result.entities:
+            result.not_stored = (f"not cached: the prompt {result.prompt[:60]!r} has no entity to be found by "
+                                 "(only filler or stop words)")
+        else:
+            try:
+                return self.store.put(tensors, result.entities, result.embeddings, result.compat_key, result.prompt,
+                                      info)
+            except EntryTooLargeError as exc:
+                result.not_stored = f"not cached: {exc}"
+        log.warning("CHAI: %s", result.not_stored)
+        return None

@@ -20,6 +20,7 @@ import numpy as np
 
 from .lookup import CacheLookup, LookupConfig
 from .backend import mib_to_bytes, open_store
+from .store_types import MAX_BUDGET_BYTES
 
 __all__ = ["SimulationRow", "SimulationReport", "read_prompts", "entry_tensors", "simulate",
            "OPENSORA_240P_51F_LATENT"]
@@ -34,15 +35,38 @@ def read_prompts(path: str | Path) -> list[str]:
     objects with ``prompt_en``/``prompt`` as in VBench_full_info.json).
 
     Raises:
-        FileNotFoundError: no such file. ValueError: no prompt in it.
+        FileNotFoundError: no such file. ValueError: naming the file and what is wrong: not UTF-8
+            text (a binary file), not JSON, a JSON value that is not a list, an item that is
+            neither a string nor an object with a string ``prompt_en``/``prompt``, or no prompt.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"prompt file {path} is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); "
+                         "give a text file with one prompt per line, or a JSON list of strings") from None
+    if "\x00" in text:
+        raise ValueError(f"prompt file {path} holds NUL bytes (a binary file?); give a text file with one prompt "
+                         "per line, or a JSON list of strings")
     if path.suffix.lower() == ".json":
-        rows = json.loads(text)
-        prompts = [r if isinstance(r, str) else (r.get("prompt_en") or r.get("prompt") or "") for r in rows]
+        try:
+            rows = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"prompt file {path} is not valid JSON ({exc}); give a JSON list of strings") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"prompt file {path} holds a JSON {type(rows).__name__}, not a list; give a JSON list of "
+                             'prompt strings (or of objects with a "prompt" field)')
+        prompts = []
+        for i, row in enumerate(rows):
+            if isinstance(row, dict):
+                row = row.get("prompt_en") or row.get("prompt")
+            if not isinstance(row, str):
+                raise ValueError(f"prompt file {path}: item {i} is {json.dumps(rows[i])[:60]}, not a prompt string "
+                                 '(or an object with a string "prompt"); fix or remove it')
+            prompts.append(row)
     else:
         prompts = text.splitlines()
     prompts = [p.strip() for p in prompts if p and p.strip()]
@@ -204,8 +228,8 @@ def simulate(
 
     if not prompts:
         raise ValueError("no prompts to simulate")
-    if any(b <= 0 for b in budgets_mb):
-        raise ValueError(f"budgets must be > 0 MiB, got {list(budgets_mb)}")
+    if any(not 0 < float(b) <= MAX_BUDGET_BYTES / 2**20 for b in budgets_mb):  # NaN and inf fail too
+        raise ValueError(f"budgets must be > 0 MiB and at most 1 PiB, got {list(budgets_mb)}")
     for mode in modes:
         LookupConfig(mode=mode)  # validates
     started = time.perf_counter()

@@ -1,47 +1,105 @@
 """The persistent, crash-safe, multi-process CHAI latent store.
 
-Layout of a store directory::
+Layout of a store directory (every path derived by the store itself, see :mod:`.store_files`)::
 
-    manifest.sqlite        the truth: entries, entities (+ embeddings), counters, logs (WAL mode)
+    chai-store.json            marker: format name and version, store id (written at creation)
+    manifest.sqlite            the truth: entries, entities (+ embeddings), counters, logs (WAL mode)
     latents/<id>.safetensors   one file per entry: the cached latents of one request
-    index/index-<key>.bin  hnswlib partitions (derived data; rebuilt from the manifest when needed)
-    quarantine/            corrupt latent files moved aside, never served
-    store.lock             cross-process writer lock (filelock)
+    index/index-<key>.bin      hnswlib partitions (derived data; rebuilt from the manifest when needed)
+    quarantine/                corrupt latent files moved aside, never served
+    store.lock                 cross-process writer lock (filelock)
 
-Guarantees (DESIGN.md, "The store"; lessons of reference/ecosystem.md section 2.5):
+Guarantees (DESIGN.md, "The store"; issue 14; docs/store_security.md):
 
-* Write order: latent file (temp, fsync, rename, directory fsync) -> manifest rows in one
-  transaction -> index. A crash at any point leaves either no entry or a whole one; stray files
-  are removed when the store is next opened.
+* A store knows itself: a folder is opened only when it is empty, missing, or a CHAI store (its
+  marker, or a manifest of the previous format, recognised read-only and upgraded in place).
+  Any other folder is refused before anything in it is read, written or deleted.
+* Write order: latent file (temp, fsync) -> manifest rows and the rename to ``<id>.safetensors``
+  in one transaction -> index. A crash at any point leaves either no entry or a whole one; stray
+  files of the store's own naming are removed when the store is next opened.
 * The manifest is the truth. Every index candidate is checked against a manifest row, and every
-  latent file against its recorded size and SHA-256 before it is served. A candidate without a
-  valid row or file is a miss plus a repair, and a bad file is quarantined and reported.
+  latent file against its recorded size (``fstat``, before reading), SHA-256 and tensor spec
+  (safetensors header) before it is served. A bad file is quarantined and reported.
+* Untrusted stores cannot reach outside themselves or crash the process: no link is followed, no
+  index file reaches hnswlib unless signed by this user's key or structurally checked, and SQLite
+  runs with ``trusted_schema`` off.
 * One writer at a time across processes (a file lock); readers never block (SQLite WAL).
-* A byte budget: the manifest's byte total never exceeds it; victims are chosen by the policy
-  (LRU, LFU, FIFO) and evicting deletes the file, the rows and the vectors.
+* A byte budget: the manifest's byte total never exceeds it; lowering it below what is held needs
+  ``evict_to_fit``; an entry larger than the budget is refused (:class:`EntryTooLargeError`).
 * Only safetensors and SQLite are read from disk.
+
+This module composes the parts: :mod:`.store_manifest` (SQLite), :mod:`.store_files` (files and
+containment), :mod:`.store_index` (index sync), :mod:`.store_budget` (budget and eviction).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
+import re
 import sqlite3
-import threading
+import stat
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from .index import EntityIndex, IndexFileError, IndexParams, file_sha256, fsync_path, partition_file_name
+from .index import partition_file_name
+from .index_file import IndexKey
 from .policy import EvictionPolicy
+from .store_budget import change_budget, check_entry_fits, evict, pick_victims, validate_budget
+from .store_files import (
+    FORMAT_NAME,
+    LOCK_NAME,
+    MANIFEST_NAME,
+    MARKER_NAME,
+    BlobError,
+    StoreFiles,
+    check_safetensors,
+)
+from .store_index import IndexSync
+from .store_manifest import (
+    LOOKUP_LOG_KEEP,
+    MANIFEST_SIDE_FILES,
+    SCHEMA_VERSION,
+    Manifest,
+    ManifestInfo,
+    connect_read_only,
+    parse_tensor_spec,
+    probe_manifest,
+    read_stats_from,
+    schema_version,
+    sqlite_store_error,
+)
+from .store_types import (
+    ALLOWED_DTYPES,
+    DEFAULT_BUDGET_BYTES,
+    MAX_BUDGET_BYTES,
+    MAX_ENTRY_BYTES,
+    BudgetError,
+    ContainmentError,
+    DiskFullError,
+    EntityMatch,
+    EntryRecord,
+    EntryTooLargeError,
+    StoreConfig,
+    StoreError,
+    StoreStats,
+    VerifyReport,
+)
 
 __all__ = [
     "StoreError",
+    "ContainmentError",
+    "DiskFullError",
+    "BudgetError",
+    "EntryTooLargeError",
     "StoreConfig",
     "LatentStore",
     "EntryRecord",
@@ -49,216 +107,86 @@ __all__ = [
     "StoreStats",
     "VerifyReport",
     "read_stats",
+    "identify_folder",
     "ALLOWED_DTYPES",
+    "DEFAULT_BUDGET_BYTES",
+    "MAX_BUDGET_BYTES",
+    "MAX_ENTRY_BYTES",
+    "SCHEMA_VERSION",
+    "LOOKUP_LOG_KEEP",
 ]
 
 log = logging.getLogger("comfyui_chai.store")
 
-SCHEMA_VERSION = 1
-DEFAULT_BUDGET_BYTES = 1 << 30  # the paper's 1 GB cache (CHAI section 4)
-ALLOWED_DTYPES = ("float16", "bfloat16", "float32")
-LOOKUP_LOG_KEEP = 1000
+FORMAT_VERSION = SCHEMA_VERSION
+_MARKER_TMP = re.compile(r"^\.chai-store\.json\.tmp-[0-9a-f]{32}$")
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 
-class StoreError(RuntimeError):
-    """The store cannot be opened or written; the message says what to do."""
+def identify_folder(path: Path) -> tuple[str, dict | ManifestInfo | None]:
+    """What a folder is, found without writing anything in it.
 
+    Returns:
+        ("missing", None), ("empty", None), ("marked", marker dict) for a store with its marker,
+        or ("unmarked", ManifestInfo) for a store whose manifest is recognised but that has no
+        marker yet (written by the previous release, or an upgrade was interrupted).
 
-@dataclass(frozen=True)
-class StoreConfig:
-    """Settings of a latent store (cache-dit style: one documented field each, plus a fingerprint).
-
-    Attributes:
-        budget_bytes: most bytes of latent files the store keeps (bytes); default 1 GiB, the
-            paper's cache size. Must be > 0. Persisted; reopening with another value changes it.
-        policy: eviction policy, ``lru`` (paper, default), ``lfu`` or ``fifo``.
-        durable: fsync files and directories on every write. Turn off only for throw-away stores
-            (simulations): a crash may then lose the last entries, but never serves a torn one.
-        autosave_every: write the index files after this many changes made by this process, or
-            after 5% of the index's vectors if that is more (they are always written on close and
-            after compaction); between saves, reopening catches the index up from the manifest.
-        index: hnswlib parameters; ``dim`` is taken from the embedder on first insert.
+    Raises:
+        StoreError: a file, not a folder. ContainmentError: a folder that is not a CHAI store
+            (someone's files, another application's ``manifest.sqlite``), a marker or manifest that
+            is a link, or a marker of another format.
     """
-
-    budget_bytes: int = DEFAULT_BUDGET_BYTES
-    policy: EvictionPolicy = EvictionPolicy.LRU
-    durable: bool = True
-    autosave_every: int = 256
-    index_M: int = 16
-    index_ef_construction: int = 200
-    index_ef_search: int = 96
-    compact_tombstone_share: float = 0.25
-
-    def fingerprint(self) -> str:
-        """Short string naming the settings, e.g. ``STORE_B1073741824_LRU_M16E200S96``."""
-        return (
-            f"STORE_B{self.budget_bytes}_{EvictionPolicy.parse(self.policy).name}"
-            f"_M{self.index_M}E{self.index_ef_construction}S{self.index_ef_search}"
-        )
-
-
-@dataclass
-class EntryRecord:
-    """One stored entry as the manifest records it.
-
-    Attributes:
-        entry_id: manifest row id (int).
-        compat_key: compatibility key the entry was stored under.
-        prompt: the prompt that produced it.
-        entities: entity strings stored with it (the texts whose embeddings are indexed).
-        nbytes: size of its latent file (bytes).
-        created_at / last_access: UNIX seconds.
-        access_count: how many times it was served.
-        info: free-form JSON metadata given at insert (seed, steps, timesteps...).
-    """
-
-    entry_id: int
-    compat_key: str
-    prompt: str
-    entities: list[str]
-    nbytes: int
-    created_at: float
-    last_access: float
-    access_count: int
-    info: dict = field(default_factory=dict)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "missing", None
+    except OSError as exc:
+        raise StoreError(f"cannot reach the store folder {path} ({exc.strerror or exc})") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"store path {path} is not a CHAI store but a file; give a folder (it is created if "
+                         "missing)")
+    try:
+        names = os.listdir(path)
+    except OSError as exc:
+        raise StoreError(f"cannot list the store folder {path} ({exc.strerror or exc}); give a folder you can read") \
+            from exc
+    if all(_MARKER_TMP.match(n) for n in names):  # nothing, or only an interrupted creation's temp marker
+        return "empty", None
+    files = StoreFiles(path)
+    if MARKER_NAME in names:
+        marker = files.read_marker()
+        _check_marker(marker, path)
+        return "marked", marker
+    if MANIFEST_NAME in names:
+        files.check_top_level(MANIFEST_SIDE_FILES)
+        manifest = path / MANIFEST_NAME
+        info = probe_manifest(manifest)  # immutable: reads the file alone, creates no side file
+        if info is not None:
+            return "unmarked", info
+        raise ContainmentError(
+            f"{manifest} is not a CHAI manifest (another application's database?); CHAI never alters it and "
+            f"opened nothing in {path}: give a new or empty folder for the store")
+    raise ContainmentError(
+        f"{path} is not empty and is not a CHAI store (no {MARKER_NAME}); CHAI opens only empty folders or its own "
+        "stores, so nothing in it was read, written or deleted: give a new folder name for the store")
 
 
-@dataclass
-class EntityMatch:
-    """An index candidate confirmed by the manifest.
-
-    Attributes:
-        label: entity row id (the hnswlib label).
-        entry_id: the entry the entity belongs to.
-        text: the stored entity text.
-        similarity: cosine similarity to the query vector, in [-1, 1].
-        query_index: which query vector (row of the query matrix) it answers.
-    """
-
-    label: int
-    entry_id: int
-    text: str
-    similarity: float
-    query_index: int
+def _check_marker(marker: dict, path: Path) -> None:
+    if marker.get("format") != FORMAT_NAME:
+        raise ContainmentError(f"{path / MARKER_NAME} is not a CHAI store marker (format {marker.get('format')!r}); "
+                               "this folder was not made by CHAI: give a new folder")
+    version = marker.get("version")
+    if type(version) is not int or version < 2:
+        raise ContainmentError(f"{path / MARKER_NAME} names format version {version!r}, which no CHAI release writes")
+    if version > FORMAT_VERSION:
+        raise StoreError(f"the store {path} was written by a newer CHAI release (store format {version}, this one "
+                         f"reads up to {FORMAT_VERSION}); update comfyui-chai or use another folder")
+    if not isinstance(marker.get("store_id"), str) or not _HEX32.match(marker["store_id"]):
+        raise ContainmentError(f"{path / MARKER_NAME} has no valid store id; it was not written by CHAI")
 
 
-@dataclass
-class StoreStats:
-    """Counters and sizes of a store (persisted counters survive restarts).
-
-    Attributes:
-        entries, entities: live rows. bytes / budget_bytes: latent bytes held and allowed.
-        hits, misses, lookups, evictions, inserts, repairs, quarantined: lifetime counters.
-        hit_rate: hits / lookups (0.0 before any lookup).
-        lookup_ms_mean / lookup_ms_p50 / lookup_ms_p99: over the last 1,000 lookups (ms).
-        top_entities: most frequent query entities, [(text, count)], at most 10.
-        last_lookups: the newest lookups (dicts: time, prompt, hit, entity, matched, similarity, ms).
-        generation: manifest generation (bumped by every insert, eviction and repair).
-        policy: eviction policy name.
-    """
-
-    entries: int
-    entities: int
-    bytes: int
-    budget_bytes: int
-    hits: int
-    misses: int
-    lookups: int
-    evictions: int
-    inserts: int
-    repairs: int
-    quarantined: int
-    hit_rate: float
-    lookup_ms_mean: float
-    lookup_ms_p50: float
-    lookup_ms_p99: float
-    top_entities: list[tuple[str, int]]
-    last_lookups: list[dict]
-    generation: int
-    policy: str
-
-    def to_dict(self) -> dict:
-        """JSON-serialisable dict of every field."""
-        return dict(self.__dict__)
-
-
-@dataclass
-class VerifyReport:
-    """What :meth:`LatentStore.verify` checked and repaired.
-
-    ``ok`` is True when nothing needed repair. ``problems`` lists human-readable findings, each
-    already repaired (quarantined, removed or rebuilt) by the time the report is returned.
-    """
-
-    entries_checked: int = 0
-    files_quarantined: list[str] = field(default_factory=list)
-    orphans_removed: list[str] = field(default_factory=list)
-    rows_removed: int = 0
-    partitions_rebuilt: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """True when the store was consistent before the check."""
-        return not self.problems
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS entries(
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    compat_key TEXT NOT NULL,
-    prompt TEXT NOT NULL,
-    file TEXT NOT NULL UNIQUE,
-    nbytes INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    last_access REAL NOT NULL,
-    access_count INTEGER NOT NULL DEFAULT 0,
-    info TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS entries_by_key ON entries(compat_key);
-CREATE TABLE IF NOT EXISTS entities(
-    label INTEGER PRIMARY KEY AUTOINCREMENT,
-    entry_id INTEGER NOT NULL REFERENCES entries(id) ON DELETE CASCADE,
-    compat_key TEXT NOT NULL,
-    text TEXT NOT NULL,
-    embedding BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS entities_by_entry ON entities(entry_id);
-CREATE INDEX IF NOT EXISTS entities_by_key ON entities(compat_key, label);
-CREATE TABLE IF NOT EXISTS deleted_labels(
-    label INTEGER PRIMARY KEY, compat_key TEXT NOT NULL, generation INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS partitions(
-    compat_key TEXT PRIMARY KEY,
-    tensor_spec TEXT NOT NULL,
-    index_sha256 TEXT,
-    index_size INTEGER,
-    index_generation INTEGER,
-    index_deleted TEXT
-);
-CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS entity_counts(text TEXT PRIMARY KEY, count INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS lookup_log(
-    id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, prompt TEXT NOT NULL,
-    hit INTEGER NOT NULL, entity TEXT, matched TEXT, similarity REAL, ms REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS events(
-    id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
-"""
-
-_COUNTERS = ("hits", "misses", "lookups", "evictions", "inserts", "repairs", "quarantined")
-
-# Latent bytes held, kept in counters('bytes_held') by SQLite itself on every row change of
-# `entries`, so an insert reads it in O(1) instead of SUM(nbytes) over the table (about 20 ms at
-# 100k entries, paid on every put). Trigger bodies contain ';', so they are not in _SCHEMA.
-_BYTES_TRIGGERS = (
-    "CREATE TRIGGER IF NOT EXISTS entries_bytes_insert AFTER INSERT ON entries BEGIN "
-    "UPDATE counters SET value = value + NEW.nbytes WHERE name = 'bytes_held'; END",
-    "CREATE TRIGGER IF NOT EXISTS entries_bytes_delete AFTER DELETE ON entries BEGIN "
-    "UPDATE counters SET value = value - OLD.nbytes WHERE name = 'bytes_held'; END",
-    "CREATE TRIGGER IF NOT EXISTS entries_bytes_update AFTER UPDATE OF nbytes ON entries BEGIN "
-    "UPDATE counters SET value = value - OLD.nbytes + NEW.nbytes WHERE name = 'bytes_held'; END",
-)
+def _new_marker(store_id: str) -> dict:
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "store_id": store_id, "created_at": time.time()}
 
 
 class LatentStore:
@@ -267,310 +195,336 @@ class LatentStore:
     Open with :meth:`open` (or the constructor), use as a context manager or call :meth:`close`.
 
     Args:
-        path: the store directory; created if missing (its parent must exist or be creatable).
+        path: the store directory: missing (created; its parent must exist), empty, or a CHAI store.
         config: :class:`StoreConfig`; ``budget_bytes`` and ``policy`` given here replace the
             persisted ones, ``None`` keeps them.
         dim: embedding dimension. Required for a new store unless the first insert sets it;
             checked against the persisted one for an existing store.
+        budget_bytes / policy: shortcuts for the same fields of ``config``.
+        evict_to_fit: allow a ``budget_bytes`` smaller than what the store holds; the entries
+            beyond it are evicted (policy order). Without it such a budget raises BudgetError.
+        create: make a new store when the folder is missing or empty (False: only open one).
 
     Raises:
-        StoreError: the path is a file, not writable, not a store of this version, or its
-            dimension differs from ``dim``.
+        StoreError: the path is a file, not writable, a store of a newer format, or its dimension
+            differs from ``dim``; DiskFullError when its disk is full.
+        ContainmentError: the folder is not empty and not a CHAI store, or a part of it is a link.
+        BudgetError: ``budget_bytes`` would evict entries and ``evict_to_fit`` is False.
         ValueError: a non-positive budget or an unknown policy.
+
+    Attributes:
+        path: the resolved store folder. store_id: its id (32 hex, from its marker).
+        config: the :class:`StoreConfig` in force (budget and policy follow the manifest).
+        open_report: repairs made since the store was opened ("kind: detail"), e.g. an index
+            rebuilt or a file quarantined. notes: what the open did that is not a repair (an upgrade).
+        left_alone: ``sub/name`` of files in ``latents/`` or ``index/`` the store did not make
+            (never touched).
     """
 
     def __init__(self, path: str | os.PathLike, config: StoreConfig | None = None, dim: int | None = None,
-                 budget_bytes: int | None = None, policy: str | EvictionPolicy | None = None) -> None:
+                 budget_bytes: int | None = None, policy: str | EvictionPolicy | None = None, *,
+                 evict_to_fit: bool = False, create: bool = True) -> None:
         self.path = Path(path).expanduser().resolve()
         base = config or StoreConfig()
         if budget_bytes is not None:
-            base = _replace(base, budget_bytes=budget_bytes)
+            base = replace(base, budget_bytes=budget_bytes)
         if policy is not None:
-            base = _replace(base, policy=EvictionPolicy.parse(policy))
-        _validate_budget(base.budget_bytes)
-        self.config = _replace(base, policy=EvictionPolicy.parse(base.policy))
+            base = replace(base, policy=EvictionPolicy.parse(policy))
+        validate_budget(base.budget_bytes)
+        self.config = replace(base, policy=EvictionPolicy.parse(base.policy))
         self._explicit_budget = budget_bytes is not None or config is not None
         self._explicit_policy = policy is not None or config is not None
-        self._prepare_directory()
-        import filelock
-
-        self._lock = filelock.FileLock(str(self.path / "store.lock"), timeout=120)
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
-        self._conns_lock = threading.Lock()
-        self._sync_lock = threading.RLock()
         self._closed = False
-        self._changes_since_save = 0
         self.open_report: list[str] = []
-        with self._lock:
-            self._init_schema(dim)
-            self._load_index()
-            self._collect_garbage()
-            self._apply_config()
+        self.notes: list[str] = []
+        self.left_alone: list[str] = []
+        self._files = StoreFiles(self.path)
+        self._manifest = Manifest(self.path, self.config.durable)
+        self._specs: dict[str, dict] = {}
+        self._stats_warned = False
+        try:
+            self._open(dim, evict_to_fit, create)
+        except BaseException:
+            self._closed = True
+            self._manifest.close()
+            raise
 
     @classmethod
     def open(cls, path: str | os.PathLike, **kwargs) -> "LatentStore":
         """Open (or create) a store; same arguments as the constructor."""
         return cls(path, **kwargs)
 
-    # ------------------------------------------------------------------ setup
-    def _prepare_directory(self) -> None:
-        if self.path.exists() and not self.path.is_dir():
-            raise StoreError(f"store path {self.path} is a file; give a folder (it is created if missing)")
+    # ------------------------------------------------------------------ open
+    def _open(self, dim: int | None, evict_to_fit: bool, create: bool) -> None:
+        kind, found = identify_folder(self.path)
+        if kind in ("missing", "empty"):
+            if not create:
+                raise ContainmentError(f"{self.path} is not a CHAI store (no {MARKER_NAME}); check the path, or create "
+                                       "the store by running a request with it")
+            store_id = self._create_folder(kind == "missing")
+        elif kind == "marked":
+            store_id = found["store_id"]
+        else:
+            store_id = found.store_id  # None for format 1: set by the upgrade
+        import filelock
+
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            for sub in ("latents", "index", "quarantine"):
-                (self.path / sub).mkdir(exist_ok=True)
-            probe = self.path / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            self._files.check_top_level(MANIFEST_SIDE_FILES + (MARKER_NAME, LOCK_NAME))
+            self._files.make_folders()
+            self._check_writable()
+            self._lock = filelock.FileLock(str(self._files.ensure_lock_file()), timeout=120)
+            with self._lock:
+                if kind == "unmarked":
+                    store_id = self._finish_unmarked(store_id)
+                meta = self._open_manifest(store_id, dim)
+                self.store_id = meta["store_id"]
+                self._sync = IndexSync(self._manifest, self._files, self.store_id, meta["index_params"],
+                                       self.config.durable, IndexKey.for_user(), self._event)
+                self._sync.set_dim(meta["dim"])
+                self._repair_rows()
+                self._sync.load_all()
+                self._remove_invalid(self._sync.take_bad_entries())
+                self._collect_garbage(legacy=meta["upgraded_from"] is not None)
+                self._apply_config(evict_to_fit)
+        except sqlite3.Error as exc:
+            raise sqlite_store_error(exc, self.path, "open the manifest") from exc
         except OSError as exc:
-            raise StoreError(
-                f"store folder {self.path} is not writable ({exc.strerror or exc}); "
-                "give a folder you can write to, or copy the store somewhere writable"
-            ) from exc
+            raise self._os_error(exc, "open the store") from exc
+        except filelock.Timeout as exc:
+            raise StoreError(f"the store {self.path} stayed locked by another process for two minutes; close the other "
+                             "CHAI process (ComfyUI, the command line) and run again") from exc
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            if self._closed:
-                raise StoreError("the store is closed; open it again")
-            conn = sqlite3.connect(str(self.path / "manifest.sqlite"), timeout=60.0, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL" if self.config.durable else "PRAGMA synchronous=OFF")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA busy_timeout=60000")
-            self._local.conn = conn
-            with self._conns_lock:
-                self._conns.append(conn)
-        return conn
-
-    def _tx(self):
-        return _Transaction(self._conn())
-
-    def _init_schema(self, dim: int | None) -> None:
+    def _create_folder(self, missing: bool) -> str:
+        """Make a new store: the folder (its parent must exist) and its marker. Returns the store id."""
+        if missing and not self.path.parent.is_dir():
+            raise StoreError(f"cannot create the store {self.path}: its parent folder {self.path.parent} does not exist; "
+                             "create it first or give another path")
+        store_id = uuid.uuid4().hex
         try:
-            self._conn()  # its PRAGMAs are the first reads: a non-SQLite file fails here
-            with self._tx() as c:
-                c.executescript_in_tx(_SCHEMA)
-                for statement in _BYTES_TRIGGERS:
-                    c.execute(statement)
-                # Re-derive the byte counter the triggers keep, so stores made before them (or a
-                # counter that drifted by any means) start each open exact. One scan per open.
-                c.execute("INSERT OR REPLACE INTO counters VALUES('bytes_held', "
-                          "(SELECT COALESCE(SUM(nbytes), 0) FROM entries))")
-                meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
-                if not meta:
-                    c.execute("INSERT INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
-                    c.execute("INSERT INTO meta VALUES('generation', '0')")
-                    c.execute("INSERT INTO meta VALUES('budget_bytes', ?)", (str(self.config.budget_bytes),))
-                    c.execute("INSERT INTO meta VALUES('policy', ?)", (self.config.policy.value,))
-                    if dim is not None:
-                        c.execute("INSERT INTO meta VALUES('dim', ?)", (str(int(dim)),))
-                    c.execute(
-                        "INSERT INTO meta VALUES('index_params', ?)",
-                        (json.dumps({"M": self.config.index_M, "ef_construction": self.config.index_ef_construction,
-                                     "ef_search": self.config.index_ef_search,
-                                     "compact_tombstone_share": self.config.compact_tombstone_share}),),
-                    )
-                    for name in _COUNTERS:
-                        c.execute("INSERT OR IGNORE INTO counters VALUES(?, 0)", (name,))
-                    c.execute("INSERT OR IGNORE INTO counters VALUES('lookup_ms_sum', 0)")
-                    meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
-        except sqlite3.DatabaseError as exc:
+            if missing:
+                try:
+                    os.mkdir(self.path)
+                except FileExistsError:  # made by another process meanwhile: identify it again
+                    kind, found = identify_folder(self.path)
+                    if kind == "marked":
+                        return found["store_id"]
+                    if kind != "empty":
+                        raise ContainmentError(f"{self.path} appeared while the store was being created; "
+                                               "open it again") from None
+            self._files.write_marker(_new_marker(store_id))
+        except OSError as exc:
+            raise StoreError(f"store folder {self.path} is not writable ({exc.strerror or exc}); give a folder you "
+                             "can write to, or copy the store somewhere writable") from exc
+        for name in os.listdir(self.path):
+            if _MARKER_TMP.match(name):
+                try:
+                    os.unlink(self.path / name)
+                except OSError:
+                    pass
+        return store_id
+
+    def _check_writable(self) -> None:
+        probe = self.path / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise self._os_error(exc, "write in the store folder") from exc
             raise StoreError(
-                f"{self.path / 'manifest.sqlite'} is not a readable SQLite manifest ({exc}); "
-                "this folder is not a CHAI store, or its manifest is damaged: open a new folder"
-            ) from exc
-        _check_schema(meta.get("schema_version"))
-        stored_dim = int(meta["dim"]) if "dim" in meta else None
+                f"store folder {self.path} is not writable ({exc.strerror or exc}); give a folder you can write to, "
+                "or copy the store somewhere writable (`cache stats --read-only` reads it where it is)") from exc
+
+    def _finish_unmarked(self, store_id: str | None) -> str:
+        """Upgrade a format-1 store in place (or finish an interrupted upgrade); write its marker."""
+        version = schema_version(self._manifest.conn())  # again, under the lock: another process may have done it
+        if version == 1:
+            store_id = uuid.uuid4().hex
+            kept, dropped = 0, []
+            for entry_id, file in self._manifest.conn().execute("SELECT id, file FROM entries").fetchall():
+                ok = isinstance(entry_id, int) and entry_id > 0 and isinstance(file, str)
+                if ok and self._files.rename_legacy_latent(file, entry_id):
+                    kept += 1
+                else:
+                    dropped.append((entry_id, f"its file {str(file)[:80]!r} is not a latent file CHAI wrote, or it is "
+                                              "missing (never touched)"))
+            self._manifest.upgrade_from_v1(store_id, kept, dropped)
+            self.notes.append(f"upgraded the store from format 1 to {SCHEMA_VERSION}: {kept} entries kept, "
+                              f"{len(dropped)} dropped")
+            log.warning("CHAI store %s: upgraded from format 1 (%d entries kept, %d dropped)", self.path, kept,
+                        len(dropped))
+        elif version == SCHEMA_VERSION:
+            store_id = store_id or self._manifest.conn().execute(
+                "SELECT value FROM meta WHERE key='store_id'").fetchone()[0]
+        else:
+            raise ContainmentError(f"{self.path / MANIFEST_NAME} is no longer a CHAI manifest; open a new store folder")
+        self._files.write_marker(_new_marker(store_id))
+        return store_id
+
+    def _open_manifest(self, store_id: str, dim: int | None) -> dict:
+        if not (self.path / MANIFEST_NAME).exists() or self._manifest.is_empty():
+            params = {"M": self.config.index_M, "ef_construction": self.config.index_ef_construction,
+                      "ef_search": self.config.index_ef_search,
+                      "compact_tombstone_share": self.config.compact_tombstone_share}
+            self._manifest.create(store_id, self.config.budget_bytes, self.config.policy, dim, params)
+        meta = self._manifest.validate(store_id)
+        if Manifest.counted_bytes_drifted(self._manifest.conn()):  # the trigger-kept counter starts each open exact
+            with self._manifest.tx() as c:
+                Manifest.recount_bytes(c)
+        stored_dim = meta["dim"]
         if dim is not None and stored_dim is not None and int(dim) != stored_dim:
             raise StoreError(f"store {self.path} holds {stored_dim}-d embeddings but the embedder gives {dim}-d; "
                              "use the embedder the store was built with, or a new store folder")
         if dim is not None and stored_dim is None:
-            with self._tx() as c:
+            with self._manifest.tx() as c:
                 c.execute("INSERT OR REPLACE INTO meta VALUES('dim', ?)", (str(int(dim)),))
-            stored_dim = int(dim)
-        self.dim = stored_dim
-        params = json.loads(meta["index_params"])
-        self._index_params = params
-        self.index = EntityIndex(IndexParams(dim=stored_dim, **params)) if stored_dim else None
-        self._synced_generation = 0
-        self._max_label = 0
+            meta["dim"] = int(dim)
+        return meta
 
-    def _apply_config(self) -> None:
-        """Persist an explicitly given budget / policy and evict down to a smaller budget."""
-        with self._tx() as c:
-            meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
-            if self._explicit_budget:
-                c.execute("UPDATE meta SET value=? WHERE key='budget_bytes'", (str(self.config.budget_bytes),))
-            else:
-                self.config = _replace(self.config, budget_bytes=int(meta["budget_bytes"]))
-            if self._explicit_policy:
-                c.execute("UPDATE meta SET value=? WHERE key='policy'", (self.config.policy.value,))
-            else:
-                self.config = _replace(self.config, policy=EvictionPolicy.parse(meta["policy"]))
-        self._evict_to(self.config.budget_bytes)
+    def _repair_rows(self) -> None:
+        """Remove entries whose manifest rows CHAI could not have written (a store from elsewhere),
+        then partitions whose key or tensor spec is not one CHAI writes (their entries went with
+        them). Entity rows without their entry are harmless (search joins entries): left to verify."""
+        self._remove_invalid(self._manifest.invalid_entries())
+        dropped = self._manifest.drop_invalid_partitions()
+        if dropped:
+            with self._manifest.tx() as c:
+                self._event(c, "rows_removed", f"{dropped} partition row(s) with a key or tensor spec CHAI never "
+                                               "writes")
 
-    def _adopt_config(self, budget_bytes: int, policy: EvictionPolicy | str) -> None:
-        """Take the persisted budget and policy: another process may have changed them
-        (``set_budget``, ``cache`` CLI, a node with another budget), and the manifest is the truth."""
-        policy = EvictionPolicy.parse(policy)
-        if budget_bytes != self.config.budget_bytes or policy != self.config.policy:
-            self.config = _replace(self.config, budget_bytes=int(budget_bytes), policy=policy)
+    def _remove_invalid(self, bad: list[tuple[int, str]]) -> int:
+        """Delete entries that cannot be trusted ((id, reason) pairs) with one repair event each
+        (the first 20); their files, where regular, go to quarantine/. Caller holds the writer lock.
+        Returns how many were removed."""
+        if not bad:
+            return 0
+        with self._manifest.tx() as c:
+            present = [b for b in bad if c.execute("SELECT 1 FROM entries WHERE id=?", (b[0],)).fetchone()]
+            if not present:
+                return 0
+            Manifest.delete_entries(c, [b[0] for b in present], Manifest.bump_generation(c))
+            c.execute("UPDATE counters SET value=value+? WHERE name='repairs'", (len(present),))
+            for entry_id, reason in present[:20]:
+                self._event(c, "rows_removed", f"entry {entry_id}: {reason}")
+            if len(present) > 20:
+                self._event(c, "rows_removed", f"{len(present) - 20} more entries with invalid rows")
+        for entry_id, _ in present:
+            if 0 < entry_id < 1 << 63:
+                self._files.quarantine_latent(entry_id)
+        if self._sync.index is not None:
+            self.sync()
+        return len(present)
 
-    def _budget_for(self, nbytes: int, c=None) -> int:
-        """The persisted budget (adopted), after checking an entry of ``nbytes`` fits in it at all.
+    def _apply_config(self, evict_to_fit: bool) -> None:
+        """Persist an explicitly given policy and budget (a smaller budget only with ``evict_to_fit``);
+        adopt the persisted ones otherwise. Writes only what changes."""
+        policy, budget = self._policy_and_budget_persisted()
+        wanted_policy = self.config.policy if self._explicit_policy else policy
+        wanted_budget = self.config.budget_bytes if self._explicit_budget else budget
+        self.config = replace(self.config, policy=wanted_policy, budget_bytes=wanted_budget)
+        if (wanted_policy, wanted_budget) == (policy, budget):
+            return
+        with self._manifest.tx() as c:
+            c.execute("UPDATE meta SET value=? WHERE key='policy'", (wanted_policy.value,))
+            victims = change_budget(c, wanted_budget, wanted_policy, evict_to_fit, str(self.path))
+        self._after_delete(victims)
 
-        Raises:
-            ValueError: the entry is larger than the whole budget.
-        """
-        rows = dict((c or self._conn()).execute(
-            "SELECT key, value FROM meta WHERE key IN ('budget_bytes', 'policy')").fetchall())
-        self._adopt_config(int(rows["budget_bytes"]), rows["policy"])
-        budget = self.config.budget_bytes
-        if nbytes > budget:
-            raise ValueError(f"this entry is {nbytes} bytes, more than the store's whole budget of {budget} bytes; "
-                             "raise the budget (budget_bytes / --budget-mb)")
-        return budget
+    def _collect_garbage(self, legacy: bool) -> None:
+        """Remove the store's own files that no row names (an interrupted write); report the rest."""
+        conn = self._manifest.conn()
+        live = {int(r[0]) for r in conn.execute("SELECT id FROM entries")}
+        parts = {partition_file_name(r[0]) for r in conn.execute("SELECT compat_key FROM partitions WHERE typeof(compat_key)='text'")}
+        result = self._files.collect_garbage(live, parts, legacy)
+        if result.removed:
+            with self._manifest.tx() as c:
+                self._event(c, "orphans_removed", f"{len(result.removed)} stray file(s) from an interrupted write: "
+                            + ", ".join(result.removed[:5]))
+        self.left_alone = result.left_alone
+        if result.left_alone:
+            log.warning("CHAI store %s: left alone (not the store's own files): %s", self.path,
+                        ", ".join(result.left_alone[:5]))
 
-    # ------------------------------------------------------------------ index sync / repair
-    def _generation(self) -> int:
-        row = self._conn().execute("SELECT value FROM meta WHERE key='generation'").fetchone()
-        return int(row[0])
+    # ------------------------------------------------------------------ helpers
+    def _conn(self) -> sqlite3.Connection:
+        return self._manifest.conn()
+
+    def _tx(self):
+        return self._manifest.tx()
+
+    @property
+    def index(self):
+        """The in-memory :class:`~comfyui_chai.cache.index.EntityIndex` (None before the first entry)."""
+        return self._sync.index
+
+    @property
+    def dim(self) -> int | None:
+        """Embedding dimension of the store (None before the first entry)."""
+        return self._sync.dim
 
     def _event(self, c, kind: str, detail: str) -> None:
         c.execute("INSERT INTO events(time, kind, detail) VALUES(?,?,?)", (time.time(), kind, detail))
         self.open_report.append(f"{kind}: {detail}")
         log.warning("CHAI store %s: %s: %s", self.path, kind, detail)
 
-    def _load_index(self) -> None:
-        """Load every partition file that matches its record; rebuild the rest from the manifest."""
-        if self.index is None:
-            return
-        conn = self._conn()
-        generation = self._generation()
-        keys = [r[0] for r in conn.execute("SELECT DISTINCT compat_key FROM entities")]
-        recorded = {r[0]: r for r in conn.execute(
-            "SELECT compat_key, index_sha256, index_size, index_generation, index_deleted FROM partitions")}
-        self._max_label = int(conn.execute("SELECT COALESCE(MAX(label), 0) FROM entities").fetchone()[0])
-        self._synced_generation = generation  # we hold the file lock: nothing changes under us
-        for key in keys:
-            rec = recorded.get(key)
-            reason = None
-            if rec is None or rec[1] is None:
-                reason = "no saved index"
-            else:
-                try:
-                    self.index.load_partition(key, self.path / "index", rec[1], rec[2],
-                                              np.asarray(json.loads(rec[4] or "[]"), dtype=np.int64))
-                except IndexFileError as exc:
-                    reason = str(exc)
-            if reason is None:
-                self._catch_up_partition(key, since_generation=int(rec[3]))
-                live = self.index.labels(key)
-                want = set(r[0] for r in conn.execute("SELECT label FROM entities WHERE compat_key=?", (key,)))
-                if live != want:
-                    reason = f"index for this key disagrees with the manifest ({len(live)} vs {len(want)} vectors)"
-                elif int(rec[3]) != generation:
-                    self._changes_since_save += 1  # caught up in memory: save on close
-            if reason is not None:
-                self._rebuild_partition(key, reason)
-        for key in set(recorded) - set(keys):
-            self.index.drop(key)
-        self._synced_generation = generation
+    def _os_error(self, exc: OSError, doing: str) -> StoreError:
+        if isinstance(exc, StoreError):
+            return exc
+        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            try:
+                import shutil
 
-    def _rebuild_partition(self, key: str, reason: str) -> None:
-        labels, vectors = self._manifest_vectors(key)
-        self.index.rebuild(key, labels, vectors)
-        with self._tx() as c:
-            self._event(c, "index_rebuilt", f"{partition_file_name(key)}: {reason}; rebuilt {len(labels)} vectors")
-            c.execute("UPDATE counters SET value=value+1 WHERE name='repairs'")
-        self._save_partition(key)
+                free = int(shutil.disk_usage(self.path).free)
+            except OSError:
+                free = -1
+            return DiskFullError(f"could not {doing}: the disk holding {self.path} is full ({free:,} bytes free); free "
+                                 "some space (or lower the store's budget) and run again: nothing already stored "
+                                 "was lost", str(self.path), free)
+        return StoreError(f"could not {doing} in {self.path} ({exc.strerror or exc}); the store folder must be "
+                          "writable and have free space: free some space, or use another folder")
 
-    def _manifest_vectors(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-        rows = self._conn().execute("SELECT label, embedding FROM entities WHERE compat_key=? ORDER BY label",
-                                    (key,)).fetchall()
-        labels = np.asarray([r[0] for r in rows], dtype=np.int64)
-        vectors = (np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
-                   if rows else np.zeros((0, self.dim), np.float32))
-        return labels, vectors
+    def _policy_and_budget_persisted(self, c=None) -> tuple[EvictionPolicy, int]:
+        """The policy and budget the manifest holds."""
+        rows = dict((c or self._conn()).execute(
+            "SELECT key, value FROM meta WHERE key IN ('budget_bytes', 'policy')").fetchall())
+        return EvictionPolicy.parse(rows["policy"]), int(rows["budget_bytes"])
 
-    def _catch_up_partition(self, key: str, since_generation: int) -> None:
-        conn = self._conn()
-        known = self.index.labels(key)
-        top = max(known) if known else 0
-        rows = conn.execute("SELECT label, embedding FROM entities WHERE compat_key=? AND label>?",
-                            (key, top)).fetchall()
-        rows = [r for r in rows if r[0] not in known]
-        if rows:
-            vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
-            self.index.add(np.asarray([r[0] for r in rows], np.int64), vecs, key)
-        gone = [r[0] for r in conn.execute(
-            "SELECT label FROM deleted_labels WHERE compat_key=? AND generation>?", (key, since_generation))]
-        if gone:
-            self.index.delete(gone, key)
+    def _policy_and_budget(self, c=None) -> tuple[EvictionPolicy, int]:
+        """The persisted policy and budget, adopted: another process may have changed them
+        (``set_budget``, a node with another budget), and the manifest is the truth."""
+        policy, budget = self._policy_and_budget_persisted(c)
+        self._adopt_config(budget, policy)
+        return self.config.policy, self.config.budget_bytes
 
+    def _adopt_config(self, budget_bytes: int, policy: EvictionPolicy | str) -> None:
+        policy = EvictionPolicy.parse(policy)
+        if budget_bytes != self.config.budget_bytes or policy != self.config.policy:
+            self.config = replace(self.config, budget_bytes=int(budget_bytes), policy=policy)
+
+    def _spec(self, compat_key: str) -> dict:
+        spec = self._specs.get(compat_key)
+        if spec is None:
+            row = self._conn().execute("SELECT tensor_spec FROM partitions WHERE compat_key=?", (compat_key,)).fetchone()
+            try:
+                spec = parse_tensor_spec(row[0] if row else None)
+            except ValueError as exc:
+                raise BlobError(f"its key's tensor spec is invalid ({exc})") from None
+            self._specs[compat_key] = spec
+        return spec
+
+    def _after_delete(self, entry_ids: Sequence[int]) -> None:
+        """After a commit that deleted entries: their files, the index, the save counter."""
+        for entry_id in entry_ids:
+            self._files.remove_latent(entry_id)
+        if entry_ids:
+            self.sync()
+            self._sync.changes_since_save += len(entry_ids)
+
+    # ------------------------------------------------------------------ index
     def sync(self) -> None:
         """Bring this process's in-memory index up to the manifest (other processes' inserts and
         evictions). Cheap when nothing changed: one SQLite read."""
-        if self.index is None:
-            self._reload_dim()
-            if self.index is None:
-                return
-        generation = self._generation()
-        if generation == self._synced_generation:
-            return
-        with self._sync_lock:
-            conn = self._conn()
-            generation = self._generation()
-            rows = conn.execute("SELECT label, compat_key, embedding FROM entities WHERE label>? ORDER BY label",
-                                (self._max_label,)).fetchall()
-            by_key: dict[str, list] = {}
-            for label, key, emb in rows:
-                by_key.setdefault(key, []).append((label, emb))
-            for key, items in by_key.items():
-                known = self.index.known_labels([label for label, _ in items], key)
-                items = [it for it in items if it[0] not in known]
-                if items:
-                    vecs = np.frombuffer(b"".join(e for _, e in items), np.float32).reshape(len(items), self.dim)
-                    self.index.add(np.asarray([label for label, _ in items], np.int64), vecs, key)
-            if rows:
-                self._max_label = max(self._max_label, rows[-1][0])
-            for label, key in conn.execute("SELECT label, compat_key FROM deleted_labels WHERE generation>?",
-                                           (self._synced_generation,)).fetchall():
-                self.index.delete([label], key)
-            pruned = conn.execute("SELECT value FROM meta WHERE key='deleted_pruned_upto'").fetchone()
-            if pruned is not None and int(pruned[0]) > self._synced_generation:
-                # Another process pruned deletion-log rows we never read (save_index / compact):
-                # drop whatever the manifest no longer holds, so no stale vector lingers or gets saved.
-                for key in self.index.keys():
-                    want = set(r[0] for r in conn.execute("SELECT label FROM entities WHERE compat_key=?", (key,)))
-                    stale = self.index.labels(key) - want
-                    if stale:
-                        self.index.delete(sorted(stale), key)
-            self._synced_generation = generation
-
-    def _reload_dim(self) -> None:
-        row = self._conn().execute("SELECT value FROM meta WHERE key='dim'").fetchone()
-        if row is not None and self.index is None:
-            self.dim = int(row[0])
-            self.index = EntityIndex(IndexParams(dim=self.dim, **self._index_params))
-
-    def _save_partition(self, key: str) -> None:
-        """Write one partition file and record its checksum (caller holds the file lock)."""
-        result = self.index.save_partition(key, self.path / "index")
-        with self._tx() as c:
-            if result is None:
-                c.execute("UPDATE partitions SET index_sha256=NULL, index_size=NULL WHERE compat_key=?", (key,))
-                return
-            digest, size, _live, deleted = result
-            c.execute(
-                "UPDATE partitions SET index_sha256=?, index_size=?, index_generation=?, index_deleted=? "
-                "WHERE compat_key=?",
-                (digest, size, self._synced_generation, json.dumps(deleted), key),
-            )
+        self._sync.sync()
 
     def save_index(self) -> None:
         """Write every partition of the index to disk (also done on close and every
@@ -579,30 +533,28 @@ class LatentStore:
             return
         with self._lock:
             self.sync()
-            for key in self.index.keys():
-                self._save_partition(key)
-            with self._tx() as c:
-                oldest = c.execute("SELECT MIN(index_generation) FROM partitions").fetchone()[0]
-                if oldest is not None:
-                    c.execute("DELETE FROM deleted_labels WHERE generation<=?", (oldest,))
-                    _note_pruned(c, int(oldest))
-            self._changes_since_save = 0
+            self._sync.save_all()
 
-    def _collect_garbage(self) -> None:
-        """Remove temp files and latent files no manifest row names (left by a crash mid-insert)."""
-        known = set(r[0] for r in self._conn().execute("SELECT file FROM entries"))
-        removed = []
-        for sub in ("latents", "index"):
-            folder = self.path / sub
-            for name in os.listdir(folder):  # names only: a Path per file doubles this at 100k entries
-                if ".tmp" in name or (sub == "latents" and name not in known):
-                    (folder / name).unlink(missing_ok=True)
-                    removed.append(f"{sub}/{name}")
-        if removed:
+    def compact(self) -> dict:
+        """Rebuild every index partition without tombstones and save it; checkpoint the WAL.
+
+        Returns:
+            {"partitions": n, "tombstones_removed": n, "vectors": n}.
+        """
+        removed = vectors = 0
+        with self._lock:
+            self.sync()
+            keys = self.index.keys() if self.index else []
+            for key in keys:
+                removed += self.index.tombstones(key)
+                self._sync.compact_partition(key)
+                vectors += len(self.index.labels(key))
             with self._tx() as c:
-                self._event(c, "orphans_removed", f"{len(removed)} stray file(s) from an interrupted write: "
-                            + ", ".join(removed[:5]))
-        self._orphans_removed_at_open = removed
+                c.execute("DELETE FROM deleted_labels WHERE generation<=?", (self._sync.synced_generation,))
+                Manifest.note_pruned(c, self._sync.synced_generation)
+            self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._sync.changes_since_save = 0
+        return {"partitions": len(keys), "tombstones_removed": removed, "vectors": vectors}
 
     # ------------------------------------------------------------------ writes
     def put(
@@ -628,14 +580,15 @@ class LatentStore:
             info: JSON-serialisable metadata kept with the entry.
 
         Returns:
-            The new entry id.
+            The new entry id (its latents are ``latents/<id>.safetensors``).
 
         Raises:
             ValueError: wrong tensor type, dtype, shape or non-finite values; mismatched
-                entities/embeddings; an entry larger than the whole budget.
-            StoreError: the store is closed, or its folder cannot be written (read-only, disk full).
+                entities/embeddings. EntryTooLargeError (a ValueError): an entry larger than the
+                whole budget; nothing is stored or evicted.
+            StoreError: the store is closed, or its folder cannot be written (read-only);
+                DiskFullError when its disk is full. Nothing committed is lost either way.
         """
-        import torch
         from safetensors.torch import save
 
         if not compat_key or not isinstance(compat_key, str):
@@ -660,88 +613,69 @@ class LatentStore:
         blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                     metadata={"compat_key": compat_key[:512]})
         nbytes = len(blob)
-        self._budget_for(nbytes)  # fail before writing anything; checked again under the writer lock
-        import hashlib
-
+        check_entry_fits(nbytes, self._policy_and_budget()[1])  # fail before writing; checked again below
         digest = hashlib.sha256(blob).hexdigest()
-        name = f"{uuid.uuid4().hex}.safetensors"
-        final = self.path / "latents" / name
-        tmp = final.with_name(name + f".tmp{os.getpid()}")
         with self._lock:
             if self._closed:
                 raise StoreError("the store is closed; open it again")
-            if self.dim is None:
-                self._init_dim(embeddings.shape[1])
-            self.sync()
             try:
-                with open(tmp, "wb") as handle:
-                    handle.write(blob)
-                    handle.flush()
-                    if self.config.durable:
-                        os.fsync(handle.fileno())
-                os.replace(tmp, final)
-                if self.config.durable:
-                    fsync_path(final.parent)
+                if self.dim is None:
+                    self._init_dim(embeddings.shape[1])
+                self.sync()
+                self._remove_invalid(self._sync.take_bad_entries())  # found by a sync without the lock
+                tmp = self._files.write_latent_temp(blob, self.config.durable)
             except OSError as exc:  # read-only mount, disk full, permissions
-                for p in (tmp, final):
-                    try:
-                        p.unlink(missing_ok=True)
-                    except OSError:
-                        pass
-                raise StoreError(
-                    f"could not write a latent file in {final.parent} ({exc.strerror or exc}); the store folder "
-                    "must be writable and have free space: free some space, lower the budget, or use another folder"
-                ) from exc
-            now = time.time()
-            victims: list[tuple[int, str, int]] = []
+                raise self._os_error(exc, f"write a latent file in {self.path / 'latents'}") from exc
+            except sqlite3.Error as exc:
+                raise sqlite_store_error(exc, self.path, "write the manifest") from exc
+            published = None
+            victims: list[int] = []
             try:
                 with self._tx() as c:
                     row = c.execute("SELECT tensor_spec FROM partitions WHERE compat_key=?", (compat_key,)).fetchone()
                     if row is None:
                         c.execute("INSERT INTO partitions(compat_key, tensor_spec) VALUES(?,?)",
                                   (compat_key, json.dumps(spec)))
-                    elif json.loads(row[0]) != spec:
+                    elif _loads(row[0]) != spec:
                         raise ValueError(
                             f"entry tensors {spec} differ from those already stored under this key "
-                            f"{json.loads(row[0])}; the compatibility key must include the latent shape and dtype"
-                        )
-                    generation = int(c.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0]) + 1
-                    budget = self._budget_for(nbytes, c)  # under the writer lock: no other writer can change it now
-                    held = _bytes_held(c)
-                    victims = self._pick_victims(c, held + nbytes - budget)
-                    self._delete_rows(c, victims, generation, reason="budget")
+                            f"{_loads(row[0])}; the compatibility key must include the latent shape and dtype")
+                    policy, budget = self._policy_and_budget(c)  # under the writer lock: final
+                    check_entry_fits(nbytes, budget)
+                    generation = Manifest.bump_generation(c)
+                    chosen = pick_victims(c, policy, Manifest.bytes_held(c) + nbytes - budget)
+                    evict(c, chosen, generation)
+                    victims = [v[0] for v in chosen]
+                    now = time.time()
                     cur = c.execute(
-                        "INSERT INTO entries(compat_key, prompt, file, nbytes, sha256, created_at, last_access,"
-                        " access_count, info) VALUES(?,?,?,?,?,?,?,0,?)",
-                        (compat_key, prompt, name, nbytes, digest, now, now, info_json),
+                        "INSERT INTO entries(compat_key, prompt, nbytes, sha256, created_at, last_access,"
+                        " access_count, info) VALUES(?,?,?,?,?,?,0,?)",
+                        (compat_key, prompt, nbytes, digest, now, now, info_json),
                     )
                     entry_id = int(cur.lastrowid)
-                    labels = []
                     for text, vec in zip(entities, embeddings):
-                        cur = c.execute("INSERT INTO entities(entry_id, compat_key, text, embedding) VALUES(?,?,?,?)",
-                                        (entry_id, compat_key, text, vec.astype(np.float32).tobytes()))
-                        labels.append(int(cur.lastrowid))
-                    c.execute("UPDATE meta SET value=? WHERE key='generation'", (str(generation),))
+                        c.execute("INSERT INTO entities(entry_id, compat_key, text, embedding) VALUES(?,?,?,?)",
+                                  (entry_id, compat_key, text, vec.astype(np.float32).tobytes()))
                     c.execute("UPDATE counters SET value=value+1 WHERE name='inserts'")
-                    if victims:
-                        c.execute("UPDATE counters SET value=value+? WHERE name='evictions'", (len(victims),))
-            except sqlite3.OperationalError as exc:  # read-only, disk full, or locked past the timeout
-                final.unlink(missing_ok=True)
-                raise StoreError(
-                    f"could not write the manifest {self.path / 'manifest.sqlite'} ({exc}); the store folder must "
-                    "be writable and have free space, and no other process may hold it locked for minutes"
-                ) from exc
-            except BaseException:
-                final.unlink(missing_ok=True)
+                    self._files.publish_latent(tmp, entry_id, self.config.durable)  # before COMMIT: a crash
+                    published = entry_id  # here leaves a file no row names, removed on the next open
+            except BaseException as exc:
+                self._files.discard_temp(tmp)
+                if published is not None:
+                    self._files.remove_latent(published)
+                if isinstance(exc, sqlite3.Error):
+                    raise sqlite_store_error(exc, self.path, "write the manifest") from exc
+                if isinstance(exc, OSError):
+                    raise self._os_error(exc, f"write a latent file in {self.path / 'latents'}") from exc
                 raise
-            for _vid, vfile, _ in victims:
-                (self.path / "latents" / vfile).unlink(missing_ok=True)
+            for victim in victims:
+                self._files.remove_latent(victim)
             # Index last: the manifest already holds the truth if we die here.
-            self.sync()
-            self._changes_since_save += 1 + len(victims)
             try:
-                self._maybe_compact_and_save()
-            except (OSError, sqlite3.Error) as exc:
+                self.sync()
+                self._sync.changes_since_save += 1 + len(victims)
+                self._sync.maybe_compact_and_save(self.config.autosave_every)
+            except (OSError, sqlite3.Error, StoreError) as exc:
                 # The entry is committed and the index is derived data (the next open catches it
                 # up from the manifest): report the failed save rather than fail a finished insert.
                 self._report_index_save_failure(exc)
@@ -762,60 +696,31 @@ class LatentStore:
             row = c.execute("SELECT value FROM meta WHERE key='dim'").fetchone()
             if row is None:
                 c.execute("INSERT INTO meta VALUES('dim', ?)", (str(int(dim)),))
-        self._reload_dim()
+        self._sync.reload_dim()
 
-    def _pick_victims(self, c, excess: int) -> list[tuple[int, str, int]]:
-        if excess <= 0:
-            return []
-        victims, freed = [], 0
-        for entry_id, file, nbytes in c.execute(
-            f"SELECT id, file, nbytes FROM entries ORDER BY {self.config.policy.order_by}"
-        ):
-            victims.append((int(entry_id), file, int(nbytes)))
-            freed += int(nbytes)
-            if freed >= excess:
-                break
-        return victims
+    def set_budget(self, budget_bytes: int, evict_to_fit: bool = False) -> int:
+        """Change the byte budget (persisted, for every process using the store).
 
-    def _delete_rows(self, c, victims: Iterable[tuple[int, str, int]], generation: int, reason: str) -> None:
-        for entry_id, _file, _ in victims:
-            for label, key in c.execute("SELECT label, compat_key FROM entities WHERE entry_id=?",
-                                        (entry_id,)).fetchall():
-                c.execute("INSERT OR REPLACE INTO deleted_labels VALUES(?,?,?)", (label, key, generation))
-            c.execute("DELETE FROM entities WHERE entry_id=?", (entry_id,))
-            c.execute("DELETE FROM entries WHERE id=?", (entry_id,))
-
-    def _evict_to(self, budget: int) -> int:
-        with self._lock:
-            with self._tx() as c:
-                held = _bytes_held(c)
-                victims = self._pick_victims(c, held - budget)
-                if not victims:
-                    return 0
-                generation = int(c.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0]) + 1
-                self._delete_rows(c, victims, generation, reason="budget")
-                c.execute("UPDATE meta SET value=? WHERE key='generation'", (str(generation),))
-                c.execute("UPDATE counters SET value=value+? WHERE name='evictions'", (len(victims),))
-            for _vid, vfile, _ in victims:
-                (self.path / "latents" / vfile).unlink(missing_ok=True)
-            self.sync()
-            self._changes_since_save += len(victims)
-            return len(victims)
-
-    def set_budget(self, budget_bytes: int) -> int:
-        """Change the byte budget (persisted) and evict down to it.
+        Args:
+            budget_bytes: the new budget (bytes, 1..MAX_BUDGET_BYTES).
+            evict_to_fit: when the store holds more than the new budget, evict the entries beyond
+                it (policy order) in the same transaction; without it that is refused.
 
         Returns:
             The number of entries evicted.
 
         Raises:
-            ValueError: budget <= 0.
+            ValueError: budget out of range. BudgetError: it would evict and ``evict_to_fit`` is
+                False (nothing is changed; the error says how many entries and bytes).
         """
-        _validate_budget(budget_bytes)
-        self.config = _replace(self.config, budget_bytes=int(budget_bytes))
-        with self._tx() as c:
-            c.execute("UPDATE meta SET value=? WHERE key='budget_bytes'", (str(int(budget_bytes)),))
-        return self._evict_to(int(budget_bytes))
+        budget = validate_budget(budget_bytes)
+        with self._lock:
+            with self._tx() as c:
+                policy, _ = self._policy_and_budget(c)
+                victims = change_budget(c, budget, policy, evict_to_fit, str(self.path))
+            self.config = replace(self.config, budget_bytes=budget)
+            self._after_delete(victims)
+        return len(victims)
 
     def delete(self, entry_ids: Sequence[int], reason: str = "deleted") -> int:
         """Remove entries (file, rows and vectors). Unknown ids are ignored.
@@ -825,60 +730,13 @@ class LatentStore:
         """
         with self._lock:
             with self._tx() as c:
-                victims = []
-                for entry_id in entry_ids:
-                    row = c.execute("SELECT id, file, nbytes FROM entries WHERE id=?", (int(entry_id),)).fetchone()
-                    if row:
-                        victims.append((int(row[0]), row[1], int(row[2])))
-                if not victims:
+                found = [int(r[0]) for r in (c.execute("SELECT id FROM entries WHERE id=?", (int(i),)).fetchone()
+                                             for i in entry_ids) if r]
+                if not found:
                     return 0
-                generation = int(c.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0]) + 1
-                self._delete_rows(c, victims, generation, reason=reason)
-                c.execute("UPDATE meta SET value=? WHERE key='generation'", (str(generation),))
-            for _vid, vfile, _ in victims:
-                (self.path / "latents" / vfile).unlink(missing_ok=True)
-            self.sync()
-            self._changes_since_save += len(victims)
-            return len(victims)
-
-    def _maybe_compact_and_save(self) -> None:
-        for key in self.index.keys():
-            if self.index.needs_compaction(key):
-                self._compact_partition(key)
-        # Saving rewrites whole partitions (O(index size)); catching up on reopen costs O(changes).
-        # So the interval grows with the index: at most ~5% of it is replayed on reopen, and a
-        # stream of inserts costs O(n) saving in total instead of O(n^2).
-        live = len(self.index)
-        if self._changes_since_save >= max(self.config.autosave_every, live // 20):
-            for key in self.index.keys():
-                self._save_partition(key)
-            self._changes_since_save = 0
-
-    def _compact_partition(self, key: str) -> None:
-        labels, vectors = self._manifest_vectors(key)
-        self.index.rebuild(key, labels, vectors)
-        self._save_partition(key)
-
-    def compact(self) -> dict:
-        """Rebuild every index partition without tombstones and save it; checkpoint the WAL.
-
-        Returns:
-            {"partitions": n, "tombstones_removed": n, "vectors": n}.
-        """
-        removed = vectors = 0
-        with self._lock:
-            self.sync()
-            keys = self.index.keys() if self.index else []
-            for key in keys:
-                removed += self.index.tombstones(key)
-                self._compact_partition(key)
-                vectors += len(self.index.labels(key))
-            with self._tx() as c:
-                c.execute("DELETE FROM deleted_labels WHERE generation<=?", (self._synced_generation,))
-                _note_pruned(c, self._synced_generation)
-            self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._changes_since_save = 0
-        return {"partitions": len(keys), "tombstones_removed": removed, "vectors": vectors}
+                Manifest.delete_entries(c, found, Manifest.bump_generation(c))
+            self._after_delete(found)
+            return len(found)
 
     # ------------------------------------------------------------------ reads
     def search(self, vectors: np.ndarray, compat_key: str, k: int = 8) -> list[EntityMatch]:
@@ -898,6 +756,10 @@ class LatentStore:
         self.sync()
         if self.index is None:
             return []
+        width = np.shape(vectors)[-1] if np.ndim(vectors) else 0
+        if width != self.dim:
+            raise ValueError(f"query vectors are {width}-d but the store {self.path} holds {self.dim}-d embeddings; "
+                             "use the embedder the store was built with, or another store folder")
         labels, sims = self.index.query(vectors, k, compat_key)
         if labels.size == 0:
             return []
@@ -906,9 +768,10 @@ class LatentStore:
         conn = self._conn()
         for start in range(0, len(flat), 500):
             chunk = flat[start:start + 500]
-            q = f"SELECT label, entry_id, text FROM entities WHERE compat_key=? AND label IN ({','.join('?' * len(chunk))})"
-            for label, entry_id, text in conn.execute(q, (compat_key, *chunk)):
-                rows[int(label)] = (int(entry_id), text)
+            q = ("SELECT e.label, e.entry_id, e.text FROM entities e JOIN entries n ON n.id=e.entry_id "
+                 f"WHERE e.compat_key=? AND n.compat_key=? AND e.label IN ({','.join('?' * len(chunk))})")
+            for label, entry_id, text in conn.execute(q, (compat_key, compat_key, *chunk)):
+                rows[int(label)] = (int(entry_id), str(text))
         stale = [label for label in flat if label not in rows]
         if stale:
             self.index.delete(stale, compat_key)
@@ -922,60 +785,52 @@ class LatentStore:
         return matches
 
     def load(self, entry_id: int, device: str = "cpu") -> dict | None:
-        """Read an entry's latents after checking the file's size and SHA-256 against the manifest.
+        """Read an entry's latents after checking its file: a regular file (no link followed) of
+        the recorded size (``fstat`` before reading), its SHA-256, and a safetensors header that
+        describes exactly the tensors of its key (dtype, shape, offsets) before any is built.
 
-        A missing, truncated or corrupt file is quarantined (moved to ``quarantine/``), its rows
-        removed and the event reported; ``None`` is returned so the caller treats it as a miss.
+        A missing, truncated, corrupt or foreign file is quarantined (moved to ``quarantine/``),
+        its rows removed and the event reported; ``None`` is returned so the caller treats it as a miss.
 
         Returns:
             name -> torch tensor (dtype as stored), or None when the entry is gone or invalid.
         """
-        import hashlib
-
         from safetensors.torch import load as load_bytes
 
-        row = self._conn().execute("SELECT file, nbytes, sha256 FROM entries WHERE id=?", (int(entry_id),)).fetchone()
+        row = self._conn().execute("SELECT compat_key, nbytes, sha256 FROM entries WHERE id=?",
+                                   (int(entry_id),)).fetchone()
         if row is None:
             return None
-        file, nbytes, digest = row
-        path = self.path / "latents" / file
+        compat_key, nbytes, digest = row
         try:
-            blob = path.read_bytes()
-        except FileNotFoundError:
-            self._quarantine(int(entry_id), file, "latent file is missing")
-            return None
-        if len(blob) != nbytes:
-            self._quarantine(int(entry_id), file, f"latent file is {len(blob)} bytes, the manifest recorded {nbytes}")
-            return None
-        if hashlib.sha256(blob).hexdigest() != digest:
-            self._quarantine(int(entry_id), file, "latent file does not match its recorded SHA-256")
-            return None
-        try:
-            tensors = load_bytes(blob)
-        except Exception as exc:  # safetensors raises SafetensorError on a malformed header
-            self._quarantine(int(entry_id), file, f"latent file is not valid safetensors ({exc})")
+            blob = self._files.read_latent(int(entry_id), nbytes if isinstance(nbytes, int) else -1)
+            if hashlib.sha256(blob).hexdigest() != digest:
+                raise BlobError("latent file does not match its recorded SHA-256")
+            check_safetensors(blob, self._spec(compat_key))
+            try:
+                tensors = load_bytes(blob)
+            except Exception as exc:  # safetensors raises SafetensorError on a malformed file
+                raise BlobError(f"latent file is not valid safetensors ({exc})") from None
+        except BlobError as exc:
+            self._quarantine(int(entry_id), str(exc))
             return None
         if device != "cpu":
             tensors = {k: v.to(device) for k, v in tensors.items()}
         return tensors
 
-    def _quarantine(self, entry_id: int, file: str, reason: str) -> None:
+    def _quarantine(self, entry_id: int, reason: str) -> None:
         with self._lock:
             # Rows first, then the file (the eviction order): a crash in between leaves a stray
             # file, which the next open removes, never a row whose file is missing.
             with self._tx() as c:
-                row = c.execute("SELECT id, file, nbytes FROM entries WHERE id=?", (entry_id,)).fetchone()
-                if row is None:
+                if c.execute("SELECT id FROM entries WHERE id=?", (entry_id,)).fetchone() is None:
                     return
-                generation = int(c.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0]) + 1
-                self._delete_rows(c, [(int(row[0]), row[1], int(row[2]))], generation, reason="quarantine")
-                c.execute("UPDATE meta SET value=? WHERE key='generation'", (str(generation),))
+                Manifest.delete_entries(c, [entry_id], Manifest.bump_generation(c))
                 c.execute("UPDATE counters SET value=value+1 WHERE name='quarantined'")
                 c.execute("UPDATE counters SET value=value+1 WHERE name='repairs'")
-                self._event(c, "quarantined", f"entry {entry_id} ({file}): {reason}")
-            src = self.path / "latents" / file
-            if src.exists():
-                os.replace(src, self.path / "quarantine" / file)
+                self._event(c, "quarantined", f"entry {entry_id}: {reason}")
+            if 0 < entry_id < 1 << 63:
+                self._files.quarantine_latent(entry_id)
             self.sync()
 
     def entry(self, entry_id: int) -> EntryRecord | None:
@@ -985,9 +840,10 @@ class LatentStore:
                            "FROM entries WHERE id=?", (int(entry_id),)).fetchone()
         if row is None:
             return None
-        ents = [r[0] for r in conn.execute("SELECT text FROM entities WHERE entry_id=? ORDER BY label", (row[0],))]
-        return EntryRecord(int(row[0]), row[1], row[2], ents, int(row[3]), float(row[4]), float(row[5]),
-                           int(row[6]), json.loads(row[7]))
+        ents = [str(r[0]) for r in conn.execute("SELECT text FROM entities WHERE entry_id=? ORDER BY label", (row[0],))]
+        info = _loads(row[7])
+        return EntryRecord(int(row[0]), str(row[1]), str(row[2]), ents, int(row[3]), float(row[4]), float(row[5]),
+                           int(row[6]), info if isinstance(info, dict) else {})
 
     def entries(self) -> list[EntryRecord]:
         """Every entry, oldest first."""
@@ -1000,32 +856,43 @@ class LatentStore:
     @property
     def generation(self) -> int:
         """Manifest generation: changes whenever an entry is inserted, evicted or removed."""
-        return self._generation()
+        return Manifest.generation(self._conn())
 
     def record_lookup(self, prompt: str, query_entities: Sequence[str], hit_entry: int | None,
                       entity: str | None, matched: str | None, similarity: float | None, ms: float) -> None:
         """Count one lookup: hit/miss counters, entity frequencies, the lookup log, and the
-        served entry's recency/frequency (what LRU and LFU order by). One transaction."""
+        served entry's recency/frequency (what LRU and LFU order by). One transaction.
+
+        Best effort: statistics never fail a request. When the manifest cannot be written (disk
+        full, locked, read-only) the lookup is not counted and a warning is logged once."""
         now = time.time()
-        with self._tx() as c:
-            c.execute("UPDATE counters SET value=value+1 WHERE name='lookups'")
-            c.execute("UPDATE counters SET value=value+1 WHERE name=?", ("hits" if hit_entry is not None else "misses",))
-            c.execute("UPDATE counters SET value=value+? WHERE name='lookup_ms_sum'", (float(ms),))
-            for text in dict.fromkeys(query_entities):
-                c.execute("INSERT INTO entity_counts VALUES(?,1) ON CONFLICT(text) DO UPDATE SET count=count+1",
-                          (text,))
-            cur = c.execute("INSERT INTO lookup_log(time, prompt, hit, entity, matched, similarity, ms) "
-                            "VALUES(?,?,?,?,?,?,?)",
-                            (now, prompt[:500], int(hit_entry is not None), entity, matched, similarity, float(ms)))
-            if cur.lastrowid % 100 == 0:
-                c.execute("DELETE FROM lookup_log WHERE id<=?", (cur.lastrowid - LOOKUP_LOG_KEEP,))
-            if hit_entry is not None:
-                c.execute("UPDATE entries SET last_access=?, access_count=access_count+1 WHERE id=?",
-                          (now, int(hit_entry)))
+        try:
+            with self._tx() as c:
+                c.execute("UPDATE counters SET value=value+1 WHERE name='lookups'")
+                c.execute("UPDATE counters SET value=value+1 WHERE name=?",
+                          ("hits" if hit_entry is not None else "misses",))
+                c.execute("UPDATE counters SET value=value+? WHERE name='lookup_ms_sum'", (float(ms),))
+                for text in dict.fromkeys(query_entities):
+                    c.execute("INSERT INTO entity_counts VALUES(?,1) ON CONFLICT(text) DO UPDATE SET count=count+1",
+                              (text,))
+                cur = c.execute("INSERT INTO lookup_log(time, prompt, hit, entity, matched, similarity, ms) "
+                                "VALUES(?,?,?,?,?,?,?)",
+                                (now, prompt[:500], int(hit_entry is not None), entity, matched, similarity, float(ms)))
+                if cur.lastrowid % 100 == 0:
+                    c.execute("DELETE FROM lookup_log WHERE id<=?", (cur.lastrowid - LOOKUP_LOG_KEEP,))
+                if hit_entry is not None:
+                    c.execute("UPDATE entries SET last_access=?, access_count=access_count+1 WHERE id=?",
+                              (now, int(hit_entry)))
+        except (sqlite3.Error, StoreError) as exc:
+            if not self._stats_warned:
+                self._stats_warned = True
+                log.warning("CHAI store %s: lookup statistics not recorded (%s); requests go on",
+                            self.path, sqlite_store_error(exc, self.path, "record the lookup")
+                            if isinstance(exc, sqlite3.Error) else exc)
 
     def stats(self, last: int = 10) -> StoreStats:
         """Counters, sizes and recent lookups (see :class:`StoreStats`)."""
-        stats = _read_stats(self._conn(), last)
+        stats = read_stats_from(self._conn(), self.path / MANIFEST_NAME, last)
         self._adopt_config(stats.budget_bytes, stats.policy)
         return stats
 
@@ -1038,55 +905,49 @@ class LatentStore:
     def verify(self, full: bool = True) -> VerifyReport:
         """Check the whole store and repair what is wrong.
 
-        Checks every entry's file (exists, size, SHA-256 and safetensors header when ``full``),
-        removes rows without a file and files without a row, and compares each index partition's
-        live labels with the manifest (rebuilding it on any difference).
+        Checks every entry's file (a regular file of the recorded size; with ``full`` also its
+        SHA-256 and safetensors header), removes the store's own files that no row names, lists
+        files that are not the store's (``left_alone``, never touched), compares each index
+        partition's live labels with the manifest (rebuilding it on any difference) and re-saves
+        partition files that would not load as they are.
 
         Returns:
             A :class:`VerifyReport`; ``report.ok`` is True when nothing needed repair.
         """
-        import hashlib
-
-        from safetensors import safe_open
-
         report = VerifyReport()
         with self._lock:
             self.sync()
             conn = self._conn()
-            rows = conn.execute("SELECT id, file, nbytes, sha256 FROM entries ORDER BY id").fetchall()
+            orphans = self._manifest.orphan_entities()
+            if orphans:
+                report.problems.append(f"{orphans} entity row(s) without their entry")
+            bad = dict(self._sync.take_bad_entries())
+            bad.update(self._manifest.invalid_entries() + self._manifest.invalid_entities(self.dim))
+            for entry_id, reason in sorted(bad.items()):
+                report.problems.append(f"entry {entry_id}: {reason}")
+                report.rows_removed += 1
+            self._remove_invalid(sorted(bad.items()))
+            rows = conn.execute("SELECT id FROM entries ORDER BY id").fetchall()
             report.entries_checked = len(rows)
-            for entry_id, file, nbytes, digest in rows:
-                path = self.path / "latents" / file
-                problem = None
-                if not path.is_file():
-                    problem = "latent file is missing"
-                elif path.stat().st_size != nbytes:
-                    problem = f"latent file is {path.stat().st_size} bytes, the manifest recorded {nbytes}"
-                elif full:
-                    data = path.read_bytes()
-                    if hashlib.sha256(data).hexdigest() != digest:
-                        problem = "latent file does not match its recorded SHA-256"
-                    else:
-                        try:
-                            with safe_open(str(path), framework="pt") as handle:
-                                list(handle.keys())
-                        except Exception as exc:
-                            problem = f"latent file is not valid safetensors ({exc})"
+            for (entry_id,) in rows:
+                problem = self._check_entry(int(entry_id), full)
                 if problem:
                     report.problems.append(f"entry {entry_id}: {problem}")
-                    if path.exists():
-                        report.files_quarantined.append(file)
-                    else:
+                    if "missing" in problem:
                         report.rows_removed += 1
-                    self._quarantine(int(entry_id), file, problem)
-            known = set(r[0] for r in conn.execute("SELECT file FROM entries"))
-            for p in (self.path / "latents").iterdir():
-                if p.name not in known:
-                    report.problems.append(f"stray file latents/{p.name}")
-                    report.orphans_removed.append(p.name)
-                    p.unlink(missing_ok=True)
+                    else:
+                        report.files_quarantined.append(f"{entry_id}.safetensors")
+                    self._quarantine(int(entry_id), problem)
+            live = {int(r[0]) for r in conn.execute("SELECT id FROM entries")}
+            parts = {partition_file_name(r[0]) for r in conn.execute("SELECT compat_key FROM partitions WHERE typeof(compat_key)='text'")}
+            legacy = conn.execute("SELECT 1 FROM meta WHERE key='upgraded_from'").fetchone() is not None
+            cleanup = self._files.collect_garbage(live, parts, legacy)
+            for name in cleanup.removed:
+                report.problems.append(f"stray file {name}")
+                report.orphans_removed.append(name.split("/", 1)[1])
+            report.left_alone = cleanup.left_alone
             if self.index is not None:
-                keys = set(r[0] for r in conn.execute("SELECT DISTINCT compat_key FROM entities"))
+                keys = set(r[0] for r in conn.execute("SELECT DISTINCT compat_key FROM entities WHERE typeof(compat_key)='text'"))
                 for key in keys | set(self.index.keys()):
                     want = set(r[0] for r in conn.execute("SELECT label FROM entities WHERE compat_key=?", (key,)))
                     have = self.index.labels(key)
@@ -1094,17 +955,29 @@ class LatentStore:
                         report.problems.append(f"index partition {partition_file_name(key)} has {len(have)} "
                                                f"vectors, the manifest {len(want)}")
                         report.partitions_rebuilt.append(partition_file_name(key))
-                        self._rebuild_partition(key, "verify found a mismatch")
-                # The saved files must also load and match, or the next open would rebuild.
-                recorded = {r[0]: r for r in conn.execute(
-                    "SELECT compat_key, index_sha256, index_size FROM partitions")}
-                for key in keys:
-                    rec = recorded.get(key)
-                    path = self.path / "index" / partition_file_name(key)
-                    if rec is None or rec[1] is None or not path.is_file() or path.stat().st_size != rec[2] \
-                            or file_sha256(path) != rec[1]:
-                        self._save_partition(key)
+                        self._sync.rebuild(key, "verify found a mismatch")
+                for key in keys:  # the saved files must load as they are, or the next open would rebuild
+                    problem = self._sync.saved_file_problem(key)
+                    if problem:
+                        report.problems.append(f"index partition {partition_file_name(key)}: {problem}; saved again")
+                    self._sync.save(key)
         return report
+
+    def _check_entry(self, entry_id: int, full: bool) -> str | None:
+        """Why an entry's latent file cannot be served (None when it can)."""
+        compat_key, nbytes, digest = self._conn().execute(
+            "SELECT compat_key, nbytes, sha256 FROM entries WHERE id=?", (entry_id,)).fetchone()
+        try:
+            if not full:
+                self._files.check_latent_size(entry_id, nbytes)
+                return None
+            blob = self._files.read_latent(entry_id, nbytes)
+            if hashlib.sha256(blob).hexdigest() != digest:
+                return "latent file does not match its recorded SHA-256"
+            check_safetensors(blob, self._spec(compat_key))
+        except BlobError as exc:
+            return str(exc)
+        return None
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -1112,18 +985,14 @@ class LatentStore:
         if self._closed:
             return
         try:
-            if self.index is not None and self._changes_since_save:
-                self.save_index()
+            if self.index is not None and self._sync.changes_since_save:
+                try:
+                    self.save_index()
+                except (OSError, sqlite3.Error, StoreError) as exc:
+                    self._report_index_save_failure(exc)
         finally:
             self._closed = True
-            with self._conns_lock:
-                for conn in self._conns:
-                    try:
-                        conn.close()
-                    except sqlite3.Error:
-                        pass
-                self._conns.clear()
-            self._local = threading.local()
+            self._manifest.close()
 
     def __enter__(self) -> "LatentStore":
         return self
@@ -1145,163 +1014,41 @@ class LatentStore:
     @property
     def budget_bytes(self) -> int:
         """The persisted byte budget (adopted: another process may have changed it)."""
-        rows = dict(self._conn().execute(
-            "SELECT key, value FROM meta WHERE key IN ('budget_bytes', 'policy')").fetchall())
-        self._adopt_config(int(rows["budget_bytes"]), rows["policy"])
-        return self.config.budget_bytes
+        return self._policy_and_budget()[1]
 
     @property
     def policy(self) -> str:
         """The persisted eviction policy, ``"lru"``, ``"lfu"`` or ``"fifo"``."""
-        return EvictionPolicy.parse(self._conn().execute(
-            "SELECT value FROM meta WHERE key='policy'").fetchone()[0]).value
+        return self._policy_and_budget()[0].value
 
     def set_policy(self, policy: str | EvictionPolicy) -> None:
         """Persist a new eviction policy; every process's next eviction follows it. Raises ValueError."""
         parsed = EvictionPolicy.parse(policy)
         with self._tx() as c:
             c.execute("UPDATE meta SET value=? WHERE key='policy'", (parsed.value,))
-        self.config = _replace(self.config, policy=parsed)
+        self.config = replace(self.config, policy=parsed)
 
     def compat_keys(self) -> list[str]:
         """The distinct compatibility keys that hold entries, sorted."""
-        return [r[0] for r in self._conn().execute("SELECT DISTINCT compat_key FROM entries ORDER BY compat_key")]
+        return [r[0] for r in self._conn().execute(
+            "SELECT DISTINCT compat_key FROM entries WHERE typeof(compat_key)='text' ORDER BY compat_key")]
 
     @staticmethod
     def exists(path: str | os.PathLike) -> bool:
-        """True when the folder ``path`` holds a store (its manifest); nothing is created or opened."""
-        return (Path(path).expanduser() / "manifest.sqlite").is_file()
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT on an autocommit connection; rolls back on any exception."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-
-    def __enter__(self) -> "_Transaction":
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self
-
-    def execute(self, sql: str, params: Sequence = ()) -> sqlite3.Cursor:
-        return self.conn.execute(sql, params)
-
-    def executescript_in_tx(self, script: str) -> None:
-        for statement in script.split(";"):
-            if statement.strip():
-                self.conn.execute(statement)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                self.conn.execute("COMMIT")
-            except sqlite3.Error:
-                # A failed COMMIT (disk full, I/O error) can leave the transaction open, and every
-                # later BEGIN on this connection would then fail: end it before re-raising.
-                if self.conn.in_transaction:
-                    try:
-                        self.conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                raise
-        else:
-            self.conn.execute("ROLLBACK")
-
-
-def _read_stats(conn: sqlite3.Connection, last: int = 10) -> StoreStats:
-    """:class:`StoreStats` from a manifest connection (read-only queries)."""
-    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-    counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
-    entries, held = conn.execute("SELECT COUNT(*), COALESCE(SUM(nbytes),0) FROM entries").fetchone()
-    n_entities = conn.execute("SELECT COUNT(*) FROM entities").fetchone()[0]
-    ms = [r[0] for r in conn.execute(f"SELECT ms FROM lookup_log ORDER BY id DESC LIMIT {LOOKUP_LOG_KEEP}")]
-    top = [(t, int(n)) for t, n in conn.execute(
-        "SELECT text, count FROM entity_counts ORDER BY count DESC, text ASC LIMIT 10")]
-    recent = [dict(zip(("time", "prompt", "hit", "entity", "matched", "similarity", "ms"), r)) for r in conn.execute(
-        "SELECT time, prompt, hit, entity, matched, similarity, ms FROM lookup_log ORDER BY id DESC LIMIT ?",
-        (int(last),))]
-    for r in recent:
-        r["hit"] = bool(r["hit"])
-    lookups = int(counters.get("lookups", 0))
-    return StoreStats(
-        entries=int(entries), entities=int(n_entities), bytes=int(held), budget_bytes=int(meta["budget_bytes"]),
-        hits=int(counters.get("hits", 0)), misses=int(counters.get("misses", 0)), lookups=lookups,
-        evictions=int(counters.get("evictions", 0)), inserts=int(counters.get("inserts", 0)),
-        repairs=int(counters.get("repairs", 0)), quarantined=int(counters.get("quarantined", 0)),
-        hit_rate=(counters.get("hits", 0) / lookups) if lookups else 0.0,
-        lookup_ms_mean=float(np.mean(ms)) if ms else 0.0,
-        lookup_ms_p50=float(np.percentile(ms, 50)) if ms else 0.0,
-        lookup_ms_p99=float(np.percentile(ms, 99)) if ms else 0.0,
-        top_entities=top, last_lookups=recent, generation=int(meta["generation"]),
-        policy=EvictionPolicy.parse(meta["policy"]).value,
-    )
-
-
-def read_stats(path: str | os.PathLike, last: int = 10) -> StoreStats:
-    """Statistics of a store without opening it for writing: for folders on read-only mounts, or
-    stores another user owns. Nothing is repaired or locked and no store file is written (SQLite
-    may add its -shm side file where the folder allows); a store being written at the same moment
-    may show a state one insert old.
-
-    Args:
-        path: the store folder (holding ``manifest.sqlite``).
-        last: how many recent lookups to include.
-
-    Returns:
-        :class:`StoreStats`, the same fields :meth:`LatentStore.stats` gives.
-
-    Raises:
-        StoreError: no readable manifest in ``path`` or a manifest of another schema version.
-    """
-    manifest = Path(path).expanduser().resolve() / "manifest.sqlite"
-    if not manifest.is_file():
-        raise StoreError(f"{manifest.parent} is not a CHAI store (no manifest.sqlite in it)")
-    last_exc: Exception | None = None
-    # mode=ro needs the WAL's shared-memory file to exist or be creatable; immutable=1 reads a
-    # folder nobody can write (a read-only mount) straight from the database file.
-    for query in ("mode=ro", "immutable=1"):
+        """True when the folder ``path`` is a CHAI store (its marker, or a manifest of the previous
+        format); nothing is created, opened for writing or changed."""
         try:
-            conn = sqlite3.connect(f"{manifest.as_uri()}?{query}", uri=True, timeout=10.0)
-            try:
-                version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-                _check_schema(version[0] if version else None)
-                return _read_stats(conn, last)
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
-            last_exc = exc
-    raise StoreError(f"cannot read {manifest} ({last_exc}); it is not a CHAI manifest or it is damaged")
+            return identify_folder(Path(path).expanduser().resolve())[0] in ("marked", "unmarked")
+        except StoreError:
+            return False
 
 
-def _check_schema(version: str | None) -> None:
-    """Raise StoreError unless the manifest's ``schema_version`` (text, None when missing) is ours."""
-    if int(version or 0) != SCHEMA_VERSION:
-        raise StoreError(f"store schema version {version} is not {SCHEMA_VERSION}; "
-                         "open it with the pack version that created it or start a new store")
-
-
-def _note_pruned(c, upto: int) -> None:
-    """Record that deletion-log rows up to generation ``upto`` are gone, so a process whose index
-    is older than that knows it must reconcile with the manifest instead of replaying the log."""
-    row = c.execute("SELECT value FROM meta WHERE key='deleted_pruned_upto'").fetchone()
-    if row is None or int(row[0]) < upto:
-        c.execute("INSERT OR REPLACE INTO meta VALUES('deleted_pruned_upto', ?)", (str(int(upto)),))
-
-
-def _bytes_held(c) -> int:
-    """Latent bytes the manifest holds (the trigger-kept counter; see ``_BYTES_TRIGGERS``)."""
-    return int(c.execute("SELECT value FROM counters WHERE name='bytes_held'").fetchone()[0])
-
-
-def _validate_budget(budget: int) -> None:
-    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
-        raise ValueError(f"budget must be a positive number of bytes, got {budget!r}")
-
-
-def _replace(cfg: StoreConfig, **changes) -> StoreConfig:
-    from dataclasses import replace
-
-    return replace(cfg, **changes)
+def _loads(text):
+    """JSON from a manifest text field; None when it is not JSON."""
+    try:
+        return json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
+        return None
 
 
 def _tensor_spec(tensors: Mapping[str, object]) -> dict:
@@ -1314,6 +1061,8 @@ def _tensor_spec(tensors: Mapping[str, object]) -> dict:
     for name, value in tensors.items():
         if not isinstance(name, str) or not name:
             raise ValueError("tensor names must be non-empty strings")
+        if name == "__metadata__":
+            raise ValueError("'__metadata__' is reserved by safetensors; give the tensor another name")
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"tensor {name!r} is a {type(value).__name__}, expected a torch.Tensor")
         dtype = str(value.dtype).replace("torch.", "")
@@ -1326,3 +1075,60 @@ def _tensor_spec(tensors: Mapping[str, object]) -> dict:
         spec[name] = [dtype, list(value.shape)]
     return dict(sorted(spec.items()))
 
+
+def _read_only_connection(path: Path) -> tuple[sqlite3.Connection, str | None]:
+    """A read-only connection to the manifest of the store at ``path`` after the containment
+    checks (the folder is a CHAI store; the manifest and its side files are regular files), and
+    the marker's store id (None for an unmarked store)."""
+    kind, found = identify_folder(path)
+    if kind not in ("marked", "unmarked"):
+        raise ContainmentError(f"{path} is not a CHAI store (no {MARKER_NAME} and no CHAI manifest in it)")
+    StoreFiles(path).check_top_level(MANIFEST_SIDE_FILES)
+    manifest = path / MANIFEST_NAME
+    if not manifest.is_file():
+        raise StoreError(f"{path} is a CHAI store without a manifest (it was never used, or its manifest was "
+                         "deleted); open it normally to recreate it")
+    # mode=ro needs the WAL's shared-memory file to exist or be creatable; immutable=1 reads a
+    # folder nobody can write (a read-only mount) straight from the database file.
+    for immutable in (False, True):
+        try:
+            conn = connect_read_only(manifest, immutable)
+        except sqlite3.Error:
+            continue
+        if schema_version(conn) is not None:
+            return conn, (found["store_id"] if kind == "marked" else None)
+        conn.close()
+    raise StoreError(f"{manifest} is not a CHAI manifest this release reads, or it is damaged; nothing was changed")
+
+
+def read_stats(path: str | os.PathLike, last: int = 10) -> StoreStats:
+    """Statistics of a store without opening it for writing: for folders on read-only mounts, or
+    stores another user owns. Nothing is repaired or locked and no store file is written (SQLite
+    may add its -shm side file where the folder allows); a store being written at the same moment
+    may show a state one insert old. The containment rules hold: a folder that is not a CHAI
+    store, or a manifest that is a link, is refused before anything is opened.
+
+    Args:
+        path: the store folder.
+        last: how many recent lookups to include.
+
+    Returns:
+        :class:`StoreStats`, the same fields :meth:`LatentStore.stats` gives.
+
+    Raises:
+        StoreError / ContainmentError: not a CHAI store, a manifest of another format, or a value
+            in it that CHAI never writes (the message names it).
+    """
+    folder = Path(path).expanduser().resolve()
+    conn, store_id = _read_only_connection(folder)
+    try:
+        stats = read_stats_from(conn, folder / MANIFEST_NAME, last)
+        if store_id is not None:
+            row = conn.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()
+            if not row or row[0] != store_id:
+                raise ContainmentError(f"{folder / MANIFEST_NAME} belongs to another store than its folder's marker")
+        return stats
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {folder / MANIFEST_NAME} ({exc}); it is damaged") from exc
+    finally:
+        conn.close()

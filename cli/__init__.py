@@ -30,6 +30,45 @@ def default_prompt_file() -> Path:
     return PACKAGE_DIR / "data" / "vbench" / "all_dimension.txt"
 
 
+SEED_MAX = (1 << 64) - 1  # torch.manual_seed accepts 0 .. 2**64 - 1
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (``--limit 0`` or ``-1`` would silently run all or none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """argparse type: a noise seed torch accepts (0 .. 2**64 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {SEED_MAX}, got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {SEED_MAX}, got {text!r}")
+    return value
+
+
+def _budget_mb(text: str) -> float:
+    """argparse type: a store budget in MiB (2^20 bytes): finite, at least one byte, at most 1 PiB."""
+    from ..cache.store_types import MAX_BUDGET_BYTES
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of MiB, e.g. 1024, got {text!r}") from None
+    if not (value > 0 and value * 2**20 <= MAX_BUDGET_BYTES) or round(value * 2**20) < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of MiB above 0 and at most {MAX_BUDGET_BYTES >> 20:,} (1 PiB), got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of every command (used by ``main`` and by the docs)."""
     parser = argparse.ArgumentParser(prog="python -m comfyui_chai",
@@ -54,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="replay prompts through the cache at several budgets")
     sim.add_argument("--prompts", default=str(default_prompt_file()),
                      help="prompt file: one per line, or JSON (default: the 946 VBench prompts shipped with the pack)")
-    sim.add_argument("--budget-mb", type=float, nargs="+", default=[25, 50, 100, 200, 400, 1000],
+    sim.add_argument("--budget-mb", type=_budget_mb, nargs="+", default=[25, 50, 100, 200, 400, 1000],
                      help="cache budgets in MiB (2^20 bytes); several give a curve")
     sim.add_argument("--mode", choices=["entity", "prompt", "both"], default="both",
                      help="entity-level (CHAI), whole-prompt (baseline) or both")
@@ -64,11 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="latent of one video (default OpenSora 1.2 at 240p 9:16, 51 frames)")
     sim.add_argument("--cache-steps", type=int, default=3, help="latents stored per entry (steps 2-4 -> 3)")
     sim.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored latent dtype")
-    sim.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    sim.add_argument("--limit", type=_positive_int, default=None, help="use only the first N prompts")
     sim.add_argument("--out", default="out/simulate", help="folder for simulate.md, simulate.json and simulate.png")
     sim.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_generate_parser(sub)
     _add_demo_parser(sub)
+    from ..farm import add_parsers as add_farm_parsers
+
+    add_farm_parsers(sub)  # db, worker, cache migrate, generate --queue (farm.py)
     return parser
 
 
@@ -91,11 +133,11 @@ def _add_demo_parser(sub) -> None:
     demo.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     demo.add_argument("--store", default=None,
                       help="cache store folder to create or reuse (default: a fresh temporary store, deleted after)")
-    demo.add_argument("--limit", type=int, default=None, help="only the first N of the 12 prompts")
-    demo.add_argument("--seed", type=int, default=42, help="noise seed of prompt i is seed + i (both runs)")
+    demo.add_argument("--limit", type=_positive_int, default=None, help="only the first N of the 12 prompts")
+    demo.add_argument("--seed", type=_seed, default=42, help="noise seed of prompt i is seed + i (both runs)")
     demo.add_argument("--model-dir", default=None, help="reference-model folder (default: the bundled models/reference_v1)")
     demo.add_argument("--threshold", type=float, default=None, help="hit similarity (default: the lookup's, 0.72)")
-    demo.add_argument("--budget-mb", type=float, default=None,
+    demo.add_argument("--budget-mb", type=_budget_mb, default=None,
                       help="store budget in MiB (2^20 bytes; default: kept, 1024 when new)")
     demo.add_argument("--full-steps", type=int, default=None, help="steps on a miss and of the full-mode twins (default 30)")
     demo.add_argument("--fast-steps", type=int, default=8, help="steps on a hit (default 8)")
@@ -142,12 +184,14 @@ def _print_stats(path: Path, stats, as_json: bool) -> None:
 
 
 def _cmd_cache(args) -> int:
-    from ..cache.backend import open_store, read_stats
+    from ..cache.backend import location_scheme, open_store, read_stats
     from ..cache.store import StoreError
 
     location = args.store
     try:
-        if args.cache_command == "stats" and (args.read_only or not os.access(Path(location).expanduser(), os.W_OK)):
+        folder = not location_scheme(location)  # a URL (PostgreSQL) has no folder to be read-only
+        if args.cache_command == "stats" and (args.read_only or (folder and not os.access(Path(location).expanduser(),
+                                                                                          os.W_OK))):
             stats = read_stats(location)
             if not args.json:
                 print("read-only: manifest read as is (no repair, nothing written)")
@@ -158,8 +202,12 @@ def _cmd_cache(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with store:
-        for line in store.open_report:
-            print(f"repaired on open: {line}")
+        report_to = sys.stderr if getattr(args, "json", False) else sys.stdout  # --json keeps stdout pure JSON
+        for line in store.notes:
+            print(f"note: {line}", file=report_to)
+        repaired_on_open = list(store.open_report)
+        for line in repaired_on_open:
+            print(f"repaired on open: {line}", file=report_to)
         if args.cache_command == "stats":
             _print_stats(Path(location), store.stats(), args.json)
             return 0
@@ -168,8 +216,11 @@ def _cmd_cache(args) -> int:
             print(f"checked {report.entries_checked} entries")
             for problem in report.problems:
                 print(f"repaired: {problem}")
-            print("OK: store is consistent" if report.ok else f"{len(report.problems)} problem(s) found and repaired")
-            return 0 if report.ok else 1
+            for name in report.left_alone:
+                print(f"left alone (not the store's own file, never touched): {name}")
+            found = len(report.problems) + len(repaired_on_open)
+            print("OK: store is consistent" if not found else f"{found} problem(s) found and repaired")
+            return 0 if not found else 1
         if args.cache_command == "compact":
             result = store.compact()
             print(f"compacted {result['partitions']} partition(s): {result['vectors']} vectors kept, "
@@ -232,7 +283,8 @@ def _add_generate_parser(sub) -> None:
                          epilog=_GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     gen.add_argument("--prompts", required=True, help="prompt file: one per line, or a JSON list")
     gen.add_argument("--out", required=True, help="folder for the mp4 files and report.{json,md}")
-    gen.add_argument("--store", required=True, help="cache store folder (created if missing)")
+    gen.add_argument("--store", required=True,
+                     help="cache store folder (created if missing), or a postgresql:// URL shared by a farm")
     gen.add_argument("--model", nargs="+", default=["tiny"], metavar="tiny|reference|PATH",
                      help="'tiny', 'reference' [DIR], or STDIT3 VAE T5 [TOKENIZER] weight paths (see below)")
     gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -245,9 +297,9 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--width", type=int, default=None, help="pixel width (overrides --resolution)")
     gen.add_argument("--num-frames", default=None,
                      help="frames or a duration name (default 51 = '2s'; tiny: 17; reference: 8)")
-    gen.add_argument("--seed", type=int, default=42, help="noise seed of prompt i is seed + i")
+    gen.add_argument("--seed", type=_seed, default=42, help="noise seed of prompt i is seed + i")
     gen.add_argument("--fps", type=int, default=None, help="frame rate of the mp4 files (default: the model's, 24)")
-    gen.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    gen.add_argument("--limit", type=_positive_int, default=None, help="only the first N prompts")
     gen.add_argument("--captions", choices=["minilm", "hashed"], default="minilm",
                      help="caption encoder of --model tiny: MiniLM token states or hashed words (no model)")
     gen.add_argument("--threads", type=int, default=None,
@@ -274,8 +326,11 @@ def _add_generate_parser(sub) -> None:
                     help="stored latent dtype (float16)")
     ca.add_argument("--lookup-mode", choices=["entity", "prompt"], default="entity",
                     help="entity-level keys (CHAI) or the whole prompt (NIRVANA-style baseline)")
-    ca.add_argument("--budget-mb", type=float, default=None,
+    ca.add_argument("--budget-mb", type=_budget_mb, default=None,
                     help="store budget in MiB (2^20 bytes, as the ComfyUI Cache node; default: kept, 1024 when new)")
+    ca.add_argument("--evict-to-fit", action="store_true",
+                    help="allow a --budget-mb smaller than what the store holds (evicts the entries beyond it); "
+                         "without it such a budget is refused and nothing is evicted")
     ca.add_argument("--policy", choices=["lru", "lfu", "fifo"], default=None, help="eviction policy (default: kept)")
     _add_intra_flags(gen)
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -488,6 +543,9 @@ def _cmd_generate(args) -> int:
     prompts = read_prompts(args.prompts)
     if args.limit:
         prompts = prompts[: args.limit]
+    if args.seed + len(prompts) - 1 > SEED_MAX:
+        raise ValueError(f"--seed {args.seed}: prompt i uses seed + i, which must stay at most {SEED_MAX} for "
+                         f"{len(prompts)} prompts; give a smaller --seed")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tiny = args.model == ["tiny"]
@@ -503,7 +561,7 @@ def _cmd_generate(args) -> int:
     num_frames = args.num_frames or (17 if tiny else None)  # None: the model's default (51; reference: 8)
     try:
         store = open_store(args.store, budget_bytes=mib_to_bytes(args.budget_mb) if args.budget_mb else None,
-                           policy=args.policy)
+                           policy=args.policy, evict_to_fit=args.evict_to_fit)
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -539,6 +597,9 @@ def _cmd_generate(args) -> int:
                 video = write_video(result.frames, out / f"{i:03d}_{slug}.mp4", fps=args.fps or pipe.fps)
                 row = result.summary()
                 row["video"] = video.name
+                if result.lookup is not None and result.lookup.not_stored:
+                    row["not_stored"] = result.lookup.not_stored  # the video is kept; the cache skipped it
+                    tqdm.write(f"prompt {i}: {result.lookup.not_stored}", file=sys.stderr)
                 rows.append(row)
                 computed = "".join(f" {r['full']}/{r['steps']} computed" for r in result.hook_reports.values()
                                    if "map" in r)
@@ -561,9 +622,15 @@ def _cmd_generate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
+    from ..cache.store_types import StoreError
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        from .. import farm
+
+        if farm.handles(args):
+            return farm.run(args)
         if args.command == "cache":
             return _cmd_cache(args)
         if args.command == "simulate":
@@ -572,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_generate(args)
         if args.command == "demo":
             return _cmd_demo(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 2

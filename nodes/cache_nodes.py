@@ -66,6 +66,11 @@ class CHAICache:
                 "default": "lru",
                 "tooltip": "Which entry goes first when the budget is full: least recently used (the paper's), "
                            "least frequently used, or oldest."}),
+        }, "optional": {
+            "evict_to_fit": ("BOOLEAN", {
+                "default": False,
+                "tooltip": "Allow a budget smaller than what the store holds: the entries beyond it are evicted. "
+                           "Off: such a budget is refused with an error that says how much would go."}),
         }}
 
     RETURN_TYPES = ("CHAI_CACHE",)
@@ -78,7 +83,7 @@ class CHAICache:
                    "lookup or a sample made against an older state of the store.")
 
     @classmethod
-    def IS_CHANGED(cls, folder, budget_mb=1024, policy="lru"):
+    def IS_CHANGED(cls, folder, budget_mb=1024, policy="lru", evict_to_fit=False):
         """The store's path and manifest generation: every node downstream re-runs after an insert,
         eviction or repair (also by another process), and only then."""
         try:
@@ -87,13 +92,17 @@ class CHAICache:
             return f"invalid:{exc}"
         return f"{path}@{registry.peek_generation(path)}"
 
-    def open(self, folder, budget_mb=1024, policy="lru"):
-        """Returns (CHAI_CACHE,). Raises ValueError (bad name, budget, policy) or StoreError."""
-        if isinstance(budget_mb, bool) or not isinstance(budget_mb, int) or budget_mb < 1:
-            raise ValueError(f"budget_mb must be a whole number of MiB >= 1, got {budget_mb!r}")
+    def open(self, folder, budget_mb=1024, policy="lru", evict_to_fit=False):
+        """Returns (CHAI_CACHE,). Raises ValueError (bad name, budget, policy) or StoreError
+        (the folder is not empty and not a store; BudgetError: the budget would evict entries and
+        ``evict_to_fit`` is off)."""
+        if isinstance(budget_mb, bool) or not isinstance(budget_mb, int) or not 1 <= budget_mb <= 1 << 20:
+            raise ValueError(f"budget_mb must be a whole number of MiB from 1 to {1 << 20} (the input's range), "
+                             f"got {budget_mb!r}")
         from ..cache.backend import mib_to_bytes
 
-        return (registry.open_store(folder, budget_bytes=mib_to_bytes(budget_mb), policy=policy),)
+        return (registry.open_store(folder, budget_bytes=mib_to_bytes(budget_mb), policy=policy,
+                                    evict_to_fit=bool(evict_to_fit)),)
 
 
 class CHAICacheLookup:

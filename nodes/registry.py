@@ -75,7 +75,8 @@ def resolve_store_path(folder: str) -> Path:
 
 def peek_generation(path: Path) -> Optional[int]:
     """The generation of the store at ``path`` without opening it (``cache.backend.generation_of``),
-    or None when there is no store there yet. Cheap: used by ``IS_CHANGED`` before every prompt."""
+    or None when there is no store there yet (nothing is written in a folder that is not a store).
+    Cheap: used by ``IS_CHANGED`` before every prompt."""
     from ..cache.backend import generation_of
 
     handle = _STORES.get(str(path))
@@ -119,18 +120,22 @@ class StoreHandle:
         return bool(self.store.closed)
 
 
-def open_store(folder: str, budget_bytes: Optional[int] = None, policy: Optional[str] = None) -> StoreHandle:
+def open_store(folder: str, budget_bytes: Optional[int] = None, policy: Optional[str] = None,
+               evict_to_fit: bool = False) -> StoreHandle:
     """Open (or create) a store through ``cache.backend.open_store``, or return this process's open one,
     applying budget and policy.
 
     Args:
         folder: see :func:`resolve_store_path`.
-        budget_bytes: byte budget (> 0); None keeps the persisted one. A smaller budget evicts now.
+        budget_bytes: byte budget (> 0); None keeps the persisted one. A budget smaller than what
+            the store holds is refused unless ``evict_to_fit`` (then it evicts now).
         policy: ``"lru"``, ``"lfu"`` or ``"fifo"``; None keeps the persisted one.
+        evict_to_fit: confirm evicting down to a smaller budget.
 
     Raises:
         ValueError: bad folder, budget or policy. ``cache.store.StoreError``: the folder is not a
-        usable store (a file, not writable, another schema); the message says what to do.
+        usable store (a file, not writable, not empty and not a store, another format;
+        ``BudgetError``: the budget would evict); the message says what to do.
     """
     from ..cache import backend
 
@@ -146,11 +151,12 @@ def open_store(folder: str, budget_bytes: Optional[int] = None, policy: Optional
             if policy is not None and store.policy != policy:
                 store.set_policy(policy)
             if budget_bytes is not None and int(budget_bytes) != int(store.budget_bytes):
-                store.set_budget(int(budget_bytes))
+                store.set_budget(int(budget_bytes), evict_to_fit=evict_to_fit)
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if not os.path.isabs(os.path.expanduser(folder.strip())):
+                path.parent.mkdir(parents=True, exist_ok=True)  # the store root; an absolute path's parent must exist
             store = backend.open_store(path, budget_bytes=None if budget_bytes is None else int(budget_bytes),
-                                       policy=policy)
+                                       policy=policy, evict_to_fit=evict_to_fit)
             old = _STORES.get(str(path))
             handle = StoreHandle(id=store_id(path), path=path, store=store, name=folder, opened_at=time.time(),
                                  last_run=old.last_run if old is not None else None)

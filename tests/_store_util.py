@@ -100,6 +100,21 @@ def manifest_total(store_dir: Path) -> int:
     return int(manifest_rows(store_dir, "SELECT COALESCE(SUM(nbytes), 0) FROM entries")[0][0])
 
 
+def manifest_files(store_dir: Path) -> set[str]:
+    """The latent file names the manifest's entries imply (``<entry id>.safetensors``)."""
+    return {f"{r[0]}.safetensors" for r in manifest_rows(store_dir, "SELECT id FROM entries")}
+
+
+def latent_path(store_dir: Path, entry_id: int) -> Path:
+    """Where the store keeps an entry's latents."""
+    return Path(store_dir) / "latents" / f"{int(entry_id)}.safetensors"
+
+
+def quarantined(store_dir: Path, entry_id: int) -> list[Path]:
+    """The files of entry ``entry_id`` in ``quarantine/`` (named ``<id>-<16 hex>.safetensors``)."""
+    return sorted((Path(store_dir) / "quarantine").glob(f"{int(entry_id)}-*.safetensors"))
+
+
 def latent_files(store_dir: Path) -> dict[str, int]:
     """name -> size of every file in ``latents/``."""
     return {p.name: p.stat().st_size for p in (Path(store_dir) / "latents").iterdir()}

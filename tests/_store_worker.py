@@ -142,17 +142,18 @@ def quarantine_child(store_dir: str, entry_id: int, kill_after_move: bool) -> No
     import signal
 
     from comfyui_chai.cache import store as store_module
+    from comfyui_chai.cache import store_files
 
-    real_replace = os.replace
+    real_rename = store_files._Dir.rename
 
-    def dying_replace(src, dst):
-        if "quarantine" in str(dst):
+    def dying_rename(self, name, dest, dest_name):
+        if dest.path.name == "quarantine":
             if kill_after_move:
-                real_replace(src, dst)
+                real_rename(self, name, dest, dest_name)
             os.kill(os.getpid(), signal.SIGKILL)
-        real_replace(src, dst)
+        real_rename(self, name, dest, dest_name)
 
-    store_module.os.replace = dying_replace  # this forked child only
+    store_files._Dir.rename = dying_rename  # this forked child only
     store = store_module.LatentStore(store_dir)
     store.load(entry_id)
     os._exit(5)  # not reached when the load finds the corruption

@@ -74,8 +74,11 @@ def test_open_store_creates_only_when_asked_and_dispatches_by_scheme(tmp_path):
         open_store(tmp_path / "bad-option", options={"no_such_option": 1})
 
     # A URL is dispatched by its scheme: unknown schemes are refused before anything is touched ...
-    with pytest.raises(StoreError, match=r"no store backend handles postgresql:// locations"):
-        open_store("postgresql://chai@render-farm/cache")
+    with pytest.raises(StoreError, match=r"no store backend handles mysql:// locations"):
+        open_store("mysql://chai@render-farm/cache")
+    # postgresql:// goes to cache/pgstore.py (tests/test_pgstore.py): here only its refusal of a password.
+    with pytest.raises(StoreError, match="holds a password"):
+        open_store("postgresql://chai:secret@render-farm/cache")
     assert backend.location_scheme("postgresql://x/y") == "postgresql" and backend.location_scheme(missing) == ""
     with pytest.raises(ValueError, match="empty"):
         open_store("  ")
@@ -93,7 +96,7 @@ def test_open_store_creates_only_when_asked_and_dispatches_by_scheme(tmp_path):
         with open_store("chaitest://host/db", budget_bytes=5 << 20, policy="fifo", dim=DIM) as store:
             assert (store.budget_bytes, store.policy, store.dim) == (5 << 20, "fifo", DIM)
         assert seen == {"location": "chaitest://host/db", "budget_bytes": 5 << 20, "policy": "fifo", "dim": DIM,
-                        "create": True, "options": None}
+                        "create": True, "options": None, "evict_to_fit": False}
         assert backend.store_exists("chaitest://host/db") is False
     finally:
         del backend.BACKENDS["chaitest"]

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from _store_util import DIM, KEYS, entity_vectors, manifest_rows, put_seeded, seeded_entry
+from _store_util import DIM, KEYS, entity_vectors, latent_path, manifest_rows, put_seeded, quarantined, seeded_entry
 from comfyui_chai.cache.index import partition_file_name
 from comfyui_chai.cache.store import LatentStore
 from comfyui_chai.cli import main
@@ -75,13 +75,13 @@ def test_verify_is_clean_on_a_healthy_store_and_fails_after_truncation(store_dir
     assert code == 0, out
     assert "checked 12 entries" in out and "OK: store is consistent" in out
 
-    name, entry_id = manifest_rows(store_dir, "SELECT file, id FROM entries ORDER BY id LIMIT 1 OFFSET 5")[0]
-    f = store_dir / "latents" / name
+    entry_id = manifest_rows(store_dir, "SELECT id FROM entries ORDER BY id LIMIT 1 OFFSET 5")[0][0]
+    f = latent_path(store_dir, entry_id)
     f.write_bytes(f.read_bytes()[:-7])
     code, out, _ = _run(capsys, "verify", str(store_dir))
     assert code == 1, out
     assert f"repaired: entry {entry_id}: latent file is" in out and "1 problem(s) found and repaired" in out
-    assert (store_dir / "quarantine" / name).is_file() and not f.exists()
+    assert len(quarantined(store_dir, entry_id)) == 1 and not f.exists()
 
     # Repaired: the next run is clean, and the stats count the quarantine.
     code, out, _ = _run(capsys, "verify", str(store_dir))
@@ -92,8 +92,7 @@ def test_verify_is_clean_on_a_healthy_store_and_fails_after_truncation(store_dir
 
 
 def test_verify_quick_checks_sizes_only(store_dir, capsys):
-    name = manifest_rows(store_dir, "SELECT file FROM entries ORDER BY id LIMIT 1")[0][0]
-    f = store_dir / "latents" / name
+    f = latent_path(store_dir, manifest_rows(store_dir, "SELECT MIN(id) FROM entries")[0][0])
     blob = bytearray(f.read_bytes())
     blob[-3] ^= 0xFF  # same size, other content
     f.write_bytes(bytes(blob))
@@ -144,8 +143,10 @@ def test_non_store_paths_are_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "manifest.sqlite").write_bytes(b"garbage" * 50)
-    code, _, err = _run(capsys, "stats", str(bad))
-    assert code == 2 and "not a readable SQLite manifest" in err
+    for cmd in ("stats", "verify", "compact"):
+        code, _, err = _run(capsys, cmd, str(bad))
+        assert code == 2 and "is not a CHAI manifest" in err
+    assert (bad / "manifest.sqlite").read_bytes() == b"garbage" * 50 and len(list(bad.iterdir())) == 1
 
 
 def test_repairs_made_on_open_are_printed(store_dir, capsys):

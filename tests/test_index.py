@@ -21,6 +21,7 @@ from comfyui_chai.cache.index import (
     ReadWriteLock,
     partition_file_name,
 )
+from comfyui_chai.cache.index_file import check_hnsw_file
 
 
 def _index(**kw) -> EntityIndex:
@@ -186,45 +187,45 @@ def test_store_compacts_a_partition_when_tombstones_pile_up(tmp_path):
         found = {m.entry_id for m in store.search(unit_vectors(rng, 4), "k", k=40)}
         assert found <= set(ids[17:]) | {new, ids[-1] + 1} and not found & set(ids[:17])
 
-def test_save_and_load_round_trip_with_checksums(tmp_path):
+def test_write_check_and_load_round_trip(tmp_path):
+    """A partition written by hnswlib passes the structural check (labels, delete marks) and loads
+    back with its tombstones and ef; a file that is not a whole partition is refused before hnswlib."""
     rng = np.random.default_rng(7)
     data = unit_vectors(rng, 120)
     idx = _index(ef_search=50)
-    idx.add(np.arange(120), data, "k")
+    idx.add(np.arange(1, 121), data, "k")
     idx.delete([3, 4, 5], "k")
-    digest, size, live, deleted = idx.save_partition("k", tmp_path)
     path = tmp_path / partition_file_name("k")
-    assert path.is_file() and path.stat().st_size == size
+    live, deleted = idx.write_partition("k", str(path))
     assert deleted == [3, 4, 5] and len(live) == 117
-    assert not list(tmp_path.glob("*.tmp*")), "the temp file must be renamed away"
+    info = check_hnsw_file(path.read_bytes(), DIM, 16, 200, max_count=120)
+    assert info.count == 120 and sorted(info.labels.tolist()) == list(range(1, 121))
+    assert sorted(info.labels[info.deleted].tolist()) == [3, 4, 5]
 
     fresh = _index(ef_search=50)
-    fresh.load_partition("k", tmp_path, digest, size, np.asarray(deleted))
+    fresh.load_partition("k", str(path), info.count, np.asarray(deleted))
     assert fresh.labels("k") == set(live) and fresh.tombstones("k") == 3
     assert fresh._parts["k"].index.ef == 50, "ef is not persisted by hnswlib and must be re-applied"
+    assert fresh._parts["k"].index.get_max_elements() == 120, "capacity comes from the element count, not the file"
     got, _ = fresh.query(data, 5, "k")
     assert not ({3, 4, 5} & set(got.reshape(-1).tolist()))
-    assert np.array_equal(fresh.query(data[10:20], 1, "k")[0][:, 0], np.arange(10, 20))
-
-    with pytest.raises(IndexFileError, match="SHA-256"):
-        _index().load_partition("k", tmp_path, "0" * 64, size, np.asarray(deleted))
-    with pytest.raises(IndexFileError, match="bytes"):
-        _index().load_partition("k", tmp_path, digest, size + 1, np.asarray(deleted))
+    assert np.array_equal(fresh.query(data[10:20], 1, "k")[0][:, 0], np.arange(11, 21))
     with pytest.raises(IndexFileError, match="lacks labels"):
-        _index().load_partition("k", tmp_path, digest, size, np.asarray([7777]))
-    with pytest.raises(IndexFileError, match="missing"):
-        _index().load_partition("other", tmp_path, digest, size, np.asarray([]))
-    # A truncated file whose record was (wrongly) updated still never crashes: hnswlib rejects it.
-    blob = path.read_bytes()
-    path.write_bytes(blob[: len(blob) // 2])
-    from comfyui_chai.cache.index import file_sha256
+        _index().load_partition("k", str(path), info.count, np.asarray([7777]))
 
-    with pytest.raises(IndexFileError):
-        _index().load_partition("k", tmp_path, file_sha256(path), path.stat().st_size, np.asarray([]))
-    # Saving a partition that no longer exists removes its file.
-    path.write_bytes(blob)
+    blob = path.read_bytes()
+    for bad, why in ((blob[: len(blob) // 2], "too short|ends inside|bytes after"), (blob + b"\0", "after the last"),
+                     (blob[:40], "shorter than")):
+        with pytest.raises(IndexFileError, match=why):
+            check_hnsw_file(bad, DIM, 16, 200, max_count=120)
+    with pytest.raises(IndexFileError, match="maxM"):
+        check_hnsw_file(blob, DIM, 8, 200, max_count=120)  # another M than the store's
+    with pytest.raises(IndexFileError, match="size_data_per_element|label_offset"):
+        check_hnsw_file(blob, DIM + 1, 16, 200, max_count=120)  # another dimension
+    with pytest.raises(IndexFileError, match="more than"):
+        check_hnsw_file(blob, DIM, 16, 200, max_count=119)
     idx.drop("k")
-    assert idx.save_partition("k", tmp_path) is None and not path.exists()
+    assert idx.write_partition("k", str(tmp_path / "other.bin")) is None and not (tmp_path / "other.bin").exists()
 
 
 def test_validation_errors():

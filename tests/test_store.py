@@ -24,6 +24,7 @@ from _store_util import (
     assert_seeded_entry,
     assert_tensors_equal,
     latent_files,
+    manifest_files,
     manifest_labels,
     manifest_rows,
     manifest_total,
@@ -32,7 +33,7 @@ from _store_util import (
     unit_vectors,
 )
 from comfyui_chai.cache.policy import EvictionPolicy
-from comfyui_chai.cache.store import LatentStore, StoreConfig, StoreError
+from comfyui_chai.cache.store import BudgetError, EntryTooLargeError, LatentStore, StoreConfig, StoreError
 
 KEY = "model=t|shape=4x8|fp32"
 
@@ -182,7 +183,7 @@ def test_eviction_deletes_file_rows_and_vectors(tmp_path):
     with LatentStore(tmp_path / "s", dim=DIM) as store:
         first = _one(store, seed=0, entities=("a dog", "a beach"))
         size = store.entry(first).nbytes
-        file = manifest_rows(store.path, "SELECT file FROM entries WHERE id=?", (first,))[0][0]
+        file = f"{first}.safetensors"
         labels = manifest_labels(store.path, KEY)
         vecs = unit_vectors(np.random.default_rng(0), 2)  # the exact embeddings _one(seed=0) stored
         assert [m.entry_id for m in store.search(vecs, KEY, k=1)] == [first, first]
@@ -231,7 +232,7 @@ def test_5000_random_inserts_never_exceed_the_budget(tmp_path):
         assert stats.evictions == total_inserted - stats.entries
         files = latent_files(store.path)
         assert sum(files.values()) == manifest_total(store.path), "bytes on disk differ from the manifest total"
-        assert set(files) == {r[0] for r in manifest_rows(store.path, "SELECT file FROM entries")}
+        assert set(files) == manifest_files(store.path)
         for key in {r[0] for r in manifest_rows(store.path, "SELECT DISTINCT compat_key FROM entities")}:
             assert store.index.labels(key) == manifest_labels(store.path, key)
         # The newest entry survives and loads with its exact values.
@@ -241,11 +242,16 @@ def test_5000_random_inserts_never_exceed_the_budget(tmp_path):
         assert store.verify().ok
 
 
-def test_set_budget_smaller_evicts_immediately_and_persists(tmp_path):
+def test_set_budget_smaller_evicts_only_when_confirmed_and_persists(tmp_path):
     with LatentStore(tmp_path / "s", dim=DIM) as store:
         ids = [_one(store, seed=i) for i in range(10)]
         size = store.entry(ids[0]).nbytes
-        evicted = store.set_budget(4 * size)
+        before, budget = _snapshot(store), store.config.budget_bytes
+        with pytest.raises(BudgetError, match=f"would evict 6 entries \\({6 * size:,} bytes.*--evict-to-fit") as err:
+            store.set_budget(4 * size)
+        assert (err.value.evict_entries, err.value.evict_bytes, err.value.held_bytes) == (6, 6 * size, 10 * size)
+        assert _snapshot(store) == before and store.stats().budget_bytes == budget == store.config.budget_bytes
+        evicted = store.set_budget(4 * size, evict_to_fit=True)
         assert evicted == 6
         assert [r.entry_id for r in store.entries()] == ids[6:]  # LRU with no access: oldest go first
         assert manifest_total(store.path) == 4 * size == sum(latent_files(store.path).values())
@@ -255,9 +261,14 @@ def test_set_budget_smaller_evicts_immediately_and_persists(tmp_path):
     with LatentStore(tmp_path / "s") as store:
         assert store.config.budget_bytes == 4 * size
         assert len(store) == 4
-    # Reopening with an explicit smaller budget evicts on open.
-    with LatentStore(tmp_path / "s", budget_bytes=2 * size) as store:
+    # Reopening with an explicit smaller budget is refused (nothing saved or evicted) unless confirmed.
+    with pytest.raises(BudgetError, match="would evict 2 entries"):
+        LatentStore(tmp_path / "s", budget_bytes=2 * size)
+    with LatentStore(tmp_path / "s") as store:
+        assert len(store) == 4 and store.config.budget_bytes == 4 * size
+    with LatentStore(tmp_path / "s", budget_bytes=2 * size, evict_to_fit=True) as store:
         assert [r.entry_id for r in store.entries()] == ids[8:]
+        assert store.stats().evictions == 8
 
 
 def test_budget_and_policy_changed_by_another_handle_apply_without_reopen(tmp_path):
@@ -267,13 +278,13 @@ def test_budget_and_policy_changed_by_another_handle_apply_without_reopen(tmp_pa
         ids = [_one(a, seed=i) for i in range(6)]
         size = a.entry(ids[0]).nbytes
         assert b.stats().budget_bytes == a.config.budget_bytes > 6 * size
-        assert a.set_budget(3 * size) == 3
+        assert a.set_budget(3 * size, evict_to_fit=True) == 3
         assert b.stats().budget_bytes == 3 * size
         new = _one(b, seed=10)  # b's insert evicts down to a's budget
         assert manifest_total(b.path) <= 3 * size and len(b) == 3
         assert [r.entry_id for r in b.entries()] == ids[4:] + [new]
         # A budget lowered elsewhere below an entry's size refuses that entry and stores nothing.
-        a.set_budget(size // 2)
+        a.set_budget(size // 2, evict_to_fit=True)
         before = _snapshot(b)
         with pytest.raises(ValueError, match="budget"):
             _one(b, seed=11)
@@ -290,7 +301,7 @@ def test_entry_larger_than_budget_is_refused_and_stores_nothing(tmp_path):
         with pytest.raises(ValueError, match="budget"):
             store.put(big, ["a dog"], unit_vectors(np.random.default_rng(1), 1), "model=t|big", "big")
         assert _snapshot(store) == before
-        assert set(latent_files(store.path)) == {r[0] for r in manifest_rows(store.path, "SELECT file FROM entries")}
+        assert set(latent_files(store.path)) == manifest_files(store.path)
         assert store.stats().inserts == 1 and store.stats().evictions == 0
     with LatentStore(tmp_path / "s") as store:
         assert _snapshot(store) == before and kept in before
@@ -308,9 +319,9 @@ def test_entry_of_exactly_the_budget_fits_and_evicts_everything_else(tmp_path):
         assert [r.entry_id for r in store.entries()] == [entry_id]
         assert manifest_total(store.path) == size and store.stats().evictions == 5
         assert all(store.load(i) is None for i in small)
-        store.set_budget(size - 1)  # now it no longer fits: evicted, and a new copy is refused
+        store.set_budget(size - 1, evict_to_fit=True)  # now it no longer fits: evicted, and a new copy is refused
         assert len(store) == 0 and latent_files(store.path) == {}
-        with pytest.raises(ValueError, match=f"{size} bytes, more than the store's whole budget of {size - 1}"):
+        with pytest.raises(EntryTooLargeError, match=f"{size:,} bytes, more than the store's whole budget of {size - 1:,}"):
             store.put(big, ["a dog"], emb, "model=t|big", "big")
 
 
@@ -364,7 +375,7 @@ def test_bad_put_is_a_clear_error_and_loses_nothing(tmp_path, case):
             store.put(*args)
         assert _snapshot(store) == before
         assert store.generation == gen
-        assert set(latent_files(path)) == {r[0] for r in manifest_rows(path, "SELECT file FROM entries")}, \
+        assert set(latent_files(path)) == manifest_files(path), \
             "a refused put left a latent file behind"
         # The store still works after the error.
         _one(store, seed=99)
@@ -381,7 +392,7 @@ def test_empty_and_whitespace_prompts_are_stored(tmp_path):
         assert store.entry(a).prompt == "" and store.entry(b).prompt == " \t "
 
 
-@pytest.mark.parametrize("budget", [0, -1, -(1 << 40), 1.5, True, "100"])
+@pytest.mark.parametrize("budget", [0, -1, -(1 << 40), 1 << 60, 1.5, True, "100"])
 def test_bad_budget_is_a_clear_error_and_loses_nothing(tmp_path, budget):
     path = tmp_path / "s"
     with LatentStore(path, dim=DIM) as store:
@@ -410,14 +421,15 @@ def test_bad_open_arguments(tmp_path):
         LatentStore(path, policy="mru")
     a_file = tmp_path / "file.txt"
     a_file.write_text("not a folder")
-    with pytest.raises(StoreError, match="is a file; give a folder"):
+    with pytest.raises(StoreError, match="is not a CHAI store but a file; give a folder"):
         LatentStore(a_file)
     assert a_file.read_text() == "not a folder"
     garbage = tmp_path / "garbage"
     garbage.mkdir()
     (garbage / "manifest.sqlite").write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(StoreError, match="not a readable SQLite manifest"):
+    with pytest.raises(StoreError, match="is not a CHAI manifest .*CHAI never alters it"):
         LatentStore(garbage)
+    assert sorted(p.name for p in garbage.iterdir()) == ["manifest.sqlite"]
     with LatentStore(path) as store:
         assert _snapshot(store) == before
 

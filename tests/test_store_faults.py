@@ -32,10 +32,13 @@ from _store_util import (
     assert_seeded_entry,
     entity_vectors,
     latent_files,
+    latent_path,
+    manifest_files,
     manifest_labels,
     manifest_rows,
     manifest_total,
     put_seeded,
+    quarantined,
     seeded_entry,
     unit_vectors,
 )
@@ -45,8 +48,7 @@ from comfyui_chai.cli import main as cli_main
 
 
 def _file_of(store, entry_id: int) -> Path:
-    name = manifest_rows(store.path, "SELECT file FROM entries WHERE id=?", (entry_id,))[0][0]
-    return store.path / "latents" / name
+    return latent_path(store.path, entry_id)
 
 
 def _assert_finds_all(store, seeds_by_id: dict[int, int]) -> None:
@@ -132,7 +134,7 @@ def test_sigkill_during_inserts_never_loses_a_committed_entry(tmp_path):
                 assert_seeded_entry(store, entry_id, committed[entry_id])
             assert manifest_total(path) <= budget
             files = latent_files(path)
-            assert set(files) == {x[0] for x in manifest_rows(path, "SELECT file FROM entries")}
+            assert set(files) == manifest_files(path)
             assert sum(files.values()) == manifest_total(path)
             assert not list((path / "index").glob("*.tmp*")), "a temp index file survived the open"
             for key in KEYS:
@@ -160,7 +162,7 @@ def _store_with(path, seeds):
 
 def _assert_quarantined(store, entry_id, file: Path, n: int, reason: str) -> None:
     assert store.entry(entry_id) is None, "a corrupt entry must lose its rows"
-    assert not file.exists() and (store.path / "quarantine" / file.name).is_file(), "not moved to quarantine/"
+    assert not file.exists() and len(quarantined(store.path, entry_id)) == 1, "not moved to quarantine/"
     assert not manifest_rows(store.path, "SELECT 1 FROM entities WHERE entry_id=?", (entry_id,))
     stats = store.stats()
     assert stats.quarantined == n and stats.repairs >= n
@@ -234,18 +236,30 @@ def test_missing_latent_file_is_a_miss_and_a_repair(tmp_path):
 
 
 def test_stray_files_from_an_interrupted_write_are_removed_on_open(tmp_path):
+    """Only regular files of the store's own naming that no row names are removed (a crash between
+    the rename and the commit, a temp file); anything else in latents/ or index/ is left alone."""
     store, ids = _store_with(tmp_path / "s", range(40, 43))
     store.close()
-    latents = tmp_path / "s" / "latents"
-    (latents / "0123abcd.safetensors").write_bytes(b"left by a crash between rename and commit")
-    (latents / "0123abcd.safetensors.tmp999").write_bytes(b"half")
-    (tmp_path / "s" / "index" / "index-0000.bin.tmp999").write_bytes(b"half")
+    latents, index = tmp_path / "s" / "latents", tmp_path / "s" / "index"
+    strays = [latents / "99.safetensors", latents / f"put-{'a' * 32}.tmp",
+              index / f"index-{'0' * 16}.bin.tmp-{'b' * 32}", index / f"index-{'1' * 16}.bin"]
+    for p in strays:
+        p.write_bytes(b"left by a crash")
+    foreign = {latents / "0123abcd.safetensors": b"someone's", latents / "notes.txt": b"mine",
+               latents / "7.safetensors.tmp999": b"x", index / "index-0000.bin.tmp999": b"half"}
+    for p, data in foreign.items():
+        p.write_bytes(data)
+    (latents / "98.safetensors").symlink_to(tmp_path / "elsewhere.txt")
+    (tmp_path / "elsewhere.txt").write_bytes(b"not the store's")
     with LatentStore(tmp_path / "s") as store:
-        assert any(line.startswith("orphans_removed") for line in store.open_report)
+        assert any(line.startswith("orphans_removed: 4 stray") for line in store.open_report), store.open_report
         assert store.events(1)[0]["kind"] == "orphans_removed"
-        assert set(latent_files(store.path)) == {r[0] for r in manifest_rows(store.path, "SELECT file FROM entries")}
-        assert not list((tmp_path / "s" / "index").glob("*.tmp*"))
-        assert store.verify().ok
+        assert not any(p.exists() for p in strays)
+        assert all(p.read_bytes() == data for p, data in foreign.items()), "a file the store did not make was touched"
+        assert (latents / "98.safetensors").is_symlink() and (tmp_path / "elsewhere.txt").read_bytes() == b"not the store's"
+        assert set(store.left_alone) == {f"{p.parent.name}/{p.name}" for p in foreign} | {"latents/98.safetensors"}
+        report = store.verify()
+        assert report.ok and set(report.left_alone) == set(store.left_alone)
         for entry_id, seed in ids.items():
             assert_seeded_entry(store, entry_id, seed)
 
@@ -327,7 +341,7 @@ def test_index_older_than_the_manifest_is_detected_and_rebuilt(tmp_path):
     ids = _populated(path, n=12)
     key = KEYS[0]
     old_file = (path / "index" / partition_file_name(key)).read_bytes()
-    old_row = manifest_rows(path, "SELECT index_sha256, index_size, index_generation, index_deleted "
+    old_row = manifest_rows(path, "SELECT index_mac, index_size, index_generation, index_deleted "
                                   "FROM partitions WHERE compat_key=?", (key,))[0]
     with LatentStore(path) as store:
         old_of_key = [i for i, s in ids.items() if seeded_entry(s)["compat_key"] == key]
@@ -340,7 +354,7 @@ def test_index_older_than_the_manifest_is_detected_and_rebuilt(tmp_path):
     (path / "index" / partition_file_name(key)).write_bytes(old_file)
     conn = sqlite3.connect(path / "manifest.sqlite")
     with conn:
-        conn.execute("UPDATE partitions SET index_sha256=?, index_size=?, index_generation=?, index_deleted=? "
+        conn.execute("UPDATE partitions SET index_mac=?, index_size=?, index_generation=?, index_deleted=? "
                      "WHERE compat_key=?", (*old_row, key))
     conn.close()
     with LatentStore(path) as store:
@@ -365,8 +379,7 @@ def test_index_behind_the_manifest_after_a_crash_catches_up(tmp_path):
     new = {put_seeded(store, s): s for s in range(700, 705)}
     # Simulate the crash: drop the object without close() (no index save, connections abandoned).
     store._closed = True
-    for c in store._conns:
-        c.close()
+    store._manifest.close()
     live = {i: s for i, s in ids.items() if i not in first} | new
     with LatentStore(path) as again:
         for key in KEYS:

@@ -1,0 +1,92 @@
+"""The byte budget and eviction: which entries go, and when a budget may change.
+
+Rules (issue 14, "budgets that do not destroy"):
+
+* the manifest's byte total never exceeds the budget; victims are chosen by the policy (LRU, the
+  paper's; LFU; FIFO), whose order lives in the manifest, so it survives restarts;
+* an entry larger than the whole budget is not stored (:class:`EntryTooLargeError`), and nothing
+  is evicted for it;
+* lowering the budget below what the store holds is refused (:class:`BudgetError`, saying how many
+  entries and bytes would go) unless the caller confirms with ``evict_to_fit``; then saving the new
+  budget and evicting happen in one transaction.
+
+Every function here runs inside a manifest transaction ``c`` that the caller holds under the
+store's writer lock; deleting the victims' files is the caller's, after the commit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .policy import EvictionPolicy
+from .store_manifest import Manifest
+from .store_types import MAX_BUDGET_BYTES, MAX_ENTRY_BYTES, BudgetError, EntryTooLargeError
+
+__all__ = ["validate_budget", "check_entry_fits", "pick_victims", "evict", "change_budget"]
+
+
+def validate_budget(budget) -> int:
+    """The budget as an int of bytes.
+
+    Raises:
+        ValueError: not a whole number of bytes in 1..MAX_BUDGET_BYTES (1 PiB).
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not 0 < budget <= MAX_BUDGET_BYTES:
+        raise ValueError(f"budget must be a positive number of bytes (a whole number, at most {MAX_BUDGET_BYTES:,} = 1 PiB), got {budget!r}")
+    return int(budget)
+
+
+def check_entry_fits(nbytes: int, budget: int) -> None:
+    """Raise :class:`EntryTooLargeError` when one entry of ``nbytes`` can never be stored."""
+    if nbytes > budget or nbytes > MAX_ENTRY_BYTES:
+        limit = min(budget, MAX_ENTRY_BYTES)
+        raise EntryTooLargeError(
+            f"this entry is {nbytes:,} bytes, more than the store's whole budget of {budget:,} bytes"
+            + (f" (or the {MAX_ENTRY_BYTES:,}-byte cap on one entry)" if nbytes > MAX_ENTRY_BYTES else "")
+            + "; it is not stored. Raise the budget (budget_bytes / --budget-mb) to cache requests of this size",
+            nbytes, limit)
+
+
+def pick_victims(c, policy: EvictionPolicy, excess: int) -> list[tuple[int, int]]:
+    """The entries to evict, in policy order, until ``excess`` bytes are freed: [(entry id, bytes)]."""
+    if excess <= 0:
+        return []
+    victims, freed = [], 0
+    for entry_id, nbytes in c.execute(f"SELECT id, nbytes FROM entries ORDER BY {policy.order_by}"):
+        victims.append((int(entry_id), int(nbytes)))
+        freed += int(nbytes)
+        if freed >= excess:
+            break
+    return victims
+
+
+def evict(c, victims: list[tuple[int, int]], generation: int) -> None:
+    """Delete the victims' rows at ``generation`` and count them as evictions."""
+    if victims:
+        Manifest.delete_entries(c, [v[0] for v in victims], generation)
+        c.execute("UPDATE counters SET value=value+? WHERE name='evictions'", (len(victims),))
+
+
+def change_budget(c, budget: int, policy: EvictionPolicy, evict_to_fit: bool, folder: str = "") -> list[int]:
+    """Save a new budget; evict down to it only when ``evict_to_fit`` (same transaction).
+
+    Returns:
+        The evicted entry ids (their files are the caller's to delete after the commit).
+
+    Raises:
+        BudgetError: the store holds more than ``budget`` and ``evict_to_fit`` is False; nothing
+            is saved or evicted.
+    """
+    held = Manifest.bytes_held(c)
+    victims = pick_victims(c, policy, held - budget)
+    if victims and not evict_to_fit:
+        freed = sum(v[1] for v in victims)
+        raise BudgetError(
+            f"the store {folder} holds {held:,} bytes; a budget of {budget:,} bytes would evict {len(victims)} "
+            f"entries ({freed:,} bytes, {policy.value} order). Nothing was changed: confirm with --evict-to-fit "
+            "(the CHAI Cache node's evict_to_fit option, or evict_to_fit=True), or keep a larger budget",
+            budget, held, len(victims), freed)
+    c.execute("INSERT OR REPLACE INTO meta VALUES('budget_bytes', ?)", (str(budget),))
+    if victims:
+        evict(c, victims, Manifest.bump_generation(c))
+    return [v[0] for v in victims]
