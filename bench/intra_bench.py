@@ -250,12 +250,13 @@ def stream_configs() -> List[Dict[str, Any]]:
 
 def run_stream(model, encoder, prompts: Sequence[str], *, budget_share: float, seed: int, score: bool,
                configs: Optional[List[Dict[str, Any]]] = None, limit_full: Optional[int] = None,
-               progress=None) -> Dict[str, Any]:
+               settings: Optional[Dict[str, Any]] = None, progress=None) -> Dict[str, Any]:
     """Every configuration over ``prompts`` in order, each on a fresh store through the real lookup.
 
     The store's budget is set after its first insert to ``budget_share x len(prompts) x`` that entry's
     bytes (at least that one entry). ``score``: evaluate each clip against its prompt (scene captions); ``limit_full``: run the
-    all-full configuration on the first prompts only and extrapolate its time (VBench).
+    all-full configuration on the first prompts only and extrapolate its time (VBench). ``settings``:
+    request setting overrides for every configuration (None: the shipped defaults).
 
     Returns ``{name: {"latency_ms": [...], "scores": [...], "hits": [...], "steps": [...], "computed": [...]}}``
     plus ``"budget_bytes"`` per configuration.
@@ -276,6 +277,8 @@ def run_stream(model, encoder, prompts: Sequence[str], *, budget_share: float, s
             try:
                 lookup = CacheLookup(store, extractor, embedder, LookupConfig())
                 pipe = ChaiPipeline.from_reference_model(model, encoder, lookup if config["mode"] != "full" else None)
+                if settings:
+                    pipe = pipe.with_settings(settings)
                 rows: Dict[str, Any] = {"latency_ms": [], "scores": [], "hits": [], "steps": [], "computed": []}
                 budget = None
                 todo = prompts[:limit_full] if config["mode"] == "full" and limit_full else prompts

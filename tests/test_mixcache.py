@@ -127,6 +127,14 @@ def test_warmup_final_and_cap_hold_and_each_granularity_runs_what_it_says(pipe, 
         else:
             assert len(calls) == 2 * depth and all(rows == 2 for *_, rows in calls)
     assert set(kinds) - {"full"} == set(granularities)
+    # the statistics say the same: counts per granularity, the reused block pairs, in the one-line summary
+    (granularity,) = granularities
+    assert report[granularity] == kinds.count(granularity) and report["full"] == kinds.count("full")
+    assert report["reused_pairs"] == (f"1-{depth - 1}" if granularity == "block" else None)
+    line = describe(report)
+    assert line.startswith(f"mixcache: {report['full']}/12 steps computed")
+    assert {"step": f"{report['step']} step-reused", "cfg": f"{report['cfg']} CFG",
+            "block": f"{report['block']} block, pairs 1-{depth - 1} reused"}[granularity] in line
     # the unconditional branch runs only on steps computed in full (or probed for a block step)
     uncond_steps = {i for i, calls in counter.calls.items() if any(rows == 2 for *_, rows in calls)}
     assert uncond_steps == {i for i, k in enumerate(kinds) if k in ("full", "block")}

@@ -87,3 +87,37 @@ def test_bench_timing_path_at_small_size_on_cpu(tmp_path):
     assert runs["forced CFG reuse"]["map"] == "FF" + "C" * 5 + "F"
     assert runs["forced step reuse"]["work_share"] == pytest.approx(3 / 8, abs=1e-3)
     assert all(r["ms"] > 0 for r in runs.values())
+
+
+def test_bench_short_stream_on_cpu():
+    """Six prompts of the mixed stream through the real lookup (spaCy, MiniLM, a fresh store each):
+    every configuration sees every prompt; all-full never looks up; CHAI's first request misses and stores,
+    the budget follows from that entry; MixCache computes fewer steps than CHAI runs, never more."""
+    import torch
+
+    from comfyui_chai.refmodel.model import load_reference_model
+
+    bench = _bench()
+    torch.set_num_threads(1)
+    model, encoder = load_reference_model()
+    items = mixed_stream(6, seed=5, shares=(0.5, 0.5, 0))
+    prompts = [it.caption for it in items]
+    configs = [c for c in bench.stream_configs() if c["mode"] in ("full", "chai")]
+    results = bench.run_stream(model, encoder, prompts, budget_share=0.5, seed=0, score=True, configs=configs,
+                               settings={"full_steps": 12, "fast_steps": 6, "min_steps": 10, "warmup_steps": 2,
+                                         "trigger_threshold": 1e5, "step_threshold": 1e5})  # reuse when allowed
+    assert set(results) == {"all full", "CHAI", "CHAI + MixCache"}
+    full, chai, mixed = results["all full"], results["CHAI"], results["CHAI + MixCache"]
+    assert full["hits"] == [False] * 6 and full["steps"] == [12] * 6 and full["computed"] == [12] * 6
+    assert full["budget_bytes"] is None  # nothing stored without a lookup
+    for rows in (chai, mixed):
+        assert len(rows["latency_ms"]) == len(rows["scores"]) == 6 and not rows["hits"][0]
+        assert any(rows["hits"]), rows["hits"]  # near-duplicates and shared entities of earlier prompts
+        assert rows["steps"] == [6 if hit else 12 for hit in rows["hits"]]
+        assert rows["budget_bytes"] >= 1 and rows["evictions"] >= 0
+    assert chai["computed"] == chai["steps"]
+    assert all(c <= s for c, s in zip(mixed["computed"], mixed["steps"]))
+    assert mixed["computed"][0] < 12  # a 12-step miss (>= min_steps) caches after its captured steps
+    assert [c for c, h in zip(mixed["computed"], mixed["hits"]) if h] == [6] * sum(mixed["hits"])  # < min_steps
+    table = bench._stream_table(results, 6, [it.kind for it in items])
+    assert table.count("\n| all full |") == 2 and "| CHAI + MixCache | " in table
