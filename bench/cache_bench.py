@@ -117,7 +117,7 @@ PREPOSITIONS = ("on", "in", "near", "under", "beside", "behind", "with", "at", "
 # ---------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------
-def _import_pack():
+def import_pack():
     """Import ``comfyui_chai`` (installed, or this checkout loaded under that name)."""
     try:
         return importlib.import_module("comfyui_chai")
@@ -215,7 +215,7 @@ def _make_embedder():
 
 
 def _vbench_prompts() -> list[str]:
-    _import_pack()
+    import_pack()
     from comfyui_chai.cache.simulate import read_prompts
 
     return read_prompts(REPO_ROOT / "data" / "vbench" / "all_dimension.txt")
@@ -267,7 +267,7 @@ def _generate_phrases(entities: list[str], count: int, seed: int) -> list[str]:
     return phrases
 
 
-def _real_set(out: Path, n_base: int, n_query: int, rebuild: bool) -> tuple[np.ndarray, np.ndarray, dict]:
+def real_set(out: Path, n_base: int, n_query: int, rebuild: bool) -> tuple[np.ndarray, np.ndarray, dict]:
     """Real MiniLM embeddings of generated phrases: (base [n_base, d], queries [n_query, d], info).
     Cached in ``out/ann/real_<n_base>_<n_query>.safetensors`` with the extractor and embedder that
     made it (``--rebuild`` makes it again, e.g. after changing the embedder)."""
@@ -275,7 +275,7 @@ def _real_set(out: Path, n_base: int, n_query: int, rebuild: bool) -> tuple[np.n
     if cache.is_file() and not rebuild:
         arrays, meta = _safetensors_load(cache)
         return arrays["base"], arrays["queries"], meta["info"]
-    _import_pack()
+    import_pack()
     t0 = time.perf_counter()
     extractor, ext_desc = _make_extractor()
     embedder, emb_desc = _make_embedder()
@@ -394,7 +394,9 @@ def _fit_synth(real_base: np.ndarray, real_queries: np.ndarray) -> tuple[SynthMo
     return model, info
 
 
-def _synth_model(out: Path, real_base: np.ndarray, real_queries: np.ndarray, rebuild: bool):
+def synth_model(out: Path, real_base: np.ndarray, real_queries: np.ndarray, rebuild: bool):
+    """The synthetic-vector generator fitted to the real set (a :class:`SynthModel`, and the fit's
+    info), cached in ``out/ann/synth_model_<hash of the real set>.safetensors``."""
     digest = hashlib.sha256(real_base.tobytes() + real_queries.tobytes()).hexdigest()[:12]
     cache = out / "ann" / f"synth_model_{digest}.safetensors"
     if cache.is_file() and not rebuild:
@@ -422,7 +424,7 @@ def _build_or_load_index_file(folder: Path, key: str, base: np.ndarray, M: int, 
     save it as the partition file of ``key`` in ``folder``; reuse it when already there."""
     import hnswlib
 
-    _import_pack()
+    import_pack()
     from comfyui_chai.cache.index import partition_file_name
 
     meta_path = folder / "build.json"
@@ -458,7 +460,7 @@ def _build_or_load_index_file(folder: Path, key: str, base: np.ndarray, M: int, 
 
 def _ann_case(name: str, base: np.ndarray, queries: np.ndarray, folder: Path, key: str, args) -> dict:
     """Time EntityIndex.query and exact search on one data set; recall@1 against exact search."""
-    _import_pack()
+    import_pack()
     from comfyui_chai.cache.index import EntityIndex, IndexParams, partition_file_name
 
     n, d = base.shape
@@ -542,8 +544,8 @@ def phase_ann(args, which: str) -> dict:
     synthetic vectors. Returns timings (ms), recall@1, miss gaps, build/load seconds per ``--ef``."""
     out = Path(args.out)
     n_real, n_query = _ann_data_sizes(args)
-    real_base, real_queries, real_info = _real_set(out, n_real, n_query, args.rebuild)
-    model, fit_info = _synth_model(out, real_base, real_queries, args.rebuild)
+    real_base, real_queries, real_info = real_set(out, n_real, n_query, args.rebuild)
+    model, fit_info = synth_model(out, real_base, real_queries, args.rebuild)
     rss_before = _rss_mb()
     if which == "real":
         res = _ann_case("real", real_base, real_queries,
@@ -597,7 +599,7 @@ def phase_lookup(args) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    _import_pack()
+    import_pack()
     from comfyui_chai.cache.lookup import CacheLookup
     from comfyui_chai.cache.store import LatentStore, StoreConfig
 
@@ -694,7 +696,7 @@ def phase_insert(args) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    _import_pack()
+    import_pack()
     from safetensors.torch import save as st_save
 
     from comfyui_chai.cache.store import LatentStore, StoreConfig
@@ -741,7 +743,7 @@ def phase_reopen_build(args) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    _import_pack()
+    import_pack()
     from comfyui_chai.cache.store import LatentStore, StoreConfig
 
     path = _reopen_store_path(args)
@@ -758,8 +760,8 @@ def phase_reopen_build(args) -> dict:
     if not resume:
         shutil.rmtree(path, ignore_errors=True)
     n_real, n_query = _ann_data_sizes(args)
-    real_base, real_queries, _ = _real_set(Path(args.out), n_real, n_query, False)
-    model, _ = _synth_model(Path(args.out), real_base, real_queries, False)
+    real_base, real_queries, _ = real_set(Path(args.out), n_real, n_query, False)
+    model, _ = synth_model(Path(args.out), real_base, real_queries, False)
     vectors = model.draw(n * e, 1, seed=77)[0].reshape(n, e, -1)
     tiny = {"x": torch.zeros(4, dtype=torch.float16)}
     # Autosave off for the bulk build: with the default (every 256 changes) every save rewrites and
@@ -816,7 +818,7 @@ def phase_reopen(args) -> dict:
     """Open the reopen store three times in this fresh process (seconds each), check it was not
     rebuilt and that a stored vector finds itself, then time one ``save_index``."""
     t0 = time.perf_counter()
-    _import_pack()
+    import_pack()
     from comfyui_chai.cache.store import LatentStore
 
     import_s = time.perf_counter() - t0

@@ -53,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import cache_bench  # noqa: E402  (its ANN data generator and pack import)
 
-cache_bench._import_pack()
+cache_bench.import_pack()
 
 from comfyui_chai.cache import pgserver  # noqa: E402
 from comfyui_chai.cache.backend import open_store  # noqa: E402
@@ -90,8 +90,8 @@ def _database(server, name: str) -> str:
 
 
 def _data(out: Path, n: int, n_query: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    real_base, real_queries, _ = cache_bench._real_set(out, 10_000, 1_000, rebuild=False)
-    model, _ = cache_bench._synth_model(out, real_base, real_queries, rebuild=False)
+    real_base, real_queries, _ = cache_bench.real_set(out, 10_000, 1_000, rebuild=False)
+    model, _ = cache_bench.synth_model(out, real_base, real_queries, rebuild=False)
     return model.draw(n, n_query, seed=seed)
 
 
@@ -217,7 +217,20 @@ def _pick(rows: list[dict]) -> dict | None:
     return min(ok, key=lambda r: r["ef_search"]) if ok else None
 
 
-def phase_ann(args, server, out: Path) -> dict:
+def _exact_top1(base: np.ndarray, queries: np.ndarray, chunk: int = 100_000) -> np.ndarray:
+    """Index of the most similar base row of each query (exact, unit vectors): [n_query] int."""
+    best = np.full(len(queries), -np.inf, dtype=np.float32)
+    arg = np.zeros(len(queries), dtype=np.int64)
+    for start in range(0, len(base), chunk):
+        sims = base[start:start + chunk] @ queries.T  # [chunk, n_query]
+        top = np.argmax(sims, axis=0)
+        value = sims[top, np.arange(len(queries))]
+        better = value > best
+        best[better], arg[better] = value[better], top[better] + start
+    return arg
+
+
+def phase_ann(args, server, out: Path, save=lambda partial: None) -> dict:
     import hnswlib
     import psycopg
     from pgvector.psycopg import register_vector
@@ -225,7 +238,7 @@ def phase_ann(args, server, out: Path) -> dict:
     results = {}
     for n in args.ann_sizes:
         base, queries = _data(out, n, args.ann_queries, seed=2000 + n)
-        truth = np.asarray([int(np.argmax(base @ q)) for q in queries])
+        truth = _exact_top1(base, queries)
         dim = base.shape[1]
         # hnswlib, exactly as the folder store builds a partition (cached).
         path = out / "ann" / f"farm_hnsw_{_label(n)}_M{args.m}_E{args.efc}.bin"
@@ -235,7 +248,11 @@ def phase_ann(args, server, out: Path) -> dict:
             index.load_index(str(path), max_elements=n)
         else:
             index.init_index(max_elements=n, M=args.m, ef_construction=args.efc, random_seed=100)
-            index.add_items(base, np.arange(n), num_threads=os.cpu_count() or 1)
+            step = max(10_000, n // 20)
+            for start in range(0, n, step):
+                index.add_items(base[start:start + step], np.arange(start, min(n, start + step)),
+                                num_threads=os.cpu_count() or 1)
+                _log(f"    hnswlib {_label(n)}: {min(n, start + step):,} vectors in {time.perf_counter() - t0:.0f} s")
             index.save_index(str(path))
         hnsw_build = time.perf_counter() - t0
         hnsw_rows = []
@@ -244,6 +261,7 @@ def phase_ann(args, server, out: Path) -> dict:
             index.set_ef(ef)
             recall, times = _recall_and_times(lambda q: index.knn_query(q, k=8)[0][0], queries, truth)
             hnsw_rows.append({"ef_search": ef, "recall_at_1": recall, "p50_ms": _pct(times, 50), "p99_ms": _pct(times, 99)})
+            _log(f"    hnswlib {_label(n)} ef {ef}: recall@1 {recall:.3f}, p99 {hnsw_rows[-1]['p99_ms']:.2f} ms")
         # pgvector HNSW with the same M and ef_construction (cached database).
         url = _database(server, f"farm_ann_{_label(n)}_m{args.m}_e{args.efc}")
         with psycopg.connect(url, autocommit=True) as conn:
@@ -254,6 +272,7 @@ def phase_ann(args, server, out: Path) -> dict:
                 "SELECT to_regclass('items_hnsw') IS NOT NULL").fetchone()[0]
             t0 = time.perf_counter()
             if not built:
+                _log(f"    pgvector {_label(n)}: loading and indexing (progress: pg_stat_progress_create_index)")
                 conn.execute("DROP INDEX IF EXISTS items_hnsw")
                 conn.execute("TRUNCATE items")
                 with conn.cursor().copy("COPY items (id, v) FROM STDIN WITH (FORMAT BINARY)") as copy:
@@ -274,11 +293,13 @@ def phase_ann(args, server, out: Path) -> dict:
                     lambda q: [r[0] for r in cur.execute("SELECT id FROM items ORDER BY v <=> %s LIMIT 8",
                                                          (q,)).fetchall()], queries, truth)
                 pg_rows.append({"ef_search": ef, "recall_at_1": recall, "p50_ms": _pct(times, 50), "p99_ms": _pct(times, 99)})
+                _log(f"    pgvector {_label(n)} ef {ef}: recall@1 {recall:.3f}, p99 {pg_rows[-1]['p99_ms']:.2f} ms")
             plan = "\n".join(r[0] for r in conn.execute("EXPLAIN SELECT id FROM items ORDER BY v <=> %s LIMIT 8",
                                                         (queries[0],)).fetchall())
         results[_label(n)] = {"hnswlib": {"build_s": hnsw_build, "sweep": hnsw_rows, "chosen": _pick(hnsw_rows)},
                               "pgvector": {"build_s": pg_build, "sweep": pg_rows, "chosen": _pick(pg_rows),
                                            "uses_index": "items_hnsw" in plan}}
+        save(results)  # a larger size may take hours: keep what is measured
         for name in ("hnswlib", "pgvector"):
             c = results[_label(n)][name]["chosen"]
             _log(f"  ANN {name} {_label(n)}: " + (f"ef {c['ef_search']} recall@1 {c['recall_at_1']:.3f} "
@@ -395,6 +416,8 @@ def main(argv=None) -> int:
     parser.add_argument("--inserts", type=int, default=200, help="entries per insert run")
     parser.add_argument("--m", type=int, default=16, help="HNSW M (the folder store's)")
     parser.add_argument("--efc", type=int, default=200, help="HNSW ef_construction (the folder store's)")
+    parser.add_argument("--json", default="farm_bench.json",
+                        help="results file in --out, written after every phase and ANN size")
     args = parser.parse_args(argv)
     args.lookup_sizes = [_size(s) for s in (args.lookup_sizes or ("2k" if args.quick else "10k,100k")).split(",")]
     args.ann_sizes = [_size(s) for s in (args.ann_sizes or ("20k" if args.quick else "100k,1M")).split(",")]
@@ -406,14 +429,23 @@ def main(argv=None) -> int:
     _log(f"PostgreSQL: {server.url}")
     results = {"machine": {"cpus": os.cpu_count()}}
     t0 = time.perf_counter()
+    report = out / args.json
+
+    def save(partial: dict | None = None, phase: str | None = None) -> None:
+        if phase is not None:
+            results[phase] = partial
+        results["seconds"] = time.perf_counter() - t0
+        report.write_text(json.dumps(results, indent=2), encoding="utf-8")
+
     for phase in args.phases.split(","):
         _log(f"phase {phase} ...")
-        results[phase] = {"lookup": phase_lookup, "ann": phase_ann, "insert": phase_insert}[phase](args, server, out)
-    results["seconds"] = time.perf_counter() - t0
+        if phase == "ann":
+            save(phase_ann(args, server, out, lambda partial: save(partial, "ann")), "ann")
+        else:
+            save({"lookup": phase_lookup, "insert": phase_insert}[phase](args, server, out), phase)
     lines = _report(results)
     print("\n".join(lines))
-    (out / "farm_bench.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    _log(f"wrote {out / 'farm_bench.json'}; the server keeps running: python -m comfyui_chai db stop {out / 'pg'}")
+    _log(f"wrote {report}; the server keeps running: python -m comfyui_chai db stop {out / 'pg'}")
     return 0
 
 

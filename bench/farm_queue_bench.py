@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import cache_bench  # noqa: E402
 
-cache_bench._import_pack()
+cache_bench.import_pack()
 
 from comfyui_chai.cache import pgserver  # noqa: E402
 from comfyui_chai.cache.jobqueue import JobQueue  # noqa: E402

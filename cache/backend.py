@@ -57,7 +57,6 @@ __all__ = [
     "mib_to_bytes",
     "bytes_to_mib",
     "MIB",
-    "entity_vectors",
 ]
 
 #: Bytes in one MiB: the unit of every budget flag and node input.
@@ -131,6 +130,11 @@ class StoreBackend(Protocol):
 
     def compat_keys(self) -> list:
         """The distinct compatibility keys that hold entries, sorted."""
+
+    def entity_vectors(self, entry_ids: Sequence[int]) -> Dict[int, np.ndarray]:
+        """entry id -> [n, dim] float32 embeddings of its entities, in the order of :meth:`entry`'s
+        ``entities``: what copying an entry to another store needs (``cache migrate``). Unknown ids
+        are left out."""
 
     def __len__(self) -> int:
         """Number of entries."""
@@ -213,34 +217,6 @@ def _folder_stats(location: "str | os.PathLike[str]", last: int = 10) -> StoreSt
 
 def _folder_exists(location: "str | os.PathLike[str]") -> bool:
     return LatentStore.exists(_folder(location))
-
-
-def entity_vectors(store: StoreBackend, entry_ids: Sequence[int]) -> Dict[int, np.ndarray]:
-    """entry id -> [n, dim] float32 embeddings of its entities, in the order of its record's
-    ``entities``: what copying an entry to another store needs (``cache migrate``). A backend may
-    offer ``store.entity_vectors(ids)``; for a folder store the manifest is read here (read only).
-
-    Raises:
-        StoreError: a folder store whose manifest cannot be read.
-    """
-    if hasattr(store, "entity_vectors"):
-        return store.entity_vectors(entry_ids)
-    import sqlite3
-
-    wanted = set(int(i) for i in entry_ids)
-    out: Dict[int, list] = {}
-    manifest = _folder(store.location) / "manifest.sqlite"
-    try:
-        conn = sqlite3.connect(f"{manifest.as_uri()}?mode=ro", uri=True, timeout=60)
-        try:
-            for entry_id, blob in conn.execute("SELECT entry_id, embedding FROM entities ORDER BY label"):
-                if int(entry_id) in wanted:
-                    out.setdefault(int(entry_id), []).append(np.frombuffer(blob, dtype=np.float32))
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot read the embeddings in {manifest} ({exc})") from exc
-    return {k: np.stack(v) for k, v in out.items()}
 
 
 def _open_postgres(location: str, **kwargs) -> StoreBackend:

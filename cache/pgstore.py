@@ -23,6 +23,11 @@ Guarantees across machines:
   retried after an ambiguous commit is not stored twice (each entry carries a client-made uid).
 * Credentials come from ``PGPASSWORD``, ``~/.pgpass`` or a service file (libpq's own rules), never
   from the URL: a URL with a password is refused, since URLs end up in workflows, reports and logs.
+
+A database from elsewhere is untrusted, as a store folder is (docs/store_security.md): latents are
+size-checked in the query before a byte is sent, then checked (SHA-256, safetensors header against
+the key's tensor spec) before a tensor is built; text is read truncated; ``chai_meta`` is parsed
+and range-checked; bucket keys come from entry ids, never from rows.
 """
 
 from __future__ import annotations
@@ -31,41 +36,56 @@ import hashlib
 import json
 import logging
 import random
+import re
 import threading
 import time
 import uuid
-from typing import Callable, Iterable, Mapping, Sequence, TypeVar
+from dataclasses import fields, replace
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
 from .policy import EvictionPolicy
-from dataclasses import replace as _replace
-
-from .store import (
-    LOOKUP_LOG_KEEP,
+from .store_budget import budget_error, check_entry_fits, validate_budget
+from .store_files import BlobError, check_safetensors, encode_entry, spec_mismatch
+from .store_manifest import LOOKUP_LOG_KEEP, count_value, parse_tensor_spec
+from .store_types import (
+    MAX_ENTRY_BYTES,
+    DiskFullError,
     EntityMatch,
     EntryRecord,
     StoreConfig,
     StoreError,
     StoreStats,
     VerifyReport,
-    _tensor_spec,
 )
-from .store_budget import validate_budget as _validate_budget
-from .store_types import BudgetError
 
 __all__ = ["PostgresStore", "is_postgres_url", "open_location", "read_location_stats", "location_exists",
            "SCHEMA_VERSION"]
 
 log = logging.getLogger("comfyui_chai.pgstore")
 
-SCHEMA_VERSION = "pg1"
+# pg2: latents in the bucket at keys derived from entry ids (pg1, a development format, named keys in rows).
+SCHEMA_VERSION = "pg2"
 MIN_PGVECTOR = (0, 5, 0)  # HNSW indexes
+MAX_DIM = 2000  # pgvector's limit for an HNSW index on vector(n)
 _COUNTERS = ("hits", "misses", "lookups", "evictions", "inserts", "repairs", "quarantined", "lookup_ms_sum",
              "bytes_held", "generation")
 # One writer lock per database: pg_advisory_xact_lock(key), key = first 8 bytes of a hash.
 _WRITER_LOCK = int.from_bytes(hashlib.sha256(b"comfyui-chai latent store writer").digest()[:8], "big", signed=True)
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+# What a read takes from a row, whatever a database from elsewhere holds (see docs/store_security.md).
+_MAX_TEXT = 1000  # characters of an entity or a matched text
+_MAX_PROMPT = 10_000  # characters of a prompt (the embedder refuses prompts over 2,000)
+_MAX_ENTITIES = 256  # entities per entry
+_MAX_INFO = 1 << 16  # bytes of an entry's info JSON
 _T = TypeVar("_T")
+# An entry's latents with what checks them; the bytes leave the server only when their length is the
+# recorded one and within the cap (a crafted row cannot make a client allocate more).
+_LATENT_QUERY = (
+    "SELECT e.nbytes, left(e.sha256, 64), left(p.tensor_spec, 65536), octet_length(e.blob), "
+    "CASE WHEN octet_length(e.blob) = e.nbytes AND e.nbytes BETWEEN 1 AND %s THEN e.blob END "
+    "FROM chai_entries e LEFT JOIN chai_partitions p ON p.compat_key = e.compat_key WHERE e.id = %s")
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS chai_meta(key text PRIMARY KEY, value text NOT NULL)",
@@ -80,8 +100,7 @@ _SCHEMA = (
         last_access double precision NOT NULL,
         access_count bigint NOT NULL DEFAULT 0,
         info text NOT NULL DEFAULT '{}',
-        blob bytea,
-        blob_key text)""",
+        blob bytea)""",
     # Latents do not compress: skip pglz on every insert and read.
     "ALTER TABLE chai_entries ALTER COLUMN blob SET STORAGE EXTERNAL",
     "CREATE INDEX IF NOT EXISTS chai_entries_lru ON chai_entries(last_access, id)",
@@ -96,7 +115,7 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS chai_events(
         id bigserial PRIMARY KEY, time double precision NOT NULL, kind text NOT NULL, detail text NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS chai_quarantine(
-        entry_id bigint NOT NULL, time double precision NOT NULL, reason text NOT NULL, blob bytea, blob_key text)""",
+        entry_id bigint NOT NULL, time double precision NOT NULL, reason text NOT NULL, blob bytea)""",
 )
 
 
@@ -150,10 +169,66 @@ def _connect_error(exc: Exception, where: str) -> StoreError:
     return StoreError(f"cannot use PostgreSQL at {where} ({_last_line(text)})")
 
 
+def _loads(text):
+    """JSON from a row, or None when it is not JSON (a row from elsewhere may hold anything)."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
 def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in text.replace("\t", " ").splitlines() if ln.strip()]
     line = lines[0] if lines else text
     return line.split("failed: ", 1)[-1] if "failed: " in line else line
+
+
+def _parse_dim(value: str, location: str) -> int:
+    """The stored embedding width, checked (1..MAX_DIM). Raises StoreError naming the field."""
+    if not (isinstance(value, str) and value.isdigit() and 1 <= int(value) <= MAX_DIM):
+        raise StoreError(f"the database at {location} holds a CHAI store whose dim is {str(value)[:20]!r}, a value "
+                         "CHAI never writes; use another database")
+    return int(value)
+
+
+def _parse_meta(meta: Mapping[str, str], location: str) -> dict:
+    """The store's settings from ``chai_meta``, each parsed and range-checked (a database from
+    elsewhere may hold anything): schema_version, store_id, budget_bytes, policy, dim (None before
+    the first entry) and blobs (``""`` for bytea).
+
+    Raises:
+        StoreError: another schema version, or a value CHAI never writes (the message names the field).
+    """
+    from .blobs import parse_blob_url
+
+    def bad(name: str) -> StoreError:
+        return StoreError(f"the database at {location} holds a CHAI store whose {name} is "
+                          f"{str(meta.get(name))[:80]!r}, a value CHAI never writes; use another database")
+
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise StoreError(f"the database at {location} holds a CHAI store of schema "
+                         f"{str(meta.get('schema_version'))[:40]!r}, not {SCHEMA_VERSION!r}; use the pack version "
+                         "that created it or another database")
+    out: dict = {}
+    if not _HEX32.match(meta.get("store_id") or ""):
+        raise bad("store_id")
+    out["store_id"] = meta["store_id"]
+    try:
+        out["budget_bytes"] = validate_budget(int(meta.get("budget_bytes", "")))
+    except ValueError:
+        raise bad("budget_bytes") from None
+    try:
+        out["policy"] = EvictionPolicy.parse(meta.get("policy"))
+    except ValueError:
+        raise bad("policy") from None
+    out["dim"] = _parse_dim(meta["dim"], location) if "dim" in meta else None
+    out["blobs"] = meta.get("blobs") or ""
+    if out["blobs"]:
+        try:
+            parse_blob_url(out["blobs"])
+        except StoreError:
+            raise bad("blobs") from None
+    return out
 
 
 class PostgresStore:
@@ -191,11 +266,11 @@ class PostgresStore:
         self.location = self._conninfo
         base = config or StoreConfig()
         if budget_bytes is not None:
-            base = _replace(base, budget_bytes=budget_bytes)
+            base = replace(base, budget_bytes=budget_bytes)
         if policy is not None:
-            base = _replace(base, policy=EvictionPolicy.parse(policy))
-        _validate_budget(base.budget_bytes)
-        self.config = _replace(base, policy=EvictionPolicy.parse(base.policy))
+            base = replace(base, policy=EvictionPolicy.parse(policy))
+        validate_budget(base.budget_bytes)
+        self.config = replace(base, policy=EvictionPolicy.parse(base.policy))
         from_config = config is not None and not config_is_default
         self._explicit_budget = budget_bytes is not None or from_config
         self._explicit_policy = policy is not None or from_config
@@ -249,7 +324,7 @@ class PostgresStore:
         """
         parsed = EvictionPolicy.parse(policy)
         self._run(lambda c: c.execute("UPDATE chai_meta SET value=%s WHERE key='policy'", (parsed.value,)))
-        self.config = _replace(self.config, policy=parsed)
+        self.config = replace(self.config, policy=parsed)
 
     def compat_keys(self) -> list[str]:
         """The distinct compatibility keys that hold entries, sorted."""
@@ -339,6 +414,10 @@ class PostgresStore:
                 return fn(conn)
             except (errors.DeadlockDetected, errors.SerializationFailure):
                 continue  # the server rolled our transaction back; it is safe to run it again
+            except errors.DiskFull as exc:
+                raise DiskFullError(f"the PostgreSQL server at {self.location} is out of disk space "
+                                    f"({_last_line(str(exc))}); free space on it or lower the budget. Nothing "
+                                    "committed was lost", self.location) from None
             except psycopg.OperationalError as exc:
                 if not (conn.closed or conn.broken):
                     raise StoreError(f"PostgreSQL at {self.location}: {_last_line(str(exc))}") from exc
@@ -371,11 +450,13 @@ class PostgresStore:
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITER_LOCK,))
                     for statement in _SCHEMA:
                         conn.execute(statement)
-                meta = dict(conn.execute("SELECT key, value FROM chai_meta").fetchall())
+                meta = dict(conn.execute("SELECT key, left(value, 1000) FROM chai_meta").fetchall())
                 if not meta:
-                    # A new store's bucket is checked first: failing here rolls everything back.
-                    given_blobs = open_blob_store(blobs) if blobs else None
-                    rows = {"schema_version": SCHEMA_VERSION, "budget_bytes": str(self.config.budget_bytes),
+                    store_id = uuid.uuid4().hex
+                    if blobs:  # a new store's bucket is checked first: failing here rolls everything back
+                        given_blobs = open_blob_store(blobs)
+                    rows = {"schema_version": SCHEMA_VERSION, "store_id": store_id,
+                            "budget_bytes": str(self.config.budget_bytes),
                             "policy": self.config.policy.value, "blobs": blobs or "",
                             "index_params": json.dumps({"M": self.config.index_M,
                                                         "ef_construction": self.config.index_ef_construction})}
@@ -384,28 +465,29 @@ class PostgresStore:
                     for name in _COUNTERS:
                         conn.execute("INSERT INTO chai_counters VALUES(%s, 0) ON CONFLICT DO NOTHING", (name,))
                     meta = rows
-                if meta.get("schema_version") != SCHEMA_VERSION:
-                    raise StoreError(f"the database at {self.location} holds a CHAI store of schema "
-                                     f"{meta.get('schema_version')!r}, not {SCHEMA_VERSION!r}; use the pack version "
-                                     "that created it or another database")
-                if dim is not None and "dim" not in meta:
+                parsed = _parse_meta(meta, self.location)
+                if dim is not None and parsed["dim"] is None:
                     self._create_entities(conn, int(dim), meta)
-                    meta["dim"] = str(int(dim))
+                    parsed["dim"] = int(dim)
+                if given_blobs is not None:  # last before COMMIT: a marker is never left by a store that failed
+                    given_blobs.claim(parsed["store_id"])
         except psycopg.errors.InsufficientPrivilege as exc:
             raise StoreError(f"user {conn.info.user!r} may not create or use the CHAI tables in {self.location} "
                              f"({_last_line(str(exc))}); let the database owner open the store once, then grant "
                              "this user SELECT, INSERT, UPDATE, DELETE on the chai_* tables and USAGE on their "
                              "sequences") from None
-        stored = int(meta["dim"]) if "dim" in meta else None
+        stored = parsed["dim"]
         if dim is not None and stored is not None and int(dim) != stored:
             raise StoreError(f"store {self.location} holds {stored}-d embeddings but the embedder gives {dim}-d; "
                              "use the embedder the store was built with, or another database")
         self.dim = stored
-        if blobs and meta.get("blobs") != blobs:
-            raise StoreError(f"store {self.location} keeps its latents in {meta.get('blobs') or 'the database'}, "
+        self.store_id = parsed["store_id"]
+        if blobs and parsed["blobs"] != blobs:
+            raise StoreError(f"store {self.location} keeps its latents in {parsed['blobs'] or 'the database'}, "
                              f"not {blobs}; leave the blob option out or use another database")
-        if meta.get("blobs"):
-            self.blobs = given_blobs or open_blob_store(meta["blobs"])
+        if parsed["blobs"]:
+            self.blobs = given_blobs or open_blob_store(parsed["blobs"])
+            self.blobs.check_owner(self.store_id)
 
     def _ensure_vector(self, conn) -> None:
         """Check that pgvector (>= 0.5, for HNSW) is in the database; create it when allowed."""
@@ -436,9 +518,16 @@ class PostgresStore:
     def _create_entities(self, conn, dim: int, meta: dict) -> None:
         """Create the entity table and its HNSW index once the dimension is known (caller holds the
         writer lock inside a transaction)."""
-        if not 1 <= dim <= 2000:
-            raise ValueError(f"embedding dimension must be 1..2000 for a pgvector HNSW index, got {dim}")
-        params = json.loads(meta.get("index_params") or "{}")
+        if not 1 <= dim <= MAX_DIM:
+            raise ValueError(f"embedding dimension must be 1..{MAX_DIM} for a pgvector HNSW index, got {dim}")
+        try:
+            params = json.loads(meta.get("index_params") or "{}")
+            m, efc = int(params.get("M", 16)), int(params.get("ef_construction", 64))
+        except (TypeError, ValueError, AttributeError, RecursionError):
+            m, efc = -1, -1
+        if not (2 <= m <= 100 and 4 <= efc <= 1000):  # pgvector's own limits
+            raise StoreError(f"the database at {self.location} holds a CHAI store whose index_params are "
+                             f"{str(meta.get('index_params'))[:80]!r}, a value CHAI never writes; use another database")
         conn.execute(f"""CREATE TABLE IF NOT EXISTS chai_entities(
             label bigserial PRIMARY KEY,
             entry_id bigint NOT NULL REFERENCES chai_entries(id) ON DELETE CASCADE,
@@ -448,8 +537,7 @@ class PostgresStore:
         conn.execute("CREATE INDEX IF NOT EXISTS chai_entities_by_entry ON chai_entities(entry_id)")
         conn.execute("CREATE INDEX IF NOT EXISTS chai_entities_by_key ON chai_entities(compat_key)")
         conn.execute(f"CREATE INDEX IF NOT EXISTS chai_entities_hnsw ON chai_entities USING hnsw "
-                     f"(embedding vector_cosine_ops) WITH (m = {int(params.get('M', 16))}, "
-                     f"ef_construction = {int(params.get('ef_construction', 64))})")
+                     f"(embedding vector_cosine_ops) WITH (m = {m}, ef_construction = {efc})")
         conn.execute("INSERT INTO chai_meta VALUES('dim', %s) ON CONFLICT (key) DO NOTHING", (str(dim),))
 
     def _check_budget_change(self, conn, budget: int, evict_to_fit: bool) -> None:
@@ -458,7 +546,7 @@ class PostgresStore:
         Raises:
             BudgetError: saying how many entries and bytes the new budget would evict (policy order).
         """
-        held = int(conn.execute("SELECT value FROM chai_counters WHERE name='bytes_held'").fetchone()[0])
+        held = self._counter(conn, "bytes_held")
         if held <= budget or evict_to_fit:
             return
         count, freed = 0, 0
@@ -466,11 +554,7 @@ class PostgresStore:
             count, freed = count + 1, freed + int(nbytes)
             if freed >= held - budget:
                 break
-        raise BudgetError(
-            f"the store {self.location} holds {held:,} bytes; a budget of {budget:,} bytes would evict {count} "
-            f"entries ({freed:,} bytes, {self.config.policy.value} order). Nothing was changed: confirm with "
-            "--evict-to-fit (the CHAI Cache node's evict_to_fit option, or evict_to_fit=True), or keep a larger "
-            "budget", budget, held, count, freed)
+        raise budget_error(self.location, budget, held, count, freed, self.config.policy)
 
     def _apply_config(self, evict_to_fit: bool = False) -> None:
         """Persist an explicitly given budget / policy; a smaller budget evicts only with ``evict_to_fit``."""
@@ -487,10 +571,12 @@ class PostgresStore:
         self._delete_blobs(self._run(apply))
 
     def _adopt_meta(self, conn) -> None:
-        rows = dict(conn.execute("SELECT key, value FROM chai_meta WHERE key IN ('budget_bytes', 'policy')").fetchall())
-        budget, policy = int(rows["budget_bytes"]), EvictionPolicy.parse(rows["policy"])
+        rows = dict(conn.execute("SELECT key, left(value, 1000) FROM chai_meta "
+                                 "WHERE key IN ('schema_version', 'store_id', 'budget_bytes', 'policy')").fetchall())
+        meta = _parse_meta(rows, self.location)
+        budget, policy = meta["budget_bytes"], meta["policy"]
         if budget != self.config.budget_bytes or policy != self.config.policy:
-            self.config = _replace(self.config, budget_bytes=budget, policy=policy)
+            self.config = replace(self.config, budget_bytes=budget, policy=policy)
 
     # ------------------------------------------------------------------ writes
     def put(self, tensors: Mapping[str, object], entities: Sequence[str], embeddings: np.ndarray, compat_key: str,
@@ -505,88 +591,57 @@ class PostgresStore:
             ValueError: wrong tensors, mismatched entities/embeddings, an entry larger than the budget.
             StoreError: the store is closed, or the server stays unreachable past ``retry_seconds``.
         """
-        from safetensors.torch import save
-
-        if not compat_key or not isinstance(compat_key, str):
-            raise ValueError("compat_key must be a non-empty string")
-        if not isinstance(prompt, str):
-            raise ValueError("prompt must be a string")
-        spec = _tensor_spec(tensors)
-        if isinstance(entities, (str, bytes)):
-            raise ValueError("entities must be a list of strings, e.g. ['a golden retriever'], not one string")
-        entities = [str(e) for e in entities]
-        embeddings = np.asarray(embeddings, dtype=np.float32)
-        if not entities:
-            raise ValueError("an entry needs at least one entity to be found by")
-        if embeddings.ndim != 2 or embeddings.shape[0] != len(entities):
-            raise ValueError(f"embeddings must be [{len(entities)}, dim], got {list(embeddings.shape)}")
-        if not np.isfinite(embeddings).all():
-            raise ValueError("embeddings contain NaN or Inf")
-        if self.dim is not None and embeddings.shape[1] != self.dim:
-            raise ValueError(f"embeddings are {embeddings.shape[1]}-d but the store holds {self.dim}-d vectors")
+        entry = encode_entry(tensors, entities, embeddings, compat_key, prompt, self.dim)
         if self._closed:
             raise StoreError("the store is closed; open it again")
         info_json = json.dumps(dict(info or {}), sort_keys=True, default=str)
-        blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                    metadata={"compat_key": compat_key[:512]})
-        nbytes = len(blob)
-        self._check_fits(nbytes)
-        digest = hashlib.sha256(blob).hexdigest()
+        check_entry_fits(entry.nbytes, self.budget_bytes)  # fail before writing; checked again under the lock
         uid = uuid.uuid4().hex
-        blob_key = None
-        if self.blobs is not None:  # object first, row second: a crash in between leaves an orphan object
-            blob_key = self.blobs.put(f"{uid}.safetensors", blob)
-        spec_json = json.dumps(spec)
+        spec_json = json.dumps(entry.spec)
+        reserved = None
+        if self.blobs is not None:
+            # Object first, row second: a crash in between leaves an orphan object, which verify
+            # collects. Its key comes from an id drawn now, so the row that follows owns it.
+            reserved = int(self._run(lambda c: c.execute(
+                "SELECT nextval(pg_get_serial_sequence('chai_entries', 'id'))").fetchone()[0], transaction=False))
+            self.blobs.put(reserved, entry.blob)
 
         def insert(conn):
             row = conn.execute("SELECT id FROM chai_entries WHERE uid=%s", (uid,)).fetchone()
             if row is not None:  # an earlier attempt committed but its reply was lost
                 return int(row[0]), []
             if self.dim is None:
-                self._init_dim(conn, embeddings.shape[1])
+                self._init_dim(conn, entry.embeddings.shape[1])
             conn.execute("INSERT INTO chai_partitions VALUES(%s, %s) ON CONFLICT DO NOTHING", (compat_key, spec_json))
             stored = conn.execute("SELECT tensor_spec FROM chai_partitions WHERE compat_key=%s", (compat_key,)).fetchone()
-            if json.loads(stored[0]) != spec:
-                raise ValueError(f"entry tensors {spec} differ from those already stored under this key "
-                                 f"{json.loads(stored[0])}; the compatibility key must include the latent shape and dtype")
+            if _loads(stored[0]) != entry.spec:
+                raise spec_mismatch(entry.spec, _loads(stored[0]))
             now = time.time()
             entry_id = int(conn.execute(
-                "INSERT INTO chai_entries(uid, compat_key, prompt, nbytes, sha256, created_at, last_access, info, "
-                "blob, blob_key) VALUES(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id",
-                (uid, compat_key, prompt, nbytes, digest, now, now, info_json,
-                 None if blob_key else blob, blob_key)).fetchone()[0])
+                "INSERT INTO chai_entries(id, uid, compat_key, prompt, nbytes, sha256, created_at, last_access, info, "
+                "blob) VALUES(coalesce(%s, nextval(pg_get_serial_sequence('chai_entries', 'id'))),"
+                "%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id",
+                (reserved, uid, compat_key, prompt, entry.nbytes, entry.sha256, now, now, info_json,
+                 None if reserved else entry.blob)).fetchone()[0])
             with conn.cursor() as cur:
                 cur.executemany("INSERT INTO chai_entities(entry_id, compat_key, text, embedding) VALUES(%s,%s,%s,%s)",
-                                [(entry_id, compat_key, t, v) for t, v in zip(entities, embeddings)])
+                                [(entry_id, compat_key, t, v) for t, v in zip(entry.entities, entry.embeddings)])
             # The upload above ran outside the lock; from here to COMMIT writers are serial.
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITER_LOCK,))
-            budget = self._budget_locked(conn, nbytes)
-            victims = self._evict_locked(conn, nbytes, exclude=entry_id, budget=budget)
-            self._bump(conn, bytes_held=nbytes, inserts=1, generation=1)
+            self._adopt_meta(conn)
+            check_entry_fits(entry.nbytes, self.config.budget_bytes)
+            victims = self._evict_locked(conn, entry.nbytes, exclude=entry_id)
+            self._bump(conn, bytes_held=entry.nbytes, inserts=1, generation=1)
             return entry_id, victims
 
         try:
             entry_id, victims = self._run(insert)
         except BaseException:
-            if blob_key is not None:
-                self._delete_blobs([blob_key])
+            if reserved is not None:
+                self._delete_blobs([reserved])
             raise
         self._delete_blobs(victims)
         return entry_id
-
-    def _check_fits(self, nbytes: int) -> None:
-        budget = int(self._run(lambda c: c.execute("SELECT value FROM chai_meta WHERE key='budget_bytes'").fetchone()[0],
-                               transaction=False))
-        if nbytes > budget:
-            raise ValueError(f"this entry is {nbytes} bytes, more than the store's whole budget of {budget} bytes; "
-                             "raise the budget (budget_bytes / --budget-mb)")
-
-    def _budget_locked(self, conn, nbytes: int) -> int:
-        self._adopt_meta(conn)
-        if nbytes > self.config.budget_bytes:
-            raise ValueError(f"this entry is {nbytes} bytes, more than the store's whole budget of "
-                             f"{self.config.budget_bytes} bytes; raise the budget (budget_bytes / --budget-mb)")
-        return self.config.budget_bytes
 
     def _init_dim(self, conn, dim: int) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITER_LOCK,))
@@ -599,6 +654,11 @@ class PostgresStore:
             raise ValueError(f"embeddings are {dim}-d but the store holds {self.dim}-d vectors")
 
     @staticmethod
+    def _counter(conn, name: str) -> int:
+        """A counter as a whole number >= 0 (a crafted NaN or negative value reads as 0)."""
+        return int(count_value(conn.execute("SELECT value FROM chai_counters WHERE name=%s", (name,)).fetchone()[0]))
+
+    @staticmethod
     def _bump(conn, **deltas: float) -> None:
         """Add to counters in one statement (rows locked in name order: no deadlock between clients)."""
         names = sorted(k for k, v in deltas.items() if v)
@@ -607,24 +667,25 @@ class PostgresStore:
                          "unnest(%s::text[], %s::float8[]) AS d(name, delta) WHERE c.name = d.name",
                          (names, [float(deltas[n]) for n in names]))
 
-    def _evict_locked(self, conn, incoming: int, exclude: int | None, budget: int | None = None) -> list:
+    def _evict_locked(self, conn, incoming: int, exclude: int | None) -> list[int]:
         """Delete entries in policy order until ``held + incoming <= budget`` (caller holds the
-        writer lock). Returns the deleted entries' bucket keys (None for bytea), to remove after COMMIT."""
-        budget = self.config.budget_bytes if budget is None else budget
-        held = int(conn.execute("SELECT value FROM chai_counters WHERE name='bytes_held'").fetchone()[0])
+        writer lock and adopted the persisted budget). Returns the deleted entry ids, whose bucket
+        objects go after COMMIT."""
+        budget = self.config.budget_bytes
+        held = self._counter(conn, "bytes_held")
         excess = held + incoming - budget
         if excess <= 0:
             return []
-        victims: list[tuple[int, int, str | None]] = []
+        victims: list[tuple[int, int]] = []
         freed, offset, batch = 0, 0, 8
         order = self.config.policy.order_by
         while freed < excess:
-            rows = conn.execute(f"SELECT id, nbytes, blob_key FROM chai_entries WHERE id <> %s "
+            rows = conn.execute(f"SELECT id, nbytes FROM chai_entries WHERE id <> %s "
                                 f"ORDER BY {order} LIMIT %s OFFSET %s", (exclude or 0, batch, offset)).fetchall()
             if not rows:
                 break
-            for entry_id, nbytes, key in rows:
-                victims.append((int(entry_id), int(nbytes), key))
+            for entry_id, nbytes in rows:
+                victims.append((int(entry_id), int(nbytes)))
                 freed += int(nbytes)
                 if freed >= excess:
                     break
@@ -632,16 +693,16 @@ class PostgresStore:
             batch *= 4
         conn.execute("DELETE FROM chai_entries WHERE id = ANY(%s)", ([v[0] for v in victims],))
         self._bump(conn, bytes_held=-freed, evictions=len(victims), generation=1)
-        return [v[2] for v in victims]
+        return [v[0] for v in victims]
 
-    def _delete_blobs(self, keys: Iterable[str]) -> None:
-        keys = [k for k in keys if k]
-        if keys and self.blobs is not None:
+    def _delete_blobs(self, entry_ids: Sequence[int]) -> None:
+        """Delete the bucket objects of entries whose rows are gone (nothing for bytea latents)."""
+        if entry_ids and self.blobs is not None:
             try:
-                self.blobs.delete(keys)
+                self.blobs.delete(entry_ids)
             except Exception as exc:  # the rows are gone; verify collects what is left
                 log.warning("CHAI store %s: could not delete %d blob(s) (%s); 'cache verify' removes them later",
-                            self.location, len(keys), exc)
+                            self.location, len(entry_ids), exc)
 
     def set_budget(self, budget_bytes: int, evict_to_fit: bool = False) -> int:
         """Change the byte budget (persisted, seen by every client's next insert).
@@ -657,7 +718,7 @@ class PostgresStore:
             BudgetError: the store holds more than ``budget_bytes`` and ``evict_to_fit`` is False;
                 nothing is changed.
         """
-        _validate_budget(budget_bytes)
+        validate_budget(budget_bytes)
 
         def apply(conn):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITER_LOCK,))
@@ -680,15 +741,14 @@ class PostgresStore:
 
         def remove(conn):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITER_LOCK,))
-            rows = conn.execute("DELETE FROM chai_entries WHERE id = ANY(%s) RETURNING nbytes, blob_key",
-                                (ids,)).fetchall()
+            rows = conn.execute("DELETE FROM chai_entries WHERE id = ANY(%s) RETURNING id, nbytes", (ids,)).fetchall()
             if rows:
-                self._bump(conn, bytes_held=-sum(int(r[0]) for r in rows), generation=1)
-            return len(rows), [r[1] for r in rows if r[1]]
+                self._bump(conn, bytes_held=-sum(int(r[1]) for r in rows), generation=1)
+            return [int(r[0]) for r in rows]
 
-        count, keys = self._run(remove)
-        self._delete_blobs(keys)
-        return count
+        removed = self._run(remove)
+        self._delete_blobs(removed)
+        return len(removed)
 
     # ------------------------------------------------------------------ reads
     def search(self, vectors: np.ndarray, compat_key: str, k: int = 8) -> list[EntityMatch]:
@@ -713,7 +773,7 @@ class PostgresStore:
         if vectors.shape[1] != self.dim:
             raise ValueError(f"query vectors are {vectors.shape[1]}-d but the store holds {self.dim}-d vectors")
         rows = self._run(lambda c: c.execute(
-            "SELECT q.i - 1, e.label, e.entry_id, e.text, 1 - (e.embedding <=> q.v) FROM "
+            f"SELECT q.i - 1, e.label, e.entry_id, left(e.text, {_MAX_TEXT}), 1 - (e.embedding <=> q.v) FROM "
             "unnest(%b::vector[]) WITH ORDINALITY AS q(v, i) CROSS JOIN LATERAL ("
             "SELECT label, entry_id, text, embedding FROM chai_entities WHERE compat_key = %s "
             "ORDER BY embedding <=> q.v LIMIT %s) e",
@@ -724,12 +784,16 @@ class PostgresStore:
         return matches
 
     def _reload_dim(self) -> None:
-        row = self._run(lambda c: c.execute("SELECT value FROM chai_meta WHERE key='dim'").fetchone(), transaction=False)
+        row = self._run(lambda c: c.execute("SELECT left(value, 10) FROM chai_meta WHERE key='dim'").fetchone(),
+                        transaction=False)
         if row is not None:
-            self.dim = int(row[0])
+            self.dim = _parse_dim(row[0], self.location)
 
     def load(self, entry_id: int, device: str = "cpu") -> dict | None:
-        """An entry's latents after checking size and SHA-256 against its row; a bad blob is
+        """An entry's latents after the folder store's checks: the recorded size (compared before a
+        byte is sent: ``octet_length`` for ``bytea``, ``Content-Length`` for a bucket object), at most
+        ``MAX_ENTRY_BYTES``, the SHA-256, and a safetensors header that describes exactly the tensors
+        of the entry's key (dtype, shape, offsets) before any tensor is built. A bad entry is
         quarantined (row moved to ``chai_quarantine``, reported) and ``None`` returned (a miss).
 
         Returns:
@@ -737,52 +801,72 @@ class PostgresStore:
         """
         from safetensors.torch import load as load_bytes
 
-        # Binary results: bytea comes as raw bytes, not hex text twice its size.
-        row = self._run(lambda c: c.execute("SELECT nbytes, sha256, blob, blob_key FROM chai_entries WHERE id=%s",
-                                            (int(entry_id),), binary=True).fetchone(), transaction=False)
+        row = self._run(lambda c: c.execute(_LATENT_QUERY, (MAX_ENTRY_BYTES, int(entry_id)), binary=True).fetchone(),
+                        transaction=False)
         if row is None:
             return None
-        nbytes, digest, blob, blob_key = row
-        problem, blob = self._check_blob(int(nbytes), digest, blob, blob_key)
-        if problem is None:
+        try:
+            blob = self._checked_latents(int(entry_id), *row)
             try:
                 tensors = load_bytes(blob)
-            except Exception as exc:
-                problem = f"latents are not valid safetensors ({exc})"
-        if problem is not None:
-            self._quarantine(int(entry_id), problem)
+            except Exception as exc:  # safetensors raises SafetensorError on a malformed file
+                raise BlobError(f"latents are not valid safetensors ({exc})") from None
+        except BlobError as exc:
+            self._quarantine(int(entry_id), str(exc))
             return None
         if device != "cpu":
             tensors = {k: v.to(device) for k, v in tensors.items()}
         return tensors
 
-    def _check_blob(self, nbytes: int, digest: str, blob, blob_key: str | None) -> tuple[str | None, bytes | None]:
-        """(problem or None, the bytes)."""
-        if blob_key:
-            if self.blobs is None:
-                return f"latents are in a bucket ({blob_key}) but this store has no blob store", None
-            try:
-                blob = self.blobs.get(blob_key)
-            except KeyError:
-                return f"latent object {blob_key} is missing", None
-        if blob is None:
-            return "latents are missing", None
+    def _checked_latents(self, entry_id: int, nbytes, digest, spec_text, size, blob) -> bytes:
+        """An entry's latent bytes from a row of :data:`_LATENT_QUERY`, checked (see :meth:`load`).
+
+        Raises:
+            BlobError: naming the first check that failed.
+        """
+        if not (isinstance(nbytes, int) and 0 < nbytes <= MAX_ENTRY_BYTES):
+            raise BlobError(f"the row records {nbytes} bytes of latents, outside 1..{MAX_ENTRY_BYTES}")
+        if self.blobs is not None:
+            blob = self.blobs.get(entry_id, nbytes)
+        elif size is None:
+            raise BlobError("latents are missing")
+        elif size != nbytes or blob is None:
+            raise BlobError(f"latents are {size} bytes, the row recorded {nbytes}")
         blob = bytes(blob)
-        if len(blob) != nbytes:
-            return f"latents are {len(blob)} bytes, the row recorded {nbytes}", blob
         if hashlib.sha256(blob).hexdigest() != digest:
-            return "latents do not match their recorded SHA-256", blob
-        return None, blob
+            raise BlobError("latents do not match their recorded SHA-256")
+        try:
+            spec = parse_tensor_spec(spec_text)
+        except ValueError as exc:
+            raise BlobError(f"the tensor spec of the entry's key is not CHAI's ({exc})") from None
+        check_safetensors(blob, spec)
+        return blob
+
+    def _size_problem(self, entry_id: int, nbytes, size) -> str | None:
+        """Why an entry's latents are not of its recorded size (no byte read), or None."""
+        if not (isinstance(nbytes, int) and 0 < nbytes <= MAX_ENTRY_BYTES):
+            return f"the row records {nbytes} bytes of latents, outside 1..{MAX_ENTRY_BYTES}"
+        if self.blobs is not None:
+            size = self.blobs.size(entry_id)
+            if size is None:
+                return f"latent object {self.blobs.key(entry_id)} is missing"
+        if size is None:
+            return "latents are missing"
+        if int(size) != nbytes:
+            return f"latents are {size} bytes, the row recorded {nbytes}"
+        return None
 
     def _quarantine(self, entry_id: int, reason: str) -> None:
+        """Move an entry's row (and bytea latents, server side) to ``chai_quarantine``; a bucket
+        object stays at its key, which the quarantine row keeps from orphan collection."""
         def move(conn):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITER_LOCK,))
-            row = conn.execute("DELETE FROM chai_entries WHERE id=%s RETURNING nbytes, blob, blob_key",
-                               (entry_id,)).fetchone()
+            row = conn.execute(
+                "WITH gone AS (DELETE FROM chai_entries WHERE id=%s RETURNING id, nbytes, blob), "
+                "kept AS (INSERT INTO chai_quarantine(entry_id, time, reason, blob) SELECT id, %s, %s, blob FROM gone) "
+                "SELECT nbytes FROM gone", (entry_id, time.time(), reason)).fetchone()
             if row is None:
                 return False
-            conn.execute("INSERT INTO chai_quarantine VALUES(%s, %s, %s, %s, %s)",
-                         (entry_id, time.time(), reason, row[1], row[2]))
             self._bump(conn, bytes_held=-int(row[0]), quarantined=1, repairs=1, generation=1)
             self._event(conn, "quarantined", f"entry {entry_id}: {reason}")
             return True
@@ -805,13 +889,20 @@ class PostgresStore:
 
     def _records(self, where: str, params: tuple) -> list[EntryRecord]:
         has_entities = self.dim is not None
-        texts = ("(SELECT coalesce(array_agg(text ORDER BY label), '{}') FROM chai_entities WHERE entry_id = e.id)"
+        # Bounded on the server: a row from elsewhere cannot make a client read a huge prompt or list.
+        texts = (f"(SELECT coalesce(array_agg(t ORDER BY label), '{{}}') FROM (SELECT label, left(text, {_MAX_TEXT}) "
+                 f"AS t FROM chai_entities WHERE entry_id = e.id ORDER BY label LIMIT {_MAX_ENTITIES}) AS x)"
                  if has_entities else "'{}'::text[]")
         rows = self._run(lambda c: c.execute(
-            f"SELECT e.id, e.compat_key, e.prompt, e.nbytes, e.created_at, e.last_access, e.access_count, e.info, "
+            f"SELECT e.id, left(e.compat_key, {_MAX_TEXT}), left(e.prompt, {_MAX_PROMPT}), e.nbytes, e.created_at, "
+            f"e.last_access, e.access_count, CASE WHEN octet_length(e.info) <= {_MAX_INFO} THEN e.info END, "
             f"{texts} FROM chai_entries e {where} ORDER BY e.id", params).fetchall(), transaction=False)
-        return [EntryRecord(int(r[0]), r[1], r[2], list(r[8]), int(r[3]), float(r[4]), float(r[5]), int(r[6]),
-                            json.loads(r[7])) for r in rows]
+        records = []
+        for r in rows:
+            info = _loads(r[7])
+            records.append(EntryRecord(int(r[0]), r[1], r[2], list(r[8]), int(r[3]), float(r[4]), float(r[5]),
+                                       int(r[6]), info if isinstance(info, dict) else {}))
+        return records
 
     def entity_vectors(self, entry_ids: Sequence[int]) -> dict[int, np.ndarray]:
         """entry id -> [n, dim] float32 embeddings of its entities, in the order of
@@ -875,23 +966,27 @@ class PostgresStore:
         def snapshot(conn):
             # One snapshot: REPEATABLE READ makes every query of the report see the same state.
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            meta = dict(conn.execute("SELECT key, value FROM chai_meta").fetchall())
-            counters = {k: float(v) for k, v in conn.execute("SELECT name, value FROM chai_counters").fetchall()}
+            meta = _parse_meta(dict(conn.execute("SELECT key, left(value, 1000) FROM chai_meta").fetchall()),
+                               self.location)
+            counters = {k: count_value(v) for k, v in conn.execute("SELECT name, value FROM chai_counters").fetchall()}
             entries, held = conn.execute("SELECT count(*), coalesce(sum(nbytes), 0) FROM chai_entries").fetchone()
             n_entities = conn.execute("SELECT count(*) FROM chai_entities").fetchone()[0] if has_entities else 0
-            ms = [r[0] for r in conn.execute("SELECT ms FROM chai_lookup_log ORDER BY id DESC LIMIT %s",
+            ms = [r[0] for r in conn.execute("SELECT ms FROM chai_lookup_log WHERE ms >= 0 AND ms < 'Infinity' "
+                                             "ORDER BY id DESC LIMIT %s",
                                              (LOOKUP_LOG_KEEP,))]
             top = [(t, int(n)) for t, n in conn.execute(
-                "SELECT text, count FROM chai_entity_counts ORDER BY count DESC, text ASC LIMIT 10")]
+                "SELECT left(text, %s), count FROM chai_entity_counts ORDER BY count DESC, text ASC LIMIT 10",
+                (_MAX_TEXT,))]
             recent = [dict(zip(("time", "prompt", "hit", "entity", "matched", "similarity", "ms"), r))
-                      for r in conn.execute("SELECT time, prompt, hit, entity, matched, similarity, ms FROM "
-                                            "chai_lookup_log ORDER BY id DESC LIMIT %s", (int(last),))]
+                      for r in conn.execute("SELECT time, left(prompt, 500), hit, left(entity, %s), left(matched, %s), "
+                                            "similarity, ms FROM chai_lookup_log ORDER BY id DESC LIMIT %s",
+                                            (_MAX_TEXT, _MAX_TEXT, min(int(last), LOOKUP_LOG_KEEP)))]
             return meta, counters, int(entries), int(held), int(n_entities), ms, top, recent
 
         meta, counters, entries, held, n_entities, ms, top, recent = self._run(snapshot)
         lookups = int(counters.get("lookups", 0))
         stats = StoreStats(
-            entries=entries, entities=n_entities, bytes=held, budget_bytes=int(meta["budget_bytes"]),
+            entries=entries, entities=n_entities, bytes=held, budget_bytes=meta["budget_bytes"],
             hits=int(counters.get("hits", 0)), misses=int(counters.get("misses", 0)), lookups=lookups,
             evictions=int(counters.get("evictions", 0)), inserts=int(counters.get("inserts", 0)),
             repairs=int(counters.get("repairs", 0)), quarantined=int(counters.get("quarantined", 0)),
@@ -900,8 +995,8 @@ class PostgresStore:
             lookup_ms_p50=float(np.percentile(ms, 50)) if ms else 0.0,
             lookup_ms_p99=float(np.percentile(ms, 99)) if ms else 0.0,
             top_entities=top, last_lookups=recent, generation=int(counters.get("generation", 0)),
-            policy=EvictionPolicy.parse(meta["policy"]).value)
-        self.config = _replace(self.config, budget_bytes=stats.budget_bytes, policy=EvictionPolicy.parse(stats.policy))
+            policy=meta["policy"].value)
+        self.config = replace(self.config, budget_bytes=stats.budget_bytes, policy=meta["policy"])
         return stats
 
     def events(self, limit: int = 50) -> list[dict]:
@@ -912,10 +1007,11 @@ class PostgresStore:
 
     # ------------------------------------------------------------------ maintenance
     def verify(self, full: bool = True, orphan_grace_s: float = 3600.0) -> VerifyReport:
-        """Check every entry's latents (size, and SHA-256 plus safetensors header when ``full``),
+        """Check every entry's latents (size; and, when ``full``, everything :meth:`load` checks),
         the byte counter, the HNSW index and, with a bucket, objects without a row; repair what is
-        wrong (quarantine, recount, rebuild, delete orphans older than ``orphan_grace_s``, which
-        an insert still in flight may own).
+        wrong (quarantine, recount, rebuild, delete orphans older than ``orphan_grace_s``, which an
+        insert still in flight may own). Bucket objects not of the store's naming are listed in
+        ``left_alone`` and never touched.
 
         Returns:
             A :class:`VerifyReport`; ``report.ok`` is True when nothing needed repair.
@@ -925,33 +1021,35 @@ class PostgresStore:
         report = VerifyReport()
         last = 0
         while True:
-            cols = "nbytes, sha256, blob, blob_key" if full else "nbytes, sha256, octet_length(blob), blob_key"
             rows = self._run(lambda c: c.execute(
-                f"SELECT id, {cols} FROM chai_entries WHERE id > %s ORDER BY id LIMIT 64", (last,)).fetchall(),
-                transaction=False)
+                "SELECT id, nbytes, octet_length(blob) FROM chai_entries WHERE id > %s ORDER BY id LIMIT 1000",
+                (last,)).fetchall(), transaction=False)
             if not rows:
                 break
-            for entry_id, nbytes, digest, blob, blob_key in rows:
-                last = int(entry_id)
+            for entry_id, nbytes, size in rows:
+                last = entry_id = int(entry_id)
                 report.entries_checked += 1
-                if full:
-                    problem, data = self._check_blob(int(nbytes), digest, blob, blob_key)
-                    if problem is None:
-                        try:
-                            load_bytes(data)
-                        except Exception as exc:
-                            problem = f"latents are not valid safetensors ({exc})"
-                else:
-                    problem = self._check_size(int(nbytes), blob, blob_key)
+                problem = self._size_problem(entry_id, nbytes, size)
+                if problem is None and full:  # one entry's bytes at a time
+                    row = self._run(lambda c: c.execute(_LATENT_QUERY, (MAX_ENTRY_BYTES, entry_id),
+                                                        binary=True).fetchone(), transaction=False)
+                    if row is None:  # deleted meanwhile by another client
+                        continue
+                    try:
+                        load_bytes(self._checked_latents(entry_id, *row))
+                    except BlobError as exc:
+                        problem = str(exc)
+                    except Exception as exc:  # safetensors' own error
+                        problem = f"latents are not valid safetensors ({exc})"
                 if problem:
                     report.problems.append(f"entry {entry_id}: {problem}")
                     report.files_quarantined.append(str(entry_id))
-                    self._quarantine(int(entry_id), problem)
+                    self._quarantine(entry_id, problem)
 
         def recount(conn):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITER_LOCK,))
             held = int(conn.execute("SELECT coalesce(sum(nbytes), 0) FROM chai_entries").fetchone()[0])
-            counted = int(conn.execute("SELECT value FROM chai_counters WHERE name='bytes_held'").fetchone()[0])
+            counted = self._counter(conn, "bytes_held")
             if held != counted:
                 conn.execute("UPDATE chai_counters SET value=%s WHERE name='bytes_held'", (held,))
                 self._event(conn, "recounted", f"byte counter said {counted}, the entries hold {held}")
@@ -969,29 +1067,17 @@ class PostgresStore:
                 report.partitions_rebuilt.append("chai_entities_hnsw")
                 self._rebuild_index(missing=valid is None)
         if self.blobs is not None:
+            objects, others = self.blobs.scan()
             known = set(r[0] for r in self._run(lambda c: c.execute(
-                "SELECT blob_key FROM chai_entries WHERE blob_key IS NOT NULL UNION "
-                "SELECT blob_key FROM chai_quarantine WHERE blob_key IS NOT NULL").fetchall(), transaction=False))
+                "SELECT id FROM chai_entries UNION SELECT entry_id FROM chai_quarantine").fetchall(), transaction=False))
             cutoff = time.time() - orphan_grace_s
-            orphans = [key for key, modified in self.blobs.list() if key not in known and modified < cutoff]
+            orphans = [entry_id for entry_id, modified in objects if entry_id not in known and modified < cutoff]
             if orphans:
                 self.blobs.delete(orphans)
-                report.orphans_removed.extend(orphans)
+                report.orphans_removed.extend(self.blobs.key(i) for i in orphans)
                 report.problems.append(f"{len(orphans)} latent object(s) without an entry (interrupted inserts)")
+            report.left_alone.extend(others)
         return report
-
-    def _check_size(self, nbytes: int, size, blob_key: str | None) -> str | None:
-        if blob_key:
-            if self.blobs is None:
-                return f"latents are in a bucket ({blob_key}) but this store has no blob store"
-            size = self.blobs.size(blob_key)
-            if size is None:
-                return f"latent object {blob_key} is missing"
-        if size is None:
-            return "latents are missing"
-        if int(size) != nbytes:
-            return f"latents are {size} bytes, the row recorded {nbytes}"
-        return None
 
     def _rebuild_index(self, missing: bool) -> None:
         def rebuild(conn):
@@ -1070,8 +1156,6 @@ def open_location(location: str, *, budget_bytes: int | None = None, policy: str
     if not create and not location_exists(location):
         raise StoreError(f"the database at {location} holds no CHAI store; check the URL, or create the store "
                          "by running a request with it")
-    from dataclasses import fields
-
     known = {f.name for f in fields(StoreConfig)}
     unknown = sorted(set(options) - known)
     if unknown:

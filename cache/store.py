@@ -62,6 +62,8 @@ from .store_files import (
     BlobError,
     StoreFiles,
     check_safetensors,
+    encode_entry,
+    spec_mismatch,
 )
 from .store_index import IndexSync
 from .store_manifest import (
@@ -589,41 +591,18 @@ class LatentStore:
             StoreError: the store is closed, or its folder cannot be written (read-only);
                 DiskFullError when its disk is full. Nothing committed is lost either way.
         """
-        from safetensors.torch import save
-
-        if not compat_key or not isinstance(compat_key, str):
-            raise ValueError("compat_key must be a non-empty string")
-        if not isinstance(prompt, str):
-            raise ValueError("prompt must be a string")
-        spec = _tensor_spec(tensors)
-        if isinstance(entities, (str, bytes)):  # would silently become one entity per character
-            raise ValueError("entities must be a list of strings, e.g. ['a golden retriever'], not one string")
-        entities = [str(e) for e in entities]
-        embeddings = np.asarray(embeddings, dtype=np.float32)
-        if not entities:
-            raise ValueError("an entry needs at least one entity to be found by")
-        if embeddings.ndim != 2 or embeddings.shape[0] != len(entities):
-            raise ValueError(f"embeddings must be [{len(entities)}, dim], got {list(embeddings.shape)}")
-        if not np.isfinite(embeddings).all():
-            raise ValueError("embeddings contain NaN or Inf")
-        if self.dim is not None and embeddings.shape[1] != self.dim:
-            raise ValueError(f"embeddings are {embeddings.shape[1]}-d but the store holds {self.dim}-d vectors")
+        entry = encode_entry(tensors, entities, embeddings, compat_key, prompt, self.dim)
         info_json = json.dumps(dict(info or {}), sort_keys=True, default=str)
-
-        blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                    metadata={"compat_key": compat_key[:512]})
-        nbytes = len(blob)
-        check_entry_fits(nbytes, self._policy_and_budget()[1])  # fail before writing; checked again below
-        digest = hashlib.sha256(blob).hexdigest()
+        check_entry_fits(entry.nbytes, self._policy_and_budget()[1])  # fail before writing; checked again below
         with self._lock:
             if self._closed:
                 raise StoreError("the store is closed; open it again")
             try:
                 if self.dim is None:
-                    self._init_dim(embeddings.shape[1])
+                    self._init_dim(entry.embeddings.shape[1])
                 self.sync()
                 self._remove_invalid(self._sync.take_bad_entries())  # found by a sync without the lock
-                tmp = self._files.write_latent_temp(blob, self.config.durable)
+                tmp = self._files.write_latent_temp(entry.blob, self.config.durable)
             except OSError as exc:  # read-only mount, disk full, permissions
                 raise self._os_error(exc, f"write a latent file in {self.path / 'latents'}") from exc
             except sqlite3.Error as exc:
@@ -635,25 +614,23 @@ class LatentStore:
                     row = c.execute("SELECT tensor_spec FROM partitions WHERE compat_key=?", (compat_key,)).fetchone()
                     if row is None:
                         c.execute("INSERT INTO partitions(compat_key, tensor_spec) VALUES(?,?)",
-                                  (compat_key, json.dumps(spec)))
-                    elif _loads(row[0]) != spec:
-                        raise ValueError(
-                            f"entry tensors {spec} differ from those already stored under this key "
-                            f"{_loads(row[0])}; the compatibility key must include the latent shape and dtype")
+                                  (compat_key, json.dumps(entry.spec)))
+                    elif _loads(row[0]) != entry.spec:
+                        raise spec_mismatch(entry.spec, _loads(row[0]))
                     policy, budget = self._policy_and_budget(c)  # under the writer lock: final
-                    check_entry_fits(nbytes, budget)
+                    check_entry_fits(entry.nbytes, budget)
                     generation = Manifest.bump_generation(c)
-                    chosen = pick_victims(c, policy, Manifest.bytes_held(c) + nbytes - budget)
+                    chosen = pick_victims(c, policy, Manifest.bytes_held(c) + entry.nbytes - budget)
                     evict(c, chosen, generation)
                     victims = [v[0] for v in chosen]
                     now = time.time()
                     cur = c.execute(
                         "INSERT INTO entries(compat_key, prompt, nbytes, sha256, created_at, last_access,"
                         " access_count, info) VALUES(?,?,?,?,?,?,0,?)",
-                        (compat_key, prompt, nbytes, digest, now, now, info_json),
+                        (compat_key, prompt, entry.nbytes, entry.sha256, now, now, info_json),
                     )
                     entry_id = int(cur.lastrowid)
-                    for text, vec in zip(entities, embeddings):
+                    for text, vec in zip(entry.entities, entry.embeddings):
                         c.execute("INSERT INTO entities(entry_id, compat_key, text, embedding) VALUES(?,?,?,?)",
                                   (entry_id, compat_key, text, vec.astype(np.float32).tobytes()))
                     c.execute("UPDATE counters SET value=value+1 WHERE name='inserts'")
@@ -849,6 +826,19 @@ class LatentStore:
         """Every entry, oldest first."""
         ids = [r[0] for r in self._conn().execute("SELECT id FROM entries ORDER BY id")]
         return [rec for rec in (self.entry(i) for i in ids) if rec is not None]
+
+    def entity_vectors(self, entry_ids: Sequence[int]) -> dict[int, np.ndarray]:
+        """entry id -> [n, dim] float32 embeddings of its entities, in the order of :meth:`entry`'s
+        ``entities`` (what copying an entry to another store needs). Unknown ids are left out."""
+        out: dict[int, list] = {}
+        if self.dim is None:
+            return {}
+        conn = self._conn()
+        for entry_id in dict.fromkeys(int(i) for i in entry_ids):
+            for (blob,) in conn.execute("SELECT embedding FROM entities WHERE entry_id=? ORDER BY label", (entry_id,)):
+                if isinstance(blob, bytes) and len(blob) == 4 * self.dim:  # rows of another length are repaired on open
+                    out.setdefault(entry_id, []).append(np.frombuffer(blob, dtype=np.float32))
+        return {k: np.stack(v) for k, v in out.items()}
 
     def __len__(self) -> int:
         return int(self._conn().execute("SELECT COUNT(*) FROM entries").fetchone()[0])
@@ -1049,31 +1039,6 @@ def _loads(text):
         return json.loads(text) if isinstance(text, str) else None
     except (ValueError, RecursionError):
         return None
-
-
-def _tensor_spec(tensors: Mapping[str, object]) -> dict:
-    """Validate latent tensors and describe them: {name: [dtype, shape]}."""
-    import torch
-
-    if not isinstance(tensors, Mapping) or not tensors:
-        raise ValueError("tensors must be a non-empty mapping of name -> torch.Tensor")
-    spec = {}
-    for name, value in tensors.items():
-        if not isinstance(name, str) or not name:
-            raise ValueError("tensor names must be non-empty strings")
-        if name == "__metadata__":
-            raise ValueError("'__metadata__' is reserved by safetensors; give the tensor another name")
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"tensor {name!r} is a {type(value).__name__}, expected a torch.Tensor")
-        dtype = str(value.dtype).replace("torch.", "")
-        if dtype not in ALLOWED_DTYPES:
-            raise ValueError(f"tensor {name!r} has dtype {dtype}; latents must be one of {', '.join(ALLOWED_DTYPES)}")
-        if value.numel() == 0 or value.dim() == 0:
-            raise ValueError(f"tensor {name!r} has shape {list(value.shape)}; latents must be non-empty arrays")
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"tensor {name!r} contains NaN or Inf; refusing to cache a diverged latent")
-        spec[name] = [dtype, list(value.shape)]
-    return dict(sorted(spec.items()))
 
 
 def _read_only_connection(path: Path) -> tuple[sqlite3.Connection, str | None]:

@@ -22,7 +22,7 @@ from .policy import EvictionPolicy
 from .store_manifest import Manifest
 from .store_types import MAX_BUDGET_BYTES, MAX_ENTRY_BYTES, BudgetError, EntryTooLargeError
 
-__all__ = ["validate_budget", "check_entry_fits", "pick_victims", "evict", "change_budget"]
+__all__ = ["validate_budget", "check_entry_fits", "pick_victims", "evict", "budget_error", "change_budget"]
 
 
 def validate_budget(budget) -> int:
@@ -67,6 +67,16 @@ def evict(c, victims: list[tuple[int, int]], generation: int) -> None:
         c.execute("UPDATE counters SET value=value+? WHERE name='evictions'", (len(victims),))
 
 
+def budget_error(location: str, budget: int, held: int, count: int, freed: int, policy: EvictionPolicy) -> BudgetError:
+    """The :class:`BudgetError` of a budget that would evict ``count`` entries (``freed`` bytes) of a
+    store at ``location`` holding ``held`` bytes: says what would go and how to confirm it."""
+    return BudgetError(
+        f"the store {location} holds {held:,} bytes; a budget of {budget:,} bytes would evict {count} "
+        f"entries ({freed:,} bytes, {EvictionPolicy.parse(policy).value} order). Nothing was changed: confirm with "
+        "--evict-to-fit (the CHAI Cache node's evict_to_fit option, or evict_to_fit=True), or keep a larger budget",
+        budget, held, count, freed)
+
+
 def change_budget(c, budget: int, policy: EvictionPolicy, evict_to_fit: bool, folder: str = "") -> list[int]:
     """Save a new budget; evict down to it only when ``evict_to_fit`` (same transaction).
 
@@ -80,12 +90,7 @@ def change_budget(c, budget: int, policy: EvictionPolicy, evict_to_fit: bool, fo
     held = Manifest.bytes_held(c)
     victims = pick_victims(c, policy, held - budget)
     if victims and not evict_to_fit:
-        freed = sum(v[1] for v in victims)
-        raise BudgetError(
-            f"the store {folder} holds {held:,} bytes; a budget of {budget:,} bytes would evict {len(victims)} "
-            f"entries ({freed:,} bytes, {policy.value} order). Nothing was changed: confirm with --evict-to-fit "
-            "(the CHAI Cache node's evict_to_fit option, or evict_to_fit=True), or keep a larger budget",
-            budget, held, len(victims), freed)
+        raise budget_error(folder, budget, held, len(victims), sum(v[1] for v in victims), policy)
     c.execute("INSERT OR REPLACE INTO meta VALUES('budget_bytes', ?)", (str(budget),))
     if victims:
         evict(c, victims, Manifest.bump_generation(c))

@@ -25,6 +25,7 @@ paths with ``lstat`` first.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -36,13 +37,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from .store_types import MAX_ENTRY_BYTES, ContainmentError
+import numpy as np
+
+from .store_types import ALLOWED_DTYPES, MAX_ENTRY_BYTES, ContainmentError
 
 __all__ = [
     "BlobError",
     "StoreFiles",
     "CleanupReport",
     "check_safetensors",
+    "tensor_spec",
+    "EncodedEntry",
+    "encode_entry",
+    "spec_mismatch",
     "latent_name",
     "MARKER_NAME",
     "FORMAT_NAME",
@@ -536,6 +543,100 @@ class StoreFiles:
                 d.rename(old, d, latent_name(entry_id))
                 return True
             return d.regular(latent_name(entry_id))
+
+
+def tensor_spec(tensors: Mapping[str, object]) -> dict:
+    """Validate an entry's latent tensors and describe them: ``{name: [dtype, shape]}``, sorted by name
+    (what every entry of one compatibility key must match, and what :func:`check_safetensors` checks a
+    stored file against).
+
+    Raises:
+        ValueError: not a non-empty mapping of names to torch tensors; a reserved or empty name; a dtype
+            outside ``ALLOWED_DTYPES``; an empty or 0-d tensor; NaN or Inf.
+    """
+    import torch
+
+    if not isinstance(tensors, Mapping) or not tensors:
+        raise ValueError("tensors must be a non-empty mapping of name -> torch.Tensor")
+    spec = {}
+    for name, value in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError("tensor names must be non-empty strings")
+        if name == "__metadata__":
+            raise ValueError("'__metadata__' is reserved by safetensors; give the tensor another name")
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"tensor {name!r} is a {type(value).__name__}, expected a torch.Tensor")
+        dtype = str(value.dtype).replace("torch.", "")
+        if dtype not in ALLOWED_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {dtype}; latents must be one of {', '.join(ALLOWED_DTYPES)}")
+        if value.numel() == 0 or value.dim() == 0:
+            raise ValueError(f"tensor {name!r} has shape {list(value.shape)}; latents must be non-empty arrays")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"tensor {name!r} contains NaN or Inf; refusing to cache a diverged latent")
+        spec[name] = [dtype, list(value.shape)]
+    return dict(sorted(spec.items()))
+
+
+@dataclass(frozen=True)
+class EncodedEntry:
+    """One entry checked and serialised, ready for a store's insert (both backends write these bytes).
+
+    Attributes:
+        blob: the safetensors file (bytes). sha256: its hex digest. spec: :func:`tensor_spec`.
+        entities: entity strings. embeddings: [len(entities), dim] float32.
+    """
+
+    blob: bytes
+    sha256: str
+    spec: dict
+    entities: list
+    embeddings: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the latent file (bytes): what the budget counts."""
+        return len(self.blob)
+
+
+def encode_entry(tensors: Mapping[str, object], entities, embeddings, compat_key: str, prompt: str,
+                 dim: int | None) -> EncodedEntry:
+    """Check a ``put``'s arguments and serialise its latents (safetensors, the key in its metadata).
+
+    Args:
+        tensors: name -> torch tensor (see :func:`tensor_spec`). entities: strings, one per embedding.
+        embeddings: [len(entities), dim] float32. compat_key: non-empty string. prompt: string.
+        dim: the store's embedding width, or None before its first entry.
+
+    Raises:
+        ValueError: naming the first argument that is wrong.
+    """
+    from safetensors.torch import save
+
+    if not compat_key or not isinstance(compat_key, str):
+        raise ValueError("compat_key must be a non-empty string")
+    if not isinstance(prompt, str):
+        raise ValueError("prompt must be a string")
+    spec = tensor_spec(tensors)
+    if isinstance(entities, (str, bytes)):  # would silently become one entity per character
+        raise ValueError("entities must be a list of strings, e.g. ['a golden retriever'], not one string")
+    entities = [str(e) for e in entities]
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if not entities:
+        raise ValueError("an entry needs at least one entity to be found by")
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(entities):
+        raise ValueError(f"embeddings must be [{len(entities)}, dim], got {list(embeddings.shape)}")
+    if not np.isfinite(embeddings).all():
+        raise ValueError("embeddings contain NaN or Inf")
+    if dim is not None and embeddings.shape[1] != dim:
+        raise ValueError(f"embeddings are {embeddings.shape[1]}-d but the store holds {dim}-d vectors")
+    blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"compat_key": compat_key[:512]})
+    return EncodedEntry(blob, hashlib.sha256(blob).hexdigest(), spec, entities, embeddings)
+
+
+def spec_mismatch(spec: dict, stored) -> ValueError:
+    """The error for an entry whose tensors differ from those already stored under its key."""
+    return ValueError(f"entry tensors {spec} differ from those already stored under this key {stored}; the "
+                      "compatibility key must include the latent shape and dtype")
 
 
 def check_safetensors(blob: bytes, spec: Mapping[str, list]) -> None:

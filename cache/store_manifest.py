@@ -53,6 +53,7 @@ __all__ = [
     "read_stats_from",
     "sqlite_store_error",
     "parse_tensor_spec",
+    "count_value",
     "LOOKUP_LOG_KEEP",
     "COUNTERS",
 ]
@@ -606,7 +607,7 @@ def _int_or(value, default: int) -> int:
         return default
 
 
-def _count(value) -> int:
+def count_value(value) -> int:
     """A counter as a whole number >= 0 (a crafted NaN, infinity or negative value reads as 0)."""
     return int(value) if isinstance(value, float) and math.isfinite(value) and value > 0 else 0
 
@@ -661,7 +662,7 @@ def read_stats_from(conn: sqlite3.Connection, manifest: Path, last: int = 10) ->
     """:class:`StoreStats` from a manifest connection (read-only queries; values checked or cast,
     so a crafted manifest gives an error naming the field, never a traceback)."""
     meta = parse_meta(dict(conn.execute("SELECT key, value FROM meta").fetchall()), manifest)
-    counters = {name: _count(value) for name, value in conn.execute(
+    counters = {name: count_value(value) for name, value in conn.execute(
         "SELECT CAST(name AS TEXT), CAST(value AS REAL) FROM counters")}
     entries, held = conn.execute("SELECT COUNT(*), COALESCE(SUM(CAST(nbytes AS INTEGER)), 0) FROM entries").fetchone()
     n_entities = conn.execute("SELECT COUNT(*) FROM entities").fetchone()[0]

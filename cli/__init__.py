@@ -10,6 +10,9 @@ Commands:
     generate                 run prompts through CHAI (lookup, fast or full mode, store): one mp4 each + report
     demo                     the CHAI batch on the bundled reference model over 12 related prompts, against an
                              all-full run of the same batch: mp4s, a contact sheet, report.{md,json} (cli/demo.py)
+    db, worker, cache migrate, generate --queue
+                             the render farm: an embedded PostgreSQL, the job queue's worker, store
+                             migration, queued batches (cli/farm.py)
 """
 
 from __future__ import annotations
@@ -108,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_generate_parser(sub)
     _add_demo_parser(sub)
-    from ..farm import add_parsers as add_farm_parsers
+    from .farm import add_parsers as add_farm_parsers
 
-    add_farm_parsers(sub)  # db, worker, cache migrate, generate --queue (farm.py)
+    add_farm_parsers(sub)  # db, worker, cache migrate, generate --queue (cli/farm.py)
     return parser
 
 
@@ -403,7 +406,7 @@ def _generate_settings(args) -> dict:
             "full_steps": args.full_steps, "cfg_scale": args.cfg_scale, **_intra_settings(args)}
 
 
-def _generate_pipeline(args, lookup):
+def generate_pipeline(args, lookup):
     """The ChaiPipeline of ``--model``, its settings resolved from the model's defaults and the flags."""
     import torch
 
@@ -433,7 +436,7 @@ def _generate_pipeline(args, lookup):
                                    device=device, dtype=dtype)
 
 
-def _cache_behaviour(before, after) -> dict:
+def cache_behaviour(before, after) -> dict:
     """What a run did to the store: sizes after it, and this run's share of the lifetime counters."""
     return {
         "entries": after.entries, "entities": after.entities, "bytes": after.bytes, "budget_bytes": after.budget_bytes,
@@ -444,8 +447,8 @@ def _cache_behaviour(before, after) -> dict:
     }
 
 
-def _generate_report(rows: list[dict], header: dict, cache: dict | None = None) -> tuple[dict, str]:
-    """Totals and the markdown table of a generate run (``cache``: :func:`_cache_behaviour`)."""
+def generate_report(rows: list[dict], header: dict, cache: dict | None = None) -> tuple[dict, str]:
+    """Totals and the markdown table of a generate run (``cache``: :func:`cache_behaviour`)."""
     from ..pipeline.mixcache import describe as describe_intra
 
     n = len(rows)
@@ -569,7 +572,7 @@ def _cmd_generate(args) -> int:
         t_load = time.perf_counter()
         extractor = EntityExtractor(mode=args.lookup_mode)
         lookup = CacheLookup(store, extractor, Embedder(), LookupConfig(mode=args.lookup_mode))
-        pipe = _generate_pipeline(args, lookup)
+        pipe = generate_pipeline(args, lookup)
         # Load the lazy models now so the first request's timings hold no loading.
         lookup.keys_for("a red fox in the snow")
         lookup.embedder.encode(["a red fox"])
@@ -611,7 +614,7 @@ def _cmd_generate(args) -> int:
                   file=sys.stderr)
         finally:
             bar.close()
-        totals, table = _generate_report(rows, header, _cache_behaviour(before, store.stats()))
+        totals, table = generate_report(rows, header, cache_behaviour(before, store.stats()))
         (out / "report.json").write_text(json.dumps({"run": header, "totals": totals, "prompts": rows}, indent=2),
                                          encoding="utf-8")
         (out / "report.md").write_text(table, encoding="utf-8")
@@ -627,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
-        from .. import farm
+        from . import farm
 
         if farm.handles(args):
             return farm.run(args)

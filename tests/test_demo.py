@@ -223,7 +223,7 @@ def test_reference_settings_reach_generate_and_the_node_model(model_dir, tmp_pat
     def config_of(*flags):
         args = cli.build_parser().parse_args([
             "generate", "--prompts", "p.txt", "--out", str(tmp_path), "--store", str(tmp_path / "s"), *flags])
-        return cli._generate_pipeline(args, None).config
+        return cli.generate_pipeline(args, None).config
 
     ref = config_of("--model", "reference", str(model_dir))
     assert (ref.mode, ref.cfg_scale) == ("concat", 2.5)

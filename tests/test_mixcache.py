@@ -328,7 +328,7 @@ def test_command_line_flags_presets_and_report(tmp_path, monkeypatch):
 
     def settings_of(*flags):
         args = cli.build_parser().parse_args(["generate", "--prompts", "p", "--out", "o", "--store", "s", *flags])
-        return cli._generate_pipeline(args, None).settings.mixcache
+        return cli.generate_pipeline(args, None).settings.mixcache
 
     assert settings_of() == MixCacheSettings()
     fast = settings_of("--intra", "mixcache", "--intra-preset", "fast", "--max-reuse", "5", "--granularities", "step")

@@ -190,6 +190,36 @@ def test_corrupt_latents_are_quarantined_and_never_served(pg_url):
     assert_consistent(pg_url)
 
 
+def test_a_database_from_elsewhere_cannot_make_a_client_trust_its_rows(pg_url):
+    """The folder store's rules for a crafted manifest hold for crafted rows: a latent whose SHA-256
+    matches but whose header describes other tensors is refused before a tensor is built; a row
+    recording more than MAX_ENTRY_BYTES is refused before a byte is sent; text is read truncated;
+    a setting CHAI never writes is an error naming it."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    from comfyui_chai.cache import pgstore
+
+    with PostgresStore(pg_url, dim=DIM) as store:
+        ids = [_one(store, seed=s) for s in range(3)]
+        forged = save({"x": torch.zeros(2, 16)})  # valid safetensors of another shape
+        _sql(pg_url, "UPDATE chai_entries SET blob=%s, nbytes=%s, sha256=%s WHERE id=%s",
+             (forged, len(forged), hashlib.sha256(forged).hexdigest(), ids[0]))
+        _sql(pg_url, "UPDATE chai_entries SET nbytes=%s WHERE id=%s", (1 << 40, ids[1]))
+        assert store.load(ids[0]) is None and store.load(ids[1]) is None
+        reasons = " ".join(e["detail"] for e in store.events())
+        assert "has shape [2, 16], the store expects [4, 8]" in reasons and "outside 1.." in reasons
+        _sql(pg_url, "UPDATE chai_entries SET prompt=repeat('p', 50000), info='[not json' WHERE id=%s", (ids[2],))
+        _sql(pg_url, "UPDATE chai_entities SET text=repeat('e', 5000) WHERE entry_id=%s", (ids[2],))
+        rec = store.entry(ids[2])
+        assert len(rec.prompt) == pgstore._MAX_PROMPT and rec.info == {} and len(rec.entities[0]) == pgstore._MAX_TEXT
+        assert store.load(ids[2]) is not None  # the latents themselves are intact
+    _sql(pg_url, "UPDATE chai_meta SET value='NaN' WHERE key='budget_bytes'")
+    with pytest.raises(StoreError, match="budget_bytes is 'NaN', a value CHAI never writes"):
+        PostgresStore(pg_url)
+
+
 def test_compact_rebuilds_the_index_and_keeps_every_entry(pg_url):
     with PostgresStore(pg_url, dim=DIM, budget_bytes=10**6) as store:
         ids = {put_seeded(store, s): s for s in range(30)}

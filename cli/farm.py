@@ -5,7 +5,9 @@
     generate --store URL --queue                   plan a batch and queue it (waits for it by default)
     cache migrate SRC DST                          copy a store (folder <-> PostgreSQL), entry by entry
 
-``cli.py`` only registers these (:func:`add_parsers`) and hands them over (:func:`run`).
+``cli/__init__.py`` only registers these (:func:`add_parsers`) and hands them over (:func:`run`); the
+generate helpers both share are public there (:func:`~cli.generate_pipeline`, :func:`~cli.generate_report`,
+:func:`~cli.cache_behaviour`).
 """
 
 from __future__ import annotations
@@ -79,8 +81,8 @@ def handles(args) -> bool:
 
 def run(args) -> int:
     """Run one of this module's commands; returns the exit code (errors print one line, exit 2)."""
-    from .cache.pgserver import EmbeddedServerError
-    from .cache.store import StoreError
+    from ..cache.pgserver import EmbeddedServerError
+    from ..cache.store import StoreError
 
     try:
         if args.command == "db":
@@ -102,7 +104,7 @@ def run(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- db
 def _cmd_db(args) -> int:
-    from .cache import pgserver
+    from ..cache import pgserver
 
     if args.db_command == "start":
         server = pgserver.start(args.dir, port=args.port, listen=args.listen, run_as=args.run_as)
@@ -146,15 +148,14 @@ def migrate(src: str, dst: str, blobs: str | None = None, progress: bool = False
     import torch
     from tqdm import tqdm
 
-    from .cache.backend import entity_vectors, location_scheme, open_store, store_exists
-    from .cache.store import StoreError
+    from ..cache.backend import location_scheme, open_store, store_exists
+    from ..cache.store import StoreError
 
     with open_store(src, create=False) as source:
         records = sorted(source.entries(), key=lambda r: (r.last_access, r.entry_id))
         if not records:
             raise ValueError(f"{src} holds no entry to copy")
         stats = source.stats(last=0)
-        vectors = entity_vectors(source, [r.entry_id for r in records])
         new = not store_exists(dst)  # a new destination takes the source's budget and policy
         options = {"blobs": blobs} if blobs and location_scheme(dst) else None
         with open_store(dst, dim=source.dim, options=options, budget_bytes=stats.budget_bytes if new else None,
@@ -166,9 +167,10 @@ def migrate(src: str, dst: str, blobs: str | None = None, progress: bool = False
             copied = nbytes = 0
             for rec in tqdm(records, desc="migrate", unit="entry", disable=not progress):
                 tensors = source.load(rec.entry_id)
-                if tensors is None:
-                    continue  # failed its check in the source: quarantined there, not copied
-                new_id = target.put(tensors, rec.entities, vectors[rec.entry_id], rec.compat_key, rec.prompt, rec.info)
+                vectors = source.entity_vectors([rec.entry_id]).get(rec.entry_id)
+                if tensors is None or vectors is None:
+                    continue  # failed its check in the source (quarantined there) or deleted meanwhile: not copied
+                new_id = target.put(tensors, rec.entities, vectors, rec.compat_key, rec.prompt, rec.info)
                 back, back_rec = target.load(new_id), target.entry(new_id)
                 same = (back is not None and back_rec is not None and sorted(back) == sorted(tensors)
                         and all(back[k].dtype == tensors[k].dtype and torch.equal(back[k], tensors[k]) for k in tensors)
@@ -185,14 +187,14 @@ def migrate(src: str, dst: str, blobs: str | None = None, progress: bool = False
 
 # ---------------------------------------------------------------------------------------------- queue
 def _cmd_queue(args) -> int:
-    from .cache.embed import Embedder
-    from .cache.entities import EntityExtractor
-    from .cache.jobqueue import JobQueue
-    from .cache.lookup import CacheLookup, LookupConfig
-    from .cache.backend import mib_to_bytes, open_store
-    from .cache.pgstore import is_postgres_url
-    from .cache.planner import natural_plan, plan_batch
-    from .cache.simulate import read_prompts
+    from ..cache.embed import Embedder
+    from ..cache.entities import EntityExtractor
+    from ..cache.jobqueue import JobQueue
+    from ..cache.lookup import CacheLookup, LookupConfig
+    from ..cache.backend import mib_to_bytes, open_store
+    from ..cache.pgstore import is_postgres_url
+    from ..cache.planner import natural_plan, plan_batch
+    from ..cache.simulate import read_prompts
 
     if not is_postgres_url(args.store):
         raise ValueError("--queue needs a postgresql:// --store (the queue lives in the store's database)")
@@ -234,7 +236,7 @@ def _cmd_queue(args) -> int:
 
 def _write_batch_report(out: Path, batch: int, jobs: list[dict], store, before, planned: bool) -> None:
     """report.{json,md} of a queued batch: the generate report plus worker, group and wall time."""
-    from .cli import _cache_behaviour, _generate_report
+    from . import cache_behaviour, generate_report
 
     rows = []
     for j in jobs:
@@ -251,7 +253,7 @@ def _write_batch_report(out: Path, batch: int, jobs: list[dict], store, before, 
     header.setdefault("model", "queued")
     for key in ("height", "width", "num_frames", "device", "config"):
         header.setdefault(key, "")
-    totals, table = _generate_report(rows, header, _cache_behaviour(before, store.stats()))
+    totals, table = generate_report(rows, header, cache_behaviour(before, store.stats()))
     totals["wall_s"] = header["wall_s"]
     table += (f"\nQueued batch {batch} ({'planned' if planned else 'natural order'}), "
               f"{len(header['workers'])} worker(s), wall time {header['wall_s']:.2f} s.\n")
@@ -291,7 +293,7 @@ class _Heartbeat:
 
 def _generate_args(settings: dict) -> argparse.Namespace:
     """The generate Namespace of a queued batch: this version's defaults, then the batch's settings."""
-    from .cli import build_parser
+    from . import build_parser
 
     args = build_parser().parse_args(["generate", "--prompts", "-", "--out", "-", "--store", "-"])
     for key, value in settings.items():
@@ -311,10 +313,10 @@ class _Runner:
         if key not in self._built:
             import torch
 
-            from .cache.embed import Embedder
-            from .cache.entities import EntityExtractor
-            from .cache.lookup import CacheLookup, LookupConfig
-            from .cli import _generate_pipeline
+            from ..cache.embed import Embedder
+            from ..cache.entities import EntityExtractor
+            from ..cache.lookup import CacheLookup, LookupConfig
+            from . import generate_pipeline
 
             args = _generate_args(settings)
             args.device = self.device or args.device
@@ -324,7 +326,7 @@ class _Runner:
                 torch.set_num_threads(max(1, self.threads or 1))
             lookup = CacheLookup(self.store, EntityExtractor(mode=args.lookup_mode), Embedder(),
                                  LookupConfig(mode=args.lookup_mode))
-            pipe = _generate_pipeline(args, lookup)
+            pipe = generate_pipeline(args, lookup)
             height, width, resolution = args.height, args.width, args.resolution
             if tiny and resolution is None and (height is None or width is None):
                 height, width = 64, 64
@@ -361,10 +363,10 @@ def run_worker(url: str, name: str | None = None, batch_id: int | None = None, e
     Raises:
         StoreError: the store cannot be reached past its retry time.
     """
-    from .cache.backend import open_store
-    from .cache.jobqueue import JobQueue
-    from .cache.pgstore import is_postgres_url
-    from .pipeline import write_video
+    from ..cache.backend import open_store
+    from ..cache.jobqueue import JobQueue
+    from ..cache.pgstore import is_postgres_url
+    from ..pipeline import write_video
 
     name = name or f"{socket.gethostname()}:{os.getpid()}"
     status, done = 0, 0
@@ -385,8 +387,9 @@ def run_worker(url: str, name: str | None = None, batch_id: int | None = None, e
             try:
                 with _Heartbeat(queue, job) as beat:
                     pipe, (height, width, frames), fps, mode, run = runner.pipeline(job.settings)
+                    intra = job.settings.get("intra", "off")  # --intra: an intra-request cache in every run
                     result = pipe.generate(job.prompt, seed=job.seed, height=height, width=width, num_frames=frames,
-                                           mode=mode)
+                                           mode=mode, hooks=() if intra == "off" else (intra,))
                     slug = re.sub(r"[^a-z0-9]+", "-", job.prompt.lower()).strip("-")[:40] or "prompt"
                     final = Path(job.out_dir) / f"{job.index:03d}_{slug}.mp4"
                     tmp = final.with_name(f".{final.stem}.{name.replace(':', '-')}.{job.attempt}.mp4")
