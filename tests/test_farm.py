@@ -132,6 +132,7 @@ def test_queued_batch_runs_on_two_workers_and_reports(pg_url, tmp_path, monkeypa
     assert intra_code == 0
     row, = json.loads((tmp_path / "out2" / "report.json").read_text())["prompts"]
     assert len(row["hook_reports"]["mixcache"]["map"]) == 12 and "S" in row["hook_reports"]["mixcache"]["map"]
+    assert row["compat_key"].endswith("|hooks=mixcache")
     assert main(["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(out), "--store", str(tmp_path / "f"),
                  "--queue", "--no-wait"]) == 2  # a folder store has no queue
 
