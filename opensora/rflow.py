@@ -399,7 +399,6 @@ def current_step() -> Optional[StepInfo]:
     return _CURRENT_STEP.get()
 
 
-
 @dataclass
 class RFlow:
     """OpenSora 1.2's RFLOW sampler (registry name "rflow"), with OpenSora 1.2's inference defaults.
