@@ -82,6 +82,10 @@ class HashedTokenT5:
         self.device = torch.device(device)
         self.fingerprint = f"random-t5xxl-L{layers}-s{seed}"
 
+    def token_words(self, prompt: str):
+        """The word of each real caption row (the hashed words, then None for the end token): Chorus's rule."""
+        return re.findall(r"\w+", prompt.lower())[: self.max_length - 1] + [None]
+
     def encode(self, prompt: str):
         import torch
 

@@ -15,13 +15,14 @@ and writes everything under ``--out``):
   defaults), ``teacache`` at the threshold validation matched, ``plain<k>`` at the same compute, and
   chai8 against chai8+mixcache (CHAI hits); every evaluator criterion, latency, speed-up, equivalent
   steps. Reads ``validation.json`` (or ``--teacache`` and ``--plain-steps``).
-* ``stream``: a mixed stream of scene captions (``refmodel/stream.py``: near-duplicates, entity-sharing and
-  unrelated prompts) in request order through the real lookup, each configuration on a fresh store whose
-  budget is ``--budget-share`` (10%) of what storing every request's entry would take: all full, CHAI
-  alone, CHAI + MixCache, and ``auto`` reuse + MixCache when a mode named ``auto`` is registered
-  (issue 18's). Overall score and speed-up against all-full, hit rates by kind.
-* ``vbench``: the 946 VBench prompts in order (hit rate and speed alone: the reference model cannot draw
-  them), same budget rule; all-full time from the first ``--full-sample`` prompts, extrapolated.
+* ``stream``: the held-out mixed stream of scene captions (``refmodel.streams.mixed_stream``:
+  near-duplicates, entity-sharing and unrelated prompts) in request order through the real lookup
+  (``pipeline.stream.run_stream``: one fresh store per mode, request by request every mode in turn), each
+  store's budget ``--budget-share`` (10%) of what keeping every request's entry of that mode would take:
+  all full, CHAI alone, CHAI + MixCache, ``auto`` reuse (Chorus, else CHAI, else full) + MixCache. Hit
+  rate, steps computed, speed-up and overall against all-full, and by kind of request.
+* ``vbench``: the VBench prompts in order (``--limit N``: the first N), same modes and budget rule: hit
+  rate and speed alone (the reference model cannot draw them).
 * ``timing``: the denoising loop alone with random weights: a plain 30-step run, MixCache at its defaults,
   TeaCache, each granularity forced (every step after warm-up reused at it, up to the cap) and MixCache
   forced to compute every step (its decision overhead per step). Default: the small CPU configuration;
@@ -46,7 +47,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -232,152 +232,89 @@ def _plot_tradeoff(summary: Dict[str, Any], path: Path, title: str) -> None:
 # ------------------------------------------------------------------------------------ streams
 
 
-def stream_configs() -> List[Dict[str, Any]]:
-    """The configurations of the stream measurements: (name, mode, hooks, whether it uses a store)."""
-    from comfyui_chai.pipeline.modes import get_mode
-
-    configs = [{"name": "all full", "mode": "full", "hooks": ()},
-               {"name": "CHAI", "mode": "chai", "hooks": ()},
-               {"name": "CHAI + MixCache", "mode": "chai", "hooks": ("mixcache",)}]
-    try:
-        auto = get_mode("auto")
-    except ValueError:
-        auto = None
-    if auto is not None and auto.name == "auto":  # issue 18's mode, once it is registered
-        configs.append({"name": "auto + MixCache", "mode": "auto", "hooks": ("mixcache",)})
-    return configs
+def stream_modes() -> List[str]:
+    """The reuse modes of the stream measurements (all-full runs besides them): CHAI alone, CHAI + MixCache,
+    and ``auto`` reuse (Chorus, else CHAI, else full) + MixCache."""
+    return ["chai", "chai+mixcache", "auto+mixcache"]
 
 
-def run_stream(model, encoder, prompts: Sequence[str], *, budget_share: float, seed: int, score: bool,
-               configs: Optional[List[Dict[str, Any]]] = None, limit_full: Optional[int] = None,
-               settings: Optional[Dict[str, Any]] = None, progress=None) -> Dict[str, Any]:
-    """Every configuration over ``prompts`` in order, each on a fresh store through the real lookup.
+def stream_budgets(model, encoder, modes: Sequence[str], n: int, share: float) -> Dict[str, int]:
+    """Each mode's store budget: ``share`` x ``n`` x the bytes one of its misses stores
+    (``pipeline.stream.miss_entry_bytes``, at the harness settings)."""
+    from comfyui_chai.pipeline import ChaiPipeline, parse_mode_spec
+    from comfyui_chai.pipeline.quality import HARNESS_SETTINGS
+    from comfyui_chai.pipeline.stream import miss_entry_bytes
 
-    The store's budget is set after its first insert to ``budget_share x len(prompts) x`` that entry's
-    bytes (at least that one entry). ``score``: evaluate each clip against its prompt (scene captions); ``limit_full``: run the
-    all-full configuration on the first prompts only and extrapolate its time (VBench). ``settings``:
-    request setting overrides for every configuration (None: the shipped defaults).
-
-    Returns ``{name: {"latency_ms": [...], "scores": [...], "hits": [...], "steps": [...], "computed": [...]}}``
-    plus ``"budget_bytes"`` per configuration.
-    """
-    from comfyui_chai.cache.backend import open_store
-    from comfyui_chai.cache.embed import Embedder
-    from comfyui_chai.cache.entities import EntityExtractor
-    from comfyui_chai.cache.lookup import CacheLookup, LookupConfig
-    from comfyui_chai.pipeline import ChaiPipeline
-    from comfyui_chai.refmodel import evaluator
-    from comfyui_chai.refmodel.model import model_to_pixels
-
-    extractor, embedder = EntityExtractor(), Embedder()
-    results: Dict[str, Any] = {}
-    for config in configs or stream_configs():
-        with tempfile.TemporaryDirectory(prefix="intra-stream-") as folder:
-            store = open_store(folder, dim=embedder.dim)
-            try:
-                lookup = CacheLookup(store, extractor, embedder, LookupConfig())
-                pipe = ChaiPipeline.from_reference_model(model, encoder, lookup if config["mode"] != "full" else None)
-                if settings:
-                    pipe = pipe.with_settings(settings)
-                rows: Dict[str, Any] = {"latency_ms": [], "scores": [], "hits": [], "steps": [], "computed": []}
-                budget = None
-                todo = prompts[:limit_full] if config["mode"] == "full" and limit_full else prompts
-                for i, text in enumerate(todo):
-                    r = pipe.generate(text, seed=seed + i, mode=config["mode"], hooks=config["hooks"], decode=False,
-                                      resolution=None)
-                    if budget is None and r.inserted_entry_id is not None:
-                        nbytes = store.entry(r.inserted_entry_id).nbytes
-                        budget = max(nbytes, int(budget_share * len(prompts) * nbytes))  # at least one entry
-                        store.set_budget(budget)
-                    rows["latency_ms"].append(r.timings.total_ms)
-                    rows["hits"].append(bool(r.hit))
-                    rows["steps"].append(r.steps)
-                    intra = [rep for rep in r.hook_reports.values() if "map" in rep]
-                    rows["computed"].append(intra[0]["full"] if intra else r.steps)
-                    if score:
-                        rows["scores"].append(dict(evaluator.evaluate(model_to_pixels(r.latent[None])[0], text).scores))
-                    if progress:
-                        progress(config["name"], i + 1, len(todo))
-                rows["budget_bytes"] = budget
-                rows["evictions"] = store.stats().evictions
-                results[config["name"]] = rows
-            finally:
-                store.close()
-    return results
+    pipe = ChaiPipeline.from_reference_model(model, encoder).with_settings(HARNESS_SETTINGS)
+    return {mode: max(1, int(share * n * miss_entry_bytes(pipe, parse_mode_spec(mode).mode))) for mode in modes}
 
 
-def _stream_table(results: Dict[str, Any], n: int, kinds: Optional[List[str]] = None) -> str:
-    full = results["all full"]
-    full_ms = float(np.mean(full["latency_ms"])) * n  # extrapolated when only a sample ran
-    base = float(np.mean([s["overall"] for s in full["scores"]])) if full["scores"] else None
-    head = ["configuration", "hit rate", "steps computed / request", "total s", "speed-up vs all full",
-            "overall", "Δ overall"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in results.items():
-        total = float(np.sum(r["latency_ms"])) if len(r["latency_ms"]) == n else float(np.mean(r["latency_ms"])) * n
-        score = float(np.mean([s["overall"] for s in r["scores"]])) if r["scores"] else None
-        cells = [name, f"{100 * np.mean(r['hits']):.1f}%", f"{np.mean(r['computed']):.1f}", f"{total / 1000:.1f}",
-                 f"{full_ms / total:.2f}x", "" if score is None else f"{score:.3f}",
-                 "" if score is None or base is None else f"{score - base:+.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    if kinds:
-        lines += ["", "| configuration | " + " | ".join(f"{k}: hit rate / Δ overall" for k in sorted(set(kinds))) + " |",
-                  "|---|" + "---|" * len(set(kinds))]
-        for name, r in results.items():
-            if not r["scores"]:
+def kinds_table(report) -> str:
+    """Per mode and kind of request (near-duplicate, sharing an entity, unrelated): hit rate / Δ overall."""
+    from comfyui_chai.refmodel.streams import NEAR_KINDS
+
+    groups = {"near-duplicate": set(NEAR_KINDS), "shares an entity": {"share"}, "unrelated": {"new"}}
+    full = report.runs["full"]
+    lines = ["| mode | " + " | ".join(f"{g}: hit rate / Δ overall" for g in groups) + " |",
+             "|---|" + "---|" * len(groups)]
+    for name, run in report.runs.items():
+        cells = []
+        for kinds in groups.values():
+            idx = [i for i, k in enumerate(report.kinds) if k in kinds]
+            if not idx:
+                cells.append("")
                 continue
-            cells = []
-            for kind in sorted(set(kinds)):
-                idx = [i for i, k in enumerate(kinds) if k == kind]
-                delta = np.mean([r["scores"][i]["overall"] - full["scores"][i]["overall"] for i in idx])
-                cells.append(f"{100 * np.mean([r['hits'][i] for i in idx]):.0f}% / {delta:+.3f}")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            delta = np.mean([run.scores[i]["overall"] - full.scores[i]["overall"] for i in idx])
+            cells.append(f"{100 * np.mean([run.hit[i] for i in idx]):.0f}% / {delta:+.3f} ({len(idx)})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _stream_out(args, name: str, report, extra: Dict[str, Any], tables: List[str], t0: float) -> Dict[str, Any]:
+    out = {**extra, "budget_share": args.budget_share, "model_dir": str(args.model_dir or "bundled"),
+           "wall_s": round(time.perf_counter() - t0, 1), "summary": report.summary(), "tables": tables}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    print("\n\n".join(tables))
+    return out
+
+
 def stream(args) -> Dict[str, Any]:
-    from comfyui_chai.refmodel.stream import STREAM_SEED, mixed_stream
+    from comfyui_chai.pipeline.stream import format_stream_table, run_stream
+    from comfyui_chai.refmodel.streams import HELDOUT_STREAM_SEED, mixed_stream
 
     model, encoder = _load(args)
-    items = mixed_stream(args.prompts, seed=STREAM_SEED)
+    items = mixed_stream(args.prompts, seed=HELDOUT_STREAM_SEED)
+    modes = stream_modes()
     t0 = time.perf_counter()
-    results = run_stream(model, encoder, [it.caption for it in items], budget_share=args.budget_share,
-                         seed=args.seed, score=True, progress=_progress())
-    kinds = [it.kind for it in items]
-    table = _stream_table(results, len(items), kinds)
-    out = {"stream": "mixed scene captions", "stream_seed": STREAM_SEED, "prompts": len(items),
-           "kinds": {k: kinds.count(k) for k in set(kinds)}, "budget_share": args.budget_share,
-           "model": getattr(model, "fingerprint", None), "wall_s": round(time.perf_counter() - t0, 1),
-           "results": results, "table": table}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "stream.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(table)
-    print(f"\nmixed stream, {len(items)} prompts ({out['kinds']}), budget {100 * args.budget_share:.0f}% of all "
-          f"entries; wall {out['wall_s'] / 60:.1f} min; wrote {args.out / 'stream.json'}")
+    budgets = stream_budgets(model, encoder, modes, len(items), args.budget_share)
+    report = run_stream(model, encoder, items, modes=modes, budget_bytes=budgets, seed=args.seed,
+                        progress=_progress())
+    out = _stream_out(args, "stream", report, {"stream": "held-out mixed scene captions",
+                                               "stream_seed": HELDOUT_STREAM_SEED, "prompts": len(items)},
+                      [format_stream_table(report), kinds_table(report)], t0)
+    print(f"\nmixed stream, {len(items)} prompts ({out['summary']['kinds']}), budget {100 * args.budget_share:.0f}% "
+          f"of each mode's entries; wall {out['wall_s'] / 60:.1f} min; wrote {args.out / 'stream.json'}")
     return out
 
 
 def vbench(args) -> Dict[str, Any]:
     from comfyui_chai.cache.simulate import read_prompts
+    from comfyui_chai.pipeline.stream import format_stream_table, run_prompts
 
     model, encoder = _load(args)
     prompts = read_prompts(REPO / "data" / "vbench" / "all_dimension.txt")
     if args.limit:
         prompts = prompts[: args.limit]
+    modes = stream_modes()
     t0 = time.perf_counter()
-    results = run_stream(model, encoder, prompts, budget_share=args.budget_share, seed=args.seed, score=False,
-                         limit_full=args.full_sample, progress=_progress())
-    table = _stream_table(results, len(prompts))
-    out = {"stream": "VBench in order (hit rate and speed only)", "prompts": len(prompts),
-           "budget_share": args.budget_share, "full_sample": args.full_sample,
-           "model": getattr(model, "fingerprint", None), "wall_s": round(time.perf_counter() - t0, 1),
-           "results": results, "table": table}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "vbench.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(table)
-    print(f"\nVBench, {len(prompts)} prompts in order, budget {100 * args.budget_share:.0f}% of all entries; all-full "
-          f"time from its first {args.full_sample} prompts x {len(prompts)}; wall {out['wall_s'] / 60:.1f} min; "
-          f"wrote {args.out / 'vbench.json'}")
+    budgets = stream_budgets(model, encoder, modes, len(prompts), args.budget_share)
+    report = run_prompts(model, encoder, prompts, modes=modes, score=False, budget_bytes=budgets, seed=args.seed,
+                         progress=_progress())
+    out = _stream_out(args, "vbench", report, {"stream": "VBench in order (hit rate and speed only)",
+                                               "prompts": len(prompts)}, [format_stream_table(report)], t0)
+    print(f"\nVBench, {len(prompts)} prompts in order, budget {100 * args.budget_share:.0f}% of each mode's entries; "
+          f"wall {out['wall_s'] / 60:.1f} min; wrote {args.out / 'vbench.json'}")
     return out
 
 
@@ -499,7 +436,6 @@ def main(argv=None) -> int:
     p.add_argument("--plain-steps", type=int, default=None, help="heldout: k of plain<k> (default: validation's)")
     p.add_argument("--budget-share", type=float, default=0.1, help="stream/vbench: store budget share (0.1)")
     p.add_argument("--limit", type=int, default=None, help="vbench: only the first N prompts")
-    p.add_argument("--full-sample", type=int, default=60, help="vbench: prompts the all-full time is measured on")
     p.add_argument("--seed", type=int, default=0, help="stream/vbench: noise seed of request i is seed + i")
     p.add_argument("--model-dir", type=Path, default=None, help="reference model folder (default: the bundled one)")
     p.add_argument("--device", default="cpu")

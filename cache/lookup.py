@@ -148,6 +148,7 @@ class LookupResult:
         per_entity: the best stored match of every prompt entity (for fusion and reports).
         latents: name -> tensor of the served entry (None on a miss).
         timings: :class:`LookupTimings`.
+        threshold: the similarity threshold this lookup applied.
         not_stored: why :meth:`CacheLookup.insert` stored nothing for this request (None otherwise).
     """
 
@@ -167,6 +168,7 @@ class LookupResult:
     per_entity: list[EntityScore] = field(default_factory=list)
     latents: Mapping | None = None
     timings: LookupTimings = field(default_factory=LookupTimings)
+    threshold: float = DEFAULT_THRESHOLD
     not_stored: str | None = None
 
     def summary(self) -> dict:
@@ -177,6 +179,7 @@ class LookupResult:
             "matched": self.matched, "similarity": round(float(self.similarity), 4),
             "entities_matched": self.entities_matched, "entity_sharers": self.entity_sharers,
             "per_entity": [asdict(s) for s in self.per_entity], "timings_ms": asdict(self.timings),
+            "threshold": float(self.threshold),
             "not_stored": self.not_stored,
         }
 
@@ -276,9 +279,9 @@ class CacheLookup:
         # A prompt with no entity has nothing to look up: a miss, and insert() stores nothing.
         matches = self.store.search(embeddings, key, k=self.config.neighbours) if entities else []
         t3 = time.perf_counter()
-        result = LookupResult(prompt=prompt, mode=self.config.mode, entities=entities, embeddings=embeddings,
-                              compat_key=key)
         threshold = float(self.config.threshold)
+        result = LookupResult(prompt=prompt, mode=self.config.mode, entities=entities, embeddings=embeddings,
+                              compat_key=key, threshold=threshold)
 
         best_per_entity: dict[int, object] = {}
         for m in matches:  # sorted by similarity, so the first seen per query is its best
@@ -333,10 +336,15 @@ class CacheLookup:
         result.timings = LookupTimings(extract_ms=(t1 - t0) * 1000, embed_ms=(t2 - t1) * 1000,
                                        ann_ms=(t3 - t2) * 1000, load_ms=load_ms, total_ms=(t4 - t0) * 1000)
         if record:
-            self.store.record_lookup(prompt, entities, result.entry_id, result.entity, result.matched,
-                                     result.similarity if matches else None, result.timings.total_ms)
+            self.record(result)
             result.timings.record_ms = (time.perf_counter() - t4) * 1000
         return result
+
+    def record(self, result: LookupResult) -> None:
+        """Count a lookup made with ``record=False`` in the store's statistics (hit or miss, the match and
+        its similarity, the lookup's time): for a caller that looks up twice and counts the deciding one."""
+        self.store.record_lookup(result.prompt, result.entities, result.entry_id, result.entity, result.matched,
+                                 result.similarity if result.matched is not None else None, result.timings.total_ms)
 
     def preview(self, query: LookupQuery, limit_neighbours: int | None = None) -> dict:
         """The best stored match of each of a query's keys over every compatibility key of the store that

@@ -23,6 +23,8 @@ import os
 import sys
 from pathlib import Path
 
+from .reuse import add_reuse_arguments, request_mode, reuse_settings
+
 __all__ = ["main", "build_parser", "default_prompt_file"]
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -307,8 +309,8 @@ def _add_generate_parser(sub) -> None:
                      help="caption encoder of --model tiny: MiniLM token states or hashed words (no model)")
     gen.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default: 1 for --model tiny/reference on cpu, else torch's default)")
-    gen.add_argument("--mode", choices=_mode_choices(), default="chai",
-                     help="sampling mode (registered modes: " + "; ".join(_mode_help()) + ")")
+    gen.add_argument("--mode", choices=_mode_choices(), default=None,
+                     help="sampling mode (default chai; registered modes: " + "; ".join(_mode_help()) + ")")
     # Every knob defaults to None: pipeline.settings.resolve_settings takes the model's config.json, else
     # the built-in default (OpenSora 1.2 / the CHAI paper).
     ca = gen.add_argument_group("CHAI settings (pipeline.settings; a flag left out takes the model's own setting from "
@@ -335,6 +337,7 @@ def _add_generate_parser(sub) -> None:
                     help="allow a --budget-mb smaller than what the store holds (evicts the entries beyond it); "
                          "without it such a budget is refused and nothing is evicted")
     ca.add_argument("--policy", choices=["lru", "lfu", "fifo"], default=None, help="eviction policy (default: kept)")
+    add_reuse_arguments(gen)
     _add_intra_flags(gen)
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -403,7 +406,8 @@ def _generate_settings(args) -> dict:
     return {"fast_steps": args.fast_steps, "cache_steps": None if args.cache_steps is None else tuple(args.cache_steps),
             "block_index": args.block_index, "mode": args.attention_mode, "branches": args.branches,
             "threshold": args.threshold, "fusion": args.fusion, "capture_dtype": args.capture_dtype,
-            "full_steps": args.full_steps, "cfg_scale": args.cfg_scale, **_intra_settings(args)}
+            "full_steps": args.full_steps, "cfg_scale": args.cfg_scale, **reuse_settings(args),
+            **_intra_settings(args)}
 
 
 def generate_pipeline(args, lookup):
@@ -457,8 +461,10 @@ def generate_report(rows: list[dict], header: dict, cache: dict | None = None) -
     full = [r["timings_ms"]["total_ms"] for r in rows if r["mode"] == "full"]
     fast = [r["timings_ms"]["total_ms"] for r in rows if r["mode"] == "fast"]
     all_miss = n * (sum(full) / len(full)) if full else None
+    served_by = [r.get("served_by", "") for r in rows]
     totals = {
         "prompts": n, "hits": hits, "misses": n - hits, "hit_rate": hits / n if n else 0.0,
+        "served_by": {k: served_by.count(k) for k in dict.fromkeys(served_by)},
         "mean_latency_ms": total_ms / n if n else 0.0, "total_ms": total_ms,
         "mean_full_ms": sum(full) / len(full) if full else None,
         "mean_fast_ms": sum(fast) / len(fast) if fast else None,
@@ -486,21 +492,21 @@ def generate_report(rows: list[dict], header: dict, cache: dict | None = None) -
     lines = [
         "# CHAI generate report", "",
         f"model `{header['model']}`, {header['height']}x{header['width']}, {header['num_frames']} frames, "
-        f"device {header['device']}, config `{header['config']}`", "",
-        "| # | prompt | hit | entity -> matched | sim | steps | lookup ms | denoise ms | decode ms | store ms | total ms |",
+        f"device {header['device']}, mode `{header.get('mode', 'chai')}`, config `{header['config']}`", "",
+        "| # | prompt | hit | served by | why | steps | lookup ms | denoise ms | decode ms | store ms | total ms |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(rows):
         t = r["timings_ms"]
-        match = f"{r['entity']} -> {r['matched']}" if r["matched"] else ""
         prompt = r["prompt"].replace("|", "/")
         prompt = prompt if len(prompt) <= 60 else prompt[:57] + "..."
-        lines.append(f"| {i} | {prompt} | {'hit' if r['hit'] else 'miss'} | {match.replace('|', '/')} | "
-                     f"{cell(r['similarity'], '{:.3f}')} | {r['steps']} | {cell(t['lookup_ms'], '{:.1f}')} | "
+        lines.append(f"| {i} | {prompt} | {'hit' if r['hit'] else 'miss'} | {r.get('served_by', '')} | "
+                     f"{r.get('reason', '').replace('|', '/')} | {r['steps']} | {cell(t['lookup_ms'], '{:.1f}')} | "
                      f"{cell(t['denoise_ms'])} | {cell(t['decode_ms'])} | {cell(t['store_ms'], '{:.1f}')} | "
                      f"{cell(t['total_ms'])} |")
+    served = ", ".join(f"{k} {v}" for k, v in totals["served_by"].items())
     lines += [
-        "", f"**Totals**: {n} prompts, {hits} hits (hit rate {100 * totals['hit_rate']:.1f}%), "
+        "", f"**Totals**: {n} prompts, {hits} hits (hit rate {100 * totals['hit_rate']:.1f}%; served by {served}), "
         f"mean latency {totals['mean_latency_ms']:.0f} ms, total {total_ms / 1000:.2f} s.",
     ]
     if totals["speedup_vs_all_miss"] is not None:
@@ -581,10 +587,13 @@ def _cmd_generate(args) -> int:
         height, width, frames = pipe.resolve_size(resolution or "240p", args.aspect_ratio, height, width, num_frames)
         hooks = () if args.intra == "off" else (args.intra,)
         before = store.stats()
+        from ..pipeline.modes import DEFAULT_MODE
+
+        mode = request_mode(args, DEFAULT_MODE)
         header = {"model": "tiny" if tiny else " ".join(args.model), "height": height, "width": width,
-                  "num_frames": frames, "device": str(pipe.device), "mode": args.mode,
+                  "num_frames": frames, "device": str(pipe.device), "mode": mode,
                   "config": pipe.settings.tag(), "settings": pipe.settings.to_dict(),
-                  "compat_key": pipe.compat_key(height, width, frames, hooks), "store": store.location,
+                  "compat_key": pipe.compat_key(height, width, frames, mode, hooks), "store": store.location,
                   "load_s": round(load_s, 2), "seed": args.seed, "intra": args.intra,
                   "intra_preset": None if args.intra == "off" else args.intra_preset}
         rows: list[dict] = []
@@ -595,18 +604,17 @@ def _cmd_generate(args) -> int:
         try:
             for i, prompt in enumerate(prompts):
                 result = pipe.generate(prompt, seed=args.seed + i, height=height, width=width, num_frames=frames,
-                                       mode=args.mode, hooks=hooks)
+                                       mode=mode, hooks=hooks)
                 slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
                 video = write_video(result.frames, out / f"{i:03d}_{slug}.mp4", fps=args.fps or pipe.fps)
                 row = result.summary()
                 row["video"] = video.name
-                if result.lookup is not None and result.lookup.not_stored:
-                    row["not_stored"] = result.lookup.not_stored  # the video is kept; the cache skipped it
-                    tqdm.write(f"prompt {i}: {result.lookup.not_stored}", file=sys.stderr)
+                for why in result.not_stored:  # the video is kept; the cache skipped an entry
+                    tqdm.write(f"prompt {i}: {why}", file=sys.stderr)
                 rows.append(row)
                 computed = "".join(f" {r['full']}/{r['steps']} computed" for r in result.hook_reports.values()
                                    if "map" in r)
-                bar.set_postfix_str(f"{'hit' if result.hit else 'miss'} {result.timings.total_ms / 1000:.2f}s{computed}")
+                bar.set_postfix_str(f"{result.served_by} {result.timings.total_ms / 1000:.2f}s{computed}")
                 bar.update(1)
         except KeyboardInterrupt:
             status = 130

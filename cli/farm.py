@@ -195,6 +195,8 @@ def _cmd_queue(args) -> int:
     from ..cache.pgstore import is_postgres_url
     from ..cache.planner import natural_plan, plan_batch
     from ..cache.simulate import read_prompts
+    from .reuse import request_mode
+    from ..pipeline.modes import DEFAULT_MODE
 
     if not is_postgres_url(args.store):
         raise ValueError("--queue needs a postgresql:// --store (the queue lives in the store's database)")
@@ -204,6 +206,7 @@ def _cmd_queue(args) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("queue", "no_plan", "no_wait", "command")}
+    settings["mode"] = request_mode(args, DEFAULT_MODE)  # --reuse or --mode, checked before anything is queued
     budget = mib_to_bytes(args.budget_mb) if args.budget_mb else None
     with open_store(args.store, budget_bytes=budget, policy=args.policy) as store:
         if args.no_plan:
@@ -317,9 +320,12 @@ class _Runner:
             from ..cache.entities import EntityExtractor
             from ..cache.lookup import CacheLookup, LookupConfig
             from . import generate_pipeline
+            from .reuse import request_mode
+            from ..pipeline.modes import DEFAULT_MODE
 
             args = _generate_args(settings)
             args.device = self.device or args.device
+            args.mode = request_mode(args, DEFAULT_MODE)
             tiny = args.model == ["tiny"]
             small = tiny or args.model[0] == "reference"
             if self.threads is not None or (small and (args.device or "cpu") == "cpu"):
@@ -336,7 +342,7 @@ class _Runner:
             run = {"model": "tiny" if tiny else " ".join(args.model), "height": size[0], "width": size[1],
                    "num_frames": size[2], "device": str(pipe.device), "mode": args.mode,
                    "config": pipe.settings.tag(),
-                   "compat_key": pipe.compat_key(*size, hooks)}
+                   "compat_key": pipe.compat_key(*size, args.mode, hooks)}
             self._built[key] = (pipe, size, args.fps or pipe.fps, args.mode, hooks, run)
         return self._built[key]
 

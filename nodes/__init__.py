@@ -11,6 +11,7 @@ from . import host as _host
 from .adapter import for_comfyui as _for_comfyui
 from .cache_nodes import CHAICache, CHAICacheAttentionSettings, CHAICacheLookup, CHAICacheState
 from .intra_cache_node import CHAIIntraCacheSettings
+from .chorus_nodes import CHAIChorusSettings
 from .loader_nodes import CHAILoadSTDiT3, CHAILoadTextEncoder, CHAILoadVAE
 from .routes import register_routes as _register_routes
 from .sampler_nodes import CHAISampler, CHAIVAEDecode
@@ -48,6 +49,10 @@ NODE_DISPLAY_NAME_MAPPINGS: dict = {
     "CHAI_VAEDecode": "CHAI VAE Decode",
     "CHAI_CacheState": "CHAI Cache State",
 }
+
+# Whole-prompt reuse (Chorus) knobs for the Sampler's reuse = chorus / auto.
+_NODE_CLASSES["CHAI_ChorusSettings"] = CHAIChorusSettings
+NODE_DISPLAY_NAME_MAPPINGS["CHAI_ChorusSettings"] = "CHAI Chorus Settings"
 
 #: node id -> the class ComfyUI registers (a subclass of the plain node class, see nodes/adapter.py).
 NODE_CLASS_MAPPINGS: dict = {node_id: _for_comfyui(cls, NODE_DISPLAY_NAME_MAPPINGS[node_id])

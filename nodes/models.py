@@ -134,7 +134,8 @@ class ChaiConditioning:
     Attributes:
         prompt: the text. y: caption embedding [1, 1, L, D] float32 on the intermediate device
         (CPU). mask: [1, L] int64, 1 for real tokens. fingerprint: the encoder's fingerprint.
-        encoder: the loader choice of the encoder.
+        encoder: the loader choice of the encoder. text_encoder: the ``ChaiTextEncoder`` that made it
+        (Chorus encodes a donor's prompt and maps caption tokens to words with it), or None.
     """
 
     prompt: str
@@ -142,6 +143,7 @@ class ChaiConditioning:
     mask: torch.Tensor
     fingerprint: str
     encoder: str = ""
+    text_encoder: Any = None
 
     @property
     def length(self) -> int:

@@ -11,21 +11,49 @@ import torch
 from ..pipeline.modes import DEFAULT_MODE
 from . import host, registry
 from .cache_nodes import ChaiLookup
+from .chorus_nodes import reuse_choices as _reuse_choices
+from .chorus_nodes import reuse_help as _reuse_help
 from .models import ChaiConditioning, ChaiModel, ChaiVAE
 
-__all__ = ["CHAISampler", "CHAIVAEDecode", "LATENT_META_KEY"]
+__all__ = ["CHAISampler", "CHAIVAEDecode", "LATENT_META_KEY", "REUSE_MODE_VALUES", "run_mode"]
+
+
+#: Sampler ``mode`` values that run the ``reuse`` input's method. ``auto`` is what workflows saved before
+#: auto reuse existed hold for CHAI's mode (its old name): with ``reuse`` left at chai they run CHAI as before.
+REUSE_MODE_VALUES = ("chai", "auto")
 
 
 def _mode_choices() -> list:
-    from ..pipeline.modes import mode_choices
+    """The ``mode`` list: chai (= the reuse input's method), the modes that are not a reuse method, and the
+    older names saved workflows hold (auto = chai, plain_fast = plain)."""
+    from ..pipeline.modes import get_mode, mode_choices, mode_names
 
-    return mode_choices()
+    names = [n for n in mode_names() if n == "chai" or not get_mode(n).reuse]
+    return names + [n for n in mode_choices() if n not in mode_names()] + ["auto"]
 
 
 def _mode_help() -> list:
-    from ..pipeline.modes import get_mode, mode_names
+    from ..pipeline.modes import get_mode
 
-    return [f"{name}: {get_mode(name).description}." for name in mode_names()]
+    return [f"{name}: {get_mode(name).description}." for name in _mode_choices()
+            if name != "chai" and name not in ("auto", "plain_fast")]
+
+
+def run_mode(mode: str, reuse: str = DEFAULT_MODE) -> str:
+    """The registered mode a Sampler request runs: ``reuse``'s method when ``mode`` is chai (or its saved
+    older name auto), else ``mode``.
+
+    Raises:
+        ValueError: an unknown mode, or a ``reuse`` that is not a reuse method (the message lists them).
+    """
+    from ..pipeline.modes import get_mode
+    from .chorus_nodes import reuse_choices
+
+    if mode in REUSE_MODE_VALUES:
+        if reuse not in reuse_choices():
+            raise ValueError(f"reuse must be one of {', '.join(reuse_choices())}, got {reuse!r}")
+        return reuse
+    return get_mode(mode).name
 
 log = logging.getLogger("comfyui_chai.nodes")
 
@@ -34,18 +62,40 @@ LATENT_META_KEY = "chai"
 
 
 class _FixedCaptions:
-    """Caption encoder for ``ChaiPipeline`` that returns an already-encoded prompt (Text Encode ran it)."""
+    """Caption encoder for ``ChaiPipeline`` that returns an already-encoded prompt (Text Encode ran it).
+
+    Another prompt (a Chorus donor's) and ``token_words`` go to the text encoder that made the conditioning
+    (its model is placed on the device for that one encoding)."""
 
     def __init__(self, cond: ChaiConditioning) -> None:
         self.cond = cond
         self.fingerprint = cond.fingerprint
         self.max_length = cond.length
 
+    def _encoder(self):
+        if self.cond.text_encoder is None:
+            raise ValueError("this conditioning carries no text encoder; make it with CHAI Text Encode "
+                             "(Chorus encodes the donor's prompt with it)")
+        return self.cond.text_encoder
+
     def encode(self, prompt: str) -> Tuple[torch.Tensor, torch.Tensor]:
-        if prompt != self.cond.prompt:  # the pipeline only ever asks for the request's own prompt
-            raise ValueError("internal: the sampler asked for a prompt other than the conditioning's")
+        if prompt != self.cond.prompt:  # a Chorus donor's prompt: the same encoder, once
+            enc = self._encoder()
+            if enc.placement is not None:
+                enc.placement.load()
+            try:
+                with torch.no_grad():
+                    y, mask = enc.captions.encode(prompt)
+            finally:
+                if enc.placement is not None:
+                    enc.placement.release()
+            return y.detach().to(torch.float32), mask.detach().to(torch.int64)
         # Fresh copies: the originals may be inference tensors made under ComfyUI's inference_mode.
         return self.cond.y.clone(), self.cond.mask.clone()
+
+    def token_words(self, prompt: str):
+        """The word of each real caption row (the text encoder's tokenizer; nothing runs on the device)."""
+        return self._encoder().captions.token_words(prompt)
 
 
 def _check_inputs(model, conditioning, lookup) -> Tuple[ChaiModel, ChaiConditioning, Optional[ChaiLookup]]:
@@ -103,15 +153,21 @@ class CHAISampler:
                                              "the bundled reference model: 1.5 from its config.json)."}),
                 "mode": (_mode_choices(), {
                     "default": DEFAULT_MODE,
-                    "tooltip": "Sampling mode. " + " ".join(_mode_help()) + " (auto and plain_fast are the "
-                               "older names of chai and plain.)"}),
+                    "tooltip": "Sampling mode. chai: cross-request reuse, the method the reuse input picks. "
+                               + " ".join(_mode_help()) + " (auto and plain_fast are the older names of chai and "
+                               "plain, kept so saved workflows load and run as they did.)"}),
                 "store_on_miss": ("BOOLEAN", {
-                    "default": True, "tooltip": "Store a miss's latents when its run completes (auto mode)."}),
+                    "default": True, "tooltip": "Store a miss's latents when its run completes (reuse modes)."}),
             },
             "optional": {
                 "lookup": ("CHAI_LOOKUP", {"tooltip": "From CHAI Cache Lookup. Without it every run is a full run "
                                                       "and nothing is stored."}),
                 "settings": ("CHAI_CACHE_CONFIG", {"tooltip": "Optional CHAI Cache Attention Settings."}),
+                "reuse": (_reuse_choices(), {
+                    "default": DEFAULT_MODE,
+                    "tooltip": "Cross-request reuse when mode is chai. " + _reuse_help()}),
+                "chorus_settings": ("CHAI_CHORUS_CONFIG", {"tooltip": "Optional CHAI Chorus Settings (reuse chorus "
+                                                                      "or auto)."}),
                 "intra_cache": ("CHAI_INTRA_CACHE", {
                     "tooltip": "Optional CHAI Intra-Request Cache (MixCache or TeaCache inside each run; off "
                                "without it)."}),
@@ -134,14 +190,14 @@ class CHAISampler:
                    "Reports progress, stops on Cancel (nothing stored), and re-runs when the store changes.")
 
     @classmethod
-    def IS_CHANGED(cls, mode=DEFAULT_MODE, **kwargs):
+    def IS_CHANGED(cls, mode=DEFAULT_MODE, reuse=DEFAULT_MODE, **kwargs):
         """For a mode that looks up: the generation of every store this process has open, so a result
         sampled against an older store state is never reused (the Cache node upstream does the same per
         store). Other modes do not read the store: their cache key is the inputs alone."""
         from ..pipeline.modes import get_mode
 
         try:
-            if not get_mode(mode).uses_lookup:
+            if not get_mode(run_mode(mode, reuse)).uses_lookup:
                 return ""
         except ValueError as exc:  # ComfyUI shows the error when the node runs
             return f"invalid:{exc}"
@@ -149,13 +205,15 @@ class CHAISampler:
 
     def sample(self, model, conditioning, seed=42, resolution="240p", aspect_ratio="9:16", num_frames=0, height=0,
                width=0, steps=0, fast_steps=8, cfg=0.0, mode=DEFAULT_MODE, store_on_miss=True, lookup=None,
-               settings=None, intra_cache=None, unique_id=None):
+               settings=None, reuse=DEFAULT_MODE, chorus_settings=None, intra_cache=None, unique_id=None):
         """Returns {"ui": {...}, "result": (LATENT, report)}.
 
-        Settings (``pipeline.settings.resolve_settings``): the model's own (``model.defaults``), then
-        this node's steps / fast_steps / cfg (0 = not given), then the Cache Attention Settings node,
-        then the Intra-Request Cache node, then the Cache Lookup node's threshold. The Intra-Request Cache
-        node's method (``mixcache`` / ``teacache``) runs as a model hook of the request.
+        The request runs :func:`run_mode` (``mode`` chai or its saved older name auto: the ``reuse`` input's
+        method, chai by default; else ``mode``). Settings (``pipeline.settings.resolve_settings``): the
+        model's own (``model.defaults``), then this node's steps / fast_steps / cfg (0 = not given), then the
+        Cache Attention Settings node, then the Chorus Settings node, then the Intra-Request Cache node,
+        then the Cache Lookup node's threshold. The Intra-Request Cache node's method (``mixcache`` /
+        ``teacache``) runs as a model hook of the request, with any reuse method.
 
         Raises:
             TypeError / ValueError: wrong sockets, mismatched text encoder, bad size, settings or mode
@@ -167,7 +225,7 @@ class CHAISampler:
         from ..pipeline.settings import resolve_settings
 
         model, cond, lookup = _check_inputs(model, conditioning, lookup)
-        get_mode(mode)
+        mode = get_mode(run_mode(mode, reuse)).name
         intra = intra_cache or {"hook": None, "settings": {}}
         if not isinstance(intra, dict) or "hook" not in intra:
             raise TypeError("intra_cache must come from CHAI Intra-Request Cache")
@@ -176,7 +234,7 @@ class CHAISampler:
             raise ValueError(f"set both height and width (pixels), or both to 0 to use the bucket; got {height}x{width}")
         request_settings = resolve_settings(
             model.defaults, {"full_steps": int(steps) or None, "fast_steps": int(fast_steps), "cfg_scale": float(cfg) or None},
-            dict(settings or {}), dict(intra["settings"]),
+            dict(settings or {}), dict(chorus_settings or {}), dict(intra["settings"]),
             {"threshold": lookup.threshold if lookup is not None else None})
         cache_lookup = lookup.lookup if lookup is not None else None
         # Pixel-space models (the bundled reference model) size and decode in pixels: see the pipeline package.
@@ -224,15 +282,17 @@ class CHAISampler:
 
 
 def _report_line(summary: Dict[str, Any]) -> str:
-    """One prompt's verdict as the Sampler took it: hit or miss, matched entity, similarity, steps, ms."""
+    """One prompt's verdict as the Sampler took it: hit or miss, what served it and why, steps, ms."""
     t = summary["timings_ms"]
+    why = f" ({summary['reason']})" if summary.get("reason") else ""
     if summary["hit"]:
-        head = (f"hit: '{summary['entity']}' ~ '{summary['matched']}' (similarity {summary['similarity']:.3f}, "
-                f"entry #{summary['entry_id']}) -> fast mode, {summary['steps']} steps")
-    elif summary["mode"] == "full" and summary.get("inserted_entry_id") is not None:
-        near = (f"; nearest '{summary['entity']}' ~ '{summary['matched']}' {summary['similarity']:.3f}"
-                if summary.get("matched") and summary.get("similarity") is not None else "")
-        head = f"miss{near} -> full mode, {summary['steps']} steps, stored as entry #{summary['inserted_entry_id']}"
+        head = (f"hit: served by {summary['served_by']}{why}, entry #{summary['entry_id']} -> "
+                f"{summary['steps']} steps")
+    elif summary["mode"] == "full" and summary.get("inserted_entry_ids"):
+        stored = ", ".join(f"#{i}" for i in summary["inserted_entry_ids"])
+        head = f"miss{why} -> full mode, {summary['steps']} steps, stored as entry {stored}"
+    elif summary["mode"] == "full" and summary.get("not_stored"):
+        head = f"miss{why} -> full mode, {summary['steps']} steps, {summary['not_stored']}"
     else:
         head = f"{summary['sampling_mode']} mode, {summary['steps']} steps (no cache)"
     from ..pipeline.mixcache import describe

@@ -92,7 +92,7 @@ class CHAITextEncode:
         device = host.intermediate_device()
         cond = ChaiConditioning(prompt=text, y=y.detach().to(device=device, dtype=torch.float32),
                                 mask=mask.detach().to(device=device, dtype=torch.int64),
-                                fingerprint=enc.fingerprint, encoder=enc.name)
+                                fingerprint=enc.fingerprint, encoder=enc.name, text_encoder=enc)
         if enc.placement is not None:
             enc.placement.release()
         return (cond,)

@@ -61,6 +61,7 @@ __all__ = [
     "capture_plan",
     "sample_fast",
     "sample_full",
+    "sample_capturing",
     "STEP_KWARG",
 ]
 
@@ -517,13 +518,30 @@ def sample_full(rflow: RFlow, model: Callable[..., torch.Tensor], z: torch.Tenso
         latent = rflow.sample(model, z, schedule=full, cfg_scale=config.cfg_scale, callback=callback, **sample_kwargs)
         return FullRun(latent=latent)
     fast = rflow.schedule(num_steps=config.fast_steps, **size)
-    plan = capture_plan(config, full, fast)
-    keeper = LatentCapture(plan, config.torch_capture_dtype, then=callback)
-    latent = rflow.sample(model, z, schedule=full, cfg_scale=config.cfg_scale, callback=keeper,
+    return sample_capturing(rflow, model, z, capture_plan(config, full, fast), schedule=full,
+                            cfg_scale=config.cfg_scale, dtype=config.torch_capture_dtype, callback=callback,
+                            **sample_kwargs)
+
+
+def sample_capturing(rflow: RFlow, model: Callable[..., torch.Tensor], z: torch.Tensor, plan: Mapping[str, int], *,
+                     schedule: RFlowSchedule, cfg_scale: float, dtype: torch.dtype = torch.float16,
+                     callback: Optional[Callable[[StepState], None]] = None, **sample_kwargs: Any) -> FullRun:
+    """Run ``schedule`` from ``z`` and keep the latents ``plan`` names (``name -> 0-based step index``: the
+    latent fed to the model at that step), as [C, T, H, W] ``dtype`` tensors on the CPU. :func:`sample_full`
+    uses it with CHAI's :func:`capture_plan`; a miss that serves several reuse methods merges their plans.
+    The steps before the last planned latent are marked exact (``RFlow.sample(exact_steps=...)``), so an
+    intra-request cache leaves every captured latent as an uncached run's.
+
+    Raises:
+        the errors of ``RFlow.sample`` (``SamplingCancelled`` included); RuntimeError if a planned latent
+        was not captured (a step index beyond the schedule).
+    """
+    capture = LatentCapture(plan, dtype, then=callback)
+    latent = rflow.sample(model, z, schedule=schedule, cfg_scale=cfg_scale, callback=capture,
                           exact_steps=range(max(plan.values(), default=0)), **sample_kwargs)
-    if not keeper.complete():
-        raise RuntimeError(f"captured {sorted(keeper.tensors)} of the planned {sorted(plan)}")
-    return FullRun(latent=latent, captured=keeper.tensors, plan=plan, timesteps=keeper.timesteps)
+    if not capture.complete():
+        raise RuntimeError(f"captured {sorted(capture.tensors)} of the planned {sorted(plan)}")
+    return FullRun(latent=latent, captured=capture.tensors, plan=dict(plan), timesteps=capture.timesteps)
 
 
 def sample_fast(rflow: RFlow, model: torch.nn.Module, z: torch.Tensor, config: CacheAttentionConfig, *,

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "KVHook",
+    "CrossAttentionHook",
     "RMSNorm",
     "Mlp",
     "PatchEmbed3D",
@@ -48,6 +49,10 @@ KVHook = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, int],
     Union[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
 ]
+
+# A cross-attention hook: fn(layer, q, k, ctx) -> additive logit bias or None; see MultiHeadCrossAttention.
+CrossAttentionHook = Callable[["MultiHeadCrossAttention", torch.Tensor, torch.Tensor, "TextContext"],
+                              Optional[torch.Tensor]]
 
 _CACHE_SIZE = 64  # distinct (shape, device, dtype) entries kept per cache; a run uses one or two
 
@@ -492,6 +497,14 @@ class MultiHeadCrossAttention(nn.Module):
     the conditional prompt's mask, so both rows have the same length. Then SDPA can pick
     FlashAttention, and xformers is not needed.
 
+    Hook point (Chorus's Token-Guided Attention Amplification and its region maps): with
+    :attr:`logit_hook` set, ``logit_hook(self, q, k, ctx)`` is called with q [B, heads, N, head_dim] and
+    k [B, heads, L, head_dim] (model dtype; scale head_dim^-0.5 not yet applied) and returns None or an
+    additive bias on the attention logits, broadcastable to [B, heads, N, L] (0 = unchanged); masked
+    keys stay masked. The hook may read q and k (e.g. to record attention maps). Without a hook the
+    layer runs exactly the plain path (one attribute test). :attr:`block_index` and :attr:`temporal`
+    name the layer for hooks (set by STDiT3).
+
     Shapes: x [B, N, dim], ctx.tokens [B, L, dim] -> [B, N, dim].
     Source: ``MultiHeadCrossAttention`` in `blocks.py`.
     """
@@ -506,6 +519,9 @@ class MultiHeadCrossAttention(nn.Module):
         self.q_linear = nn.Linear(d_model, d_model)
         self.kv_linear = nn.Linear(d_model, d_model * 2)
         self.proj = nn.Linear(d_model, d_model)
+        self.logit_hook: Optional[CrossAttentionHook] = None
+        self.block_index: int = 0
+        self.temporal: bool = False
 
     def forward(self, x: torch.Tensor, ctx: TextContext) -> torch.Tensor:
         b, n, c = x.shape
@@ -513,8 +529,26 @@ class MultiHeadCrossAttention(nn.Module):
         length = ctx.tokens.shape[1]
         kv = self.kv_linear(ctx.tokens).view(b, length, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.key_mask)
+        attn_mask = ctx.key_mask
+        if self.logit_hook is not None:
+            attn_mask = self._hooked_mask(q, k, ctx)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+    def _hooked_mask(self, q: torch.Tensor, k: torch.Tensor, ctx: TextContext) -> Optional[torch.Tensor]:
+        """The attention mask with the hook's logit bias added (the key-padding mask kept as -inf)."""
+        bias = self.logit_hook(self, q, k, ctx)
+        if bias is None:
+            return ctx.key_mask
+        full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        if not isinstance(bias, torch.Tensor) or bias.ndim != 4 or any(
+                d not in (1, f) for d, f in zip(bias.shape, full)):
+            raise ValueError(f"a cross-attention logit hook must return None or a bias broadcastable to {list(full)}, "
+                             f"got {getattr(bias, 'shape', type(bias).__name__)}")
+        bias = bias.to(device=q.device, dtype=q.dtype)
+        if ctx.key_mask is not None:
+            bias = torch.where(ctx.key_mask, bias, torch.tensor(float("-inf"), dtype=bias.dtype, device=bias.device))
+        return bias
 
 
 class T2IFinalLayer(nn.Module):

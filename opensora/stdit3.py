@@ -25,6 +25,11 @@ loop over the block pairs for the calls inside the block, running any span of th
 
     with model.block_runner(fn):                         # fn(h [B, T, S, C], blocks: BlockStack) -> h
         out = model(...)
+
+Cross-attention hook (every cross-attention layer; see :meth:`STDiT3.cross_attention_hook`)::
+
+    with model.cross_attention_hook(fn):                 # fn(layer, q, k, ctx) -> logit bias or None
+        out = model(...)
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from .hooks import HookRegistry
 from .layers import (
     Attention,
     CaptionEmbedder,
+    CrossAttentionHook,
     KVHook,
     Mlp,
     MultiHeadCrossAttention,
@@ -373,7 +379,8 @@ class STDiT3(nn.Module):
 
     Cache Attention: :meth:`kv_hook` / :meth:`set_kv_hook` install a K/V hook on one spatial
     block's self-attention; :meth:`spatial_self_attention_kv` computes the K/V that block would
-    see for any latent.
+    see for any latent. Chorus: :meth:`cross_attention_hook` adds a logit bias to (and reads the
+    queries and keys of) every cross-attention layer; :meth:`token_subset` computes only some positions.
 
     Raises:
         TypeError / ValueError: unknown config fields, unsupported switches (see STDiT3Config).
@@ -421,7 +428,11 @@ class STDiT3(nn.Module):
         for i, (sb, tb) in enumerate(zip(self.spatial_blocks, self.temporal_blocks)):
             sb.attn.block_index = i
             tb.attn.block_index = i
+            sb.cross_attn.block_index = i
+            tb.cross_attn.block_index = i
+            tb.cross_attn.temporal = True
         self._block_runner: Optional[BlockRunner] = None
+        self._token_subset: Optional[torch.Tensor] = None
         self._init_weights()
 
     # ------------------------------------------------------------------ construction helpers
@@ -539,6 +550,62 @@ class STDiT3(nn.Module):
             yield
         finally:
             self._block_runner = previous
+
+    # ------------------------------------------------------------------ token subset (Chorus)
+
+    @contextlib.contextmanager
+    def token_subset(self, positions: torch.Tensor) -> Iterator[None]:
+        """Context manager: model calls inside the block compute only the patch positions ``positions``
+        of every frame (Chorus's Selective Region Denoising), then the full model comes back, also on error.
+
+        ``positions``: int64 [S'] distinct indices into a frame's S = H'·W' tokens (raster order,
+        :meth:`patch_grid`). Those tokens go through every block with their own position embedding;
+        spatial self-attention sees only them (the other positions are neither computed nor attended to),
+        temporal attention, cross-attention and the MLPs are per position as usual. The output holds the
+        computed positions' predictions and zeros elsewhere. Cost scales with S'/S.
+
+        Raises:
+            ValueError: ``positions`` is not a non-empty 1-D integer tensor of distinct indices >= 0.
+        """
+        if not isinstance(positions, torch.Tensor) or positions.ndim != 1 or positions.numel() == 0 \
+                or positions.dtype not in (torch.int64, torch.int32) or int(positions.min()) < 0 \
+                or positions.unique().numel() != positions.numel():
+            raise ValueError("token_subset needs a non-empty 1-D integer tensor of distinct patch positions >= 0")
+        previous = self._token_subset
+        self._token_subset = positions.to(torch.int64)
+        try:
+            yield
+        finally:
+            self._token_subset = previous
+
+    # ------------------------------------------------------------------ cross-attention hook (Chorus)
+
+    @contextlib.contextmanager
+    def cross_attention_hook(self, fn: CrossAttentionHook) -> Iterator[None]:
+        """Context manager: every cross-attention layer (spatial and temporal blocks) calls ``fn`` for
+        the model calls inside the block, then the hooks that were there before come back, also on error.
+
+        ``fn(layer, q, k, ctx)`` returns None or an additive bias on that layer's attention logits (see
+        ``layers.MultiHeadCrossAttention``); ``layer.block_index`` and ``layer.temporal`` say which layer
+        called. Queries are the block's tokens in (frame, row, column) raster order, N = T'·H'·W'
+        (:meth:`patch_grid`); keys are the caption's real tokens, compacted to the front of each row.
+        Chorus's Token-Guided Attention Amplification and its region maps use it. Without it the model
+        runs the plain path.
+
+        Raises:
+            TypeError: ``fn`` is not callable.
+        """
+        if fn is None or not callable(fn):
+            raise TypeError("cross_attention_hook needs a callable fn(layer, q, k, ctx) -> bias or None")
+        layers = [blk.cross_attn for pair in zip(self.spatial_blocks, self.temporal_blocks) for blk in pair]
+        previous = [layer.logit_hook for layer in layers]
+        for layer in layers:
+            layer.logit_hook = fn
+        try:
+            yield
+        finally:
+            for layer, hook in zip(layers, previous):
+                layer.logit_hook = hook
 
     @torch.no_grad()
     def spatial_self_attention_kv(
@@ -720,6 +787,10 @@ class STDiT3(nn.Module):
         b = p.x.shape[0]
         text = self._encode_text(y, mask, b, p.x.device)
         h = p.x
+        subset = self._token_subset
+        if subset is not None:  # Chorus's region: only these positions of every frame are computed
+            subset = subset.to(h.device)
+            h = h.index_select(2, subset)
         runner = self._block_runner
         if runner is None:
             for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
@@ -728,6 +799,8 @@ class STDiT3(nn.Module):
         else:
             h = runner(h, BlockStack(self, text, p.t_mlp, p.t0_mlp, p.x_mask))
         h = self.final_layer(h, p.t, p.t0, p.x_mask)  # [B, T', S, prod(patch)·out]
+        if subset is not None:
+            h = h.new_zeros((h.shape[0], h.shape[1], p.x.shape[2], h.shape[3])).index_copy_(2, subset, h)
         return self._unpatchify(h, p.grid, p.input_thw).to(torch.float32)
 
     def _unpatchify(self, h: torch.Tensor, grid: Tuple[int, int, int], thw: Tuple[int, int, int]) -> torch.Tensor:

@@ -59,6 +59,7 @@ __all__ = [
     "load_t5_encoder",
     "load_tokenizer",
     "null_caption_embedding",
+    "token_words",
 ]
 
 #: Aesthetic score OpenSora 1.2's inference config appends to every prompt.
@@ -673,3 +674,35 @@ class T5TextEncoder:
         """`prepare_prompt` (score suffix + cleaning, keyword arguments passed on) then `encode`."""
         batch = [prompts] if isinstance(prompts, str) else list(prompts)
         return self.encode([prepare_prompt(p, **prepare_kwargs) for p in batch])
+
+
+def token_words(tokenizer: Any, text: str, max_length: int) -> List[Optional[str]]:
+    """The word each caption token of ``text`` belongs to, in the caption's row order.
+
+    ``text`` is tokenised exactly as a caption encoder does (special tokens added, truncated to
+    ``max_length``, no padding). Entry i is the lower-case word (letters and digits only) of token i,
+    or None for a special token ([CLS], [SEP], ``</s>``) and for a word of punctuation only. Words are
+    the tokenizer's own pre-tokenisation (whitespace and, for WordPiece, punctuation), so every
+    sub-word piece of a word gets that word. Chorus compares two prompts' words with it.
+
+    Args:
+        tokenizer: a transformers *fast* tokenizer (``tokenizer.json``; T5 and MiniLM folders ship one).
+        text: the string the encoder tokenises (OpenSora: :func:`prepare_prompt`'s output).
+        max_length: the encoder's caption length.
+
+    Raises:
+        ValueError: a slow tokenizer (no word alignment).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("mapping caption tokens to words needs a fast tokenizer (a folder with tokenizer.json)")
+    enc = tokenizer(text, max_length=int(max_length), truncation=True, add_special_tokens=True)
+    words: List[Optional[str]] = []
+    for word in enc.word_ids():
+        if word is None:
+            words.append(None)
+            continue
+        span = enc.word_to_chars(word)
+        norm = re.sub(r"[\W_]+", "", text[span.start:span.end].lower())
+        words.append(norm or None)
+    return words
+

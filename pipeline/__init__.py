@@ -12,6 +12,8 @@ request's settings. Modules, each with one job:
   class and one ``register_mode`` call) and named model hooks per request (``+hook``);
 * :mod:`.mixcache`: intra-request caching as two registered hooks, ``mixcache`` (hybrid step / CFG /
   block reuse) and ``teacache`` (the single-granularity baseline), with presets;
+* :mod:`.chorus`: whole-prompt reuse after Chorus (``chorus``, ``chorus_warm``) and ``auto`` reuse
+  (Chorus, else CHAI, else full);
 * :mod:`.core`: :class:`ChaiPipeline`, one :meth:`ChaiPipeline.generate` call per request;
 * :mod:`.builders`: what a pipeline is built from per model family: the small CPU configuration
   (seeded random weights), the bundled reference model (pixel space, no VAE) and the real OpenSora 1.2
@@ -46,12 +48,20 @@ from .builders import (
     tiny_components,
 )
 from .captions import HashedWordCaptions, MiniLMCaptions, T5Captions
+from .chorus import chorus_entry_bytes, new_token_columns  # registers chorus, chorus_warm, auto
 from .core import ChaiPipeline, GenerationResult, LatencySplit
 from .fingerprints import files_fingerprint, module_fingerprint
 from .modes import ModeOutput, ModeRequest, SamplingMode, parse_mode_spec, register_mode, register_model_hook
 from . import mixcache as _mixcache  # registers the "mixcache" and "teacache" hooks
-from .settings import (AttentionSettings, LookupSettings, MixCacheSettings, RequestSettings, ScheduleSettings,
-                       resolve_settings)
+from .settings import (
+    AttentionSettings,
+    ChorusSettings,
+    LookupSettings,
+    MixCacheSettings,
+    RequestSettings,
+    ScheduleSettings,
+    resolve_settings,
+)
 from .video import frames_to_uint8, write_video
 
 __all__ = [
@@ -75,7 +85,10 @@ __all__ = [
     "AttentionSettings",
     "LookupSettings",
     "MixCacheSettings",
+    "ChorusSettings",
     "resolve_settings",
+    "chorus_entry_bytes",
+    "new_token_columns",
     "SamplingMode",
     "ModeRequest",
     "ModeOutput",

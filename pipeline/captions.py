@@ -1,5 +1,7 @@
 """Caption encoders of the request path: ``encode(prompt) -> (y [1, 1, L, D], mask [1, L])`` plus a
-``fingerprint`` string that goes into every cache key (the caption steers the cached latents).
+``fingerprint`` string that goes into every cache key (the caption steers the cached latents), and
+``token_words(prompt)``: the word each real caption row belongs to (Chorus finds the tokens a donor's
+prompt lacks with it; ``pipeline.chorus.new_token_columns``).
 
 * :class:`T5Captions`: OpenSora 1.2's path (``prepare_prompt`` then T5-v1.1-XXL, 300 tokens);
 * :class:`MiniLMCaptions`: all-MiniLM-L6-v2 token states projected to the model width (the small
@@ -12,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
@@ -46,6 +48,13 @@ class T5Captions:
         """y [1, 1, 300, 4096] (encoder dtype) and mask [1, 300] int64, on the encoder's device."""
         out = self.encoder.encode_prompts([check_prompt(prompt)])
         return out.y, out.mask
+
+    def token_words(self, prompt: str) -> List[Optional[str]]:
+        """The word of each real caption row (T5 pieces of the prepared prompt: cleaned, with the aesthetic
+        score appended; ``</s>`` -> None); see ``opensora.text.token_words``."""
+        from ..opensora.text import prepare_prompt, token_words
+
+        return token_words(self.encoder.tokenizer, prepare_prompt(check_prompt(prompt)), self.max_length)
 
 
 class _ProjectedTokens:
@@ -101,6 +110,10 @@ class HashedWordCaptions(_ProjectedTokens):
         vectors = [self._vector(w) for w in words[: self.max_length - 1]] + [self._vector("</s>")]
         return self._pack(torch.stack(vectors))
 
+    def token_words(self, prompt: str) -> List[Optional[str]]:
+        """The word of each real caption row: the prompt's words, then None for the end-of-text row."""
+        return re.findall(r"\w+", check_prompt(prompt).lower())[: self.max_length - 1] + [None]
+
 
 class MiniLMCaptions(_ProjectedTokens):
     """Caption encoder for the small CPU configuration: all-MiniLM-L6-v2 token states (384-d,
@@ -145,4 +158,12 @@ class MiniLMCaptions(_ProjectedTokens):
         if states.shape[-1] != self.projection.shape[0]:
             raise ValueError(f"expected 384-d MiniLM token states, got {tuple(states.shape)}")
         return self._pack(states @ self.projection)
+
+    def token_words(self, prompt: str) -> List[Optional[str]]:
+        """The word of each real caption row (MiniLM WordPiece tokens; [CLS]/[SEP] -> None)."""
+        from ..opensora.text import token_words
+
+        model = self._load()
+        words = token_words(model.tokenizer, check_prompt(prompt), model.max_seq_length)
+        return words[: self.max_length]
 

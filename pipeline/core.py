@@ -31,7 +31,7 @@ from ..opensora.vae import OpenSoraVAE, latent_shape
 from .builders import opensora_parts, reference_parts, tiny_parts
 from .captions import check_prompt
 from .fingerprints import module_fingerprint
-from .modes import DEFAULT_MODE, ModeRequest, get_mode, keyed_hook_names, make_model_hook, model_hook_names
+from .modes import DEFAULT_MODE, LookupSpec, ModeRequest, get_mode, keyed_hook_names, make_model_hook, model_hook_names
 from .settings import RequestSettings, compat_key, resolve_settings
 from .video import frames_to_uint8
 
@@ -86,6 +86,13 @@ class GenerationResult:
         frames: decoded video [F, H, W, 3] float32 in [0, 1] on the CPU (None without decode).
         timings: :class:`LatencySplit`. lookup: the full ``LookupResult`` (None without a cache).
         sampling_mode: the registered mode that ran (``"chai"``, ``"full"``, ``"plain"``, ...).
+        served_by: what served the request: the reuse method on a hit (``"chai"``, ``"chorus"``; for
+            ``auto`` the one it picked), ``"full"`` when a reuse mode ran the full schedule, else the mode's
+            name. reason: why, in one line (the similarity against the threshold).
+        inserted_entry_ids: every entry this request created (``auto`` stores a miss under two keys).
+        details: the mode's extras for reports (Chorus: stage bounds, region, new tokens).
+        not_stored: why an entry this request asked to store was skipped (one line each; the request's
+            video is unaffected), e.g. a prompt with no entity, or an entry larger than the budget.
         hooks: the model hooks the request ran, in order. hook_reports: ``name -> report`` of every hook
             that reports (``ModelHook.report``; an intra-request cache: which steps it computed or reused
             at which granularity, see ``opensora.mixcache.IntraCache.report``).
@@ -111,6 +118,11 @@ class GenerationResult:
     timings: LatencySplit = field(default_factory=LatencySplit)
     lookup: Optional[LookupResult] = None
     sampling_mode: str = DEFAULT_MODE
+    served_by: str = DEFAULT_MODE
+    reason: str = ""
+    inserted_entry_ids: List[int] = field(default_factory=list)
+    details: Dict[str, Any] = field(default_factory=dict)
+    not_stored: List[str] = field(default_factory=list)
     hooks: Tuple[str, ...] = ()
     hook_reports: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
@@ -129,8 +141,10 @@ class GenerationResult:
             "entity": self.entity, "matched": self.matched,
             "similarity": None if self.similarity is None else round(float(self.similarity), 4),
             "entry_id": self.entry_id, "fused_entry_ids": list(self.fused_entry_ids),
-            "inserted_entry_id": self.inserted_entry_id, "compat_key": self.compat_key,
-            "latent_shape": list(self.latent.shape),
+            "inserted_entry_id": self.inserted_entry_id, "inserted_entry_ids": list(self.inserted_entry_ids),
+            "served_by": self.served_by, "reason": self.reason, "details": dict(self.details),
+            "not_stored": "; ".join(self.not_stored) or None,
+            "compat_key": self.compat_key, "latent_shape": list(self.latent.shape),
             "timings_ms": {k: round(v, 3) for k, v in asdict(self.timings).items()},
             "hooks": list(self.hooks), "hook_reports": self.hook_reports,
         }
@@ -352,14 +366,39 @@ class ChaiPipeline:
             return tuple(self.vae.latent_shape(num_frames, height, width))  # type: ignore[return-value]
         return latent_shape(num_frames, height, width, latent_channels=int(self.model.in_channels))
 
-    def compat_key(self, height: int, width: int, num_frames: int, hooks: Sequence[str] = ()) -> str:
+    def compat_key(self, height: int, width: int, num_frames: int, mode: str = DEFAULT_MODE,
+                   hooks: Sequence[str] = ()) -> str:
         """The cache's compatibility key of a request at this size (:func:`.settings.compat_key`):
         denoiser, caption encoder and dtype, latent shape, pixel size and frames, size-conditioning
-        dtype, the store fingerprint of the settings and the names of the request's ``hooks`` that change
-        the model's output (``modes.keyed_hook_names``). Only entries of the same key are ever matched.
+        dtype, the store fingerprint of ``mode``'s entries (``SamplingMode.lookup_spec``; CHAI's by
+        default) and the names of the request's ``hooks`` that change the model's output
+        (``modes.keyed_hook_names``). Only entries of the same key are ever matched.
+
+        Raises:
+            ValueError: an unknown mode.
         """
+        spec = get_mode(mode).lookup_spec(self.settings)
         return compat_key(self.model_fingerprint, self.latent_shape(height, width, num_frames), height, width,
-                          num_frames, self.size_dtype, self.settings, keyed_hook_names(hooks))
+                          num_frames, self.size_dtype, self.settings, keyed_hook_names(hooks),
+                          store_fingerprint=spec.store_fingerprint)
+
+    def _lookup_as(self, spec: LookupSpec, prompt: str, key: str, *, load: bool, record: bool,
+                   query: Optional[LookupQuery]) -> Optional[LookupResult]:
+        """``spec``'s lookup of ``prompt`` under ``key`` (None without a store). A query made for other
+        lookup keys (an entity query for a whole-prompt lookup) is not reused."""
+        lookup = self.lookup
+        if lookup is None:
+            return None
+        changes: Dict[str, Any] = {}
+        if spec.mode != lookup.config.mode:
+            changes["mode"] = spec.mode
+        if spec.threshold is not None and float(spec.threshold) != float(lookup.config.threshold):
+            changes["threshold"] = float(spec.threshold)
+        if changes:
+            lookup = lookup.with_config(**changes)
+        if query is not None and query.mode != spec.mode:
+            query = None
+        return lookup.lookup(prompt, key, load=load, record=record and spec.record, query=query)
 
     # ---------------------------------------------------------------- the request
     def query(self, prompt: str, entities: Optional[Sequence[str]] = None) -> Optional[LookupQuery]:
@@ -422,7 +461,7 @@ class ChaiPipeline:
             raise ValueError("decode=True needs a VAE; build the pipeline with one or pass decode=False")
         height, width, frames = self.resolve_size(resolution, aspect_ratio, height, width, num_frames)
         shape = self.latent_shape(height, width, frames)
-        key = self.compat_key(height, width, frames, hooks)
+        key = self.compat_key(height, width, frames, sampling.name, hooks)
         device = self.device
         timings = LatencySplit()
         lookup = self.lookup
@@ -431,8 +470,26 @@ class ChaiPipeline:
         lookup_result: Optional[LookupResult] = None
         if sampling.uses_lookup and lookup is not None:
             t0 = time.perf_counter()
-            lookup_result = lookup.lookup(prompt, key, load=sampling.loads_latents, query=query)
+            lookup_result = self._lookup_as(sampling.lookup_spec(self.settings), prompt, key,
+                                            load=sampling.loads_latents, record=True, query=query)
             timings.lookup_ms = (time.perf_counter() - t0) * 1000.0
+
+        extra_lookup_ms = [0.0]  # lookups a mode makes while sampling: lookup time, not denoising
+
+        def key_for(name: str) -> str:
+            return self.compat_key(height, width, frames, name, hooks)
+
+        def lookup_for(name: str, record: bool = True) -> Optional[LookupResult]:
+            other = get_mode(name)
+            t1 = time.perf_counter()
+            result = self._lookup_as(other.lookup_spec(self.settings), prompt, key_for(name),
+                                     load=other.loads_latents, record=record, query=query)
+            extra_lookup_ms[0] += (time.perf_counter() - t1) * 1000.0
+            return result
+
+        def record_lookup(result: LookupResult) -> None:
+            if lookup is not None:
+                lookup.record(result)
 
         # 2. caption
         t0 = time.perf_counter()
@@ -456,7 +513,8 @@ class ChaiPipeline:
                                width=width, num_frames=frames, size_dtype=self.size_dtype,
                                should_cancel=should_cancel),
             callback=callback, lookup=lookup_result, load_entry=None if lookup is None else lookup.store.load,
-            measure=device.type == "cuda")
+            measure=device.type == "cuda", captions=self.captions, lookup_for=lookup_for,
+            record_lookup=record_lookup, compat_key_for=key_for)
         t0 = time.perf_counter()
         running = []
         with contextlib.ExitStack() as attached:
@@ -466,8 +524,8 @@ class ChaiPipeline:
             out = sampling.sample(request)
         hook_reports = {name: r for name, r in ((name, hook.report()) for name, hook in running) if r is not None}
         _sync(device)
-        timings.denoise_ms = (time.perf_counter() - t0) * 1000.0 - out.load_ms
-        timings.lookup_ms += out.load_ms
+        timings.denoise_ms = (time.perf_counter() - t0) * 1000.0 - out.load_ms - extra_lookup_ms[0]
+        timings.lookup_ms += out.load_ms + extra_lookup_ms[0]
         timings.cache_kv_ms = out.kv_ms
         latent = out.latent
 
@@ -484,20 +542,29 @@ class ChaiPipeline:
             timings.decode_ms = (time.perf_counter() - t0) * 1000.0
 
         # 5. store (the request completed)
-        inserted = None
-        if store and out.store is not None and lookup is not None and lookup_result is not None:
+        inserted: List[int] = []
+        not_stored: List[str] = []
+        pending = list(out.inserts)
+        if out.store is not None and lookup_result is not None:
+            pending.insert(0, (lookup_result, out.store, out.store_info))
+        if store and pending and lookup is not None:
             t0 = time.perf_counter()
-            inserted = lookup.insert(lookup_result, out.store, out.store_info)
+            ids = [lookup.insert(result, tensors, info) for result, tensors, info in pending]
+            inserted = [i for i in ids if i is not None]
+            not_stored = [r.not_stored for (r, _t, _i), i in zip(pending, ids) if i is None and r.not_stored]
             timings.store_ms = (time.perf_counter() - t0) * 1000.0
 
         timings.total_ms = (time.perf_counter() - t_start) * 1000.0
-        lr = lookup_result
+        lr = out.lookup if out.lookup is not None else lookup_result
         return GenerationResult(
             prompt=prompt, seed=int(seed), height=height, width=width, num_frames=frames, mode=out.label,
-            hit=out.hit, steps=out.steps, compat_key=key, latent=latent[0].float().cpu(), frames=frames_out,
-            entity=lr.entity if lr is not None else None, matched=lr.matched if lr is not None else None,
+            hit=out.hit, steps=out.steps, compat_key=out.compat_key or key, latent=latent[0].float().cpu(),
+            frames=frames_out, entity=lr.entity if lr is not None else None,
+            matched=lr.matched if lr is not None else None,
             similarity=float(lr.similarity) if lr is not None and lr.matched is not None else None,
             entry_id=out.entry_ids[0] if out.hit and out.entry_ids else None, fused_entry_ids=list(out.entry_ids),
-            inserted_entry_id=inserted, timings=timings, lookup=lr, sampling_mode=sampling.name,
+            inserted_entry_id=inserted[0] if inserted else None, timings=timings, lookup=lr,
+            sampling_mode=sampling.name, served_by=out.served_by or sampling.name, reason=out.reason,
+            inserted_entry_ids=inserted, details=dict(out.details), not_stored=not_stored,
             hooks=hooks, hook_reports=hook_reports,
         )

@@ -8,12 +8,18 @@ decodes, and inserts what the mode asked to store only once the whole request ha
 
 Built-in modes:
 
-* ``chai`` (legacy name ``auto``): CHAI. A hit runs ``fast_steps`` with Cache Attention on the served
-  entry; a miss runs ``full_steps``, capturing the latents a later hit needs, and stores them;
+* ``chai``: CHAI. A hit runs ``fast_steps`` with Cache Attention on the served entry; a miss runs
+  ``full_steps``, capturing the latents a later hit needs, and stores them;
 * ``full``: the baseline, ``full_steps`` without the cache; nothing looked up or stored;
 * ``plain`` (legacy ``plain_fast``): ``fast_steps`` without the cache (what a short schedule alone gives);
 * ``warm``: ``full_steps`` with capture, stored whatever the lookup finds (fills a store ahead of a
-  batch; the quality harness warms its store with it).
+  batch; the quality harness warms its store with it);
+* ``chorus``, ``chorus_warm`` and ``auto`` (whole-prompt reuse after Chorus, and Chorus-else-CHAI-else-full
+  per request) are registered by :mod:`.chorus`.
+
+A mode says how the pipeline looks its requests up (:meth:`SamplingMode.lookup_spec`: entity or
+whole-prompt keys, threshold, the settings part of the compatibility key), and may look up again as
+another mode would (``ModeRequest.lookup_for``) and store under several keys (``ModeOutput.inserts``).
 
 The command line's ``generate --mode``, the ComfyUI Sampler's mode list and the quality harness read
 this registry, so a new mode is one file with one ``register_mode(...)`` call. Modes compose with named
@@ -31,7 +37,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -45,6 +51,7 @@ __all__ = [
     "ModeRequest",
     "ModeOutput",
     "ModeSpec",
+    "LookupSpec",
     "register_mode",
     "unregister_mode",
     "get_mode",
@@ -56,6 +63,7 @@ __all__ = [
     "model_hook_names",
     "keyed_hook_names",
     "make_model_hook",
+    "match_reason",
     "DEFAULT_MODE",
 ]
 
@@ -63,6 +71,25 @@ log = logging.getLogger("comfyui_chai.pipeline")
 
 #: The mode a request runs when none is named.
 DEFAULT_MODE = "chai"
+
+
+@dataclass(frozen=True)
+class LookupSpec:
+    """How the pipeline looks a request up for a mode (:meth:`SamplingMode.lookup_spec`).
+
+    Attributes:
+        mode: ``"entity"`` (CHAI: noun-phrase entities) or ``"prompt"`` (the whole normalised prompt).
+        store_fingerprint: the settings part of the compatibility key: what the mode's entries hold
+            (``RequestSettings.store_fingerprint`` for CHAI's). Entries of another key never match.
+        threshold: least cosine similarity for a hit; None keeps the pipeline lookup's own.
+        record: count the lookup in the store's statistics (a mode that may look up twice per request
+            records the deciding lookup itself with ``ModeRequest.record_lookup``).
+    """
+
+    mode: str = "entity"
+    store_fingerprint: str = ""
+    threshold: Optional[float] = None
+    record: bool = True
 
 
 @dataclass
@@ -83,6 +110,13 @@ class ModeRequest:
         load_entry: ``load_entry(entry_id) -> {name: tensor} | None``: another stored entry's latents
             (e.g. for per-entity fusion), checked by the store.
         measure: synchronise CUDA around timed sections.
+        captions: the pipeline's caption encoder (``encode``, ``token_words``).
+        lookup_for: ``lookup_for(mode_name, record=True) -> LookupResult | None``: this request looked up
+            as the registered mode ``mode_name`` would be (its keys, threshold and compatibility key);
+            None without a store. Its time counts as lookup time.
+        record_lookup: ``record_lookup(result)``: count a lookup made with ``record=False`` in the store's
+            statistics (the one that decided).
+        compat_key_for: ``compat_key_for(mode_name) -> str``: the compatibility key that mode stores under.
     """
 
     prompt: str
@@ -99,6 +133,10 @@ class ModeRequest:
     lookup: Any = None
     load_entry: Optional[Callable[[int], Optional[Mapping[str, torch.Tensor]]]] = None
     measure: bool = False
+    captions: Any = None
+    lookup_for: Optional[Callable[..., Any]] = None
+    record_lookup: Optional[Callable[[Any], None]] = None
+    compat_key_for: Optional[Callable[[str], str]] = None
 
     @property
     def latent_shape(self) -> Tuple[int, ...]:
@@ -119,7 +157,16 @@ class ModeOutput:
         store_info: JSON-ready metadata kept with the stored entry.
         entry_ids: the cached entries whose latents were used (the served one first).
         kv_ms: time spent turning cached latents into K/V (ms).
-        load_ms: time spent loading extra entries (ms; counted as lookup time, not denoising).
+        load_ms: time spent loading extra entries (ms; counted as lookup time, not denoising; lookups made
+            through ``ModeRequest.lookup_for`` are counted by the pipeline).
+        inserts: more ``(lookup result, tensors, info)`` to store, each under its lookup's key, once the
+            request completed (``store`` goes under the request's own lookup).
+        served_by: what served the request, for reports: the reuse method on a hit (``"chai"``,
+            ``"chorus"``), ``"full"`` when a reuse mode ran the full schedule; default the mode's name.
+        reason: why, in one line (the similarity against the threshold).
+        lookup: the lookup result to report (default: the request's own lookup).
+        compat_key: the key of ``lookup`` (default: the request's key).
+        details: JSON-ready extras for reports (Chorus: its stage bounds and region).
     """
 
     latent: torch.Tensor
@@ -131,6 +178,12 @@ class ModeOutput:
     entry_ids: List[int] = field(default_factory=list)
     kv_ms: float = 0.0
     load_ms: float = 0.0
+    inserts: List[Tuple[Any, Dict[str, torch.Tensor], Dict[str, Any]]] = field(default_factory=list)
+    served_by: str = ""
+    reason: str = ""
+    lookup: Any = None
+    compat_key: Optional[str] = None
+    details: Dict[str, Any] = field(default_factory=dict)
 
 
 class SamplingMode(abc.ABC):
@@ -142,7 +195,9 @@ class SamplingMode(abc.ABC):
         uses_lookup: the pipeline looks the prompt up before :meth:`sample` (and records the lookup).
         loads_latents: the lookup loads and checks the best entry's latents (a hit can be served).
         steps_setting: the ``ScheduleSettings`` field a spec's number sets (``chai4`` -> fast_steps 4).
-        warm_with: the mode that fills a store with entries this mode can be served (quality harness).
+        warm_with: the mode (or modes) that fill a store with entries this mode can be served (quality
+            harness).
+        reuse: a cross-request reuse method: offered by ``generate --reuse`` and the Sampler's ``reuse`` input.
         description: one line for the command line's and the node's help.
     """
 
@@ -151,8 +206,13 @@ class SamplingMode(abc.ABC):
     uses_lookup: bool = False
     loads_latents: bool = True
     steps_setting: str = "fast_steps"
-    warm_with: str = "warm"
+    warm_with: Union[str, Tuple[str, ...]] = "warm"
+    reuse: bool = False
     description: str = ""
+
+    def lookup_spec(self, settings: RequestSettings) -> LookupSpec:
+        """How the pipeline looks this mode's requests up (default: CHAI's entity keys under CHAI's key)."""
+        return LookupSpec(mode="entity", store_fingerprint=settings.store_fingerprint())
 
     @abc.abstractmethod
     def sample(self, request: ModeRequest) -> ModeOutput:
@@ -200,29 +260,56 @@ def _store_info(request: ModeRequest, info: Dict[str, Any]) -> Dict[str, Any]:
             "cache_steps": list(request.settings.attention.cache_steps), **info}
 
 
+def match_reason(result: Any, what: str) -> str:
+    """One line on a lookup's verdict, e.g. ``entity 'red fox' ~ 'red fox' 0.912 >= 0.72`` (for reports).
+
+    Args:
+        result: a ``cache.lookup.LookupResult`` or None (no store). what: ``"entity"`` or ``"prompt"``.
+    """
+    if result is None:
+        return "no store"
+    threshold = result.threshold
+    if result.matched is None:
+        return f"no stored {what} to compare (threshold {threshold:.2f})"
+    verdict = ">=" if result.hit else "<"
+    return f"{what} {result.entity!r} ~ {result.matched!r} {result.similarity:.3f} {verdict} {threshold:.2f}"
+
+
 class ChaiMode(SamplingMode):
     """CHAI: a hit runs ``fast_steps`` with Cache Attention, a miss runs ``full_steps`` and stores its capture."""
 
     name = "chai"
-    aliases = ("auto",)
     uses_lookup = True
+    reuse = True
     description = "CHAI: look up; a hit runs fast_steps with Cache Attention, a miss runs full_steps and is stored"
 
     def sample(self, request: ModeRequest) -> ModeOutput:
+        served = self.serve(request)
+        if served is not None:
+            return served
         config = request.settings.cache_attention_config()
-        t0 = time.perf_counter()
-        entries, ids = self._entries(request, config) if request.lookup is not None and request.lookup.hit \
-            and config.enabled else ([], [])
-        load_ms = (time.perf_counter() - t0) * 1000.0
-        if entries:
-            latent, ca = sample_fast(request.rflow, request.model, request.noise, config, cached=entries,
-                                     callback=request.callback, measure=request.measure, **request.sample_kwargs)
-            return ModeOutput(latent=latent, steps=config.fast_steps, label="fast", hit=True, entry_ids=ids,
-                              kv_ms=ca.kv_ms if ca is not None else 0.0, load_ms=load_ms)
         keep = request.lookup is not None and config.enabled
         latent, captured, info = _full_run(request, config, capture=keep)
         return ModeOutput(latent=latent, steps=config.full_steps, label="full", store=captured if keep else None,
-                          store_info=_store_info(request, info) if keep else {}, load_ms=load_ms)
+                          store_info=_store_info(request, info) if keep else {}, served_by="full",
+                          reason=match_reason(request.lookup, "entity"))
+
+    def serve(self, request: ModeRequest) -> Optional[ModeOutput]:
+        """The hit path: ``fast_steps`` with Cache Attention on ``request.lookup``'s entry (and fused ones);
+        None when the lookup missed, Cache Attention is off or the entry holds no usable latents."""
+        config = request.settings.cache_attention_config()
+        if request.lookup is None or not request.lookup.hit or not config.enabled:
+            return None
+        t0 = time.perf_counter()
+        entries, ids = self._entries(request, config)
+        load_ms = (time.perf_counter() - t0) * 1000.0
+        if not entries:
+            return None
+        latent, ca = sample_fast(request.rflow, request.model, request.noise, config, cached=entries,
+                                 callback=request.callback, measure=request.measure, **request.sample_kwargs)
+        return ModeOutput(latent=latent, steps=config.fast_steps, label="fast", hit=True, entry_ids=ids,
+                          kv_ms=ca.kv_ms if ca is not None else 0.0, load_ms=load_ms, served_by="chai",
+                          reason=match_reason(request.lookup, "entity"))
 
     @staticmethod
     def _entries(request: ModeRequest, config) -> Tuple[List[Dict[str, torch.Tensor]], List[int]]:
@@ -395,9 +482,10 @@ class ModeSpec:
     """A parsed mode spec such as ``chai8+mixcache``: the mode, its step count, the hooks to attach.
 
     Attributes:
-        text: the spec as written. mode: the registered mode's name. steps: the number after the name
-        (sets ``mode.steps_setting``), or None. hooks: model-hook names to attach, in order.
-        settings: ``(key, value)`` settings overrides of this spec (``@key=value``), in order.
+        text: the spec as written (or a variant's name). mode: the registered mode's name. steps: the
+        number after the name (sets ``mode.steps_setting``), or None. hooks: model-hook names to attach, in
+        order. settings: ``(key, value)`` settings overrides of this spec (``@key=value``, or a
+        variant's: :meth:`variant`), in order.
     """
 
     text: str
@@ -407,11 +495,17 @@ class ModeSpec:
     settings: Tuple[Tuple[str, Any], ...] = ()
 
     def overrides(self) -> Dict[str, Any]:
-        """The settings overrides of the spec: the step count's (e.g. ``{"fast_steps": 8}``), then the
-        ``@key=value`` ones ({} without either)."""
+        """The settings overrides of the spec: the step count's (e.g. ``{"fast_steps": 8}``), then its own
+        ``settings`` (``@key=value``, a variant's) ({} without either)."""
         out: Dict[str, Any] = {} if self.steps is None else {get_mode(self.mode).steps_setting: self.steps}
-        out.update(self.settings)
+        out.update(dict(self.settings))
         return out
+
+    def variant(self, text: str, **settings: Any) -> "ModeSpec":
+        """This spec under another name with settings of its own (an ablation in the quality harness, e.g.
+        ``parse_mode_spec("chorus").variant("chorus-stage1", chorus_stage2=False)``)."""
+        return ModeSpec(text=text, mode=self.mode, steps=self.steps, hooks=self.hooks,
+                        settings=tuple(self.settings) + tuple(settings.items()))
 
 
 #: A spec that starts with a hook runs this mode with it (``mixcache`` = ``full+mixcache``).

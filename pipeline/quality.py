@@ -7,10 +7,13 @@ prompt runs every mode from the same initial noise (prompt i: seed ``seed + i``)
 :meth:`.core.ChaiPipeline.generate` with ``store=False``; ``full30`` is always run (it is the reference
 for speed-ups and deltas).
 
-Modes that look the prompt up (``chai``) are served from a store warmed first: for each test prompt a
-warm prompt that shares exactly one entity (``refmodel.quality.warm_scene_for``) runs in the mode's
-``warm_with`` mode (``warm``: the full schedule, its capture stored), once per distinct compatibility
-key (``chai8`` and ``chai4`` store at different noise levels). With ``lookup=True`` the lookup is the
+Modes that look the prompt up (``chai``, ``chorus``, ``auto``) are served from a store warmed first: for
+each test prompt a warm prompt runs in the mode's ``warm_with`` mode(s) (``warm``: the full schedule, its
+CHAI capture stored; ``chorus_warm``: its Chorus window stored), once per distinct compatibility key
+(``chai8`` and ``chai4`` store at different noise levels). The warm prompt shares exactly one entity with
+the test prompt (``warm="share"``, ``refmodel.quality.warm_scene_for``) or is a near-duplicate of it
+(``warm="near"``, ``refmodel.streams.near_duplicate``: the same scene in other words, or one scored
+attribute changed). A spec may be a ``ModeSpec`` variant with settings of its own (an ablation). With ``lookup=True`` the lookup is the
 real one (spaCy entities, MiniLM embeddings, HNSW over the store); with ``lookup=False`` a hermetic
 pairing lookup (no spaCy or MiniLM) keys test prompt i and warm prompt i alike, so prompt i is served
 warm entry i through the same store and request path. A lookup that misses runs CHAI's miss path (the
@@ -29,7 +32,7 @@ import hashlib
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -38,6 +41,7 @@ from ..cache.lookup import CacheLookup, LookupConfig
 from ..refmodel import evaluator, scenes
 from ..refmodel.model import model_to_pixels
 from ..refmodel.quality import WARM_SEED, share_kind, warm_scene_for
+from ..refmodel.streams import NEAR_SEED, near_duplicate_pairs
 from .core import ChaiPipeline
 from .modes import ModeSpec, get_mode, parse_mode_spec
 
@@ -61,8 +65,11 @@ class ModeResult:
         (the settings field its number sets). cached: it looks prompts up (served from the store).
         scores: the evaluator's ``scores`` dict per prompt. latency_ms: request ``total_ms`` per prompt.
         clips: uint8 [F, H, W, 3] per prompt. hits: prompts served from the store.
-        settings: the request settings' fingerprint. equivalent_steps: per prompt, steps run x the share
-        of block work the hooks ran. hook_maps: per prompt, each reporting hook's step map (``FFSSC...``).
+        settings: the request settings' fingerprint. served: what served each prompt (``served_by``).
+        steps_run: model steps per prompt. details: each request's mode details (Chorus: stage bounds,
+        region, ``step_equivalents``). equivalent_steps: per prompt, the mode's step equivalents (its
+        steps, or Chorus's ``step_equivalents``) x the share of block work the model hooks ran.
+        hook_maps: per prompt, each reporting hook's step map (``FFSSC...``).
     """
 
     name: str
@@ -74,6 +81,9 @@ class ModeResult:
     latency_ms: List[float] = field(default_factory=list)
     clips: List[np.ndarray] = field(default_factory=list)
     hits: int = 0
+    served: List[str] = field(default_factory=list)
+    steps_run: List[int] = field(default_factory=list)
+    details: List[Dict[str, Any]] = field(default_factory=list)
     equivalent_steps: List[float] = field(default_factory=list)
     hook_maps: List[Dict[str, str]] = field(default_factory=list)
 
@@ -101,7 +111,8 @@ class QualityReport:
 
     Attributes:
         modes: spec text -> :class:`ModeResult` (the reference first). prompts / warm_prompts /
-        shared_entities: the test captions, their warm captions and the entity each pair shares.
+        shared_entities: the test captions, their warm captions and the entity each pair shares (warm
+        ``"share"``) or the near-duplicate's kind (warm ``"near"``). warm: which warm prompts.
         lookup_hits: spec -> prompts served from the store (modes that look up). lookup_ms: every real
         lookup's total ms. served_shares: what served entries share with their request (object,
         background, ...: ``refmodel.quality.share_kind``). warm_ms: time of the warm runs. device.
@@ -118,12 +129,13 @@ class QualityReport:
     warm_ms: float
     device: str
     cfg_scale: float
+    warm: str = "share"
 
     def summary(self) -> Dict[str, Any]:
         """JSON-friendly view (no clips): per mode every criterion's mean, latency, speed-up and deltas."""
         full = self.modes[REFERENCE_MODE]
         out = {"n_prompts": len(self.prompts), "device": self.device, "cfg_scale": self.cfg_scale,
-               "lookup_hits": self.lookup_hits, "served_entry_shares": self.served_shares,
+               "warm_prompts": self.warm, "lookup_hits": self.lookup_hits, "served_entry_shares": self.served_shares,
                "mean_lookup_ms": float(np.mean(self.lookup_ms)) if self.lookup_ms else None,
                "warm_full_runs_s": round(self.warm_ms / 1000, 2), "modes": {}}
         for name, m in self.modes.items():
@@ -135,6 +147,8 @@ class QualityReport:
                 "speedup_vs_full": round(full.mean_latency_ms / m.mean_latency_ms, 3),
                 "delta_overall_vs_full": round(m.mean() - full.mean(), 4),
                 "lookup_hits": self.lookup_hits.get(name),
+                "mean_model_steps": round(float(np.mean(m.steps_run)), 3) if m.steps_run else None,
+                "served_by": {k: m.served.count(k) for k in dict.fromkeys(m.served)},
             }
         return out
 
@@ -173,17 +187,24 @@ class _PairKeys:
             np.zeros((0, self.dim), dtype=np.float32)
 
 
-def _specs(modes: Sequence[str]) -> List[ModeSpec]:
+def _specs(modes: Sequence[Union[str, ModeSpec]]) -> List[ModeSpec]:
     specs: Dict[str, ModeSpec] = {REFERENCE_MODE: parse_mode_spec(REFERENCE_MODE)}
-    for text in modes:
-        spec = parse_mode_spec(text)
+    for item in modes:
+        spec = item if isinstance(item, ModeSpec) else parse_mode_spec(item)
+        get_mode(spec.mode)
         specs.setdefault(spec.text, spec)
     return list(specs.values())
 
 
+def _warm_modes(spec: ModeSpec) -> Tuple[str, ...]:
+    warm = get_mode(spec.mode).warm_with
+    return (warm,) if isinstance(warm, str) else tuple(warm)
+
+
 def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *, lookup: bool = True,
-                cfg_scale: Optional[float] = None, modes: Sequence[str] = DEFAULT_MODES,
-                store_dir: Optional[str] = None, seed: int = 0,
+                cfg_scale: Optional[float] = None, modes: Sequence[Union[str, ModeSpec]] = DEFAULT_MODES,
+                store_dir: Optional[str] = None, seed: int = 0, warm: str = "share",
+                settings: Optional[Dict[str, Any]] = None,
                 progress: Optional[Callable[[str, int, int], None]] = None) -> QualityReport:
     """Run every mode spec on every prompt through the request path and score the clips.
 
@@ -194,11 +215,14 @@ def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *
         lookup: serve lookup modes through the real lookup (spaCy, MiniLM, hnswlib; needs ``store_dir``);
             False: the hermetic pairing lookup (prompt i is served warm prompt i's entry).
         cfg_scale: CFG scale of every mode (default: the model's ``config.json``).
-        modes: mode specs (:func:`.modes.parse_mode_spec`); ``full30`` is always run, first. Warm prompts
-            are made and run only when a mode looks prompts up.
+        modes: mode specs (:func:`.modes.parse_mode_spec`) or ``ModeSpec`` variants; ``full30`` is always run,
+            first. Warm prompts are made and run only when a mode looks prompts up.
         store_dir: an empty directory for the store (``lookup=True``; default for the hermetic lookup:
             a temporary folder).
         seed: base of the noise seeds (prompt i: ``seed + i``; warm prompt i: ``seed + 100000 + i``).
+        warm: ``"share"`` (warm prompts share one entity with the test prompts) or ``"near"`` (they are
+            near-duplicates of them, ``refmodel.streams.near_duplicate_pairs``).
+        settings: setting overrides of every request (e.g. Chorus knobs), under each spec's own.
         progress: ``fn(phase, done, total)``.
 
     Returns:
@@ -206,11 +230,13 @@ def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *
 
     Raises:
         ValueError: an unknown mode or hook, empty ``items``, ``lookup=True`` with a lookup mode but no
-            ``store_dir``.
+            ``store_dir``, an unknown ``warm``.
     """
     specs = _specs(modes)
     if not items:
         raise ValueError("no prompts given")
+    if warm not in ("share", "near"):
+        raise ValueError(f"warm must be 'share' or 'near', got {warm!r}")
     cached_specs = [s for s in specs if get_mode(s.mode).uses_lookup]
     real_lookup = lookup and bool(cached_specs)  # no lookup mode: no store to warm (half a CFG sweep's work)
     if real_lookup and not store_dir:
@@ -222,7 +248,13 @@ def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *
         from ..cache.entities import EntityExtractor
 
         extractor, embedder = EntityExtractor(), Embedder()
-    warm = [warm_scene_for(spec, text, rng, extractor) for spec, text in items] if cached_specs else []
+    kind = warm
+    if not cached_specs:
+        warm = []
+    elif kind == "near":
+        warm = near_duplicate_pairs(list(items), NEAR_SEED)
+    else:
+        warm = [warm_scene_for(spec, text, rng, extractor) for spec, text in items]
     if cached_specs and not real_lookup:
         extractor = embedder = _PairKeys([(text, w[1]) for (_spec, text), w in zip(items, warm)])
 
@@ -231,8 +263,10 @@ def run_quality(model, encoder, items: Sequence[Tuple[scenes.SceneSpec, str]], *
         try:
             cache = CacheLookup(store, extractor, embedder, LookupConfig()) if store is not None else None
             base = ChaiPipeline.from_reference_model(model, encoder, cache)
-            base = base.with_settings(HARNESS_SETTINGS, {"cfg_scale": cfg_scale})
-            return _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress)
+            base = base.with_settings(HARNESS_SETTINGS, {"cfg_scale": cfg_scale}, settings)
+            report = _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress)
+            report.warm = kind
+            return report
         finally:
             if store is not None:
                 store.close()
@@ -243,20 +277,22 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
     clip = model_to_pixels  # the model tensor is the RGB clip in [-1, 1]
     shape_args = dict(height=None, width=None, num_frames=None, resolution=None)
 
-    # Warm: once per distinct store key among the lookup modes.
-    entry_scene: Dict[Tuple[str, int], scenes.SceneSpec] = {}
-    warm_keys: Dict[str, ModeSpec] = {}
-    for s in cached_specs:  # a spec's hooks may be part of its key: warm with them
+    # Warm: once per distinct store key among the lookup modes' warm modes; a spec's hooks may be part of
+    # its key, so it warms with them.
+    entry_scene: Dict[int, scenes.SceneSpec] = {}
+    warm_keys: Dict[str, Tuple[ModeSpec, str]] = {}
+    for s in cached_specs:
         pipe = pipes[s.text]
         h, w, f = pipe.resolve_size(None, "", None, None, None)
-        warm_keys.setdefault(pipe.compat_key(h, w, f, s.hooks), s)
+        for warm_mode in _warm_modes(s):
+            warm_keys.setdefault(pipe.compat_key(h, w, f, warm_mode, s.hooks), (s, warm_mode))
     t0 = time.perf_counter()
     for i, (wspec, wtext, _) in enumerate(warm):
-        for key, s in warm_keys.items():
-            r = pipes[s.text].generate(wtext, seed=seed + 100_000 + i, mode=get_mode(s.mode).warm_with,
-                                       hooks=s.hooks, decode=False, **shape_args)
-            if r.inserted_entry_id is not None:
-                entry_scene[(key, r.inserted_entry_id)] = wspec
+        for s, warm_mode in warm_keys.values():
+            r = pipes[s.text].generate(wtext, seed=seed + 100_000 + i, mode=warm_mode, hooks=s.hooks, decode=False,
+                                       **shape_args)
+            for entry in r.inserted_entry_ids:
+                entry_scene[entry] = wspec
         if progress:
             progress("warm", i + 1, len(warm))
     warm_ms = (time.perf_counter() - t0) * 1000
@@ -277,14 +313,17 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
             if r.hit:
                 m.hits += 1
                 if real_lookup:
-                    kind = share_kind(spec, entry_scene.get((r.compat_key, r.entry_id)))
+                    kind = share_kind(spec, entry_scene.get(r.entry_id))
                     shares[kind] = shares.get(kind, 0) + 1
             pixels = clip(r.latent[None])[0]
             m.scores.append(dict(evaluator.evaluate(pixels, text).scores))
             m.latency_ms.append(r.timings.total_ms)
             m.clips.append(pixels)
+            m.served.append(r.served_by)
+            m.steps_run.append(r.steps)
+            m.details.append(dict(r.details))
             work = float(np.prod([rep["work_share"] for rep in r.hook_reports.values() if "work_share" in rep]))
-            m.equivalent_steps.append(r.steps * work)
+            m.equivalent_steps.append(float(r.details.get("step_equivalents", r.steps)) * work)
             m.hook_maps.append({name: rep["map"] for name, rep in r.hook_reports.items() if "map" in rep})
         if progress:
             progress("test", i + 1, len(items))
@@ -296,16 +335,18 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
 
 
 def format_table(report: QualityReport) -> str:
-    """Markdown table: mode, steps, lookup, every criterion's mean, latency, speed-up, delta vs full."""
+    """Markdown table: mode, steps (the mean model steps where they vary), whether it looks up, every
+    criterion's mean, latency, speed-up, delta vs full."""
     s = report.summary()
     criteria: List[str] = []
     for m in report.modes.values():
         criteria += [k for k in m.criteria if k not in criteria]
-    head = ["mode", "steps", "equivalent steps", "Cache Attention", *criteria, "latency ms", "speed-up",
+    head = ["mode", "steps", "equivalent steps", "looks up", *criteria, "latency ms", "speed-up",
             "Δ overall vs full"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in s["modes"].items():
-        cells = [name, str(m["steps"]), "" if m["equivalent_steps"] is None else f"{m['equivalent_steps']:.1f}",
+        steps = str(m["steps"]) if m["mean_model_steps"] in (None, m["steps"]) else f"{m['mean_model_steps']:.1f}"
+        cells = [name, steps, "" if m["equivalent_steps"] is None else f"{m['equivalent_steps']:.1f}",
                  "yes" if m["cache_attention"] else "no",
                  *(f"{m[k]:.3f}" if k in m else "" for k in criteria),
                  f"{m['latency_ms']:.1f}", f"{m['speedup_vs_full']:.2f}x", f"{m['delta_overall_vs_full']:+.3f}"]

@@ -12,6 +12,8 @@ style of diffusers' per-technique cache configs):
 * :class:`MixCacheSettings`: the intra-request caches' knobs (``opensora.mixcache``: warm-up, the cap on
   consecutive reuse, the trigger and per-granularity thresholds, the block span; the TeaCache
   baseline's threshold). They act only when a request names the ``mixcache`` or ``teacache`` hook.
+* :class:`ChorusSettings`: whole-prompt reuse after Chorus (the ``chorus`` and ``auto`` modes): the
+  donor threshold, the map from similarity to stage bounds, the region mask and the amplification.
 
 :func:`resolve_settings` is the one place they are assembled, with one precedence, lowest first:
 
@@ -49,6 +51,7 @@ __all__ = [
     "AttentionSettings",
     "LookupSettings",
     "MixCacheSettings",
+    "ChorusSettings",
     "RequestSettings",
     "SETTING_FIELDS",
     "resolve_settings",
@@ -126,19 +129,121 @@ class LookupSettings:
 #: its fingerprint names every knob). Defaults chosen on the reference model's validation stream.
 MixCacheSettings = MixCacheConfig
 
+
+@dataclass(frozen=True)
+class ChorusSettings:
+    """Whole-prompt reuse after Chorus (arXiv 2604.04451; ``opensora.chorus``, ``pipeline.chorus``).
+
+    The paper states that stage bounds follow the match score monotonically but publishes neither the
+    map nor the threshold, mask rule or amplification: these are our knobs, chosen on the reference
+    model's validation stream (``bench/reuse_bench.py --validation``).
+
+    Attributes:
+        chorus_threshold: least cosine similarity of the whole-prompt embeddings (MiniLM) for a donor.
+        chorus_k1: (at the threshold, at similarity 1): stage 1 ends at step K1 = round(N * value), N =
+            ``full_steps``, linear in between (u = (similarity - threshold) / (1 - threshold), clipped to
+            [0, 1]); a closer donor skips more.
+        chorus_k2: the same for the end of stage 2 (K2 >= K1; stage 3 keeps at least one step).
+        chorus_window: (first, last) fractions of ``full_steps``: the steps whose latents a miss stores
+            (:meth:`window`); the map must stay inside it. It alone sets a Chorus entry's size and key.
+        chorus_mask_threshold: a latent token joins the stage-2 region when its attention to the new tokens
+            is at least this fraction of its frame's largest (``opensora.chorus.region_tokens``); 0 = all.
+        chorus_dilation: tokens the region grows by (square max filter); 0 = none.
+        chorus_tgaa: amplification factor alpha of the new tokens' cross-attention (logit bias log alpha);
+            1 = off.
+        chorus_tgaa_decay: alpha's excess over 1 is multiplied by this per stage-2 step (1 = constant).
+        chorus_stage2: False runs stage 1 and then plain steps (K2 = K1): the ablation "stage 1 only".
+
+    Raises:
+        ValueError: a value out of range (the message names the field).
+    """
+
+    # Chosen on the reference model's validation prompts (bench/reuse_bench.py --validation, 24 prompts with a
+    # near-duplicate among the warm prompts, every one served; overall against full30): K1 0.3-0.5 / K2 0.5-0.7
+    # -0.175 at 1.60x; K1 0.05-0.3 / K2 0.8-0.9 -0.050; K1 0.05-0.2 / K2 0.7-0.85 -0.014; with mask 0.3 (not
+    # 0.5) and TGAA 3 decaying 0.9 (not 2 / 0.8) -0.012 at 1.18x; dilation 0 -0.120, 2 no better than 1; K1
+    # 0.1-0.3 / K2 0.75-0.9 -0.026 at 1.33x. The window is the tightest around the map. The threshold, on the
+    # validation mixed stream (40 requests, --stream-modes chorus,auto): Chorus's hits 57 / 32 / 10 / 5 / 2 % at
+    # 0.6 / 0.7 / 0.8 / 0.85 / 0.9, overall on its hits -0.048 / -0.017 / -0.006 / +0.005 / +0.018 against full;
+    # auto's mean model steps 20.8 / 16.4 / 14.0 / 13.5 / 13.5 (a Chorus hit replaces a cheaper CHAI hit on this
+    # model): 0.85 is the lowest threshold at auto's least work.
+    chorus_threshold: float = 0.85
+    chorus_k1: Tuple[float, float] = (0.05, 0.2)
+    chorus_k2: Tuple[float, float] = (0.7, 0.85)
+    chorus_window: Tuple[float, float] = (0.05, 0.85)
+    chorus_mask_threshold: float = 0.3
+    chorus_dilation: int = 1
+    chorus_tgaa: float = 3.0
+    chorus_tgaa_decay: float = 0.9
+    chorus_stage2: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("chorus_k1", "chorus_k2", "chorus_window"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or len(tuple(value)) != 2:
+                raise ValueError(f"{name} must be two fractions of full_steps (low, high), got {value!r}")
+            lo, hi = (float(v) for v in value)
+            if not 0.0 <= lo <= hi < 1.0:
+                raise ValueError(f"{name} must satisfy 0 <= low <= high < 1, got {value!r}")
+            object.__setattr__(self, name, (lo, hi))
+        if not (self.chorus_k1[0] <= self.chorus_k2[0] and self.chorus_k1[1] <= self.chorus_k2[1]):
+            raise ValueError(f"chorus_k2 {self.chorus_k2} must not end before chorus_k1 {self.chorus_k1}")
+        if not (self.chorus_window[0] <= self.chorus_k1[0] and self.chorus_k2[1] <= self.chorus_window[1]):
+            raise ValueError(f"the stage map (chorus_k1 {self.chorus_k1}, chorus_k2 {self.chorus_k2}) must stay inside "
+                             f"chorus_window {self.chorus_window}: widen the window or narrow the map")
+        if not -1.0 <= float(self.chorus_threshold) < 1.0:
+            raise ValueError(f"chorus_threshold must be a cosine similarity in [-1, 1), got {self.chorus_threshold}")
+        if not 0.0 <= float(self.chorus_mask_threshold) <= 1.0:
+            raise ValueError(f"chorus_mask_threshold must be in [0, 1], got {self.chorus_mask_threshold}")
+        if isinstance(self.chorus_dilation, bool) or not isinstance(self.chorus_dilation, int) \
+                or self.chorus_dilation < 0:
+            raise ValueError(f"chorus_dilation must be an int >= 0, got {self.chorus_dilation!r}")
+        if not float(self.chorus_tgaa) >= 1.0:
+            raise ValueError(f"chorus_tgaa must be >= 1 (1 = no amplification), got {self.chorus_tgaa}")
+        if not 0.0 <= float(self.chorus_tgaa_decay) <= 1.0:
+            raise ValueError(f"chorus_tgaa_decay must be in [0, 1], got {self.chorus_tgaa_decay}")
+        if not isinstance(self.chorus_stage2, bool):
+            raise ValueError(f"chorus_stage2 must be True or False, got {self.chorus_stage2!r}")
+
+    def stage_bounds(self, similarity: float, full_steps: int) -> Tuple[int, int]:
+        """(K1, K2) for a donor this similar: 0-based steps where stage 2 and stage 3 begin, monotonic in
+        ``similarity``; ``0 <= K1 <= K2 <= full_steps - 1``; K2 = K1 without stage 2."""
+        first, last = self.window(full_steps)
+        n = int(full_steps)
+        span = 1.0 - float(self.chorus_threshold)
+        u = min(1.0, max(0.0, (float(similarity) - float(self.chorus_threshold)) / span))
+        k1 = min(last, max(first, round(n * (self.chorus_k1[0] + (self.chorus_k1[1] - self.chorus_k1[0]) * u))))
+        k2 = min(last, max(k1, round(n * (self.chorus_k2[0] + (self.chorus_k2[1] - self.chorus_k2[0]) * u))))
+        return k1, (k2 if self.chorus_stage2 else k1)
+
+    def window(self, full_steps: int) -> Tuple[int, int]:
+        """(first, last): the 0-based steps whose latents a miss stores (every K1..K2 the map can pick),
+        ``last <= full_steps - 1``."""
+        n = int(full_steps)
+        return min(n - 1, round(n * self.chorus_window[0])), min(n - 1, round(n * self.chorus_window[1]))
+
+    def fingerprint(self) -> str:
+        """E.g. ``CHORUS_T0.85_K0.05-0.20_K0.70-0.85_W0.05-0.85_M0.30_D1_A3_d0.9_S2`` (reports)."""
+        return (f"CHORUS_T{float(self.chorus_threshold):.2f}_K{self.chorus_k1[0]:.2f}-{self.chorus_k1[1]:.2f}"
+                f"_K{self.chorus_k2[0]:.2f}-{self.chorus_k2[1]:.2f}"
+                f"_W{self.chorus_window[0]:.2f}-{self.chorus_window[1]:.2f}_M{float(self.chorus_mask_threshold):.2f}"
+                f"_D{self.chorus_dilation}_A{float(self.chorus_tgaa):g}_d{float(self.chorus_tgaa_decay):g}"
+                f"_S{2 if self.chorus_stage2 else 1}")
+
+
 _GROUPS = {"schedule": ScheduleSettings, "attention": AttentionSettings, "lookup": LookupSettings,
-           "mixcache": MixCacheSettings}
-#: The parts that make up a ``CacheAttentionConfig``.
+           "chorus": ChorusSettings, "mixcache": MixCacheSettings}
+#: The parts CHAI's ``CacheAttentionConfig`` is made of.
 _CHAI_GROUPS = ("schedule", "attention", "lookup")
-#: Flat override key -> (part, field). The keys are ``CacheAttentionConfig``'s keyword names and
-#: ``MixCacheSettings``' field names.
+#: Flat override key -> (part, field). The keys are ``CacheAttentionConfig``'s keyword names, the Chorus
+#: part's and ``MixCacheSettings``' field names.
 SETTING_FIELDS: Dict[str, Tuple[str, str]] = {
     f.name: (group, f.name) for group, cls in _GROUPS.items() for f in fields(cls)}
 
 
 @dataclass(frozen=True)
 class RequestSettings:
-    """Everything CHAI needs to know about how to serve one request: schedule, attention, lookup, and the
+    """Everything needed to serve one request: schedule, attention, lookup (CHAI), Chorus and the
     intra-request caches' knobs.
 
     Build it with :func:`resolve_settings` (or :meth:`updated` on top of another). The three parts
@@ -151,6 +256,7 @@ class RequestSettings:
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     attention: AttentionSettings = field(default_factory=AttentionSettings)
     lookup: LookupSettings = field(default_factory=LookupSettings)
+    chorus: ChorusSettings = field(default_factory=ChorusSettings)
     mixcache: MixCacheSettings = field(default_factory=MixCacheSettings)
 
     def __post_init__(self) -> None:
@@ -164,8 +270,17 @@ class RequestSettings:
 
     def cache_attention_config(self) -> CacheAttentionConfig:
         """The ``opensora.cache_attention.CacheAttentionConfig`` that the sampling functions take."""
-        return CacheAttentionConfig(**{key: getattr(getattr(self, group), name)
-                                       for key, (group, name) in SETTING_FIELDS.items() if group in _CHAI_GROUPS})
+        return CacheAttentionConfig(**{key: value for key, value in self.flat().items()
+                                       if SETTING_FIELDS[key][0] in _CHAI_GROUPS})
+
+    def chorus_store_fingerprint(self) -> str:
+        """The store part of a Chorus entry's compatibility key: the trajectory (full steps, CFG), the
+        stored dtype and the window of steps kept. The mask and
+        amplification knobs only change how an entry is used, so entries stay valid across them (e.g.
+        ``CHORUS_N30_G7_float16_W2-26``)."""
+        first, last = self.chorus.window(self.schedule.full_steps)
+        return (f"CHORUS_N{self.schedule.full_steps}_G{float(self.schedule.cfg_scale):g}_"
+                f"{self.schedule.capture_dtype}_W{first}-{last}")
 
     def store_fingerprint(self) -> str:
         """The part of the compatibility key that names what a miss stores (which noise levels, from which
@@ -174,7 +289,7 @@ class RequestSettings:
         return self.cache_attention_config().fingerprint()
 
     def fingerprint(self) -> str:
-        """Every part's fingerprint, for reports: ``SCHED_...|ATTN_...|LOOKUP_...|MIX_...``."""
+        """Every part's fingerprint, for reports: ``SCHED_...|ATTN_...|LOOKUP_...|CHORUS_...|MIX_...``."""
         return "|".join(getattr(self, group).fingerprint() for group in _GROUPS)
 
     def tag(self) -> str:
@@ -186,10 +301,13 @@ class RequestSettings:
         return _resolve(self, overrides)
 
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-friendly ``{"schedule": {...}, "attention": {...}, "lookup": {...}, "mixcache": {...}}``."""
+        """JSON-friendly ``{"schedule": {...}, "attention": {...}, "lookup": {...}, "chorus": {...},
+        "mixcache": {...}}``."""
         out = {group: asdict(getattr(self, group)) for group in _GROUPS}
         out["attention"]["cache_steps"] = list(self.attention.cache_steps)
         out["mixcache"]["granularities"] = list(self.mixcache.granularities)
+        for name in ("chorus_k1", "chorus_k2", "chorus_window"):
+            out["chorus"][name] = list(out["chorus"][name])
         return out
 
     @classmethod
@@ -213,6 +331,8 @@ def _resolve(base: RequestSettings, layers: Sequence[Optional[Mapping[str, Any]]
                 named_steps = True
             elif key == "granularities":
                 value = (value,) if isinstance(value, str) else tuple(value)
+            elif key in ("chorus_k1", "chorus_k2", "chorus_window") and not isinstance(value, (str, bytes)):
+                value = tuple(value)
             parts[group][name] = value
     if not named_steps:  # cache steps from the defaults follow a shorter fast schedule
         fast = parts["schedule"]["fast_steps"]
@@ -264,17 +384,21 @@ def parse_setting(key: str, text: str) -> Any:
 
 
 def compat_key(model_fingerprint: str, latent_shape: Sequence[int], height: int, width: int, num_frames: int,
-               size_dtype: torch.dtype, settings: RequestSettings, hooks: Sequence[str] = ()) -> str:
+               size_dtype: torch.dtype, settings: RequestSettings, hooks: Sequence[str] = (),
+               store_fingerprint: Optional[str] = None) -> str:
     """The cache's compatibility key of a request; only entries of the same key are ever matched.
 
     ``<model>|<C>x<T>x<H>x<W>|<height>x<width>f<frames>|<size dtype>|<store fingerprint>[|hooks=<a>+<b>]``:
     the denoiser (its weights, caption encoder and dtype, as the pipeline names them), the latent shape,
     the pixel size and frame count (they set the position-embedding scale and the timestep shift), the
-    size-conditioning dtype, :meth:`RequestSettings.store_fingerprint` and, when the request runs model
-    hooks that change the model's output (an intra-request cache: ``modes.keyed_hook_names``), their
-    names in the order given. The lookup appends the embedder's and extractor's fingerprints and its mode.
+    size-conditioning dtype, what the entries hold (``store_fingerprint`` when given: a sampling mode's,
+    e.g. :meth:`RequestSettings.chorus_store_fingerprint`; else CHAI's
+    :meth:`RequestSettings.store_fingerprint`) and, when the request runs model hooks that change the
+    model's output (an intra-request cache: ``modes.keyed_hook_names``), their names in the order given.
+    The lookup appends the embedder's and extractor's fingerprints and its mode.
     """
     c, t, h, w = (int(v) for v in latent_shape)
     size = str(size_dtype).replace("torch.", "")
-    key = f"{model_fingerprint}|{c}x{t}x{h}x{w}|{height}x{width}f{num_frames}|{size}|{settings.store_fingerprint()}"
+    stored = store_fingerprint or settings.store_fingerprint()
+    key = f"{model_fingerprint}|{c}x{t}x{h}x{w}|{height}x{width}f{num_frames}|{size}|{stored}"
     return f"{key}|hooks={'+'.join(hooks)}" if hooks else key

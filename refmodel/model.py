@@ -320,6 +320,15 @@ class MiniLMTokenStates:
         """One prompt: y [1, 1, L, 384] fp32 and mask [1, L] int64 (the pipeline's caption protocol)."""
         return self([prompt])
 
+    def token_words(self, prompt: str) -> List[Optional[str]]:
+        """The word of each real caption row ([CLS]/[SEP] -> None); ``opensora.text.token_words``."""
+        from ..opensora.text import token_words
+
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"the prompt must be a non-empty string, got {prompt!r}")
+        tok, _model = self._load()
+        return token_words(tok, prompt, self.max_length)
+
 
 def default_model_dir() -> Path:
     """The packaged checkpoint folder ``models/reference_v1`` (next to this package)."""

@@ -404,3 +404,41 @@ def test_short_schedules_below_min_steps_are_not_cached(pipe):
     records = short.hook_reports["mixcache"]["records"]
     assert set(short.hook_reports["mixcache"]["map"]) == {"F"} and {r["reason"] for r in records} == {"short"}
     assert set(_run(pipe, ("mixcache",), warmup_steps=1, min_steps=12, **ALWAYS).hook_reports["mixcache"]["map"]) > {"F"}
+
+
+def test_auto_reuse_with_mixcache_stores_what_it_stores_without_and_caches_inside_chorus_stage_three(parts, tmp_path):
+    from test_chorus import CommaExtractor, WordBag
+
+    model, _vae, captions = parts
+    knobs = {"chorus_threshold": 0.6, "chorus_k1": (0.2, 0.4), "chorus_k2": (0.5, 0.7), "chorus_window": (0.2, 0.7),
+             **ALWAYS, "warmup_steps": 1, "final_steps": 1, "min_steps": 1}
+    stored = {}
+    for hooks in ((), ("mixcache",)):
+        with open_store(tmp_path / f"store-{len(hooks)}", dim=WordBag.dim) as store:
+            lookup = CacheLookup(store, CommaExtractor(), WordBag(), LookupConfig())
+            pipe = ChaiPipeline(model, None, captions, lookup, size_dtype=torch.float32).with_settings(knobs)
+            miss = pipe.generate("a red fox running in snow, pine forest", seed=1, mode="auto", hooks=hooks,
+                                 decode=False, **SIZE)
+            assert miss.served_by == "full" and len(miss.inserted_entry_ids) == 2
+            stored[hooks] = {store.entry(i).compat_key: store.load(i) for i in miss.inserted_entry_ids}
+            if not hooks:
+                continue
+            # The miss kept one trajectory for Chorus and CHAI: every step before its last captured latent
+            # (the Chorus window ends at step 21 of 30) is exact; it caches after it.
+            report = miss.hook_reports["mixcache"]
+            assert report["map"][:21] == "F" * 21 and set(report["map"][21:]) - {"F"}
+            near = pipe.generate("a red fox running in deep snow, pine forest", seed=2, mode="auto", hooks=hooks,
+                                 decode=False, store=False, **SIZE)
+            assert near.served_by == "chorus"
+            report = near.hook_reports["mixcache"]
+            stage3 = 30 - near.details["k2"]
+            assert len(report["map"]) == near.steps > stage3  # one record per model call, stage 2 included
+            assert set(report["map"][:-stage3]) == {"F"}  # stage 2: one-step segments over the region
+            assert report["map"][-stage3] == "F" and "S" in report["map"][-stage3:]  # stage 3 caches after warm-up
+    # the same tensors, under keys that name the hook (before the lookup's own part)
+    plain = stored[()]
+    cached = {key.replace("|hooks=mixcache|", "|"): tensors for key, tensors in stored[("mixcache",)].items()
+              if "|hooks=mixcache|" in key}
+    assert set(plain) == set(cached) and len(plain) == 2
+    for key, tensors in plain.items():
+        assert set(tensors) == set(cached[key]) and all(torch.equal(tensors[n], cached[key][n]) for n in tensors)

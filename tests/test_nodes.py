@@ -72,7 +72,7 @@ def run_prompt(tiny, cache, prompt, seed=1, **kw):
 def test_pack_imports_without_comfyui():
     code = ("import sys, comfyui_chai; import comfyui_chai.nodes as n; "
             "bad = [m for m in ('comfy', 'folder_paths', 'server', 'execution') if m in sys.modules]; "
-            "assert not bad, bad; assert len(comfyui_chai.NODE_CLASS_MAPPINGS) == len(n.NODE_CLASS_MAPPINGS) == 13; "
+            "assert not bad, bad; assert len(comfyui_chai.NODE_CLASS_MAPPINGS) == len(n.NODE_CLASS_MAPPINGS) == 14; "
             "assert comfyui_chai.WEB_DIRECTORY == './web'; print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
@@ -223,7 +223,7 @@ def test_miss_then_hit_in_the_same_store(tiny, tmp_path):
     assert similarity == pytest.approx(1.0, abs=1e-3)
     latent2, report2 = out2["result"]
     assert latent2["chai"]["mode"] == "fast" and latent2["chai"]["hit"] is True
-    assert report2.startswith("hit: 'red fox' ~ 'red fox'") and "4 steps" in report2
+    assert report2.startswith("hit: served by chai (entity 'red fox' ~ 'red fox' 1.000 >= 0.72)") and "4 steps" in report2
     assert not torch.equal(latent2["samples"], latent["samples"])
     assert len(cache.store) == 1  # a hit stores nothing
 

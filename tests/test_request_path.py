@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from comfyui_chai.pipeline import modes as M
 from comfyui_chai.pipeline.settings import (
     SETTING_FIELDS,
     AttentionSettings,
+    ChorusSettings,
     LookupSettings,
     MixCacheSettings,
     RequestSettings,
@@ -87,9 +89,11 @@ def test_settings_resolve_in_one_documented_order():
     assert plain == RequestSettings() and plain.schedule == ScheduleSettings()
     assert (plain.schedule.full_steps, plain.schedule.fast_steps, plain.schedule.cfg_scale) == (30, 8, 7.0)
     assert plain.attention == AttentionSettings() and plain.lookup == LookupSettings()
-    # one name per knob, everywhere: Cache Attention's and the intra-request caches' (no name shared)
-    assert set(SETTING_FIELDS) == set(CacheAttentionConfig().to_dict()) | set(MixCacheSettings().to_dict())
-    assert not set(CacheAttentionConfig().to_dict()) & set(MixCacheSettings().to_dict())
+    # one name per knob, everywhere: CHAI's flat config, Chorus's own and the intra-request caches' (none shared)
+    chai, chorus = set(CacheAttentionConfig().to_dict()), set(asdict(ChorusSettings()))
+    mix = set(MixCacheSettings().to_dict())
+    assert set(SETTING_FIELDS) == chai | chorus | mix
+    assert not (chai & chorus or chai & mix or chorus & mix)
     model = {"cfg_scale": 1.5, "full_steps": 30, "mode": "concat"}
     # model defaults over built-ins; user layers over the model, later over earlier; None is "not given"
     s = resolve_settings(model, {"cfg_scale": 4.0, "fast_steps": None}, {"cfg_scale": 2.0, "branches": "both"})
@@ -195,7 +199,8 @@ def test_a_new_mode_is_one_class_and_one_registration(parts, store, tmp_path):
         spec = M.parse_mode_spec("toyhalf6+doubler")
         assert (spec.mode, spec.steps, spec.hooks, spec.overrides()) == ("toyhalf", 6, ("doubler",), {"fast_steps": 6})
         assert M.parse_mode_spec("full20").overrides() == {"full_steps": 20}
-        assert M.parse_mode_spec("auto").mode == "chai" and M.parse_mode_spec("plain_fast4").steps == 4
+        assert M.parse_mode_spec("auto").mode == "auto"  # auto reuse; no longer CHAI's old name
+        assert M.parse_mode_spec("plain_fast4").mode == "plain" and M.parse_mode_spec("plain_fast4").steps == 4
         hooked = pipe.with_settings(spec.overrides()).generate("a red fox, snow", mode=spec.mode, hooks=spec.hooks,
                                                                 decode=False, **SIZE)
         assert hooked.steps == 3 and len(seen) == 1 and seen[0].schedule.fast_steps == 6
@@ -217,7 +222,7 @@ def test_builtin_modes_keep_their_behaviour(parts, store):
     assert (miss.sampling_mode, miss.mode, miss.inserted_entry_id) == ("chai", "full", 1)
     full = pipe.generate("a red fox, snow", seed=1, mode="full", decode=False, **SIZE)
     assert torch.equal(full.latent, miss.latent) and full.inserted_entry_id is None  # the same trajectory
-    hit = pipe.generate("red fox, river", seed=2, mode="auto", decode=False, **SIZE)
+    hit = pipe.generate("red fox, river", seed=2, mode="chai", decode=False, **SIZE)
     assert hit.hit and hit.sampling_mode == "chai" and hit.inserted_entry_id is None
     # warm stores even when the store already holds a match (it fills a store ahead of a batch)
     warm = pipe.generate("red fox, meadow", seed=3, mode="warm", decode=False, **SIZE)
@@ -284,8 +289,9 @@ def test_comfyui_request_extracts_once_embeds_once_and_the_lookup_never_contradi
             reports.append(out["result"][1])
         assert (CountingExtractor.calls, CountingEmbedder.calls) == (3, 3)  # the sampler reused the queries
         assert reports[0].startswith("miss") and "stored as entry #1" in reports[0]
-        assert re.match(r"hit: 'red fox' ~ 'a red fox' \(similarity 0\.\d{3}, entry #1\) -> fast mode, 4 steps", reports[1])
-        assert reports[2].startswith("miss; nearest") or reports[2].startswith("miss ->")
+        assert re.match(r"hit: served by chai \(entity 'red fox' ~ 'a red fox' 0\.\d{3} >= 0\.72\), entry #1 -> 4 steps",
+                        reports[1])
+        assert re.match(r"miss \(entity '[a-z ]+' ~ '[a-z ]+' 0\.\d{3} < 0\.72\) -> full mode", reports[2])
         for prompt, report in zip(prompts, reports):
             assert f'prompt "{prompt}"' in report and re.search(r"total \d+ ms", report)
         # a Lookup node run now (the store holds the fox) previews the match, still naming the sampler

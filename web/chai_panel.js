@@ -131,6 +131,9 @@ class CachePanel {
 
     this.lastRun = el("div", { fontSize: "11px", color: C.dim, whiteSpace: "nowrap", overflow: "hidden",
                                textOverflow: "ellipsis" }, "");
+    this.lastWhy = el("div", { fontSize: "10px", color: C.dim, whiteSpace: "nowrap", overflow: "hidden",
+                               textOverflow: "ellipsis" }, "");
+    this.lastWhy.className = "chai-last-why";
 
     const tableWrap = el("div", { flex: "1", overflow: "auto", minHeight: "40px" });
     this.table = el("table", { width: "100%", borderCollapse: "collapse", fontSize: "11px" });
@@ -146,7 +149,7 @@ class CachePanel {
     tableWrap.append(this.table);
 
     this.status = el("div", { fontSize: "10px", color: C.dim }, "Runs of the CHAI Sampler update this panel.");
-    this.root.append(head, this.tiles, barWrap, this.lastRun, tableWrap, this.status);
+    this.root.append(head, this.tiles, barWrap, this.lastRun, this.lastWhy, tableWrap, this.status);
   }
 
   // The options of the selector: every store known to this page, the shown one selected.
@@ -210,8 +213,11 @@ class CachePanel {
     const intra = Object.values(run?.hook_reports ?? {}).find((r) => r && r.map);
     const computed = intra ? ` (${intra.full} computed, ${intra.method})` : "";
     this.lastRun.textContent = run
-      ? `last run: ${run.hit ? "HIT" : "MISS"} ${run.mode} ${run.steps} steps${computed}, ${(run.timings_ms.total_ms / 1000).toFixed(2)} s \u2014 ${clip(run.prompt, 60)}`
+      ? `last run: ${run.hit ? "HIT" : "MISS"}, served by ${run.served_by ?? run.mode} (${run.sampling_mode ?? run.mode} mode), ${run.steps} steps${computed}, ${(run.timings_ms.total_ms / 1000).toFixed(2)} s \u2014 ${clip(run.prompt, 60)}`
       : "";
+    // Why that method served it (auto: Chorus, else CHAI, else full), e.g. "whole prompt ~ '...' 0.931 >= 0.80".
+    this.lastWhy.textContent = run && run.reason ? `why: ${run.reason}` : "";
+    this.lastWhy.title = run && run.reason ? run.reason : "";
     this.tbody.replaceChildren();
     for (const l of s.last_lookups ?? []) {
       const tr = el("tr", {});
