@@ -10,6 +10,7 @@ the read-only ``/chai/stats`` route; outside it, both are skipped.
 from . import host as _host
 from .adapter import for_comfyui as _for_comfyui
 from .cache_nodes import CHAICache, CHAICacheAttentionSettings, CHAICacheLookup, CHAICacheState
+from .intra_cache_node import CHAIIntraCacheSettings
 from .chorus_nodes import CHAIChorusSettings
 from .loader_nodes import CHAILoadSTDiT3, CHAILoadTextEncoder, CHAILoadVAE
 from .routes import register_routes as _register_routes
@@ -27,6 +28,7 @@ _NODE_CLASSES: dict = {
     "CHAI_Cache": CHAICache,
     "CHAI_CacheLookup": CHAICacheLookup,
     "CHAI_CacheAttentionSettings": CHAICacheAttentionSettings,
+    "CHAI_IntraCacheSettings": CHAIIntraCacheSettings,
     "CHAI_Sampler": CHAISampler,
     "CHAI_VAEDecode": CHAIVAEDecode,
     "CHAI_CacheState": CHAICacheState,
@@ -42,6 +44,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict = {
     "CHAI_Cache": "CHAI Cache",
     "CHAI_CacheLookup": "CHAI Cache Lookup",
     "CHAI_CacheAttentionSettings": "CHAI Cache Attention Settings",
+    "CHAI_IntraCacheSettings": "CHAI Intra-Request Cache",
     "CHAI_Sampler": "CHAI Sampler",
     "CHAI_VAEDecode": "CHAI VAE Decode",
     "CHAI_CacheState": "CHAI Cache State",

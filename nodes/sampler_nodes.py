@@ -168,6 +168,9 @@ class CHAISampler:
                     "tooltip": "Cross-request reuse when mode is chai. " + _reuse_help()}),
                 "chorus_settings": ("CHAI_CHORUS_CONFIG", {"tooltip": "Optional CHAI Chorus Settings (reuse chorus "
                                                                       "or auto)."}),
+                "intra_cache": ("CHAI_INTRA_CACHE", {
+                    "tooltip": "Optional CHAI Intra-Request Cache (MixCache or TeaCache inside each run; off "
+                               "without it)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -176,7 +179,8 @@ class CHAISampler:
     RETURN_NAMES = ("latent", "report")
     OUTPUT_TOOLTIPS = (
         "The clean video latent {'samples': [1, C, T, H, W]} with the video's size and fps, for CHAI VAE Decode.",
-        "What happened: hit or miss, matched entity and similarity, steps, latency split in ms.")
+        "What happened: hit or miss, matched entity and similarity, steps, latency split in ms; with intra-request "
+        "caching, which steps were computed and which reused at which granularity.")
     FUNCTION = "sample"
     PROMPT_BATCH = True  # nodes/adapter.py maps ComfyUI's lists: progress shows "prompt k of n"
     CATEGORY = "CHAI"
@@ -201,13 +205,15 @@ class CHAISampler:
 
     def sample(self, model, conditioning, seed=42, resolution="240p", aspect_ratio="9:16", num_frames=0, height=0,
                width=0, steps=0, fast_steps=8, cfg=0.0, mode=DEFAULT_MODE, store_on_miss=True, lookup=None,
-               settings=None, reuse=DEFAULT_MODE, chorus_settings=None, unique_id=None):
+               settings=None, reuse=DEFAULT_MODE, chorus_settings=None, intra_cache=None, unique_id=None):
         """Returns {"ui": {...}, "result": (LATENT, report)}.
 
         The request runs :func:`run_mode` (``mode`` chai or its saved older name auto: the ``reuse`` input's
         method, chai by default; else ``mode``). Settings (``pipeline.settings.resolve_settings``): the
         model's own (``model.defaults``), then this node's steps / fast_steps / cfg (0 = not given), then the
-        Cache Attention Settings node, then the Chorus Settings node, then the Cache Lookup node's threshold.
+        Cache Attention Settings node, then the Chorus Settings node, then the Intra-Request Cache node,
+        then the Cache Lookup node's threshold. The Intra-Request Cache node's method (``mixcache`` /
+        ``teacache``) runs as a model hook of the request, with any reuse method.
 
         Raises:
             TypeError / ValueError: wrong sockets, mismatched text encoder, bad size, settings or mode
@@ -220,11 +226,15 @@ class CHAISampler:
 
         model, cond, lookup = _check_inputs(model, conditioning, lookup)
         mode = get_mode(run_mode(mode, reuse)).name
+        intra = intra_cache or {"hook": None, "settings": {}}
+        if not isinstance(intra, dict) or "hook" not in intra:
+            raise TypeError("intra_cache must come from CHAI Intra-Request Cache")
+        hooks = (intra["hook"],) if intra["hook"] else ()
         if (height == 0) != (width == 0):
             raise ValueError(f"set both height and width (pixels), or both to 0 to use the bucket; got {height}x{width}")
         request_settings = resolve_settings(
             model.defaults, {"full_steps": int(steps) or None, "fast_steps": int(fast_steps), "cfg_scale": float(cfg) or None},
-            dict(settings or {}), dict(chorus_settings or {}),
+            dict(settings or {}), dict(chorus_settings or {}), dict(intra["settings"]),
             {"threshold": lookup.threshold if lookup is not None else None})
         cache_lookup = lookup.lookup if lookup is not None else None
         # Pixel-space models (the bundled reference model) size and decode in pixels: see the pipeline package.
@@ -244,7 +254,7 @@ class CHAISampler:
                     model.placement.load()
                 result = pipe.generate(cond.prompt, seed=int(seed), height=size[0], width=size[1], num_frames=size[2],
                                        mode=mode, decode=False, store=bool(store_on_miss), progress=progress,
-                                       should_cancel=host.interrupted,
+                                       should_cancel=host.interrupted, hooks=hooks,
                                        query=lookup.query if lookup is not None else None)
         except SamplingCancelled as exc:
             host.raise_interrupted(exc)
@@ -264,6 +274,7 @@ class CHAISampler:
         ui: Dict[str, Any] = {"chai_run": [summary], "text": [report]}
         if lookup is not None:
             lookup.cache.last_run = summary
+            lookup.cache.count_steps(summary)
             payload = registry.stats_payload(lookup.cache)
             ui["chai_stats"] = [payload]
             host.send_event(registry.STATS_EVENT, payload)
@@ -284,10 +295,13 @@ def _report_line(summary: Dict[str, Any]) -> str:
         head = f"miss{why} -> full mode, {summary['steps']} steps, {summary['not_stored']}"
     else:
         head = f"{summary['sampling_mode']} mode, {summary['steps']} steps (no cache)"
+    from ..pipeline.mixcache import describe
+
     prompt = summary["prompt"] if len(summary["prompt"]) <= 60 else summary["prompt"][:57] + "..."
+    intra = "".join(f"\n{describe(r)}" for r in summary.get("hook_reports", {}).values() if "map" in r)
     return (f"{head}; {summary['height']}x{summary['width']}, {summary['num_frames']} frames; "
             f"lookup {t['lookup_ms']:.0f} ms, denoise {t['denoise_ms']:.0f} ms, store {t['store_ms']:.0f} ms, "
-            f"total {t['total_ms']:.0f} ms; prompt \"{prompt}\"")
+            f"total {t['total_ms']:.0f} ms; prompt \"{prompt}\"{intra}")
 
 
 class CHAIVAEDecode:

@@ -26,6 +26,9 @@ adds fidelity to the full run from the same noise (PSNR / SSIM, ``refmodel.fidel
 FVD-style Frechet distance between the mode's clips and the ground-truth renders
 (``refmodel.fidelity.frechet_distance``). Latency is a request's ``total_ms`` (lookup, caption,
 sampling), batch 1, on the model's device.
+Compute is reported as *equivalent steps*: the steps run times the share of block work a model hook
+ran (an intra-request cache's ``work_share``; 1 without one), so ``plain<k>`` at the same compute is
+easy to read off.
 """
 
 from __future__ import annotations
@@ -70,9 +73,12 @@ class ModeResult:
         clips: uint8 [F, H, W, 3] per prompt. hits: prompts served from the store.
         settings: the request settings' fingerprint. served: what served each prompt (``served_by``).
         steps_run: model steps per prompt. details: each request's mode details (Chorus: stage bounds,
-        region, ``step_equivalents``). psnr_db / ssim: mean fidelity to the reference mode's clip of the
-        same prompt and noise (``inf`` / 1.0 for the reference itself). frechet: Frechet distance of the
-        mode's clips to the ground-truth renders (squared feature units).
+        region, ``step_equivalents``). equivalent_steps: per prompt, the mode's step equivalents (its
+        steps, or Chorus's ``step_equivalents``) x the share of block work the model hooks ran.
+        hook_maps: per prompt, each reporting hook's step map (``FFSSC...``). psnr_db / ssim: mean
+        fidelity to the reference mode's clip of the same prompt and noise (``inf`` / 1.0 for the
+        reference itself). frechet: Frechet distance of the mode's clips to the ground-truth renders
+        (squared feature units).
     """
 
     name: str
@@ -90,6 +96,8 @@ class ModeResult:
     served: List[str] = field(default_factory=list)
     steps_run: List[int] = field(default_factory=list)
     details: List[Dict[str, Any]] = field(default_factory=list)
+    equivalent_steps: List[float] = field(default_factory=list)
+    hook_maps: List[Dict[str, str]] = field(default_factory=list)
 
     def mean(self, key: str = "overall") -> float:
         """Mean of one criterion over prompts (``overall`` or any key of the evaluator's scores)."""
@@ -166,6 +174,7 @@ class QualityReport:
                 **{k: round(m.mean(k), 4) for k in m.criteria},
                 "overall_se": round(m.stderr(), 4),
                 "latency_ms": round(m.mean_latency_ms, 2),
+                "equivalent_steps": round(float(np.mean(m.equivalent_steps)), 2) if m.equivalent_steps else None,
                 "speedup_vs_full": round(full.mean_latency_ms / m.mean_latency_ms, 3),
                 "delta_overall_vs_full": round(m.mean() - full.mean(), 4),
                 "delta_overall_paired_se": round(paired_se, 4),
@@ -181,16 +190,26 @@ class QualityReport:
 
 class _PairKeys:
     """Hermetic lookup keys: test prompt i and warm prompt i share the key ``pair <i>`` and nothing else,
-    embedded as the i-th unit vector (an extractor and an embedder for ``cache.lookup.CacheLookup``)."""
+    embedded as a fixed random unit vector per pair (an extractor and an embedder for
+    ``cache.lookup.CacheLookup``).
+
+    Random 128-d directions rather than one-hot ones: every pair of one-hot vectors is equally far apart,
+    which leaves the HNSW graph nothing to navigate by (at 200 pairs a third of the exact matches were
+    missed); random directions keep the matching pair at cosine 1 and the others near 0 (at most about
+    0.4 among a few hundred pairs, far below the lookup's threshold), and the graph finds them.
+    """
+
+    dim = 128
 
     def __init__(self, pairs: Sequence[Tuple[str, str]]) -> None:
         self.index: Dict[str, int] = {}
         for i, (test, warm) in enumerate(pairs):
             self.index.setdefault(test, i)
             self.index.setdefault(warm, i)
-        self.dim = max(2, len(pairs))
         digest = hashlib.sha256("\n".join(f"{t}\t{w}" for t, w in pairs).encode()).hexdigest()[:12]
         self.fingerprint = f"pairs-{digest}"
+        vectors = np.random.default_rng(0).standard_normal((max(1, len(pairs)), self.dim))
+        self.vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
     def extract(self, prompt: str) -> List[str]:
         return [f"pair {self.index[prompt]}"]
@@ -199,10 +218,8 @@ class _PairKeys:
         return self.extract(prompt)[0]
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for row, text in enumerate(texts):
-            out[row, int(text.split()[-1])] = 1.0
-        return out
+        return np.stack([self.vectors[int(text.split()[-1])] for text in texts]) if texts else \
+            np.zeros((0, self.dim), dtype=np.float32)
 
 
 def _specs(modes: Sequence[Union[str, ModeSpec]]) -> List[ModeSpec]:
@@ -298,18 +315,20 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
     clip = model_to_pixels  # the model tensor is the RGB clip in [-1, 1]
     shape_args = dict(height=None, width=None, num_frames=None, resolution=None)
 
-    # Warm: once per distinct store key among the lookup modes' warm modes.
+    # Warm: once per distinct store key among the lookup modes' warm modes; a spec's hooks may be part of
+    # its key, so it warms with them.
     entry_scene: Dict[int, scenes.SceneSpec] = {}
     warm_keys: Dict[str, Tuple[ModeSpec, str]] = {}
     for s in cached_specs:
         pipe = pipes[s.text]
         h, w, f = pipe.resolve_size(None, "", None, None, None)
         for warm_mode in _warm_modes(s):
-            warm_keys.setdefault(pipe.compat_key(h, w, f, warm_mode), (s, warm_mode))
+            warm_keys.setdefault(pipe.compat_key(h, w, f, warm_mode, s.hooks), (s, warm_mode))
     t0 = time.perf_counter()
     for i, (wspec, wtext, _) in enumerate(warm):
         for s, warm_mode in warm_keys.values():
-            r = pipes[s.text].generate(wtext, seed=seed + 100_000 + i, mode=warm_mode, decode=False, **shape_args)
+            r = pipes[s.text].generate(wtext, seed=seed + 100_000 + i, mode=warm_mode, hooks=s.hooks, decode=False,
+                                       **shape_args)
             for entry in r.inserted_entry_ids:
                 entry_scene[entry] = wspec
         if progress:
@@ -350,6 +369,9 @@ def _run(base, specs, cached_specs, items, warm, real_lookup, seed, progress) ->
             m.served.append(r.served_by)
             m.steps_run.append(r.steps)
             m.details.append(dict(r.details))
+            work = float(np.prod([rep["work_share"] for rep in r.hook_reports.values() if "work_share" in rep]))
+            m.equivalent_steps.append(float(r.details.get("step_equivalents", r.steps)) * work)
+            m.hook_maps.append({name: rep["map"] for name, rep in r.hook_reports.items() if "map" in rep})
         if progress:
             progress("test", i + 1, len(items))
     reference = results[REFERENCE_MODE]
@@ -374,12 +396,13 @@ def format_table(report: QualityReport) -> str:
     criteria: List[str] = []
     for m in report.modes.values():
         criteria += [k for k in m.criteria if k not in criteria]
-    head = ["mode", "steps", "looks up", *criteria, "PSNR vs full", "SSIM vs full", "Fréchet vs GT",
-            "latency ms", "speed-up", "Δ overall vs full"]
+    head = ["mode", "steps", "equivalent steps", "looks up", *criteria, "PSNR vs full", "SSIM vs full",
+            "Fréchet vs GT", "latency ms", "speed-up", "Δ overall vs full"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in s["modes"].items():
         steps = str(m["steps"]) if m["mean_model_steps"] in (None, m["steps"]) else f"{m['mean_model_steps']:.1f}"
-        cells = [name, steps, "yes" if m["cache_attention"] else "no",
+        cells = [name, steps, "" if m["equivalent_steps"] is None else f"{m['equivalent_steps']:.1f}",
+                 "yes" if m["cache_attention"] else "no",
                  *((f"{m[k]:.3f} ± {m['overall_se']:.3f}" if k == "overall" else f"{m[k]:.3f}") if k in m else ""
                    for k in criteria),
                  "-" if m["psnr_db_vs_full"] is None else f"{m['psnr_db_vs_full']:.1f} dB", f"{m['ssim_vs_full']:.3f}",

@@ -72,7 +72,7 @@ def run_prompt(tiny, cache, prompt, seed=1, **kw):
 def test_pack_imports_without_comfyui():
     code = ("import sys, comfyui_chai; import comfyui_chai.nodes as n; "
             "bad = [m for m in ('comfy', 'folder_paths', 'server', 'execution') if m in sys.modules]; "
-            "assert not bad, bad; assert len(comfyui_chai.NODE_CLASS_MAPPINGS) == len(n.NODE_CLASS_MAPPINGS) == 13; "
+            "assert not bad, bad; assert len(comfyui_chai.NODE_CLASS_MAPPINGS) == len(n.NODE_CLASS_MAPPINGS) == 14; "
             "assert comfyui_chai.WEB_DIRECTORY == './web'; print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr

@@ -108,3 +108,22 @@ def test_quality_bench_command_line(tmp_path):
         bench.main(["--modes", "turbo8", "--out", str(out)])
     with pytest.raises(SystemExit):
         bench.main(["--validation", "--seed", "3", "--out", str(out)])
+
+
+def test_the_hermetic_pairing_lookup_finds_every_pair_among_hundreds(tmp_path):
+    """Every test prompt is served its own warm prompt's entry (one-hot keys left HNSW a third of them)."""
+    from comfyui_chai.cache.backend import open_store
+    from comfyui_chai.cache.lookup import CacheLookup, LookupConfig
+    from comfyui_chai.pipeline.quality import _PairKeys
+
+    pairs = [(f"test prompt {i}", f"warm prompt {i}") for i in range(300)]
+    keys = _PairKeys(pairs)
+    with open_store(tmp_path / "store", dim=keys.dim) as store:
+        lookup = CacheLookup(store, keys, keys, LookupConfig())
+        ids = {}
+        for i, (_test, warm) in enumerate(pairs):
+            result = lookup.lookup(warm, "k", load=False)
+            ids[i] = lookup.insert(result, {"step_2": torch.full((2,), float(i))}, {})
+        for i, (test, _warm) in enumerate(pairs):
+            result = lookup.lookup(test, "k")
+            assert result.hit and result.entry_id == ids[i], i
