@@ -10,8 +10,9 @@ mode or model hook a later method registers (``<mode>[k][+<hook>...]``, e.g. ``c
 ``full30`` always runs: it is the reference. Each clip is scored by ``refmodel/evaluator.py`` against its
 prompt; every criterion the evaluator returns is reported.
 
-Prints a markdown table (every criterion's mean, mean request latency, speed-up and the overall delta
-vs full) and writes ``<out>/quality_bench.json`` and ``<out>/quality_bench.png`` (score against latency
+Prints a markdown table (every criterion's mean, overall with its standard error, PSNR / SSIM against the
+full run from the same noise, the Frechet distance to the ground-truth renders, mean request latency,
+speed-up and the overall delta vs full with its paired standard error) and writes ``<out>/quality_bench.json`` and ``<out>/quality_bench.png`` (score against latency
 per mode) plus a strip of sample clips ``<out>/quality_samples.png``.
 
 Usage::
@@ -35,9 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from comfyui_chai.cache.lookup import LookupConfig
 from comfyui_chai.pipeline.modes import parse_mode_spec
 from comfyui_chai.pipeline.quality import DEFAULT_MODES, format_table, run_quality
-from comfyui_chai.refmodel.model import load_reference_model
+from comfyui_chai.refmodel.model import load_reference_model, reference_scene_kwargs
 from comfyui_chai.refmodel.quality import HELDOUT_SEED, VALIDATION_SEED, heldout_prompts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,6 +100,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-lookup", action="store_true",
                    help="serve each prompt its own warm entry through a hermetic pairing lookup (no spaCy/MiniLM)")
+    p.add_argument("--no-modifier-agreement", action="store_true",
+                   help="let the lookup serve a stored entity whose colour words contradict the request's "
+                        "(the gate's ablation: cache/agreement.py)")
     a = p.parse_args(argv)
     if a.prompts < 1:
         p.error("--prompts must be >= 1")
@@ -112,7 +117,7 @@ def main(argv=None) -> int:
     stream = VALIDATION_SEED if a.validation else (HELDOUT_SEED if a.seed is None else a.seed)
     torch.set_num_threads(a.threads)
     model, encoder = load_reference_model(a.model_dir, device=a.device)
-    items = heldout_prompts(a.prompts, seed=stream)
+    items = heldout_prompts(a.prompts, seed=stream, **reference_scene_kwargs(model.reference_config))
     t0 = time.perf_counter()
     from tqdm import tqdm
 
@@ -125,7 +130,8 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="chai_quality_store_") as store_dir:
         report = run_quality(model, encoder, items, lookup=not a.no_lookup, cfg_scale=a.cfg, modes=modes,
-                             store_dir=store_dir, progress=progress)
+                             store_dir=store_dir, progress=progress,
+                             lookup_config=LookupConfig(modifier_agreement=not a.no_modifier_agreement))
     for b in bars.values():
         b.close()
     wall = time.perf_counter() - t0
@@ -133,7 +139,7 @@ def main(argv=None) -> int:
     summary.update({"wall_s": round(wall, 1), "model": getattr(model, "fingerprint", None),
                     "torch_threads": torch.get_num_threads(), "lookup": not a.no_lookup,
                     "prompt_stream": "validation" if a.validation else "held-out", "stream_seed": stream,
-                    "modes_requested": modes})
+                    "modes_requested": modes, "modifier_agreement": not a.no_modifier_agreement})
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "quality_bench.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(report, a.out / "quality_bench.png")
@@ -141,7 +147,9 @@ def main(argv=None) -> int:
     print(format_table(report))
     print()
     print(f"prompts {len(items)}, cfg {report.cfg_scale:g}, device {report.device}, wall {wall / 60:.1f} min; "
-          f"lookup hits {summary['lookup_hits']}, served entries share {summary['served_entry_shares']}, "
+          f"lookup hits {summary['lookup_hits']}, served entries share {summary['served_entry_shares']} "
+          f"(unrelated: {summary['served_unrelated']}; contradicting colour: {summary['served_contradicting']}; "
+          f"lookups where modifier agreement refused a match: {summary['refused_by_modifier_agreement']}), "
           f"mean lookup {summary['mean_lookup_ms'] or 0:.1f} ms")
     print(f"wrote {a.out / 'quality_bench.json'}, {a.out / 'quality_bench.png'}, {a.out / 'quality_samples.png'}")
     return 0

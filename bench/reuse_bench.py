@@ -302,20 +302,13 @@ def main(argv=None) -> int:
 def vbench(a, model, encoder, result, progress) -> List[str]:
     """VBench prompts in order, each mode's store at 10 % of the bytes all its entries would take."""
     from comfyui_chai.cache.simulate import read_prompts
-    from comfyui_chai.pipeline import ChaiPipeline, chorus_entry_bytes
+    from comfyui_chai.pipeline import ChaiPipeline
     from comfyui_chai.pipeline.quality import HARNESS_SETTINGS
-    from comfyui_chai.pipeline.stream import format_stream_table, run_prompts
+    from comfyui_chai.pipeline.stream import format_stream_table, miss_entry_bytes, run_prompts
 
     prompts = read_prompts(REPO / "data" / "vbench" / "all_dimension.txt")[: a.vbench]
     pipe = ChaiPipeline.from_reference_model(model, encoder).with_settings(HARNESS_SETTINGS, a.settings)
-    shape = pipe.latent_shape(*pipe.resolve_size(None, "", None, None, None))
-    settings = pipe.settings
-    cfg = settings.cache_attention_config()
-    itemsize = 2 if settings.schedule.capture_dtype == "float16" else 4
-    chai_bytes = len(cfg.latent_names) * int(np.prod(shape)) * itemsize
-    sizes = {"chai": chai_bytes, "chorus": chorus_entry_bytes(settings, shape)}
-    sizes["auto"] = sizes["chai"] + sizes["chorus"]
-    per_entry = {mode: sizes[mode] for mode in a.stream_modes}
+    per_entry = {mode: miss_entry_bytes(pipe, mode) for mode in a.stream_modes}
     budgets = {mode: int(0.10 * len(prompts) * entry) for mode, entry in per_entry.items()}
     rep = run_prompts(model, encoder, prompts, modes=tuple(per_entry), score=False, budget_bytes=budgets,
                       settings=a.settings, progress=progress)

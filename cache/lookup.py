@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
+from .agreement import contradicts
+
 if TYPE_CHECKING:  # pragma: no cover
     from .embed import Embedder
     from .entities import EntityExtractor
@@ -43,12 +45,17 @@ class LookupConfig:
             baseline: the whole normalised prompt is the only key).
         neighbours: stored entities fetched per prompt entity from the HNSW index.
         max_candidates: entries tried, best first, when the best one's latent file turns out invalid.
+        modifier_agreement: entity mode: refuse a stored entity with the request entity's head noun whose
+            colour words contradict it ("black background" for "white background": ``cache/agreement.py``).
+            Default on: measured on the reference model's validation stream (README, "What the
+            lookup serves").
     """
 
     threshold: float = DEFAULT_THRESHOLD
     mode: str = "entity"
     neighbours: int = 8
     max_candidates: int = 3
+    modifier_agreement: bool = True
 
     def __post_init__(self) -> None:
         if not (-1.0 <= float(self.threshold) <= 1.0):
@@ -60,7 +67,7 @@ class LookupConfig:
 
     def fingerprint(self) -> str:
         """E.g. ``LOOKUP_entity_T0.72_K8``: names the settings in reports and keys."""
-        return f"LOOKUP_{self.mode}_T{self.threshold:.2f}_K{self.neighbours}"
+        return f"LOOKUP_{self.mode}_T{self.threshold:.2f}_K{self.neighbours}" + ("_MA" if self.modifier_agreement else "")
 
 
 @dataclass
@@ -168,6 +175,7 @@ class LookupResult:
     per_entity: list[EntityScore] = field(default_factory=list)
     latents: Mapping | None = None
     timings: LookupTimings = field(default_factory=LookupTimings)
+    refused: list = field(default_factory=list)
     threshold: float = DEFAULT_THRESHOLD
     not_stored: str | None = None
 
@@ -179,6 +187,7 @@ class LookupResult:
             "matched": self.matched, "similarity": round(float(self.similarity), 4),
             "entities_matched": self.entities_matched, "entity_sharers": self.entity_sharers,
             "per_entity": [asdict(s) for s in self.per_entity], "timings_ms": asdict(self.timings),
+            "refused": [list(pair) for pair in self.refused],
             "threshold": float(self.threshold),
             "not_stored": self.not_stored,
         }
@@ -278,10 +287,12 @@ class CacheLookup:
         entities, embeddings = query.entities, query.embeddings
         # A prompt with no entity has nothing to look up: a miss, and insert() stores nothing.
         matches = self.store.search(embeddings, key, k=self.config.neighbours) if entities else []
+        matches, refused = self._agreeing(entities, matches)
         t3 = time.perf_counter()
         threshold = float(self.config.threshold)
         result = LookupResult(prompt=prompt, mode=self.config.mode, entities=entities, embeddings=embeddings,
                               compat_key=key, threshold=threshold)
+        result.refused = refused
 
         best_per_entity: dict[int, object] = {}
         for m in matches:  # sorted by similarity, so the first seen per query is its best
@@ -340,6 +351,20 @@ class CacheLookup:
             result.timings.record_ms = (time.perf_counter() - t4) * 1000
         return result
 
+    def _agreeing(self, entities: list, matches: list) -> tuple[list, list]:
+        """Split ANN matches into those the modifier-agreement gate keeps and the (request entity, stored
+        entity) pairs it refuses (``LookupConfig.modifier_agreement``; off, or in prompt mode, where a key
+        is a whole prompt rather than a noun phrase with a head: everything is kept)."""
+        if not self.config.modifier_agreement or self.config.mode != "entity":
+            return matches, []
+        kept, refused = [], []
+        for m in matches:
+            if contradicts(entities[m.query_index], m.text):
+                refused.append((entities[m.query_index], m.text))
+            else:
+                kept.append(m)
+        return kept, refused
+
     def record(self, result: LookupResult) -> None:
         """Count a lookup made with ``record=False`` in the store's statistics (hit or miss, the match and
         its similarity, the lookup's time): for a caller that looks up twice and counts the deciding one."""
@@ -367,7 +392,8 @@ class CacheLookup:
         keys = query.entities
         best: dict[int, object] = {}
         for key in (k for k in self.store.compat_keys() if k.endswith(suffix) and keys):
-            for m in self.store.search(query.embeddings, key, k=limit_neighbours or self.config.neighbours):
+            found = self.store.search(query.embeddings, key, k=limit_neighbours or self.config.neighbours)
+            for m in self._agreeing(keys, found)[0]:
                 if m.query_index not in best or m.similarity > best[m.query_index].similarity:
                     best[m.query_index] = m
         threshold = float(self.config.threshold)

@@ -274,6 +274,12 @@ file such as ComfyUI's t5xxl_fp16.safetensors plus a tokenizer folder).
 The report's speed-up compares the batch's measured time with an all-miss run estimated as
 (number of prompts) x (mean time of this batch's full-mode runs); it is left out when the batch
 ran no full-mode request.
+
+--intra mixcache (or teacache) adds intra-request caching to every request (off by default): steps,
+CFG halves or block spans are reused inside a run; a miss still computes every step before its last
+captured latent, so what it stores is unchanged (the store key carries the hook's name). --intra-preset
+picks a set of knobs (balanced = the defaults); each expert flag overrides one of them. The report
+says per request which steps were computed and which reused at which granularity.
 """
 
 
@@ -323,6 +329,9 @@ def _add_generate_parser(sub) -> None:
     ca.add_argument("--threshold", type=float, default=None, help="hit similarity (default: the lookup's, 0.72)")
     ca.add_argument("--capture-dtype", choices=["float16", "float32"], default=None,
                     help="stored latent dtype (float16)")
+    ca.add_argument("--no-modifier-agreement", action="store_true",
+                    help="serve a stored entity even when its colour words contradict the prompt's "
+                         "('black background' for 'white background'); default: refused")
     ca.add_argument("--lookup-mode", choices=["entity", "prompt"], default="entity",
                     help="entity-level keys (CHAI) or the whole prompt (NIRVANA-style baseline)")
     ca.add_argument("--budget-mb", type=_budget_mb, default=None,
@@ -332,7 +341,55 @@ def _add_generate_parser(sub) -> None:
                          "without it such a budget is refused and nothing is evicted")
     ca.add_argument("--policy", choices=["lru", "lfu", "fifo"], default=None, help="eviction policy (default: kept)")
     add_reuse_arguments(gen)
+    _add_intra_flags(gen)
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _add_intra_flags(gen) -> None:
+    """Intra-request caching flags (pipeline/mixcache.py): the hook, a preset, and one flag per knob."""
+    from ..opensora.mixcache import GRANULARITIES
+    from ..pipeline.mixcache import INTRA_HOOKS, PRESETS
+
+    ic = gen.add_argument_group("intra-request caching (off by default; a knob flag overrides the preset's value)")
+    ic.add_argument("--intra", choices=["off", *INTRA_HOOKS], default="off",
+                    help="mixcache: hybrid step / block / CFG reuse; teacache: step reuse (baseline); off")
+    ic.add_argument("--intra-preset", choices=list(PRESETS["mixcache"]), default="balanced",
+                    help="named knob set (balanced = the defaults, chosen on the reference model's validation stream)")
+    ic.add_argument("--warmup-steps", type=int, default=None, help="first steps always computed (3)")
+    ic.add_argument("--final-steps", type=int, default=None, help="last steps always computed (1)")
+    ic.add_argument("--min-steps", type=int, default=None,
+                    help="schedules with fewer steps run without caching (9: not in an 8-step hit; 1: in every schedule)")
+    ic.add_argument("--max-reuse", type=int, default=None, help="most approximated steps in a row (4)")
+    ic.add_argument("--trigger-threshold", type=float, default=None,
+                    help="caching starts once the measured residual change per step is at most this")
+    ic.add_argument("--step-threshold", type=float, default=None, help="predicted change up to which a step is reused")
+    ic.add_argument("--block-threshold", type=float, default=None,
+                    help="front-block residual change up to which the block span is reused")
+    ic.add_argument("--cfg-threshold", type=float, default=None,
+                    help="predicted guidance error up to which only the conditional half runs")
+    ic.add_argument("--block-front", type=int, default=None, help="block pairs always run at a block step, first (1)")
+    ic.add_argument("--block-back", type=int, default=None, help="block pairs always run at a block step, last (0)")
+    ic.add_argument("--granularities", nargs="+", choices=list(GRANULARITIES), default=None,
+                    help="granularities MixCache may use (all three)")
+    ic.add_argument("--teacache-threshold", type=float, default=None, help="TeaCache's accumulated-change threshold")
+
+
+def _intra_settings(args) -> dict:
+    """The intra-request cache settings the flags name: the preset's, then every knob flag given."""
+    from ..pipeline.mixcache import preset_settings
+
+    if args.intra == "off":
+        return {}
+    out = preset_settings(args.intra, args.intra_preset)
+    knobs = {"warmup_steps": args.warmup_steps, "final_steps": args.final_steps, "min_steps": args.min_steps,
+             "max_reuse": args.max_reuse,
+             "trigger_threshold": args.trigger_threshold, "step_threshold": args.step_threshold,
+             "block_threshold": args.block_threshold, "cfg_threshold": args.cfg_threshold,
+             "block_front": args.block_front, "block_back": args.block_back,
+             "granularities": None if args.granularities is None else tuple(args.granularities),
+             "teacache_threshold": args.teacache_threshold}
+    out.update({k: v for k, v in knobs.items() if v is not None})
+    return out
 
 
 def _mode_choices() -> list:
@@ -352,7 +409,8 @@ def _generate_settings(args) -> dict:
     return {"fast_steps": args.fast_steps, "cache_steps": None if args.cache_steps is None else tuple(args.cache_steps),
             "block_index": args.block_index, "mode": args.attention_mode, "branches": args.branches,
             "threshold": args.threshold, "fusion": args.fusion, "capture_dtype": args.capture_dtype,
-            "full_steps": args.full_steps, "cfg_scale": args.cfg_scale, **reuse_settings(args)}
+            "full_steps": args.full_steps, "cfg_scale": args.cfg_scale, **reuse_settings(args),
+            **_intra_settings(args)}
 
 
 def generate_pipeline(args, lookup):
@@ -398,6 +456,8 @@ def cache_behaviour(before, after) -> dict:
 
 def generate_report(rows: list[dict], header: dict, cache: dict | None = None) -> tuple[dict, str]:
     """Totals and the markdown table of a generate run (``cache``: :func:`cache_behaviour`)."""
+    from ..pipeline.mixcache import describe as describe_intra
+
     n = len(rows)
     hits = sum(1 for r in rows if r["hit"])
     total_ms = sum(r["timings_ms"]["total_ms"] for r in rows)
@@ -420,6 +480,14 @@ def generate_report(rows: list[dict], header: dict, cache: dict | None = None) -
     }
     if cache is not None:
         totals["cache"] = cache
+    intra = [rep for r in rows for rep in r.get("hook_reports", {}).values() if "map" in rep]
+    if intra:
+        steps, computed = sum(rep["steps"] for rep in intra), sum(rep["full"] for rep in intra)
+        totals["intra"] = {
+            "method": intra[0]["method"], "steps": steps, "computed_steps": computed,
+            "computed_share": computed / steps if steps else None,
+            "work_share": sum(rep["work_share"] * rep["steps"] for rep in intra) / steps if steps else None,
+            "reused": {kind: sum(rep[kind] for rep in intra) for kind in ("step", "block", "cfg")}}
 
     def cell(v, fmt="{:.0f}"):
         return "" if v is None else fmt.format(v)
@@ -454,6 +522,16 @@ def generate_report(rows: list[dict], header: dict, cache: dict | None = None) -
         share = 100 * totals["mean_cache_ms_on_hits"] / totals["mean_fast_ms"]
         lines.append(f"Cache work on a hit (lookup + latent load + extra K/V): "
                      f"{totals['mean_cache_ms_on_hits']:.1f} ms, {share:.1f}% of a hit's time.")
+    if intra:
+        t = totals["intra"]
+        lines += ["", f"**Intra-request caching** ({t['method']}): {t['computed_steps']} of {t['steps']} steps computed "
+                  f"in full ({100 * t['computed_share']:.0f}%), reused: {t['reused']['step']} steps, "
+                  f"{t['reused']['block']} block spans, {t['reused']['cfg']} unconditional halves; block work "
+                  f"{100 * t['work_share']:.0f}% of an uncached batch's. Per request (F computed, S step reused, "
+                  "B block span reused, C conditional half only):", ""]
+        lines += [f"- #{i}: {describe_intra(rep)}" for i, r in enumerate(rows)
+                  for rep in r.get("hook_reports", {}).values() if "map" in rep]
+        lines.append("")
     if cache is not None:
         lines.append(f"Store after the run: {cache['entries']} entries, {cache['bytes']:,} of {cache['budget_bytes']:,} "
                      f"bytes ({cache['policy']}); this run inserted {cache['inserts']}, evicted {cache['evictions']}, "
@@ -502,7 +580,8 @@ def _cmd_generate(args) -> int:
     with store:
         t_load = time.perf_counter()
         extractor = EntityExtractor(mode=args.lookup_mode)
-        lookup = CacheLookup(store, extractor, Embedder(), LookupConfig(mode=args.lookup_mode))
+        lookup = CacheLookup(store, extractor, Embedder(), LookupConfig(mode=args.lookup_mode,
+                                                                   modifier_agreement=not args.no_modifier_agreement))
         pipe = generate_pipeline(args, lookup)
         # Load the lazy models now so the first request's timings hold no loading.
         lookup.keys_for("a red fox in the snow")
@@ -510,6 +589,7 @@ def _cmd_generate(args) -> int:
         pipe.captions.encode("a red fox in the snow")
         load_s = time.perf_counter() - t_load
         height, width, frames = pipe.resolve_size(resolution or "240p", args.aspect_ratio, height, width, num_frames)
+        hooks = () if args.intra == "off" else (args.intra,)
         before = store.stats()
         from ..pipeline.modes import DEFAULT_MODE
 
@@ -517,8 +597,9 @@ def _cmd_generate(args) -> int:
         header = {"model": "tiny" if tiny else " ".join(args.model), "height": height, "width": width,
                   "num_frames": frames, "device": str(pipe.device), "mode": mode,
                   "config": pipe.settings.tag(), "settings": pipe.settings.to_dict(),
-                  "compat_key": pipe.compat_key(height, width, frames), "store": store.location,
-                  "load_s": round(load_s, 2), "seed": args.seed}
+                  "compat_key": pipe.compat_key(height, width, frames, mode, hooks), "store": store.location,
+                  "load_s": round(load_s, 2), "seed": args.seed, "intra": args.intra,
+                  "intra_preset": None if args.intra == "off" else args.intra_preset}
         rows: list[dict] = []
         from tqdm import tqdm
 
@@ -527,7 +608,7 @@ def _cmd_generate(args) -> int:
         try:
             for i, prompt in enumerate(prompts):
                 result = pipe.generate(prompt, seed=args.seed + i, height=height, width=width, num_frames=frames,
-                                       mode=mode)
+                                       mode=mode, hooks=hooks)
                 slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
                 video = write_video(result.frames, out / f"{i:03d}_{slug}.mp4", fps=args.fps or pipe.fps)
                 row = result.summary()
@@ -535,7 +616,9 @@ def _cmd_generate(args) -> int:
                 for why in result.not_stored:  # the video is kept; the cache skipped an entry
                     tqdm.write(f"prompt {i}: {why}", file=sys.stderr)
                 rows.append(row)
-                bar.set_postfix_str(f"{result.served_by} {result.timings.total_ms / 1000:.2f}s")
+                computed = "".join(f" {r['full']}/{r['steps']} computed" for r in result.hook_reports.values()
+                                   if "map" in r)
+                bar.set_postfix_str(f"{result.served_by} {result.timings.total_ms / 1000:.2f}s{computed}")
                 bar.update(1)
         except KeyboardInterrupt:
             status = 130

@@ -333,6 +333,7 @@ class _Runner:
             lookup = CacheLookup(self.store, EntityExtractor(mode=args.lookup_mode), Embedder(),
                                  LookupConfig(mode=args.lookup_mode))
             pipe = generate_pipeline(args, lookup)
+            hooks = () if args.intra == "off" else (args.intra,)  # --intra: an intra-request cache in every run
             height, width, resolution = args.height, args.width, args.resolution
             if tiny and resolution is None and (height is None or width is None):
                 height, width = 64, 64
@@ -341,8 +342,8 @@ class _Runner:
             run = {"model": "tiny" if tiny else " ".join(args.model), "height": size[0], "width": size[1],
                    "num_frames": size[2], "device": str(pipe.device), "mode": args.mode,
                    "config": pipe.settings.tag(),
-                   "compat_key": pipe.compat_key(*size)}
-            self._built[key] = (pipe, size, args.fps or pipe.fps, args.mode, run)
+                   "compat_key": pipe.compat_key(*size, args.mode, hooks)}
+            self._built[key] = (pipe, size, args.fps or pipe.fps, args.mode, hooks, run)
         return self._built[key]
 
 
@@ -392,9 +393,9 @@ def run_worker(url: str, name: str | None = None, batch_id: int | None = None, e
             done += 1
             try:
                 with _Heartbeat(queue, job) as beat:
-                    pipe, (height, width, frames), fps, mode, run = runner.pipeline(job.settings)
+                    pipe, (height, width, frames), fps, mode, hooks, run = runner.pipeline(job.settings)
                     result = pipe.generate(job.prompt, seed=job.seed, height=height, width=width, num_frames=frames,
-                                           mode=mode)
+                                           mode=mode, hooks=hooks)
                     slug = re.sub(r"[^a-z0-9]+", "-", job.prompt.lower()).strip("-")[:40] or "prompt"
                     final = Path(job.out_dir) / f"{job.index:03d}_{slug}.mp4"
                     tmp = final.with_name(f".{final.stem}.{name.replace(':', '-')}.{job.attempt}.mp4")

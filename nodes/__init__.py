@@ -14,6 +14,7 @@ from . import host as _host
 from .cache_nodes import CHAICache, CHAICacheAttentionSettings, CHAICacheLookup, CHAICacheState
 from .chorus_nodes import CHAIChorusSettings
 from .comfy_v3 import ComfyExtension as _ComfyExtension
+from .intra_cache_node import CHAIIntraCacheSettings
 from .loader_nodes import CHAILoadSTDiT3, CHAILoadTextEncoder, CHAILoadVAE
 from .routes import register_routes as _register_routes
 from .sampler_nodes import CHAISampler, CHAIVAEDecode
@@ -22,8 +23,8 @@ from .text_nodes import CHAIEntityExtractor, CHAIPromptList, CHAITextEncode
 #: The pack's node classes, in menu order. Their node ids (``Schema.node_id``) and input names are
 #: the identity of every saved workflow: never rename one (tests/test_workflows.py checks them).
 NODE_LIST: list = [CHAILoadSTDiT3, CHAILoadVAE, CHAILoadTextEncoder, CHAIPromptList, CHAITextEncode,
-                   CHAIEntityExtractor, CHAICache, CHAICacheLookup, CHAICacheAttentionSettings, CHAISampler,
-                   CHAIVAEDecode, CHAICacheState, CHAIChorusSettings]
+                   CHAIEntityExtractor, CHAICache, CHAICacheLookup, CHAICacheAttentionSettings,
+                   CHAIIntraCacheSettings, CHAISampler, CHAIVAEDecode, CHAICacheState, CHAIChorusSettings]
 
 #: node id -> class, and node id -> display name (for tests, tools and scripts; ComfyUI takes the
 #: list from :func:`comfy_entrypoint`).

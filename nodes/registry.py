@@ -16,7 +16,7 @@ import hashlib
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -132,6 +132,8 @@ class StoreHandle:
         backend URL, which never holds a password). store: the open ``cache.backend.StoreBackend``.
         name: what the Cache node was given. opened_at: UNIX seconds.
         last_run: summary of the last CHAI Sampler run on this store in this process (or None).
+        steps: sampler steps of the runs on this store in this process, ``{"steps": n, "computed": m}``:
+            m of them computed in full (with intra-request caching the others were reused).
     """
 
     id: str
@@ -140,6 +142,15 @@ class StoreHandle:
     name: str
     opened_at: float
     last_run: Optional[Dict[str, Any]] = None
+    steps: Dict[str, int] = field(default_factory=lambda: {"steps": 0, "computed": 0})
+
+    def count_steps(self, summary: Dict[str, Any]) -> None:
+        """Add one Sampler run (``GenerationResult.summary()``) to :attr:`steps`: an intra-request cache's
+        report says how many steps it computed in full; without one every step was."""
+        intra = [r for r in (summary.get("hook_reports") or {}).values() if "map" in r]
+        steps = int(summary.get("steps") or 0)
+        self.steps["steps"] += steps
+        self.steps["computed"] += int(intra[0]["full"]) if intra else steps
 
     @property
     def closed(self) -> bool:
@@ -216,9 +227,11 @@ def open_store(folder: str, budget_bytes: Optional[int] = None, policy: Optional
             # Anything else that is not a store (a file, someone's folder) is refused by the backend, untouched.
             store = backend.open_store(location, budget_bytes=None if budget_bytes is None else int(budget_bytes),
                                        policy=policy, evict_to_fit=evict_to_fit, create=create)
+            old = _STORES.get(location)
             handle = StoreHandle(id=store_id(location), path=location, store=store, name=folder,
-                                 opened_at=time.time(),
-                                 last_run=_STORES[location].last_run if location in _STORES else None)
+                                 opened_at=time.time(), last_run=old.last_run if old is not None else None)
+            if old is not None:
+                handle.steps = dict(old.steps)
             _STORES[location] = handle
         handle.name = folder
         return handle
@@ -254,14 +267,15 @@ def stats_payload(handle: StoreHandle, last: int = 8) -> Dict[str, Any]:
     Keys: ``id``, ``name``, ``path``, ``stats`` (``StoreBackend.stats().to_dict()``: entries,
     bytes, budget_bytes, hits, misses, lookups, hit_rate, evictions, last_lookups with entity,
     matched and similarity, top_entities, generation...), ``fill`` (bytes / budget, 0..1) and
-    ``last_run`` (the last sampler run's summary in this process, or None).
+    ``last_run`` (the last sampler run's summary in this process, or None), ``steps`` (sampler steps of
+    this process's runs on the store and how many were computed in full, ``StoreHandle.steps``).
     """
     stats = handle.store.stats(last=last).to_dict()
     stats["top_entities"] = [list(t) for t in stats.get("top_entities", [])]
     budget = max(1, int(stats.get("budget_bytes") or 1))
     return {"id": handle.id, "name": handle.name, "path": str(handle.path), "stats": stats,
             "fill": min(1.0, float(stats.get("bytes", 0)) / budget), "last_run": handle.last_run,
-            "time": time.time()}
+            "steps": dict(handle.steps), "time": time.time()}
 
 
 def shared_embedder(model: Optional[str] = None) -> Any:

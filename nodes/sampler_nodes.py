@@ -16,7 +16,7 @@ from .chorus_nodes import reuse_choices as _reuse_choices
 from .chorus_nodes import reuse_help as _reuse_help
 from .comfy_v3 import io
 from .models import ChaiConditioning, ChaiModel, ChaiVAE
-from .socket_types import CacheConfig, ChorusConfig, Conditioning, Lookup, Model, Vae
+from .socket_types import CacheConfig, ChorusConfig, Conditioning, IntraCache, Lookup, Model, Vae
 
 __all__ = ["CHAISampler", "CHAIVAEDecode", "LATENT_META_KEY", "REUSE_MODE_VALUES", "run_mode"]
 
@@ -173,13 +173,16 @@ class CHAISampler(io.ComfyNode):
                                tooltip="Cross-request reuse when mode is chai. " + _reuse_help()),
                 ChorusConfig.Input("chorus_settings", optional=True,
                                    tooltip="Optional CHAI Chorus Settings (reuse chorus or auto)."),
+                IntraCache.Input("intra_cache", optional=True, tooltip=(
+                    "Optional CHAI Intra-Request Cache (MixCache or TeaCache inside each run; off without it).")),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", is_output_list=True, tooltip=(
                     "The clean video latent {'samples': [1, C, T, H, W]} with the video's size and fps, for CHAI "
                     "VAE Decode.")),
                 io.String.Output(display_name="report", is_output_list=True, tooltip=(
-                    "What happened: hit or miss, matched entity and similarity, steps, latency split in ms.")),
+                    "What happened: hit or miss, matched entity and similarity, steps, latency split in ms; with "
+                    "intra-request caching, which steps were computed and which reused at which granularity.")),
             ],
             hidden=[io.Hidden.unique_id],
             is_input_list=True)  # nodes/adapter.py maps ComfyUI's lists: progress shows "prompt k of n"
@@ -189,7 +192,8 @@ class CHAISampler(io.ComfyNode):
         """Per prompt (inputs arrive as lists; a linked input as ``(None,)``): for a mode that looks
         up, the generation of every store this process has open, so a result sampled against an older
         store state is never reused (the Cache node upstream does the same per store). Other modes do
-        not read the store: their cache key is the inputs alone."""
+        not read the store: their cache key is the inputs alone (``intra_cache`` and the other
+        settings sockets included: ComfyUI keys a linked input by its upstream node)."""
         return tuple(cls._fingerprint_one(**kwargs) for kwargs in map_lists(lists))
 
     @classmethod
@@ -207,13 +211,15 @@ class CHAISampler(io.ComfyNode):
     @comfy_entry(batch=True)
     def execute(cls, model, conditioning, seed=42, resolution="240p", aspect_ratio="9:16", num_frames=0, height=0,
                 width=0, steps=0, fast_steps=8, cfg=0.0, mode=DEFAULT_MODE, store_on_miss=True, lookup=None,
-                settings=None, reuse=DEFAULT_MODE, chorus_settings=None):
+                settings=None, reuse=DEFAULT_MODE, chorus_settings=None, intra_cache=None):
         """One prompt (the adapter maps a batch): returns {"ui": {...}, "result": (LATENT, report)}.
 
         The request runs :func:`run_mode` (``mode`` chai or its saved older name auto: the ``reuse`` input's
         method, chai by default; else ``mode``). Settings (``pipeline.settings.resolve_settings``): the
         model's own (``model.defaults``), then this node's steps / fast_steps / cfg (0 = not given), then the
-        Cache Attention Settings node, then the Chorus Settings node, then the Cache Lookup node's threshold.
+        Cache Attention Settings node, then the Chorus Settings node, then the Intra-Request Cache node,
+        then the Cache Lookup node's threshold. The Intra-Request Cache node's method (``mixcache`` /
+        ``teacache``) runs as a model hook of the request, with any reuse method.
 
         Raises:
             TypeError / ValueError: wrong sockets, mismatched text encoder, bad size, settings or mode
@@ -226,11 +232,15 @@ class CHAISampler(io.ComfyNode):
 
         model, cond, lookup = _check_inputs(model, conditioning, lookup)
         mode = get_mode(run_mode(mode, reuse)).name
+        intra = intra_cache or {"hook": None, "settings": {}}
+        if not isinstance(intra, dict) or "hook" not in intra:
+            raise TypeError("intra_cache must come from CHAI Intra-Request Cache")
+        hooks = (intra["hook"],) if intra["hook"] else ()
         if (height == 0) != (width == 0):
             raise ValueError(f"set both height and width (pixels), or both to 0 to use the bucket; got {height}x{width}")
         request_settings = resolve_settings(
             model.defaults, {"full_steps": int(steps) or None, "fast_steps": int(fast_steps), "cfg_scale": float(cfg) or None},
-            dict(settings or {}), dict(chorus_settings or {}),
+            dict(settings or {}), dict(chorus_settings or {}), dict(intra["settings"]),
             {"threshold": lookup.threshold if lookup is not None else None})
         cache_lookup = lookup.lookup if lookup is not None else None
         # Pixel-space models (the bundled reference model) size and decode in pixels: see the pipeline package.
@@ -251,7 +261,7 @@ class CHAISampler(io.ComfyNode):
                     model.placement.load()
                 result = pipe.generate(cond.prompt, seed=int(seed), height=size[0], width=size[1], num_frames=size[2],
                                        mode=mode, decode=False, store=bool(store_on_miss), progress=progress,
-                                       should_cancel=host.interrupted,
+                                       should_cancel=host.interrupted, hooks=hooks,
                                        query=lookup.query if lookup is not None else None)
         except SamplingCancelled as exc:
             host.raise_interrupted(exc)
@@ -271,6 +281,7 @@ class CHAISampler(io.ComfyNode):
         ui: Dict[str, Any] = {"chai_run": [summary], "text": [report]}
         if lookup is not None:
             lookup.cache.last_run = summary
+            lookup.cache.count_steps(summary)
             payload = registry.stats_payload(lookup.cache)
             ui["chai_stats"] = [payload]
             host.send_event(registry.STATS_EVENT, payload)
@@ -291,10 +302,13 @@ def _report_line(summary: Dict[str, Any]) -> str:
         head = f"miss{why} -> full mode, {summary['steps']} steps, {summary['not_stored']}"
     else:
         head = f"{summary['sampling_mode']} mode, {summary['steps']} steps (no cache)"
+    from ..pipeline.mixcache import describe
+
     prompt = summary["prompt"] if len(summary["prompt"]) <= 60 else summary["prompt"][:57] + "..."
+    intra = "".join(f"\n{describe(r)}" for r in summary.get("hook_reports", {}).values() if "map" in r)
     return (f"{head}; {summary['height']}x{summary['width']}, {summary['num_frames']} frames; "
             f"lookup {t['lookup_ms']:.0f} ms, denoise {t['denoise_ms']:.0f} ms, store {t['store_ms']:.0f} ms, "
-            f"total {t['total_ms']:.0f} ms; prompt \"{prompt}\"")
+            f"total {t['total_ms']:.0f} ms; prompt \"{prompt}\"{intra}")
 
 
 class CHAIVAEDecode(io.ComfyNode):

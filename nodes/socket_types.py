@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .comfy_v3 import io
 
-__all__ = ["Model", "Vae", "TextEncoder", "Conditioning", "Entities", "Cache", "Lookup", "CacheConfig", "ChorusConfig"]
+__all__ = ["Model", "Vae", "TextEncoder", "Conditioning", "Entities", "Cache", "Lookup", "CacheConfig", "ChorusConfig", "IntraCache"]
 
 Model = io.Custom("CHAI_MODEL")  # nodes.models.ChaiModel
 Vae = io.Custom("CHAI_VAE")  # nodes.models.ChaiVAE
@@ -17,3 +17,4 @@ Cache = io.Custom("CHAI_CACHE")  # nodes.registry.StoreHandle
 Lookup = io.Custom("CHAI_LOOKUP")  # nodes.cache_nodes.ChaiLookup
 CacheConfig = io.Custom("CHAI_CACHE_CONFIG")  # dict of CacheAttentionConfig keywords
 ChorusConfig = io.Custom("CHAI_CHORUS_CONFIG")  # dict of ChorusSettings keywords (nodes.chorus_nodes)
+IntraCache = io.Custom("CHAI_INTRA_CACHE")  # {"hook", "settings"} (nodes.intra_cache_node)

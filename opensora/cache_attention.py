@@ -484,9 +484,14 @@ class FullRun:
 
 
 def sample_full(rflow: RFlow, model: Callable[..., torch.Tensor], z: torch.Tensor, config: CacheAttentionConfig, *,
-                callback: Optional[Callable[[StepState], None]] = None, **sample_kwargs: Any) -> FullRun:
+                callback: Optional[Callable[[StepState], None]] = None, capture: bool = True,
+                **sample_kwargs: Any) -> FullRun:
     """Full mode (a miss): ``config.full_steps`` RFLOW steps at ``config.cfg_scale``, capturing the
     latents that a later fast run's cache steps use (see :func:`capture_plan`).
+
+    The steps before the last captured latent are marked exact (``RFlow.sample(exact_steps=...)``), so a
+    model hook that approximates the model (an intra-request cache) computes them in full and the
+    captured latents are exactly those of a run without it.
 
     Args:
         rflow: the sampler (its timestep-transform settings are used for both schedules).
@@ -494,12 +499,13 @@ def sample_full(rflow: RFlow, model: Callable[..., torch.Tensor], z: torch.Tenso
         z: initial noise [1, C, T, H, W].
         config: :class:`CacheAttentionConfig`.
         callback: extra per-step callback (progress); called after the capture.
+        capture: keep the planned latents (False: a plain full run; nothing captured, no step exact).
         **sample_kwargs: ``RFlow.sample`` arguments: y, y_mask, y_null, height, width, num_frames,
             fps, size_dtype, should_cancel, model_kwargs.
 
     Returns:
         :class:`FullRun`; ``captured`` holds ``config.latent_names`` as [C, T, H, W] tensors in
-        ``config.capture_dtype`` on the CPU.
+        ``config.capture_dtype`` on the CPU (empty with ``capture=False``).
 
     Raises:
         the errors of ``RFlow.sample`` (``SamplingCancelled`` included); RuntimeError if a planned
@@ -508,6 +514,9 @@ def sample_full(rflow: RFlow, model: Callable[..., torch.Tensor], z: torch.Tenso
     size = dict(height=sample_kwargs["height"], width=sample_kwargs["width"], num_frames=sample_kwargs["num_frames"],
                 size_dtype=sample_kwargs.get("size_dtype", torch.bfloat16))
     full = rflow.schedule(num_steps=config.full_steps, **size)
+    if not capture:
+        latent = rflow.sample(model, z, schedule=full, cfg_scale=config.cfg_scale, callback=callback, **sample_kwargs)
+        return FullRun(latent=latent)
     fast = rflow.schedule(num_steps=config.fast_steps, **size)
     return sample_capturing(rflow, model, z, capture_plan(config, full, fast), schedule=full,
                             cfg_scale=config.cfg_scale, dtype=config.torch_capture_dtype, callback=callback,
@@ -520,13 +529,16 @@ def sample_capturing(rflow: RFlow, model: Callable[..., torch.Tensor], z: torch.
     """Run ``schedule`` from ``z`` and keep the latents ``plan`` names (``name -> 0-based step index``: the
     latent fed to the model at that step), as [C, T, H, W] ``dtype`` tensors on the CPU. :func:`sample_full`
     uses it with CHAI's :func:`capture_plan`; a miss that serves several reuse methods merges their plans.
+    The steps before the last planned latent are marked exact (``RFlow.sample(exact_steps=...)``), so an
+    intra-request cache leaves every captured latent as an uncached run's.
 
     Raises:
         the errors of ``RFlow.sample`` (``SamplingCancelled`` included); RuntimeError if a planned latent
         was not captured (a step index beyond the schedule).
     """
     capture = LatentCapture(plan, dtype, then=callback)
-    latent = rflow.sample(model, z, schedule=schedule, cfg_scale=cfg_scale, callback=capture, **sample_kwargs)
+    latent = rflow.sample(model, z, schedule=schedule, cfg_scale=cfg_scale, callback=capture,
+                          exact_steps=range(max(plan.values(), default=0)), **sample_kwargs)
     if not capture.complete():
         raise RuntimeError(f"captured {sorted(capture.tensors)} of the planned {sorted(plan)}")
     return FullRun(latent=latent, captured=capture.tensors, plan=dict(plan), timesteps=capture.timesteps)
@@ -538,6 +550,8 @@ def sample_fast(rflow: RFlow, model: torch.nn.Module, z: torch.Tensor, config: C
                 **sample_kwargs: Any) -> Tuple[torch.Tensor, Optional[CacheAttention]]:
     """Fast mode (a hit): ``config.fast_steps`` RFLOW steps, Cache Attention at ``config.cache_steps``
     (the :class:`CacheAttention` hook is attached to ``model`` for the run and detached after it).
+    The cache steps are marked exact (``RFlow.sample(exact_steps=...)``): an intra-request cache
+    computes them in full, so the cached K/V always reach the model.
 
     With ``cached=None`` or no cache steps this is exactly ``rflow.sample(model, z,
     num_steps=config.fast_steps, cfg_scale=config.cfg_scale, ...)`` (the same calls, bit for bit).
@@ -559,5 +573,6 @@ def sample_fast(rflow: RFlow, model: torch.nn.Module, z: torch.Tensor, config: C
     ca = CacheAttention(model, config, cached, measure=measure)
     with HookRegistry.of(model).attached(ca):
         latent = rflow.sample(model, z, schedule=schedule, cfg_scale=config.cfg_scale, callback=callback,
-                              step_model_kwargs=ca.step_kwargs, **sample_kwargs)
+                              step_model_kwargs=ca.step_kwargs, exact_steps=[s - 1 for s in config.cache_steps],
+                              **sample_kwargs)
     return latent, ca

@@ -61,6 +61,10 @@ class ModelHook:
     def on_detach(self, model: torch.nn.Module) -> None:
         """Called once when detached (also when the hooked run raised)."""
 
+    def report(self) -> Optional[Dict[str, Any]]:
+        """JSON-ready statistics of the hook's run, for the request's report (None: nothing to report)."""
+        return None
+
     def forward(self, call_next: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """The hooked model call: return ``call_next(*args, **kwargs)`` or anything in its place.
 

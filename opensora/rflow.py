@@ -19,12 +19,15 @@ The sampler takes the denoiser as a plain callable ``model(x, timestep, y, mask=
 width=, **extra)`` so callers can wrap it (cache attention, tracing, offloading). Every step reports
 its index, timestep, sigma, step size and the latent before and after the update to an optional
 callback; a per-step hook can add model keyword arguments for chosen steps, and a cancellation
-check stops the loop with `SamplingCancelled`.
+check stops the loop with `SamplingCancelled`. While the model runs, `current_step()` returns the
+step's `StepInfo` (so a model hook such as an intra-request cache knows where it is in the schedule,
+and which steps must be computed exactly) without any change to the model's arguments.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -42,6 +45,7 @@ __all__ = [
     "timestep_transform",
     "rflow_schedule",
     "make_noise",
+    "current_step",
 ]
 
 NUM_TIMESTEPS = 1000
@@ -200,6 +204,10 @@ class StepInfo:
         sigma: noise level t / 1000 of the latent fed to the model at this step.
         dt: Euler step size in sigma units; the update is z <- z + v * dt, so the next latent sits
             at sigma - dt (0 after the last step).
+        exact: the model call of this step must be computed exactly: a model hook that approximates
+            the model (an intra-request cache) computes it in full. Set from `RFlow.sample`'s
+            ``exact_steps`` (a CHAI miss marks the steps before its last captured latent, so the stored
+            latents do not depend on any approximation; a CHAI hit marks its Cache Attention steps).
     """
 
     index: int
@@ -207,6 +215,7 @@ class StepInfo:
     t: float
     sigma: float
     dt: float
+    exact: bool = False
 
     @property
     def is_last(self) -> bool:
@@ -377,6 +386,18 @@ def make_noise(
 
 StepKwargsFn = Callable[[StepInfo, torch.Tensor], Optional[Mapping[str, Any]]]
 
+_CURRENT_STEP: ContextVar[Optional[StepInfo]] = ContextVar("comfyui_chai_rflow_step", default=None)
+
+
+def current_step() -> Optional[StepInfo]:
+    """The `StepInfo` of the step whose model call `RFlow.sample` is running in this context, else None.
+
+    Set around each model call only (a context variable: per thread and per asyncio task), so a model
+    hook reads the step index, the schedule length and whether the step must be exact without the
+    sampler passing anything to the model. Outside a sampler's model call it is None.
+    """
+    return _CURRENT_STEP.get()
+
 
 @dataclass
 class RFlow:
@@ -441,6 +462,7 @@ class RFlow:
         step_model_kwargs: Optional[StepKwargsFn] = None,
         callback: Optional[Callable[[StepState], None]] = None,
         should_cancel: Optional[Callable[[], bool]] = None,
+        exact_steps: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
         """Denoise `z` from pure noise to a clean latent (OpenSora `RFLOW.sample` for text-to-video).
 
@@ -474,6 +496,9 @@ class RFlow:
             callback: ``fn(StepState)`` called after every step with the step info, the latent before
                 and after the update and the guided velocity (progress bars, latent capture).
             should_cancel: ``fn() -> bool`` checked before every step; True stops sampling.
+            exact_steps: 0-based steps whose `StepInfo.exact` is True (their model call must not be
+                approximated by a model hook; see `current_step`). Default: none. The sampler itself
+                computes every step the same way either way.
 
         Returns:
             the denoised latent [n, C, T, H, W], fp32, on z's device. Runs under torch.no_grad().
@@ -501,18 +526,21 @@ class RFlow:
 
         # OpenSora's loop runs in fp32 (its bf16 noise is promoted before the first model call).
         z = z.to(torch.float32)
+        exact = frozenset(int(i) for i in exact_steps) if exact_steps else frozenset()
         with torch.no_grad():
             return self._loop(model, z, y_in, y_mask, cond, timesteps, dts, schedule, scale, static_kwargs,
-                              step_model_kwargs, callback, should_cancel)
+                              step_model_kwargs, callback, should_cancel, exact)
 
     def _loop(self, model, z, y_in, y_mask, cond, timesteps, dts, schedule, scale, static_kwargs,
-              step_model_kwargs, callback, should_cancel) -> torch.Tensor:
+              step_model_kwargs, callback, should_cancel, exact) -> torch.Tensor:
         n, channels = int(z.shape[0]), int(z.shape[1])
         total = len(schedule)
         for i in range(total):
             if should_cancel is not None and should_cancel():
                 raise SamplingCancelled(i, total)
             info = schedule.step(i)
+            if i in exact:
+                info = replace(info, exact=True)
             t = timesteps[i].reshape(1).repeat(n)
             kwargs: Dict[str, Any] = {
                 "mask": y_mask,
@@ -524,7 +552,11 @@ class RFlow:
             if step_model_kwargs is not None:
                 kwargs.update(_checked_extra(step_model_kwargs(info, z), "step_model_kwargs"))
 
-            out = model(torch.cat([z, z], 0), torch.cat([t, t], 0), y_in, **kwargs)
+            token = _CURRENT_STEP.set(info)
+            try:
+                out = model(torch.cat([z, z], 0), torch.cat([t, t], 0), y_in, **kwargs)
+            finally:
+                _CURRENT_STEP.reset(token)
             if (
                 not isinstance(out, torch.Tensor)
                 or out.ndim != 5

@@ -19,6 +19,13 @@ Cache Attention hook (spatial self-attention of one block; see :meth:`STDiT3.kv_
         out = model(...)
     k, v = model.spatial_self_attention_kv(z_cached, timestep, fps=fps, height=height, width=width)
 
+Block runner (intra-request caching; see :meth:`STDiT3.block_runner`): a callable that replaces the
+loop over the block pairs for the calls inside the block, running any span of them
+(:meth:`BlockStack.run`) and reusing residuals for the rest::
+
+    with model.block_runner(fn):                         # fn(h [B, T, S, C], blocks: BlockStack) -> h
+        out = model(...)
+
 Cross-attention hook (every cross-attention layer; see :meth:`STDiT3.cross_attention_hook`)::
 
     with model.cross_attention_hook(fn):                 # fn(layer, q, k, ctx) -> logit bias or None
@@ -31,7 +38,7 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -57,6 +64,8 @@ __all__ = [
     "STDiT3Config",
     "stdit3_xl2_config",
     "STDiT3Block",
+    "BlockStack",
+    "BlockRunner",
     "STDiT3",
     "build_stdit3",
 ]
@@ -257,6 +266,73 @@ class STDiT3Block(nn.Module):
         return x + mod.gate_mlp * self.mlp(h)
 
 
+class BlockStack:
+    """The transformer blocks of one STDiT3 forward call, as a block runner sees them.
+
+    Block pair ``i`` is spatial block ``i`` followed by temporal block ``i`` (the order of
+    :meth:`STDiT3.forward`); ``run(h, 0, depth)`` is exactly the forward's own loop (the same calls,
+    bit for bit). Everything the blocks need besides the hidden state (caption, timestep modulation,
+    frame mask) is bound here, so a runner only passes ``h``.
+
+    Attributes:
+        model: the STDiT3. depth: number of block pairs. text: the caption context.
+        t_mlp: timestep modulation [B, 6·C] (t0_mlp, x_mask: as in forward, or None).
+    """
+
+    __slots__ = ("model", "depth", "text", "t_mlp", "t0_mlp", "x_mask")
+
+    def __init__(self, model: "STDiT3", text: TextContext, t_mlp: torch.Tensor, t0_mlp: Optional[torch.Tensor],
+                 x_mask: Optional[torch.Tensor]) -> None:
+        self.model, self.text, self.t_mlp, self.t0_mlp, self.x_mask = model, text, t_mlp, t0_mlp, x_mask
+        self.depth = len(model.spatial_blocks)
+
+    def run(self, h: torch.Tensor, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Run block pairs ``start .. stop-1`` on ``h`` [B, T, S, C] (model dtype); returns the new h.
+
+        ``h`` may hold the first rows of the call's batch only (e.g. the conditional half of a CFG
+        batch): the caption and modulation rows are sliced to match.
+
+        Raises:
+            ValueError: a span outside [0, depth], or more rows than the call's batch.
+        """
+        stop = self.depth if stop is None else int(stop)
+        if not 0 <= int(start) <= stop <= self.depth:
+            raise ValueError(f"block span [{start}, {stop}) is outside the model's {self.depth} block pairs")
+        text, t_mlp, t0_mlp, x_mask = self._rows(int(h.shape[0]))
+        m = self.model
+        for i in range(int(start), stop):
+            h = m.spatial_blocks[i](h, text, t_mlp, t0_mlp, x_mask)
+            h = m.temporal_blocks[i](h, text, t_mlp, t0_mlp, x_mask)
+        return h
+
+    def modulated_input(self, h: torch.Tensor) -> torch.Tensor:
+        """Spatial block 0's modulated self-attention input for ``h`` [B, T, S, C]: LayerNorm1, then
+        ``(1 + scale_msa)`` and ``shift_msa`` of this call's timestep; [B·T, S, C] in the model dtype.
+
+        TeaCache's change indicator (arXiv 2411.19108: the timestep-modulated input of the first block);
+        it calls no block's forward.
+        """
+        text, t_mlp, t0_mlp, x_mask = self._rows(int(h.shape[0]))
+        blk = self.model.spatial_blocks[0]
+        return blk.attn_input(h, blk.modulation(t_mlp, t0_mlp, x_mask))
+
+    def _rows(self, rows: int):
+        batch = int(self.t_mlp.shape[0])
+        if rows == batch:
+            return self.text, self.t_mlp, self.t0_mlp, self.x_mask
+        if not 0 < rows < batch:
+            raise ValueError(f"h has {rows} rows but this call's batch is {batch}")
+        text = self.text
+        key_mask = None if text.key_mask is None else text.key_mask[:rows]
+        text = TextContext(text.tokens[:rows], key_mask, text.lengths[:rows])
+        return (text, self.t_mlp[:rows], None if self.t0_mlp is None else self.t0_mlp[:rows],
+                None if self.x_mask is None else self.x_mask[:rows])
+
+
+#: ``fn(h [B, T, S, C], blocks) -> h``: replaces the loop over the block pairs of one forward call.
+BlockRunner = Callable[[torch.Tensor, BlockStack], torch.Tensor]
+
+
 def _first_value(v: Any, name: str) -> float:
     """First element of a tensor / sequence / number as a Python float."""
     if v is None:
@@ -355,6 +431,7 @@ class STDiT3(nn.Module):
             sb.cross_attn.block_index = i
             tb.cross_attn.block_index = i
             tb.cross_attn.temporal = True
+        self._block_runner: Optional[BlockRunner] = None
         self._token_subset: Optional[torch.Tensor] = None
         self._init_weights()
 
@@ -447,6 +524,32 @@ class STDiT3(nn.Module):
             yield
         finally:
             attn.kv_hook = previous
+
+    # ------------------------------------------------------------------ block runner
+
+    @contextlib.contextmanager
+    def block_runner(self, fn: BlockRunner) -> Iterator[None]:
+        """Context manager: the forward calls inside the block run their block pairs through ``fn``.
+
+        ``fn(h, blocks)`` gets the hidden state after patch and position embedding, h [B, T', S, C] in
+        the model dtype, and a :class:`BlockStack` bound to the call (caption, modulation, frame mask);
+        it returns the hidden state the final layer gets (same shape). It may run any span of the
+        blocks (``blocks.run(h, start, stop)``, also on the first rows of the batch only) and reuse
+        earlier residuals for the rest; that is how an intra-request cache skips a step, a CFG half or
+        a span of blocks. Without a runner the forward runs its own loop: nothing is added to it.
+        The previous runner is restored after the block, also on error.
+
+        Raises:
+            TypeError: ``fn`` is not callable.
+        """
+        if not callable(fn):
+            raise TypeError("block_runner needs a callable fn(h, blocks) -> h")
+        previous = self._block_runner
+        self._block_runner = fn
+        try:
+            yield
+        finally:
+            self._block_runner = previous
 
     # ------------------------------------------------------------------ token subset (Chorus)
 
@@ -688,9 +791,13 @@ class STDiT3(nn.Module):
         if subset is not None:  # Chorus's region: only these positions of every frame are computed
             subset = subset.to(h.device)
             h = h.index_select(2, subset)
-        for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
-            h = spatial(h, text, p.t_mlp, p.t0_mlp, p.x_mask)
-            h = temporal(h, text, p.t_mlp, p.t0_mlp, p.x_mask)
+        runner = self._block_runner
+        if runner is None:
+            for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
+                h = spatial(h, text, p.t_mlp, p.t0_mlp, p.x_mask)
+                h = temporal(h, text, p.t_mlp, p.t0_mlp, p.x_mask)
+        else:
+            h = runner(h, BlockStack(self, text, p.t_mlp, p.t0_mlp, p.x_mask))
         h = self.final_layer(h, p.t, p.t0, p.x_mask)  # [B, T', S, prod(patch)·out]
         if subset is not None:
             h = h.new_zeros((h.shape[0], h.shape[1], p.x.shape[2], h.shape[3])).index_copy_(2, subset, h)

@@ -10,6 +10,8 @@ request's settings. Modules, each with one job:
   (built-in defaults < the model's ``config.json`` < the user's overrides), and the compatibility key;
 * :mod:`.modes`: sampling modes as plug-ins (``chai``, ``full``, ``plain``, ``warm``; a new one is one
   class and one ``register_mode`` call) and named model hooks per request (``+hook``);
+* :mod:`.mixcache`: intra-request caching as two registered hooks, ``mixcache`` (hybrid step / CFG /
+  block reuse) and ``teacache`` (the single-granularity baseline), with presets;
 * :mod:`.chorus`: whole-prompt reuse after Chorus (``chorus``, ``chorus_warm``) and ``auto`` reuse
   (Chorus, else CHAI, else full);
 * :mod:`.core`: :class:`ChaiPipeline`, one :meth:`ChaiPipeline.generate` call per request;
@@ -50,10 +52,12 @@ from .chorus import chorus_entry_bytes, new_token_columns  # registers chorus, c
 from .core import ChaiPipeline, GenerationResult, LatencySplit
 from .fingerprints import files_fingerprint, module_fingerprint
 from .modes import ModeOutput, ModeRequest, SamplingMode, parse_mode_spec, register_mode, register_model_hook
+from . import mixcache as _mixcache  # registers the "mixcache" and "teacache" hooks
 from .settings import (
     AttentionSettings,
     ChorusSettings,
     LookupSettings,
+    MixCacheSettings,
     RequestSettings,
     ScheduleSettings,
     resolve_settings,
@@ -80,6 +84,7 @@ __all__ = [
     "ScheduleSettings",
     "AttentionSettings",
     "LookupSettings",
+    "MixCacheSettings",
     "ChorusSettings",
     "resolve_settings",
     "chorus_entry_bytes",

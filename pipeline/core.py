@@ -31,7 +31,7 @@ from ..opensora.vae import OpenSoraVAE, latent_shape
 from .builders import opensora_parts, reference_parts, tiny_parts
 from .captions import check_prompt
 from .fingerprints import module_fingerprint
-from .modes import DEFAULT_MODE, LookupSpec, ModeRequest, get_mode, make_model_hook
+from .modes import DEFAULT_MODE, LookupSpec, ModeRequest, get_mode, keyed_hook_names, make_model_hook, model_hook_names
 from .settings import RequestSettings, compat_key, resolve_settings
 from .video import frames_to_uint8
 
@@ -93,6 +93,9 @@ class GenerationResult:
         details: the mode's extras for reports (Chorus: stage bounds, region, new tokens).
         not_stored: why an entry this request asked to store was skipped (one line each; the request's
             video is unaffected), e.g. a prompt with no entity, or an entry larger than the budget.
+        hooks: the model hooks the request ran, in order. hook_reports: ``name -> report`` of every hook
+            that reports (``ModelHook.report``; an intra-request cache: which steps it computed or reused
+            at which granularity, see ``opensora.mixcache.IntraCache.report``).
     """
 
     prompt: str
@@ -120,6 +123,8 @@ class GenerationResult:
     inserted_entry_ids: List[int] = field(default_factory=list)
     details: Dict[str, Any] = field(default_factory=dict)
     not_stored: List[str] = field(default_factory=list)
+    hooks: Tuple[str, ...] = ()
+    hook_reports: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def frames_uint8(self) -> torch.Tensor:
         """frames as uint8 [F, H, W, 3] (round to nearest). Raises ValueError when not decoded."""
@@ -141,6 +146,7 @@ class GenerationResult:
             "not_stored": "; ".join(self.not_stored) or None,
             "compat_key": self.compat_key, "latent_shape": list(self.latent.shape),
             "timings_ms": {k: round(v, 3) for k, v in asdict(self.timings).items()},
+            "hooks": list(self.hooks), "hook_reports": self.hook_reports,
         }
 
 
@@ -360,18 +366,21 @@ class ChaiPipeline:
             return tuple(self.vae.latent_shape(num_frames, height, width))  # type: ignore[return-value]
         return latent_shape(num_frames, height, width, latent_channels=int(self.model.in_channels))
 
-    def compat_key(self, height: int, width: int, num_frames: int, mode: str = DEFAULT_MODE) -> str:
+    def compat_key(self, height: int, width: int, num_frames: int, mode: str = DEFAULT_MODE,
+                   hooks: Sequence[str] = ()) -> str:
         """The cache's compatibility key of a request at this size (:func:`.settings.compat_key`):
         denoiser, caption encoder and dtype, latent shape, pixel size and frames, size-conditioning
-        dtype and the store fingerprint of ``mode``'s entries (``SamplingMode.lookup_spec``; CHAI's by
-        default). Only entries of the same key are ever matched.
+        dtype, the store fingerprint of ``mode``'s entries (``SamplingMode.lookup_spec``; CHAI's by
+        default) and the names of the request's ``hooks`` that change the model's output
+        (``modes.keyed_hook_names``). Only entries of the same key are ever matched.
 
         Raises:
             ValueError: an unknown mode.
         """
         spec = get_mode(mode).lookup_spec(self.settings)
         return compat_key(self.model_fingerprint, self.latent_shape(height, width, num_frames), height, width,
-                          num_frames, self.size_dtype, self.settings, store_fingerprint=spec.store_fingerprint)
+                          num_frames, self.size_dtype, self.settings, keyed_hook_names(hooks),
+                          store_fingerprint=spec.store_fingerprint)
 
     def _lookup_as(self, spec: LookupSpec, prompt: str, key: str, *, load: bool, record: bool,
                    query: Optional[LookupQuery]) -> Optional[LookupResult]:
@@ -429,7 +438,9 @@ class ChaiPipeline:
             query: the prompt's :meth:`query`, made earlier for this request (extraction and embedding
                 are then not repeated).
             hooks: names of registered model hooks (``modes.register_model_hook``) attached to the model
-                for this request.
+                for this request, outermost first (``"mixcache"``, ``"teacache"``: intra-request caching,
+                its knobs from the settings' ``mixcache`` part). Hooks registered ``keyed`` are part of the
+                request's compatibility key.
 
         Returns:
             :class:`GenerationResult`.
@@ -442,11 +453,15 @@ class ChaiPipeline:
         t_start = time.perf_counter()
         check_prompt(prompt)
         sampling = get_mode(mode)
+        hooks = tuple(hooks)
+        unknown = [h for h in hooks if h not in model_hook_names()]
+        if unknown:
+            raise ValueError(f"unknown model hook(s) {unknown}; registered hooks: {', '.join(model_hook_names()) or 'none'}")
         if decode and self.vae is None and not self.pixel_space:
             raise ValueError("decode=True needs a VAE; build the pipeline with one or pass decode=False")
         height, width, frames = self.resolve_size(resolution, aspect_ratio, height, width, num_frames)
         shape = self.latent_shape(height, width, frames)
-        key = self.compat_key(height, width, frames, sampling.name)
+        key = self.compat_key(height, width, frames, sampling.name, hooks)
         device = self.device
         timings = LatencySplit()
         lookup = self.lookup
@@ -462,7 +477,7 @@ class ChaiPipeline:
         extra_lookup_ms = [0.0]  # lookups a mode makes while sampling: lookup time, not denoising
 
         def key_for(name: str) -> str:
-            return self.compat_key(height, width, frames, name)
+            return self.compat_key(height, width, frames, name, hooks)
 
         def lookup_for(name: str, record: bool = True) -> Optional[LookupResult]:
             other = get_mode(name)
@@ -501,10 +516,13 @@ class ChaiPipeline:
             measure=device.type == "cuda", captions=self.captions, lookup_for=lookup_for,
             record_lookup=record_lookup, compat_key_for=key_for)
         t0 = time.perf_counter()
+        running = []
         with contextlib.ExitStack() as attached:
             for name in hooks:
-                attached.enter_context(HookRegistry.of(self.model).attached(make_model_hook(name, request)))
+                running.append((name, attached.enter_context(
+                    HookRegistry.of(self.model).attached(make_model_hook(name, request), name))))
             out = sampling.sample(request)
+        hook_reports = {name: r for name, r in ((name, hook.report()) for name, hook in running) if r is not None}
         _sync(device)
         timings.denoise_ms = (time.perf_counter() - t0) * 1000.0 - out.load_ms - extra_lookup_ms[0]
         timings.lookup_ms += out.load_ms + extra_lookup_ms[0]
@@ -548,4 +566,5 @@ class ChaiPipeline:
             inserted_entry_id=inserted[0] if inserted else None, timings=timings, lookup=lr,
             sampling_mode=sampling.name, served_by=out.served_by or sampling.name, reason=out.reason,
             inserted_entry_ids=inserted, details=dict(out.details), not_stored=not_stored,
+            hooks=hooks, hook_reports=hook_reports,
         )

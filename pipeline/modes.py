@@ -25,7 +25,9 @@ The command line's ``generate --mode``, the ComfyUI Sampler's mode list and the 
 this registry, so a new mode is one file with one ``register_mode(...)`` call. Modes compose with named
 model hooks (:func:`register_model_hook`, e.g. an intra-request cache): a mode spec such as
 ``chai8+mixcache`` (:func:`parse_mode_spec`) runs mode ``chai`` at 8 steps with hook ``mixcache``
-attached to the model for the request.
+attached to the model for the request; a spec that starts with a hook (``mixcache``, ``teacache30``)
+runs the ``full`` mode with it, and ``@key=value`` suffixes set settings for that spec alone
+(``teacache@teacache_threshold=0.2``).
 """
 
 from __future__ import annotations
@@ -35,14 +37,14 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..opensora.cache_attention import sample_fast, sample_full
 from ..opensora.hooks import ModelHook
 from ..opensora.rflow import RFlow, StepState
-from .settings import RequestSettings
+from .settings import SETTING_FIELDS, RequestSettings, parse_setting
 
 __all__ = [
     "SamplingMode",
@@ -59,6 +61,7 @@ __all__ = [
     "register_model_hook",
     "unregister_model_hook",
     "model_hook_names",
+    "keyed_hook_names",
     "make_model_hook",
     "match_reason",
     "DEFAULT_MODE",
@@ -216,9 +219,11 @@ class SamplingMode(abc.ABC):
         """Sample ``request``; return the latent and what to store (see :class:`ModeOutput`)."""
 
 
-def _full_run(request: ModeRequest, config) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, Any]]:
+def _full_run(request: ModeRequest, config, capture: bool = True
+              ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, Any]]:
+    """``sample_full``; with ``capture`` the planned latents are kept (and the steps before them are exact)."""
     run = sample_full(request.rflow, request.model, request.noise, config, callback=request.callback,
-                      **request.sample_kwargs)
+                      capture=capture, **request.sample_kwargs)
     return run.latent, run.captured, {"full_step_index": run.plan, "full_timestep": run.timesteps}
 
 
@@ -231,7 +236,7 @@ class FullMode(SamplingMode):
 
     def sample(self, request: ModeRequest) -> ModeOutput:
         config = request.settings.cache_attention_config()
-        latent, _captured, _info = _full_run(request, config)
+        latent, _captured, _info = _full_run(request, config, capture=False)
         return ModeOutput(latent=latent, steps=config.full_steps, label="full")
 
 
@@ -283,8 +288,8 @@ class ChaiMode(SamplingMode):
         if served is not None:
             return served
         config = request.settings.cache_attention_config()
-        latent, captured, info = _full_run(request, config)
         keep = request.lookup is not None and config.enabled
+        latent, captured, info = _full_run(request, config, capture=keep)
         return ModeOutput(latent=latent, steps=config.full_steps, label="full", store=captured if keep else None,
                           store_info=_store_info(request, info) if keep else {}, served_by="full",
                           reason=match_reason(request.lookup, "entity"))
@@ -349,8 +354,8 @@ class WarmMode(SamplingMode):
 
     def sample(self, request: ModeRequest) -> ModeOutput:
         config = request.settings.cache_attention_config()
-        latent, captured, info = _full_run(request, config)
         keep = request.lookup is not None and config.enabled
+        latent, captured, info = _full_run(request, config, capture=keep)
         return ModeOutput(latent=latent, steps=config.full_steps, label="full", store=captured if keep else None,
                           store_info=_store_info(request, info) if keep else {})
 
@@ -361,6 +366,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*[a-z_]$|^[a-z]$")
 _MODES: Dict[str, SamplingMode] = {}
 _ALIASES: Dict[str, str] = {}
 _HOOKS: Dict[str, Callable[[ModeRequest], ModelHook]] = {}
+_KEYED_HOOKS: set = set()
 
 
 def register_mode(mode: SamplingMode, *, replace: bool = False) -> SamplingMode:
@@ -423,8 +429,13 @@ def mode_choices() -> List[str]:
     return list(_MODES) + list(_ALIASES)
 
 
-def register_model_hook(name: str, factory: Callable[[ModeRequest], ModelHook], *, replace: bool = False) -> None:
+def register_model_hook(name: str, factory: Callable[[ModeRequest], ModelHook], *, replace: bool = False,
+                        keyed: bool = False) -> None:
     """Make ``+<name>`` in a mode spec attach ``factory(request)`` to the model for a request.
+
+    Args:
+        keyed: the hook changes what the model computes (an intra-request cache): its name becomes part of
+            the compatibility key of requests that run it, so entries stored by such runs carry it.
 
     Raises:
         ValueError: a malformed name, or a name taken by a mode or (unless ``replace``) a hook.
@@ -436,6 +447,9 @@ def register_model_hook(name: str, factory: Callable[[ModeRequest], ModelHook], 
     if name in _HOOKS and not replace:
         raise ValueError(f"a model hook named {name!r} is registered already")
     _HOOKS[name] = factory
+    _KEYED_HOOKS.discard(name)
+    if keyed:
+        _KEYED_HOOKS.add(name)
 
 
 def unregister_model_hook(name: str) -> None:
@@ -443,11 +457,17 @@ def unregister_model_hook(name: str) -> None:
     if name not in _HOOKS:
         raise ValueError(f"no model hook named {name!r} is registered")
     del _HOOKS[name]
+    _KEYED_HOOKS.discard(name)
 
 
 def model_hook_names() -> List[str]:
     """Registered model-hook names."""
     return list(_HOOKS)
+
+
+def keyed_hook_names(names: Sequence[str]) -> Tuple[str, ...]:
+    """Those of ``names`` registered ``keyed`` (they go into the compatibility key), in the order given."""
+    return tuple(n for n in names if n in _KEYED_HOOKS)
 
 
 def make_model_hook(name: str, request: ModeRequest) -> ModelHook:
@@ -464,7 +484,8 @@ class ModeSpec:
     Attributes:
         text: the spec as written (or a variant's name). mode: the registered mode's name. steps: the
         number after the name (sets ``mode.steps_setting``), or None. hooks: model-hook names to attach, in
-        order. settings: (key, value) setting overrides of a variant (:meth:`variant`).
+        order. settings: ``(key, value)`` settings overrides of this spec (``@key=value``, or a
+        variant's: :meth:`variant`), in order.
     """
 
     text: str
@@ -474,7 +495,8 @@ class ModeSpec:
     settings: Tuple[Tuple[str, Any], ...] = ()
 
     def overrides(self) -> Dict[str, Any]:
-        """The settings this spec sets: its step count (e.g. ``{"fast_steps": 8}``), then its own ``settings``."""
+        """The settings overrides of the spec: the step count's (e.g. ``{"fast_steps": 8}``), then its own
+        ``settings`` (``@key=value``, a variant's) ({} without either)."""
         out: Dict[str, Any] = {} if self.steps is None else {get_mode(self.mode).steps_setting: self.steps}
         out.update(dict(self.settings))
         return out
@@ -486,20 +508,33 @@ class ModeSpec:
                         settings=tuple(self.settings) + tuple(settings.items()))
 
 
+#: A spec that starts with a hook runs this mode with it (``mixcache`` = ``full+mixcache``).
+HOOK_SPEC_MODE = "full"
+
+
 def parse_mode_spec(text: str) -> ModeSpec:
-    """Parse ``<mode>[<steps>][+<hook>...]``, e.g. ``full30``, ``plain8``, ``chai4``, ``chai8+mixcache``.
+    """Parse ``<mode>[<steps>][+<hook>...][@<key>=<value>...]``, e.g. ``full30``, ``plain8``, ``chai4``,
+    ``chai8+mixcache``, ``mixcache``, ``teacache@teacache_threshold=0.2``.
 
     The mode is any registered mode (or alias); the optional number sets its steps (``full``: full_steps,
-    ``plain``/``chai``: fast_steps); every ``+<hook>`` must be a registered model hook.
+    ``plain``/``chai``: fast_steps); every ``+<hook>`` must be a registered model hook. A spec that starts
+    with a hook instead of a mode runs :data:`HOOK_SPEC_MODE` (``full``) with it: ``mixcache`` is
+    ``full+mixcache``, ``teacache20`` is ``full20+teacache``. Each ``@key=value`` sets one setting
+    (:data:`.settings.SETTING_FIELDS`; tuples ``/``-separated) for this spec only.
 
     Raises:
-        ValueError: an empty spec, an unknown mode or hook, or a step count below 1 (the message names it).
+        ValueError: an empty spec, an unknown mode, hook or setting, a malformed value, or a step count
+            below 1 (the message names it).
     """
-    parts = [p.strip().lower() for p in str(text).split("+")]
+    head, *assignments = str(text).split("@")
+    parts = [p.strip().lower() for p in head.split("+")]
     if not parts[0]:
         raise ValueError(f"empty mode spec {text!r}; write e.g. chai8, plain4 or full30")
     match = re.fullmatch(r"(.*?)(\d*)", parts[0])
     name, digits = match.group(1), match.group(2)
+    if name in _HOOKS:
+        parts.insert(1, name)
+        name = HOOK_SPEC_MODE
     mode = get_mode(name)
     steps = int(digits) if digits else None
     if steps is not None and steps < 1:
@@ -508,7 +543,17 @@ def parse_mode_spec(text: str) -> ModeSpec:
         if hook not in _HOOKS:
             raise ValueError(f"mode spec {text!r}: unknown model hook {hook!r}; registered hooks: "
                              f"{', '.join(_HOOKS) or 'none'}")
-    return ModeSpec(text=str(text), mode=mode.name, steps=steps, hooks=tuple(parts[1:]))
+    settings = []
+    for assignment in assignments:
+        key, sep, value = assignment.strip().partition("=")
+        if not sep or key not in SETTING_FIELDS:
+            raise ValueError(f"mode spec {text!r}: {assignment!r} must be <setting>=<value> with a setting among "
+                             f"{', '.join(SETTING_FIELDS)}")
+        try:
+            settings.append((key, parse_setting(key, value.strip())))
+        except ValueError:
+            raise ValueError(f"mode spec {text!r}: {value!r} is not a valid value for {key}") from None
+    return ModeSpec(text=str(text), mode=mode.name, steps=steps, hooks=tuple(parts[1:]), settings=tuple(settings))
 
 
 for _mode in (ChaiMode(), FullMode(), PlainMode(), WarmMode()):

@@ -9,6 +9,9 @@ style of diffusers' per-technique cache configs):
   block, replacing or extending that block's keys and values, in which CFG half;
 * :class:`LookupSettings`: which cached entries a request is served: the similarity threshold, and
   one best entry or one per matched entity (fusion);
+* :class:`MixCacheSettings`: the intra-request caches' knobs (``opensora.mixcache``: warm-up, the cap on
+  consecutive reuse, the trigger and per-granularity thresholds, the block span; the TeaCache
+  baseline's threshold). They act only when a request names the ``mixcache`` or ``teacache`` hook.
 * :class:`ChorusSettings`: whole-prompt reuse after Chorus (the ``chorus`` and ``auto`` modes): the
   donor threshold, the map from similarity to stage bounds, the region mask and the amplification.
 
@@ -41,15 +44,18 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ..opensora.cache_attention import CacheAttentionConfig
+from ..opensora.mixcache import MixCacheConfig
 
 __all__ = [
     "ScheduleSettings",
     "AttentionSettings",
     "LookupSettings",
+    "MixCacheSettings",
     "ChorusSettings",
     "RequestSettings",
     "SETTING_FIELDS",
     "resolve_settings",
+    "parse_setting",
     "compat_key",
 ]
 
@@ -117,6 +123,11 @@ class LookupSettings:
         threshold = "lookup" if self.threshold is None else f"{float(self.threshold):.2f}"
         fusion = self.fusion if self.fusion == "best" else f"{self.fusion}{self.max_fused}"
         return f"LOOKUP_T{threshold}_{fusion}"
+
+
+#: The intra-request caches' settings (``opensora.mixcache.MixCacheConfig``, the dataclass the hooks take;
+#: its fingerprint names every knob). Defaults chosen on the reference model's validation stream.
+MixCacheSettings = MixCacheConfig
 
 
 @dataclass(frozen=True)
@@ -221,17 +232,19 @@ class ChorusSettings:
 
 
 _GROUPS = {"schedule": ScheduleSettings, "attention": AttentionSettings, "lookup": LookupSettings,
-           "chorus": ChorusSettings}
+           "chorus": ChorusSettings, "mixcache": MixCacheSettings}
 #: The parts CHAI's ``CacheAttentionConfig`` is made of.
 _CHAI_GROUPS = ("schedule", "attention", "lookup")
-#: Flat override key -> (part, field). The keys are ``CacheAttentionConfig``'s keyword names.
+#: Flat override key -> (part, field). The keys are ``CacheAttentionConfig``'s keyword names, the Chorus
+#: part's and ``MixCacheSettings``' field names.
 SETTING_FIELDS: Dict[str, Tuple[str, str]] = {
     f.name: (group, f.name) for group, cls in _GROUPS.items() for f in fields(cls)}
 
 
 @dataclass(frozen=True)
 class RequestSettings:
-    """Everything needed to serve one request: schedule, attention, lookup (CHAI) and Chorus.
+    """Everything needed to serve one request: schedule, attention, lookup (CHAI), Chorus and the
+    intra-request caches' knobs.
 
     Build it with :func:`resolve_settings` (or :meth:`updated` on top of another). The three parts
     are checked together on construction (cache steps within the fast schedule, known names, ranges).
@@ -244,6 +257,7 @@ class RequestSettings:
     attention: AttentionSettings = field(default_factory=AttentionSettings)
     lookup: LookupSettings = field(default_factory=LookupSettings)
     chorus: ChorusSettings = field(default_factory=ChorusSettings)
+    mixcache: MixCacheSettings = field(default_factory=MixCacheSettings)
 
     def __post_init__(self) -> None:
         attention = replace(self.attention, cache_steps=tuple(int(s) for s in self.attention.cache_steps))
@@ -275,7 +289,7 @@ class RequestSettings:
         return self.cache_attention_config().fingerprint()
 
     def fingerprint(self) -> str:
-        """Every part's fingerprint, for reports: ``SCHED_...|ATTN_...|LOOKUP_...|CHORUS_...``."""
+        """Every part's fingerprint, for reports: ``SCHED_...|ATTN_...|LOOKUP_...|CHORUS_...|MIX_...``."""
         return "|".join(getattr(self, group).fingerprint() for group in _GROUPS)
 
     def tag(self) -> str:
@@ -287,9 +301,11 @@ class RequestSettings:
         return _resolve(self, overrides)
 
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-friendly ``{"schedule": {...}, "attention": {...}, "lookup": {...}}``."""
+        """JSON-friendly ``{"schedule": {...}, "attention": {...}, "lookup": {...}, "chorus": {...},
+        "mixcache": {...}}``."""
         out = {group: asdict(getattr(self, group)) for group in _GROUPS}
         out["attention"]["cache_steps"] = list(self.attention.cache_steps)
+        out["mixcache"]["granularities"] = list(self.mixcache.granularities)
         for name in ("chorus_k1", "chorus_k2", "chorus_window"):
             out["chorus"][name] = list(out["chorus"][name])
         return out
@@ -313,6 +329,8 @@ def _resolve(base: RequestSettings, layers: Sequence[Optional[Mapping[str, Any]]
             if key == "cache_steps":
                 value = tuple(int(s) for s in value)
                 named_steps = True
+            elif key == "granularities":
+                value = (value,) if isinstance(value, str) else tuple(value)
             elif key in ("chorus_k1", "chorus_k2", "chorus_window") and not isinstance(value, (str, bytes)):
                 value = tuple(value)
             parts[group][name] = value
@@ -340,19 +358,47 @@ def resolve_settings(model_defaults: Optional[Mapping[str, Any]] = None,
     return _resolve(RequestSettings(), [model_defaults, *overrides])
 
 
+def parse_setting(key: str, text: str) -> Any:
+    """A setting typed as text (a mode spec's ``@key=value``, a preset file) as its field's type.
+
+    Numbers, names and booleans as themselves; tuples ``/``-separated (``cache_steps=2/3/4``,
+    ``granularities=step/cfg``); the optional lookup threshold also takes ``none``.
+
+    Raises:
+        ValueError: an unknown key or a value that does not parse (range checks come when it is applied).
+    """
+    if key not in SETTING_FIELDS:
+        raise ValueError(f"unknown CHAI setting {key!r}; the settings are {', '.join(SETTING_FIELDS)}")
+    group, name = SETTING_FIELDS[key]
+    default = next(f.default for f in fields(_GROUPS[group]) if f.name == name)
+    if isinstance(default, tuple):
+        element = type(default[0]) if default else str
+        return tuple(element(v) for v in text.split("/") if v)
+    if default is None:  # optional numbers (the lookup threshold)
+        return None if text.lower() == "none" else float(text)
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{key} takes true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    return type(default)(text)
+
+
 def compat_key(model_fingerprint: str, latent_shape: Sequence[int], height: int, width: int, num_frames: int,
-               size_dtype: torch.dtype, settings: RequestSettings, store_fingerprint: Optional[str] = None) -> str:
+               size_dtype: torch.dtype, settings: RequestSettings, hooks: Sequence[str] = (),
+               store_fingerprint: Optional[str] = None) -> str:
     """The cache's compatibility key of a request; only entries of the same key are ever matched.
 
-    ``<model>|<C>x<T>x<H>x<W>|<height>x<width>f<frames>|<size dtype>|<store fingerprint>``: the
-    denoiser (its weights, caption encoder and dtype, as the pipeline names them), the latent shape,
+    ``<model>|<C>x<T>x<H>x<W>|<height>x<width>f<frames>|<size dtype>|<store fingerprint>[|hooks=<a>+<b>]``:
+    the denoiser (its weights, caption encoder and dtype, as the pipeline names them), the latent shape,
     the pixel size and frame count (they set the position-embedding scale and the timestep shift), the
-    size-conditioning dtype and what the entries hold: ``store_fingerprint`` when given (a sampling
-    mode's, e.g. :meth:`RequestSettings.chorus_store_fingerprint`), else CHAI's
-    :meth:`RequestSettings.store_fingerprint`. The lookup appends the embedder's and extractor's
-    fingerprints and its mode.
+    size-conditioning dtype, what the entries hold (``store_fingerprint`` when given: a sampling mode's,
+    e.g. :meth:`RequestSettings.chorus_store_fingerprint`; else CHAI's
+    :meth:`RequestSettings.store_fingerprint`) and, when the request runs model hooks that change the
+    model's output (an intra-request cache: ``modes.keyed_hook_names``), their names in the order given.
+    The lookup appends the embedder's and extractor's fingerprints and its mode.
     """
     c, t, h, w = (int(v) for v in latent_shape)
     size = str(size_dtype).replace("torch.", "")
     stored = store_fingerprint or settings.store_fingerprint()
-    return f"{model_fingerprint}|{c}x{t}x{h}x{w}|{height}x{width}f{num_frames}|{size}|{stored}"
+    key = f"{model_fingerprint}|{c}x{t}x{h}x{w}|{height}x{width}f{num_frames}|{size}|{stored}"
+    return f"{key}|hooks={'+'.join(hooks)}" if hooks else key

@@ -11,6 +11,9 @@ the speed-up against all-full measured in the same run (request by request, ever
 load of a shared machine falls on every mode alike), and the quality against all-full.
 
 Prompts that the evaluator cannot read (VBench's) give hit rate and speed only: :func:`run_prompts`.
+
+A mode may be a mode spec with model hooks (``chai+mixcache``, ``auto+mixcache``: intra-request caching
+inside every run); each request then also reports the steps computed in full (``computed``).
 """
 
 from __future__ import annotations
@@ -21,16 +24,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
+import torch
 
 from ..cache.backend import open_store
 from ..cache.lookup import CacheLookup, LookupConfig
 from ..refmodel import evaluator
 from ..refmodel.model import model_to_pixels
 from .core import ChaiPipeline
-from .modes import get_mode
+from .modes import get_mode, parse_mode_spec
 from .quality import HARNESS_SETTINGS
 
-__all__ = ["StreamRun", "StreamReport", "run_stream", "run_prompts", "format_stream_table"]
+__all__ = ["StreamRun", "StreamReport", "run_stream", "run_prompts", "format_stream_table", "miss_entry_bytes"]
 
 
 @dataclass
@@ -38,8 +42,9 @@ class StreamRun:
     """One mode over the stream.
 
     Attributes:
-        mode: the registered mode. served: what served each request (``served_by``). hit: per request.
-        latency_ms: request ``total_ms``. steps: model steps. scores: the evaluator's scores (empty for
+        mode: the mode spec (``chai``, ``chai+mixcache``). served: what served each request (``served_by``).
+        hit: per request. latency_ms: request ``total_ms``. steps: model steps. computed: model steps
+        computed in full (an intra-request cache reuses the others; = steps without one). scores: the evaluator's scores (empty for
         prompts it cannot read). clips: uint8 [F, H, W, 3] per request (empty when not kept).
         store_bytes / entries: the store after the stream.
     """
@@ -49,6 +54,7 @@ class StreamRun:
     hit: List[bool] = field(default_factory=list)
     latency_ms: List[float] = field(default_factory=list)
     steps: List[int] = field(default_factory=list)
+    computed: List[int] = field(default_factory=list)
     scores: List[Dict[str, float]] = field(default_factory=list)
     clips: List[np.ndarray] = field(default_factory=list)
     store_bytes: int = 0
@@ -98,6 +104,7 @@ class StreamReport:
                 "latency_ms": round(run.mean_latency_ms, 2),
                 "speedup_vs_full": round(full.mean_latency_ms / run.mean_latency_ms, 3),
                 "mean_model_steps": round(float(np.mean(run.steps)), 2),
+                "mean_computed_steps": round(float(np.mean(run.computed)), 2),
                 "store_bytes": run.store_bytes, "entries": run.entries,
             }
             if run.scores:
@@ -115,6 +122,26 @@ class StreamReport:
 
 
 
+def miss_entry_bytes(pipe: ChaiPipeline, mode: str) -> int:
+    """Bytes of the tensors one miss of ``mode`` stores at ``pipe``'s settings and its model's native size:
+    CHAI's captured latents, Chorus's window (``chorus.chorus_entry_bytes``), both for ``auto``.
+
+    Raises:
+        ValueError: a mode that stores nothing (not ``chai``, ``chorus`` or ``auto``).
+    """
+    from .chorus import chorus_entry_bytes
+
+    settings = pipe.settings
+    shape = pipe.latent_shape(*pipe.resolve_size(None, "", None, None, None))
+    itemsize = torch.empty((), dtype=getattr(torch, settings.schedule.capture_dtype)).element_size()
+    chai = len(settings.cache_attention_config().latent_names) * int(np.prod(shape)) * itemsize
+    chorus = chorus_entry_bytes(settings, shape)
+    sizes = {"chai": chai, "chorus": chorus, "auto": chai + chorus}
+    if mode not in sizes:
+        raise ValueError(f"mode {mode!r} stores no entry; one of {', '.join(sizes)}")
+    return sizes[mode]
+
+
 def run_prompts(model, encoder, prompts: Sequence[str], *, modes: Sequence[str] = ("chai", "chorus", "auto"),
                 kinds: Optional[Sequence[str]] = None, score: bool = True, keep_clips: bool = False,
                 budget_bytes: Union[None, int, Mapping[str, int]] = None,
@@ -126,7 +153,8 @@ def run_prompts(model, encoder, prompts: Sequence[str], *, modes: Sequence[str] 
     Args:
         model, encoder: the reference model and its caption encoder (``refmodel.model.load_reference_model``).
         prompts: the requests, in order. kinds: what each is (reported as counts), optional.
-        modes: registered modes that look up (``chai``, ``chorus``, ``auto``); ``full`` always runs first.
+        modes: mode specs that look up (``chai``, ``chorus``, ``auto``, with hooks: ``chai+mixcache``);
+            ``full`` always runs first.
         score: score every clip with ``refmodel.evaluator`` (False for prompts it cannot read, e.g. VBench's).
         keep_clips: keep the uint8 clips in the report.
         budget_bytes: each store's byte budget, or one per mode (None: the store's default); eviction is LRU.
@@ -138,12 +166,13 @@ def run_prompts(model, encoder, prompts: Sequence[str], *, modes: Sequence[str] 
         :class:`StreamReport`.
 
     Raises:
-        ValueError: no prompts, or a mode that does not look up.
+        ValueError: no prompts, a bad mode spec, or a mode that does not look up.
     """
     if not prompts:
         raise ValueError("no prompts given")
+    specs = {name: parse_mode_spec(name) for name in ("full", *modes)}
     for name in modes:
-        if not get_mode(name).uses_lookup:
+        if not get_mode(specs[name].mode).uses_lookup:
             raise ValueError(f"mode {name!r} does not look up: a stream measures reuse modes (chai, chorus, auto)")
     from ..cache.embed import Embedder
     from ..cache.entities import EntityExtractor
@@ -163,16 +192,19 @@ def run_prompts(model, encoder, prompts: Sequence[str], *, modes: Sequence[str] 
                 budget = budget_bytes.get(name) if isinstance(budget_bytes, Mapping) else budget_bytes
                 store = stack.enter_context(open_store(folder, budget_bytes=budget, dim=embedder.dim))
             lookup = None if store is None else CacheLookup(store, extractor, embedder, LookupConfig())
-            pipes[name] = (base.with_settings(lookup=lookup), store)
+            pipes[name] = (base.with_settings(specs[name].overrides(), lookup=lookup), store)
         # Request by request, every mode in turn: load on a shared machine hits every mode alike.
         for i, prompt in enumerate(prompts):
             for name in names:
                 run, pipe = runs[name], pipes[name][0]
-                r = pipe.generate(prompt, seed=seed + i, mode=name, decode=False, **shape_args)
+                r = pipe.generate(prompt, seed=seed + i, mode=specs[name].mode, hooks=specs[name].hooks,
+                                  decode=False, **shape_args)
                 run.served.append(r.served_by)
                 run.hit.append(bool(r.hit))
                 run.latency_ms.append(r.timings.total_ms)
                 run.steps.append(r.steps)
+                run.computed.append(r.steps - sum(rep["steps"] - rep["full"] for rep in r.hook_reports.values()
+                                                  if "map" in rep))
                 if score or keep_clips:
                     pixels = model_to_pixels(r.latent[None])[0]
                     if score:
@@ -196,14 +228,16 @@ def run_stream(model, encoder, stream: Sequence[Any], **kwargs: Any) -> StreamRe
 
 
 def format_stream_table(report: StreamReport) -> str:
-    """Markdown table: per mode hit rate, served by, latency, speed-up, quality against all-full."""
+    """Markdown table: per mode hit rate, served by, mean model and computed steps, latency, speed-up,
+    quality against all-full."""
     s = report.summary()
-    head = ["mode", "hit rate", "served by", "mean steps", "latency ms", "speed-up vs all-full",
+    head = ["mode", "hit rate", "served by", "mean steps", "computed steps", "latency ms", "speed-up vs all-full",
             "overall", "Δ overall vs full", "Δ on hits", "speed-up on hits", "store MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in s["modes"].items():
         served = ", ".join(f"{k} {v}" for k, v in m["served_by"].items())
-        cells = [name, f"{100 * m['hit_rate']:.0f}%", served, f"{m['mean_model_steps']:.1f}", f"{m['latency_ms']:.0f}",
+        cells = [name, f"{100 * m['hit_rate']:.0f}%", served, f"{m['mean_model_steps']:.1f}",
+                 f"{m['mean_computed_steps']:.1f}", f"{m['latency_ms']:.0f}",
                  f"{m['speedup_vs_full']:.2f}x", f"{m['overall']:.3f}" if "overall" in m else "",
                  f"{m['delta_overall_vs_full']:+.3f}" if "delta_overall_vs_full" in m else "",
                  f"{m['delta_overall_on_hits']:+.3f}" if "delta_overall_on_hits" in m else "",

@@ -1,11 +1,12 @@
-"""Score a shape-video clip against its prompt text: shape, colour, background, motion, temporal consistency.
+"""Score a shape-video clip against its prompt text: shape, colour, background, motion, temporal
+consistency, ghosting and (against the ground truth of the prompt's scene) detail.
 
 A generated clip comes only with its prompt, so the evaluator never sees a :class:`.scenes.SceneSpec`:
 it parses the prompt with the scene generator's vocabulary (:mod:`.scenes` constants, including every
 caption paraphrase) and measures the attributes from the pixels alone.
 
-Measurement (:func:`measure_clip`, numpy only; 4-6 ms of CPU for an 8 x 32 x 32 clip on the shared
-2-core machine):
+Measurement (:func:`measure_clip`, numpy and SciPy; 6-10 ms of CPU for an 8 x 32 x 32 clip on the
+shared 2-core machine):
 
 1. **Background.** Each background class has an expected appearance that depends only on the row
    (plain colours, vertical gradients, stationary textures): its per-row mean ``M_k`` and spread ``S_k``
@@ -45,6 +46,27 @@ Measurement (:func:`measure_clip`, numpy only; 4-6 ms of CPU for an 8 x 32 x 32 
    ``flicker``, mean |change| between consecutive frames of 4 x 4 block averages of the pixels that are
    background in both (sRGB; block averages keep brightness flicker and drop per-pixel noise); and
    ``dropout``, the share of frames where an object vanishes (< 1 px, or < 1/4 of both neighbours).
+7. **Detail** (what a short sampling schedule loses first: each step of an RFLOW sampler outputs the
+   mean of the clips the noisy input still allows, so few steps average fine structure away).
+   ``edge_sharpness``: each object's coverage of its own colour is unmixed against the background image
+   over all pixels within :data:`EDGE_NEIGHBOURHOOD` px of its solid pixels; the coverage steps between
+   neighbouring pixels of at least :data:`EDGE_MIN_STEP` give ``sum(step^2) / sum(step)``, the mean step
+   weighted by step: 1 for a one-pixel edge, about 0.6 for the generator's anti-aliased edges, about
+   ``1/w`` for an edge smeared over ``w`` pixels (it does not depend on the size, shape or position).
+   ``texture_contrast``: RMS of ``luma - its 3 x 3 mean`` (Rec. 601 luma of the background image, sRGB
+   units) where the background shows in at least half the frames: the static fine luminance texture
+   (grass blades, sand, the grain of scene distribution v2), the detail a viewer sees (as video codecs
+   keep luma detail and drop chroma detail); not per-frame noise, which the median over frames removes,
+   nor colour speckle, which luma leaves out.
+8. **Ghosting** ``ghost_ratio``: an object is its largest solid blob in each frame; every pixel more
+   than :data:`GHOST_NEIGHBOURHOOD` px from one is unmixed against the detected objects' colours over
+   the background class's row model (not the median image, so a faint copy that stays in place counts
+   too), the coverage is averaged over 3 x 3 pixels, and 8-connected blobs of at least
+   :data:`GHOST_MIN_PIXELS` pixels with at least :data:`GHOST_ALPHA` coverage are ghosts: faint extra
+   copies, trails, smears (a pixel counts only where the mix of object colour and background explains it
+   within :data:`GHOST_RESIDUAL` spreads, so a foreign background colour leaking in is not a ghost). Their coverage over the objects' own is the ratio. Fainter ghosts than
+   :data:`GHOST_ALPHA` (11 sRGB units at the generator's minimum contrast) are not counted: lower, the
+   grass and sand textures of ground-truth clips start to read as ghosts.
 
 Scoring (:func:`score_measurement`): each prompt object is matched to the detected object with the
 highest posterior for the prompted colour (two prompt objects and two detected ones: the assignment
@@ -56,12 +78,28 @@ object, so an absent colour is matched by size rather than by noise. Then
 * ``background`` = posterior of the prompted background,
 * ``motion`` = area-weighted mean over detected objects of the posterior of the prompted motion,
 * ``temporal`` = ``T``,
-* ``overall = T * sum_k WEIGHTS[k] * score_k`` with :data:`WEIGHTS` = 1/4 each for shape, colour,
-  background and motion. Temporal consistency is a multiplicative gate, not a fifth addend, because it
-  does not depend on the prompt: a coherent clip of the wrong scene must not earn points for coherence.
+* ``ghost_free`` = ``1 - ghost_ratio`` (clipped at 0): the share of the objects' ink that stays on them,
+* ``detail`` (only with a ground-truth ``reference``, the render of the prompt's scene spec; see
+  :func:`detail_score`) = mean of ``edge_sharpness / reference's`` and, where the reference has texture
+  (at least :data:`TEXTURE_MIN`), ``texture_contrast / reference's``, each capped at 1: the share of the
+  scene's detail the clip keeps,
+* ``overall = T * ghost_free * sum_k w_k * score_k``, with :data:`WEIGHTS` = 1/4 each for shape, colour,
+  background and motion, or with a reference :data:`WEIGHTS_WITH_DETAIL` = 1/5 each for those and detail.
 
-A clip without any detected object scores 0 for shape, colour and motion. Prompt sizes ("small",
-"large") are parsed and reported but not scored.
+Why this form. Temporal consistency and ghosting are multiplicative gates, not addends, because they
+do not depend on the prompt: a coherent, clean clip of the wrong scene must not earn points for being
+coherent and clean, and a flickering or ghosted clip of the right scene is worse in proportion
+(``ghost_free`` is linear in the leaked share, with no scale to choose). Detail is an addend: it is
+measured against the prompted scene's own ground truth (grass has texture and black does not; a star's
+points are sharp), so, like the four attributes, it says how much of *that* scene the clip shows, and
+it weighs what each of them weighs. Both detail ratios and ``ghost_free`` are shares with no tuning
+constant; the detection thresholds were set on ground-truth renders and on corruptions (blur, copies,
+trails, noise) before any model was scored. With a reference, an unrelated but perfect-looking clip
+keeps its detail points: chance rises from 0.161 to 0.2 + 0.8 x 0.161 = 0.329. Compare ``overall``
+only between clips scored the same way (with or without references).
+
+A clip without any detected object scores 0 for shape, colour and motion (and for edge sharpness).
+Prompt sizes ("small", "large") are parsed and reported but not scored.
 
 **Chance.** For a clip that is coherent (``T`` = 1) but unrelated to its prompt, the expected overall is
 what a perfect reader scores on independent prompt/clip pairs from the generator's distribution.
@@ -74,7 +112,14 @@ because palettes depend on the background and above it where two objects offer t
 (shape 0.999, colour 0.999, background 1.000, motion 0.999, temporal 0.996); the same clips with the
 captions shuffled: 0.161, against 0.162 for a perfect reader on the same pairs. Blur (3 x 3 binomial)
 plus Gaussian noise of 10 sRGB units still scores 0.88; independent per-frame colour jitter of 8 units
-(flicker) drops temporal consistency to about 0.3.
+(flicker) drops temporal consistency to about 0.3. New criteria (random layouts on v2's grained backgrounds, 120 renders, setup of
+``tests/test_fidelity.py``): another valid clip of the same caption (other layout and grain) keeps detail
+0.975 of its reference (edges 0.969, texture 0.981) and ghost-free 1.000 (ghost ratio 0.0003); a
+Gaussian blur of 0.7 / 1.0 px leaves detail 0.41 / 0.27 (edges 0.54 / 0.42, texture 0.27 / 0.12) with
+ghost-free 1.000 / 0.998; a copy of the object at 15 / 30 % opacity gives ghost-free 0.935 / 0.835 with
+detail 0.997 / 0.996; Gaussian noise of 8 units leaves detail 0.99 and ghost-free 0.999 (PSNR / SSIM
+against the clean clip see it: ``refmodel/fidelity.py``). Overall with the reference: 0.994 (ground
+truth), 0.869 / 0.819 (blur), 0.895 / 0.719 (copies), 0.966 (noise).
 """
 
 from __future__ import annotations
@@ -85,11 +130,14 @@ from functools import lru_cache
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+from scipy.ndimage import binary_dilation, label, minimum_filter, uniform_filter
 
 from . import scenes
 
 __all__ = [
     "WEIGHTS",
+    "WEIGHTS_WITH_DETAIL",
+    "detail_score",
     "PromptObject",
     "PromptAttributes",
     "DetectedObject",
@@ -106,6 +154,8 @@ __all__ = [
 
 CRITERIA: Tuple[str, ...] = ("shape", "color", "background", "motion")
 WEIGHTS: Dict[str, float] = {"shape": 0.25, "color": 0.25, "background": 0.25, "motion": 0.25}
+#: With a ground-truth reference the detail criterion joins the mean: 1/5 each.
+WEIGHTS_WITH_DETAIL: Dict[str, float] = {"shape": 0.2, "color": 0.2, "background": 0.2, "motion": 0.2, "detail": 0.2}
 
 SHAPES = scenes.SHAPES
 COLOR_NAMES: Tuple[str, ...] = tuple(scenes.COLORS)
@@ -138,7 +188,16 @@ TEMPORAL_SCALES: Dict[str, float] = {
     "dropout": 0.2,  # share of frames where an object vanishes
 }
 
+EDGE_NEIGHBOURHOOD = 2  # px around an object's solid pixels whose coverage steps count as its edges
+EDGE_MIN_STEP = 0.1  # coverage steps below this between neighbouring pixels are noise, not edge
+TEXTURE_MIN = 2.0  # sRGB; a reference whose background detail is below this has no texture to lose
+GHOST_NEIGHBOURHOOD = 2  # px around each object's solid pixels that belong to the object (its rims)
+GHOST_ALPHA = 0.1  # 3 x 3 mean coverage of an object colour that makes a pixel a ghost candidate
+GHOST_MIN_PIXELS = 4  # connected candidate pixels (8-neighbourhood) that make a ghost, not noise
+GHOST_RESIDUAL = 2.0  # what mixing with an object colour leaves unexplained, in the class's RMS spreads
+
 FLICKER_GRID = 4  # blocks per side for the flicker measure
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # Rec. 601 luma weights
 _LUT_RADIUS = 64  # unit shape templates are rasterised at this radius (px) once
 _BG_SEEDS = 16
 
@@ -380,12 +439,24 @@ class ClipMeasurement:
         background_probs: posterior over :data:`.scenes.BACKGROUNDS`.
         temporal: temporal consistency in [0, 1].
         temporal_terms: the raw penalties (see :data:`TEMPORAL_SCALES`), name -> value.
+        edge_sharpness: mean coverage step across the objects' edges, weighted by step (1 for a
+            one-pixel edge, about 0.6 for an anti-aliased one, about 1/w for an edge blurred over w
+            pixels); None without objects.
+        texture_contrast: RMS high-frequency luma (pixel minus its 3 x 3 mean, Rec. 601 luma in sRGB
+            units) of the static background image; 0 when too little background shows.
+        ghost_ratio: coverage of the objects' colours found outside the objects (faint extra copies,
+            trails, smears: connected blobs of at least :data:`GHOST_MIN_PIXELS` pixels more than
+            :data:`GHOST_NEIGHBOURHOOD` px from any object's main blob), as a share of the coverage of
+            the objects' main blobs (an object's main blob: its largest solid blob in each frame).
     """
 
     objects: Tuple[DetectedObject, ...]
     background_probs: Mapping[str, float]
     temporal: float
     temporal_terms: Mapping[str, float] = field(default_factory=dict)
+    edge_sharpness: Optional[float] = None
+    texture_contrast: float = 0.0
+    ghost_ratio: float = 0.0
 
     @property
     def background(self) -> str:
@@ -400,6 +471,9 @@ class ClipMeasurement:
             "background": self.background,
             "temporal": round(self.temporal, 4),
             "temporal_terms": {k: round(float(v), 4) for k, v in self.temporal_terms.items()},
+            "edge_sharpness": None if self.edge_sharpness is None else round(self.edge_sharpness, 4),
+            "texture_contrast": round(self.texture_contrast, 3),
+            "ghost_ratio": round(self.ghost_ratio, 4),
         }
 
 
@@ -547,6 +621,82 @@ def _slope(y: np.ndarray, t: np.ndarray) -> float:
     return float((tc * (y - y.mean())).sum() / max((tc * tc).sum(), 1e-9))
 
 
+def _coverage(x: np.ndarray, b: np.ndarray, color: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Unmix pixels ``x`` [..., 3] as ``alpha * color + (1 - alpha) * b`` (``b`` broadcastable to ``x``).
+
+    Returns (alpha in [0, 1], the part of ``x - b`` that mixing does not explain, sRGB), each [...]."""
+    d = color - b
+    pb = x - b
+    alpha = np.clip((pb * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-6), 0.0, 1.0)
+    resid = np.sqrt(((pb - alpha[..., None] * d) ** 2).sum(-1))
+    return alpha, resid
+
+
+def _texture_contrast(bgimg: np.ndarray, bg_share: np.ndarray) -> float:
+    """RMS of ``luma - its 3 x 3 mean`` (Rec. 601 luma of ``bgimg`` [H, W, 3], sRGB units) over interior
+    pixels whose whole 3 x 3 neighbourhood is background in at least half the frames (``bg_share`` [H, W]);
+    0 below 16 such pixels."""
+    luma = bgimg @ _LUMA
+    hf = luma - uniform_filter(luma, size=3, mode="nearest")
+    valid = minimum_filter(bg_share >= 0.5, size=3, mode="constant", cval=False)
+    valid[0, :] = valid[-1, :] = valid[:, 0] = valid[:, -1] = False
+    if valid.sum() < 16:
+        return 0.0
+    return float(np.sqrt((hf[valid] ** 2).mean()))
+
+
+def _edge_steps(alpha: np.ndarray, near: np.ndarray) -> np.ndarray:
+    """Coverage steps |alpha(p) - alpha(q)| between horizontal and vertical neighbours p, q both in
+    ``near``, at least :data:`EDGE_MIN_STEP`. alpha, near: [F, H, W]. Returns a flat float array."""
+    gx = np.abs(np.diff(alpha, axis=2))[near[:, :, 1:] & near[:, :, :-1]]
+    gy = np.abs(np.diff(alpha, axis=1))[near[:, 1:] & near[:, :-1]]
+    g = np.concatenate([gx, gy])
+    return g[g >= EDGE_MIN_STEP]
+
+
+def _main_blob(solid: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Per frame, the 8-connected blob of ``solid`` [F, H, W] with the most coverage ``alpha``; pixels one
+    apart join (thin anti-aliased tips stay attached). Returns bool [F, H, W]."""
+    out = np.zeros_like(solid)
+    eight = np.ones((3, 3), bool)
+    for f in range(solid.shape[0]):
+        lab, n = label(binary_dilation(solid[f], structure=eight), structure=eight)
+        if n == 0:
+            continue
+        mass = np.bincount(lab[solid[f]], weights=alpha[f][solid[f]], minlength=n + 1)
+        out[f] = solid[f] & (lab == int(np.argmax(mass[1:])) + 1)
+    return out
+
+
+def _ghost_mass(x: np.ndarray, row_mean: np.ndarray, row_spread: np.ndarray, colors: Sequence[np.ndarray],
+                own: np.ndarray) -> float:
+    """Coverage of ``colors`` outside the objects: see :attr:`ClipMeasurement.ghost_ratio`.
+
+    x: [F, H, W, 3] sRGB; row_mean, row_spread: the background class's row model [H, 1, 3]; colors: the
+    detected objects' named colours; own: [F, H, W] pixels that belong to an object (its main blobs dilated
+    by :data:`GHOST_NEIGHBOURHOOD`). Coverage is measured against the row model, not the per-pixel median,
+    so a faint copy that stays in place (what a short schedule leaves of the other layouts it averaged)
+    counts too; a pixel counts only where mixing explains it (residual within :data:`GHOST_RESIDUAL` times the
+    class's spread: another background's colour leaking in is not a copy of the object)."""
+    cover = np.zeros(x.shape[:3], np.float32)
+    limit = GHOST_RESIDUAL * np.sqrt((row_spread ** 2).sum(-1))  # [H, 1]
+    for c in colors:
+        a, resid = _coverage(x, row_mean, c)
+        cover = np.maximum(cover, np.where(resid <= limit[None], a, 0.0))
+    smooth = uniform_filter(cover, size=(1, 3, 3), mode="nearest")
+    cand = (smooth >= GHOST_ALPHA) & ~own
+    eight = np.ones((3, 3), bool)
+    mass = 0.0
+    for f in range(x.shape[0]):
+        lab, n = label(cand[f], structure=eight)
+        if n == 0:
+            continue
+        sizes = np.bincount(lab.ravel())
+        keep = (sizes >= GHOST_MIN_PIXELS)[lab] & (lab > 0)
+        mass += float(smooth[f][keep].sum())
+    return mass
+
+
 def measure_clip(clip) -> ClipMeasurement:
     """Measure background, objects (colour, shape, motion) and temporal consistency from the pixels.
 
@@ -603,6 +753,9 @@ def measure_clip(clip) -> ClipMeasurement:
     fidx = np.nonzero(fg)
     objects: List[DetectedObject] = []
     dropout_terms, pos_terms, size_terms, col_terms, weights = [], [], [], [], []
+    solid_maps: List[np.ndarray] = []  # [F, H, W] bool per object: coverage >= 1/2
+    alpha_maps: List[np.ndarray] = []  # [F, H, W] coverage per object
+    object_colors: List[np.ndarray] = []
     if fidx[0].size:
         p = x[fidx]  # [N, 3]
         b = bgimg[fidx[1], fidx[2]]  # [N, 3]
@@ -685,6 +838,10 @@ def measure_clip(clip) -> ClipMeasurement:
             dropout_terms.append(1.0 - fr.size / nf)
             weights.append(float(m.mean()))
 
+            solid_maps.append(a_map >= 0.5)
+            alpha_maps.append(a_map)
+            object_colors.append(palette[c])
+
             objects.append(DetectedObject(
                 color_probs=dict(zip(COLOR_NAMES, map(float, col_post))),
                 shape_probs=dict(zip(SHAPES, map(float, shape_post))),
@@ -699,9 +856,33 @@ def measure_clip(clip) -> ClipMeasurement:
         terms["color_spread"] = float(np.dot(wt, col_terms))
         terms["dropout"] = float(np.dot(wt, dropout_terms))
     temporal = float(np.exp(-0.5 * sum((v / TEMPORAL_SCALES[k]) ** 2 for k, v in terms.items())))
+
+    # 7. Detail: static background texture, and the coverage steps across each object's edges.
+    texture = _texture_contrast(bgimg, (inl_b & ~fg).mean(axis=0))
+    edge = None
+    ghost_ratio = 0.0
+    if objects:
+        def grow(mask: np.ndarray, px: int) -> np.ndarray:
+            return binary_dilation(mask, structure=np.ones((1, 2 * px + 1, 2 * px + 1), bool))
+
+        steps = []
+        for k, (solid, col) in enumerate(zip(solid_maps, object_colors)):
+            others = np.logical_or.reduce([sm for j, sm in enumerate(solid_maps) if j != k] + [np.zeros_like(solid)])
+            a_full, _ = _coverage(x, bgimg[None], col)
+            steps.append(_edge_steps(a_full, grow(solid, EDGE_NEIGHBOURHOOD) & ~others))
+        g = np.concatenate(steps)
+        edge = float((g * g).sum() / g.sum()) if g.size else 0.0
+        # 8. Ghosting: the objects' colours outside the objects. An object is its largest solid blob per
+        # frame; a second solid blob of its colour (a strong copy) is a ghost too.
+        main = [_main_blob(sm, am) for sm, am in zip(solid_maps, alpha_maps)]
+        own = grow(np.logical_or.reduce(main), GHOST_NEIGHBOURHOOD)
+        ghost = _ghost_mass(x, means[kb], spreads[kb], object_colors, own)
+        main_mass = sum(float((am * grow(mb, 1)).sum()) for am, mb in zip(alpha_maps, main))
+        ghost_ratio = ghost / max(main_mass, 1e-6)
     return ClipMeasurement(objects=tuple(objects),
                            background_probs=dict(zip(BACKGROUNDS, map(float, bg_post))),
-                           temporal=temporal, temporal_terms=terms)
+                           temporal=temporal, temporal_terms=terms, edge_sharpness=edge,
+                           texture_contrast=texture, ghost_ratio=float(ghost_ratio))
 
 
 def ideal_measurement(spec: "scenes.SceneSpec") -> ClipMeasurement:
@@ -741,9 +922,16 @@ class EvalResult:
 
     Attributes:
         shape, color, background, motion, temporal: per-criterion scores (see the module docstring).
-        overall: ``temporal * sum(WEIGHTS[k] * score_k)``.
+        ghost_free: ``1 - ghost_ratio`` (clipped to [0, 1]): the share of the objects' coverage that is
+            not smeared outside them.
+        detail: with a ground-truth reference, the share of its detail the clip keeps (mean of the edge
+            sharpness and texture contrast ratios, each capped at 1; see :func:`detail_score`); None
+            without a reference.
+        overall: ``temporal * ghost_free * sum(w_k * score_k)``: :data:`WEIGHTS` without a reference,
+            :data:`WEIGHTS_WITH_DETAIL` (detail included) with one.
         prompt: the parsed prompt.
         measurement: what was read from the pixels.
+        detail_parts: ``{"edge_sharpness": ratio, "texture_contrast": ratio}``, the parts that apply.
     """
 
     shape: float
@@ -754,16 +942,56 @@ class EvalResult:
     overall: float
     prompt: PromptAttributes
     measurement: ClipMeasurement = field(repr=False)
+    ghost_free: float = 1.0
+    detail: Optional[float] = None
+    detail_parts: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def scores(self) -> Dict[str, float]:
-        """Per-criterion scores and ``overall``, name -> value."""
-        return {"shape": self.shape, "color": self.color, "background": self.background,
-                "motion": self.motion, "temporal": self.temporal, "overall": self.overall}
+        """Per-criterion scores and ``overall``, name -> value (``detail`` only when it was measured)."""
+        out = {"shape": self.shape, "color": self.color, "background": self.background,
+               "motion": self.motion}
+        if self.detail is not None:
+            out["detail"] = self.detail
+        out.update({"ghost_free": self.ghost_free, "temporal": self.temporal, "overall": self.overall})
+        return out
 
     def as_dict(self) -> Dict[str, object]:
-        """Plain-JSON form: scores, parsed prompt, measured attributes."""
-        return {"scores": self.scores, "prompt": self.prompt.as_dict(), "measured": self.measurement.summary()}
+        """Plain-JSON form: scores, detail parts, parsed prompt, measured attributes."""
+        return {"scores": self.scores, "detail_parts": dict(self.detail_parts), "prompt": self.prompt.as_dict(),
+                "measured": self.measurement.summary()}
+
+
+def detail_score(meas: ClipMeasurement, reference: ClipMeasurement) -> Tuple[float, Dict[str, float]]:
+    """How much of the ground truth's detail a clip keeps.
+
+    Two ratios against the ground-truth render of the same scene spec, each capped at 1 (more than
+    the reference is not more detail; excess noise is what PSNR/SSIM and flicker see):
+
+    * ``edge_sharpness``: the clip's :attr:`ClipMeasurement.edge_sharpness` over the reference's (0 when
+      the clip shows no object);
+    * ``texture_contrast``: the same for the static background texture, only when the reference has
+      texture (at least :data:`TEXTURE_MIN`): a plain background has none to lose.
+
+    Args:
+        meas: the clip's measurement. reference: :func:`measure_clip` of the ground-truth render.
+
+    Returns:
+        (mean of the parts that apply, ``{part: ratio}``); (1.0, {}) if none applies (a reference
+        without objects or texture).
+
+    Raises:
+        TypeError: arguments that are not :class:`ClipMeasurement`.
+    """
+    if not isinstance(meas, ClipMeasurement) or not isinstance(reference, ClipMeasurement):
+        raise TypeError("detail_score needs two ClipMeasurement objects (measure_clip of the clip and of its "
+                        "ground-truth render)")
+    parts: Dict[str, float] = {}
+    if reference.edge_sharpness:
+        parts["edge_sharpness"] = min(1.0, (meas.edge_sharpness or 0.0) / reference.edge_sharpness)
+    if reference.texture_contrast >= TEXTURE_MIN:
+        parts["texture_contrast"] = min(1.0, meas.texture_contrast / reference.texture_contrast)
+    return (float(np.mean(list(parts.values()))) if parts else 1.0), parts
 
 
 def _assign(attrs: PromptAttributes, meas: ClipMeasurement) -> List[int]:
@@ -783,11 +1011,14 @@ def _assign(attrs: PromptAttributes, meas: ClipMeasurement) -> List[int]:
     return out
 
 
-def score_measurement(attrs: PromptAttributes, meas: ClipMeasurement) -> EvalResult:
+def score_measurement(attrs: PromptAttributes, meas: ClipMeasurement,
+                      reference: Optional[ClipMeasurement] = None) -> EvalResult:
     """Score a measurement against parsed prompt attributes (the rules in the module docstring).
 
     Args:
         attrs: from :func:`parse_prompt`. meas: from :func:`measure_clip` or :func:`ideal_measurement`.
+        reference: :func:`measure_clip` of the ground-truth render of the prompt's scene spec; with it the
+            detail criterion is scored and joins ``overall`` (:data:`WEIGHTS_WITH_DETAIL`).
 
     Returns:
         :class:`EvalResult`; every score in [0, 1].
@@ -798,6 +1029,9 @@ def score_measurement(attrs: PromptAttributes, meas: ClipMeasurement) -> EvalRes
     if not isinstance(attrs, PromptAttributes) or not isinstance(meas, ClipMeasurement):
         raise TypeError("score_measurement needs (PromptAttributes, ClipMeasurement); "
                         "use parse_prompt() and measure_clip()")
+    if reference is not None and not isinstance(reference, ClipMeasurement):
+        raise TypeError(f"reference must be a ClipMeasurement (measure_clip of the ground-truth render), "
+                        f"got {type(reference).__name__}")
     background = float(meas.background_probs[attrs.background])
     if meas.objects:
         match = _assign(attrs, meas)
@@ -809,17 +1043,28 @@ def score_measurement(attrs: PromptAttributes, meas: ClipMeasurement) -> EvalRes
     else:
         shape = color = motion = 0.0
     parts = {"shape": shape, "color": color, "background": background, "motion": motion}
-    overall = meas.temporal * sum(WEIGHTS[k] * parts[k] for k in CRITERIA)
+    weights = WEIGHTS
+    detail, detail_parts = None, {}
+    if reference is not None:
+        detail, detail_parts = detail_score(meas, reference)
+        parts["detail"] = detail
+        weights = WEIGHTS_WITH_DETAIL
+    ghost_free = float(min(1.0, max(0.0, 1.0 - meas.ghost_ratio)))
+    overall = meas.temporal * ghost_free * sum(weights[k] * parts[k] for k in weights)
     return EvalResult(shape=shape, color=color, background=background, motion=motion, temporal=meas.temporal,
-                      overall=float(min(1.0, max(0.0, overall))), prompt=attrs, measurement=meas)
+                      overall=float(min(1.0, max(0.0, overall))), prompt=attrs, measurement=meas,
+                      ghost_free=ghost_free, detail=detail, detail_parts=detail_parts)
 
 
-def evaluate(clip, prompt: str) -> EvalResult:
-    """Score a clip against its prompt text.
+def evaluate(clip, prompt: str, reference=None) -> EvalResult:
+    """Score a clip against its prompt text (and, for detail, against its ground truth).
 
     Args:
         clip: array-like [F, H, W, 3], uint8 0..255 or float in [0, 1] (e.g. the model's decoded frames).
         prompt: the caption the clip was generated from.
+        reference: optional ground truth of the prompt's scene spec: its render (``scenes.render(spec)``,
+            same forms as ``clip``) or that render's :func:`measure_clip` (to measure it once for several
+            clips). With it the detail criterion is scored and joins ``overall``.
 
     Returns:
         :class:`EvalResult` with per-criterion scores, ``overall`` in [0, 1], the parsed prompt and the
@@ -829,26 +1074,33 @@ def evaluate(clip, prompt: str) -> EvalResult:
         ValueError, TypeError: see :func:`parse_prompt` and :func:`measure_clip`.
     """
     attrs = parse_prompt(prompt)
-    return score_measurement(attrs, measure_clip(clip))
+    if reference is not None and not isinstance(reference, ClipMeasurement):
+        reference = measure_clip(reference)
+    return score_measurement(attrs, measure_clip(clip), reference)
 
 
-def evaluate_many(clips: Sequence, prompts: Sequence[str]) -> Dict[str, float]:
+def evaluate_many(clips: Sequence, prompts: Sequence[str], references: Optional[Sequence] = None) -> Dict[str, float]:
     """Mean of each score over clip/prompt pairs.
 
     Args:
         clips: sequence (or array [N, F, H, W, 3]) of clips; prompts: the same number of strings.
+        references: optional, one ground-truth render (or its measurement) per clip (see :func:`evaluate`).
 
     Returns:
-        ``{"shape", "color", "background", "motion", "temporal", "overall", "n"}`` -> mean (``n`` = count).
+        ``{"shape", "color", "background", "motion", ["detail",] "ghost_free", "temporal", "overall", "n"}``
+        -> mean (``n`` = count; ``detail`` with references).
 
     Raises:
         ValueError: different counts or no pairs; otherwise as :func:`evaluate`.
     """
-    if len(clips) != len(prompts):
-        raise ValueError(f"got {len(clips)} clips but {len(prompts)} prompts; pass one prompt per clip")
+    if len(clips) != len(prompts) or (references is not None and len(references) != len(prompts)):
+        raise ValueError(f"got {len(clips)} clips, {len(prompts)} prompts and "
+                         f"{'no' if references is None else len(references)} references; pass one prompt per "
+                         "clip (and one reference per clip, if any)")
     if len(prompts) == 0:
         raise ValueError("no clips to evaluate")
-    rows = [evaluate(c, p).scores for c, p in zip(clips, prompts)]
+    refs = [None] * len(prompts) if references is None else references
+    rows = [evaluate(c, p, r).scores for c, p, r in zip(clips, prompts, refs)]
     out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
     out["n"] = float(len(rows))
     return out

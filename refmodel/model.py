@@ -73,6 +73,7 @@ __all__ = [
     "default_model_dir",
     "load_reference_model",
     "read_model_config",
+    "reference_scene_kwargs",
     "pixels_to_model",
     "model_to_pixels",
     "ModelFilesError",
@@ -353,6 +354,39 @@ def read_model_config(model_dir: Optional[Union[str, Path]] = None) -> Dict[str,
         if key not in cfg:
             raise ModelFilesError(f"{p} lacks the {key!r} section")
     return cfg
+
+
+def reference_scene_kwargs(cfg: Dict[str, Any]) -> Dict[str, float]:
+    """Keyword arguments of :func:`.scenes.sample_dataset` that draw the ground truth of a model's prompts.
+
+    The scene distribution the model was trained to produce (``cfg["scene_distribution"]``, written by
+    ``train/train_reference.py``: layout knobs and background grain, see :data:`.scenes.DISTRIBUTIONS`);
+    a folder without that section (reference_v1) gets the layouts its held-out stream always used
+    (``position_jitter=1``, no snap) and no grain. Captions never depend on these knobs, so the prompts
+    of a stream are the same sentences for every model; only the ground-truth clips differ.
+
+    Args:
+        cfg: a parsed ``config.json`` (:func:`read_model_config`, or ``model.reference_config``).
+
+    Returns:
+        ``{"position_jitter": float, "position_snap": float, "background_grain": float}``.
+
+    Raises:
+        ModelFilesError: a "scene_distribution" section that is not an object or has a value out of range
+            (jitter in [0, 1], snap in [0, 8] px, grain in [0, 20] sRGB).
+    """
+    section = cfg.get("scene_distribution", None)
+    if section is None:
+        return {"position_jitter": 1.0, "position_snap": 0.0, "background_grain": 0.0}
+    limits = {"position_jitter": 1.0, "position_snap": 8.0, "background_grain": 20.0}
+    out = {}
+    for key, hi in limits.items():
+        v = section.get(key) if isinstance(section, dict) else None
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= float(v) <= hi:
+            raise ModelFilesError(f"config.json 'scene_distribution' must be an object with {', '.join(limits)} "
+                                  f"(numbers in [0, {', '.join(f'{x:g}' for x in limits.values())}]); got {section!r}")
+        out[key] = float(v)
+    return out
 
 
 def load_reference_model(model_dir: Optional[Union[str, Path]] = None, device: Union[str, torch.device] = "cpu"

@@ -41,9 +41,21 @@ WARM_SEED = 7_000_002
 VALIDATION_SEED = 7_000_003
 
 
-def heldout_prompts(n: int, seed: int = HELDOUT_SEED, two_shape_prob: float = 0.2) -> List[Tuple[scenes.SceneSpec, str]]:
-    """``n`` held-out (scene, caption) pairs from a seed stream the training never used."""
-    return scenes.sample_dataset(seed, n, two_shape_prob=two_shape_prob)
+def heldout_prompts(n: int, seed: int = HELDOUT_SEED, two_shape_prob: float = 0.2,
+                    **scene_kwargs: float) -> List[Tuple[scenes.SceneSpec, str]]:
+    """``n`` held-out (scene, caption) pairs from a seed stream the training never used.
+
+    Args:
+        n: number of pairs. seed: the stream (:data:`HELDOUT_SEED`, :data:`VALIDATION_SEED`, ...).
+        two_shape_prob: share of two-object scenes (training's).
+        scene_kwargs: layout and grain knobs of :func:`.scenes.sample_dataset` (a model's
+            ``refmodel.model.reference_scene_kwargs``), so the scene specs are the ground truth that model
+            was trained to draw; the captions do not depend on them.
+
+    Raises:
+        ValueError: as :func:`.scenes.sample_dataset`.
+    """
+    return scenes.sample_dataset(seed, n, two_shape_prob=two_shape_prob, **scene_kwargs)
 
 
 def _entities(extractor, text: str) -> List[str]:

@@ -20,6 +20,18 @@ is the radius of the circle circumscribing it, in pixels.
 Shape colours that would be hard to see on a background (sRGB distance below
 :data:`MIN_CONTRAST` from any of the background's reference colours) are never sampled on it; see
 :data:`ALLOWED_COLORS`.
+
+**Scene distributions** (:data:`DISTRIBUTIONS`, keyword arguments of :func:`sample_scene` /
+:func:`sample_dataset`): version 1, what ``models/reference_v1`` was trained on, is one canonical layout
+per caption (``position_jitter=0``) on v1's backgrounds: the caption fixes the clip up to the grass and
+sand textures, so a sampler's paths are nearly straight and two steps give full quality. Version 2 keeps
+the canonical layouts and covers every background with a static luminance grain (``background_grain``
+sRGB units of standard deviation, drawn from the texture seed): fine detail that the caption leaves
+open, so one caption has many valid clips that differ in exactly what a short sampling schedule
+averages away (its last step predicts the mean texture the noisy input still allows: flat). Random
+layouts were tried first for v2 and dropped (the reference_v2 model card says why). Captions depend on
+none of these knobs: seed ``(s, i)`` gives the same caption in every version, so the held-out prompts are
+the same sentences for every model.
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ __all__ = [
     "DEFAULT_FRAMES",
     "DEFAULT_HEIGHT",
     "DEFAULT_WIDTH",
+    "DISTRIBUTIONS",
     "ObjectTrack",
     "SceneSpec",
     "sample_scene",
@@ -132,6 +145,14 @@ MOTION_VERBS: Dict[str, Tuple[Tuple[str, str], ...]] = {
 # Size classes for translating scenes: radius range in pixels at the default 32x32 frame.
 SIZE_WORDS: Dict[str, Tuple[float, float]] = {"small": (5.0, 6.0), "large": (7.5, 8.5)}
 
+#: Scene distributions by version: keyword arguments of :func:`sample_scene` (see the module docstring).
+#: Version 1 is reference_v1's training distribution; its held-out benchmark stream used random layouts
+#: (``position_jitter=1``) on the same backgrounds.
+DISTRIBUTIONS: Dict[int, Dict[str, float]] = {
+    1: {"position_jitter": 0.0, "position_snap": 0.0, "background_grain": 0.0},
+    2: {"position_jitter": 0.0, "position_snap": 0.0, "background_grain": 6.0},
+}
+
 _SUPERSAMPLE = 4  # sub-pixel grid per axis for anti-aliased coverage
 _EDGE = 1.0  # pixels kept between a shape's circumscribed circle and the frame edge
 
@@ -183,7 +204,9 @@ class SceneSpec:
         motion: one of :data:`MOTIONS`.
         size: ``"small"``, ``"large"`` or ``None`` (scaling motions and two-shape scenes have no size class).
         num_frames, height, width: clip geometry (frames, pixels).
-        texture_seed: seed of the background texture noise (grass, sand); unused by other backgrounds.
+        texture_seed: seed of the background texture noise (grass, sand textures and the grain).
+        background_grain: standard deviation (sRGB units) of the static luminance grain on the
+            background, the same in every frame; 0 for none (scene distribution version 1).
     """
 
     objects: Tuple[ObjectTrack, ...]
@@ -194,6 +217,7 @@ class SceneSpec:
     height: int
     width: int
     texture_seed: int = 0
+    background_grain: float = 0.0
     meta: Mapping[str, float] = field(default_factory=dict, compare=False)
 
     @property
@@ -292,7 +316,8 @@ def _track(rng: np.random.Generator, motion: str, radius: float, h: int, w: int,
 def make_scene(shapes: Union[str, Sequence[str]], colors: Union[str, Sequence[str]], background: str, motion: str,
                rng: Union[np.random.Generator, int, None] = 0, *, size: Optional[str] = None,
                num_frames: int = DEFAULT_FRAMES, height: int = DEFAULT_HEIGHT, width: int = DEFAULT_WIDTH,
-               position_jitter: float = 1.0, position_snap: float = 0.0) -> SceneSpec:
+               position_jitter: float = 1.0, position_snap: float = 0.0,
+               background_grain: float = 0.0) -> SceneSpec:
     """Build a scene with the given attributes; positions, travel and texture come from ``rng``.
 
     Args:
@@ -312,13 +337,15 @@ def make_scene(shapes: Union[str, Sequence[str]], colors: Union[str, Sequence[st
             are drawn over their full range and rounded to multiples of it, while radii and travel keep
             following ``position_jitter``. With jitter 0 and snap 4 every shape's footprint sits at the
             same offset to a 4-pixel grid in every clip, but where it sits (which lane) stays random.
+        background_grain: sRGB standard deviation of the background's static luminance grain, in
+            [0, 20] (0: none). It draws no random numbers here, so layouts and captions do not depend on it.
 
     Returns:
         A :class:`SceneSpec`.
 
     Raises:
         ValueError: unknown vocabulary, colour not visible on the background (see :data:`ALLOWED_COLORS`),
-            bad counts, geometry or jitter.
+            bad counts, geometry, jitter or grain.
     """
     g = _rng(rng)
     shapes_t = (shapes,) if isinstance(shapes, str) else tuple(shapes)
@@ -343,6 +370,8 @@ def make_scene(shapes: Union[str, Sequence[str]], colors: Union[str, Sequence[st
         raise ValueError(f"position_jitter must be in [0, 1], got {position_jitter}")
     if not 0.0 <= float(position_snap) <= min(height, width) / 4:
         raise ValueError(f"position_snap must be in [0, {min(height, width) / 4:g}] pixels, got {position_snap}")
+    if not 0.0 <= float(background_grain) <= 20.0:
+        raise ValueError(f"background_grain must be in [0, 20] sRGB units, got {background_grain}")
     jit, snap = float(position_jitter), float(position_snap)
     scale = min(height, width) / 32.0
     translating = motion in ("left", "right", "up", "down")
@@ -370,19 +399,21 @@ def make_scene(shapes: Union[str, Sequence[str]], colors: Union[str, Sequence[st
             objects.append(ObjectTrack(shapes_t[k], colors_t[k], centers, radii))
     return SceneSpec(objects=tuple(objects), background=background, motion=motion, size=size,
                      num_frames=num_frames, height=height, width=width,
-                     texture_seed=int(g.integers(0, 2**31 - 1)))
+                     texture_seed=int(g.integers(0, 2**31 - 1)), background_grain=float(background_grain))
 
 
 def sample_scene(rng: Union[np.random.Generator, int, None] = None, *, two_shape_prob: float = 0.2,
                  num_frames: int = DEFAULT_FRAMES, height: int = DEFAULT_HEIGHT,
-                 width: int = DEFAULT_WIDTH, position_jitter: float = 1.0, position_snap: float = 0.0) -> SceneSpec:
+                 width: int = DEFAULT_WIDTH, position_jitter: float = 1.0, position_snap: float = 0.0,
+                 background_grain: float = 0.0) -> SceneSpec:
     """Draw a random scene: uniform shape, motion and background, a colour visible on that background.
 
     Args:
         rng: numpy Generator or int seed; the same seed gives the same scene.
         two_shape_prob: probability of a two-shape scene, in [0, 1].
         num_frames, height, width: clip geometry.
-        position_jitter, position_snap: see :func:`make_scene` (defaults: full random layouts).
+        position_jitter, position_snap, background_grain: see :func:`make_scene` (defaults: full random
+            layouts, no grain); :data:`DISTRIBUTIONS` lists the versions the reference models use.
 
     Returns:
         A :class:`SceneSpec`.
@@ -404,7 +435,8 @@ def sample_scene(rng: Union[np.random.Generator, int, None] = None, *, two_shape
     else:
         colors = [palette[int(g.integers(len(palette)))]]
     return make_scene(shapes, colors, background, motion, g, num_frames=num_frames, height=height, width=width,
-                      position_jitter=position_jitter, position_snap=position_snap)
+                      position_jitter=position_jitter, position_snap=position_snap,
+                      background_grain=background_grain)
 
 
 def _polygon_inside(px: np.ndarray, py: np.ndarray, vx: np.ndarray, vy: np.ndarray) -> np.ndarray:
@@ -481,8 +513,14 @@ def object_masks(spec: SceneSpec) -> np.ndarray:
 
 
 def render_background(background: str, height: int = DEFAULT_HEIGHT, width: int = DEFAULT_WIDTH,
-                      texture_seed: int = 0) -> np.ndarray:
+                      texture_seed: int = 0, grain: float = 0.0) -> np.ndarray:
     """One background frame.
+
+    Args:
+        background: one of :data:`BACKGROUNDS`. height, width: pixels.
+        texture_seed: seed of the grass and sand textures and of the grain.
+        grain: standard deviation (sRGB units) of a per-pixel luminance grain added to every channel
+            (0: none, as in scene distribution version 1; the textures are then bit-identical to it).
 
     Returns:
         float32 array [H, W, 3] in sRGB units 0..255 (not yet rounded).
@@ -492,14 +530,14 @@ def render_background(background: str, height: int = DEFAULT_HEIGHT, width: int 
     """
     _check_choice("background", background, BACKGROUNDS)
     refs = np.asarray(BACKGROUND_COLORS[background], dtype=np.float32)
+    g = np.random.default_rng(texture_seed)
     if background in ("black", "white", "gray"):
-        return np.broadcast_to(refs[0], (height, width, 3)).astype(np.float32)
-    if background in ("sky", "sunset"):
+        img = np.broadcast_to(refs[0], (height, width, 3)).astype(np.float32)
+    elif background in ("sky", "sunset"):
         t = ((np.arange(height, dtype=np.float32) + 0.5) / height)[:, None, None]
         col = refs[0] * (1 - t) + refs[1] * t
-        return np.broadcast_to(col, (height, width, 3)).astype(np.float32)
-    g = np.random.default_rng(texture_seed)
-    if background == "grass":
+        img = np.broadcast_to(col, (height, width, 3)).astype(np.float32)
+    elif background == "grass":
         # Vertical blades: column-correlated brightness plus fine noise.
         blades = g.normal(0.0, 1.0, size=(1, width, 1)).astype(np.float32)
         fine = g.normal(0.0, 1.0, size=(height, width, 1)).astype(np.float32)
@@ -508,6 +546,8 @@ def render_background(background: str, height: int = DEFAULT_HEIGHT, width: int 
     else:  # sand: speckles
         fine = g.normal(0.0, 1.0, size=(height, width, 1)).astype(np.float32)
         img = refs[0] + 10.0 * fine * np.array([1.0, 0.95, 0.8], dtype=np.float32)
+    if grain > 0.0:  # drawn after the textures, so they do not change with it
+        img = img + float(grain) * g.normal(0.0, 1.0, size=(height, width, 1)).astype(np.float32)
     return np.clip(img, 0.0, 255.0).astype(np.float32)
 
 
@@ -522,7 +562,7 @@ def render(spec: SceneSpec, masks: Optional[np.ndarray] = None) -> np.ndarray:
     Returns:
         uint8 array [F, H, W, 3], sRGB. Static background, objects alpha-composited by anti-aliased coverage.
     """
-    bg = render_background(spec.background, spec.height, spec.width, spec.texture_seed)
+    bg = render_background(spec.background, spec.height, spec.width, spec.texture_seed, spec.background_grain)
     frames = np.broadcast_to(bg, (spec.num_frames, spec.height, spec.width, 3)).astype(np.float32).copy()
     if masks is None:
         masks = object_masks(spec)
@@ -583,8 +623,10 @@ def caption(spec: SceneSpec, rng: Union[np.random.Generator, int, None] = 0) -> 
 
 def sample_dataset(seed: int, n: int, *, two_shape_prob: float = 0.2, num_frames: int = DEFAULT_FRAMES,
                    height: int = DEFAULT_HEIGHT, width: int = DEFAULT_WIDTH,
-                   position_jitter: float = 1.0, position_snap: float = 0.0) -> List[Tuple[SceneSpec, str]]:
-    """``n`` (scene, caption) pairs; item ``i`` depends only on ``(seed, i)`` (its caption not on the layout knobs).
+                   position_jitter: float = 1.0, position_snap: float = 0.0,
+                   background_grain: float = 0.0) -> List[Tuple[SceneSpec, str]]:
+    """``n`` (scene, caption) pairs; item ``i`` depends only on ``(seed, i)`` (its caption not on the layout
+    knobs nor the grain).
 
     Raises:
         ValueError: negative ``seed`` or ``n``.
@@ -595,6 +637,7 @@ def sample_dataset(seed: int, n: int, *, two_shape_prob: float = 0.2, num_frames
     for i in range(n):
         g = np.random.default_rng([seed, i])
         spec = sample_scene(g, two_shape_prob=two_shape_prob, num_frames=num_frames, height=height, width=width,
-                            position_jitter=position_jitter, position_snap=position_snap)
+                            position_jitter=position_jitter, position_snap=position_snap,
+                            background_grain=background_grain)
         out.append((spec, caption(spec, g)))
     return out

@@ -611,6 +611,14 @@ def test_generate_reuse_on_the_command_line(tmp_path, monkeypatch, capsys):
     assert report["totals"]["served_by"] == {"full": 2, "chorus": 1, "chai": 1}
     md = (out / "report.md").read_text()
     assert "| served by | why |" in md and "served by full 2, chorus 1, chai 1" in md
+    # with intra-request caching: the same requests, each with a MixCache step map; keys name the hook
+    cached_out = tmp_path / "cached"
+    assert main([*args[:4], str(cached_out), "--store", str(tmp_path / "cached-store"), *args[7:], "--intra",
+                 "mixcache"]) == 0
+    cached = json.loads((cached_out / "report.json").read_text())
+    assert [r["served_by"] for r in cached["prompts"]] == ["full", "chorus", "chai", "full"]
+    assert all(len(r["hook_reports"]["mixcache"]["map"]) == r["steps"] for r in cached["prompts"])
+    assert "|hooks=mixcache" in cached["run"]["compat_key"]
     capsys.readouterr()
     assert main(args[:-13] + ["--reuse", "chorus", "--mode", "full"]) == 2
     assert "name different modes" in capsys.readouterr().err

@@ -344,7 +344,8 @@ def test_float_and_uint8_inputs_agree_and_results_are_deterministic(dataset):
         assert a.scores == pytest.approx(b.scores, abs=1e-4)
         assert a.scores == c.scores
         d = a.as_dict()
-        assert set(d) == {"scores", "prompt", "measured"} and d["prompt"]["background"] == spec.background
+        assert set(d) == {"scores", "detail_parts", "prompt", "measured"} and d["prompt"]["background"] == spec.background
+        assert d["detail_parts"] == {} and d["measured"]["ghost_ratio"] == pytest.approx(a.measurement.ghost_ratio, abs=1e-4)
 
 
 @pytest.mark.parametrize("clip, match", [
@@ -374,8 +375,10 @@ def test_evaluate_many_checks_counts_and_averages(dataset, matched):
 def test_weights_sum_to_one_and_overall_follows_the_documented_formula(matched):
     assert sum(ev.WEIGHTS.values()) == pytest.approx(1.0)
     for r in matched[:50]:
-        expect = r.temporal * sum(ev.WEIGHTS[k] * r.scores[k] for k in ("shape", "color", "background", "motion"))
+        expect = r.temporal * r.ghost_free * sum(ev.WEIGHTS[k] * r.scores[k]
+                                                 for k in ("shape", "color", "background", "motion"))
         assert r.overall == pytest.approx(expect)
+        assert r.detail is None and "detail" not in r.scores  # no reference: no detail criterion
 
 
 def test_measurement_takes_a_few_milliseconds(dataset):

@@ -107,6 +107,11 @@ def test_queued_batch_runs_on_two_workers_and_reports(pg_url, tmp_path, monkeypa
     try:
         code = main(["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(out), "--store", pg_url,
                      "--model", "tiny", "--captions", "hashed", "--no-progress", "--seed", "3", "--queue"])
+        (tmp_path / "p2.txt").write_text("a green boat, calm lake\n")
+        intra_code = main(["generate", "--prompts", str(tmp_path / "p2.txt"), "--out", str(tmp_path / "out2"),
+                           "--store", pg_url, "--model", "tiny", "--captions", "hashed", "--no-progress", "--queue",
+                           "--full-steps", "12", "--intra", "mixcache", "--warmup-steps", "2",
+                           "--trigger-threshold", "1e5", "--step-threshold", "1e5"])
     finally:
         stop.set()
         for w in workers:
@@ -122,7 +127,12 @@ def test_queued_batch_runs_on_two_workers_and_reports(pg_url, tmp_path, monkeypa
     assert sorted(p.name for p in out.glob("*.mp4")) == sorted(r["video"] for r in rows.values())
     assert "Queued batch" in (out / "report.md").read_text()
     with PostgresStore(pg_url) as store:
-        assert len(store) == 2 and store.stats().hits == 3
+        assert len(store) == 3 and store.stats().hits == 3  # the intra batch's miss is the third entry
+    # a queued batch runs the intra-request cache it was submitted with
+    assert intra_code == 0
+    row, = json.loads((tmp_path / "out2" / "report.json").read_text())["prompts"]
+    assert len(row["hook_reports"]["mixcache"]["map"]) == 12 and "S" in row["hook_reports"]["mixcache"]["map"]
+    assert row["compat_key"].endswith("|hooks=mixcache")
     assert main(["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(out), "--store", str(tmp_path / "f"),
                  "--queue", "--no-wait"]) == 2  # a folder store has no queue
 

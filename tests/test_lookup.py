@@ -258,3 +258,54 @@ def test_default_threshold_matches_the_vbench_calibration(real_models):
     assert at_default.precision >= 0.85
     loose = min(sweep.rows, key=lambda r: abs(r.threshold - 0.5))
     assert loose.precision < at_default.precision  # the calibration discriminates
+
+
+def test_agreement_rule_reads_closed_class_words():
+    from comfyui_chai.cache.agreement import closed_class_words, contradicts
+
+    assert contradicts("white background", "black background")
+    assert contradicts("a red circle", "the blue circles")  # plural head, articles ignored
+    assert not contradicts("grey cat", "gray cat")  # synonyms agree
+    assert not contradicts("white background", "white sky")  # another head noun: not this rule's call
+    assert not contradicts("cat", "black cat") and not contradicts("black cat", "cat")  # one side names no colour
+    assert not contradicts("red and white flag", "white flag")  # share a colour
+    assert closed_class_words("a light grey cat") == {"colour": frozenset({"gray"})}
+    assert closed_class_words("a cat") == {}
+
+
+def test_modifier_agreement_refuses_a_contradicting_colour(tmp_path):
+    """'white background' sits at cosine 0.9 of 'black background' (above the 0.8 threshold): the gate
+    refuses that match and serves the next agreeing entry; with the gate off the contradicting one wins."""
+    table = {"black background": unit(1, 0, 0), "white background": unit(0.9, np.sqrt(1 - 0.81), 0),
+             "pale background": unit(0.9, 0, 0.44)}  # cosine 0.81 with white
+    embedder = TableEmbedder(table)
+    with LatentStore(tmp_path / "s", dim=DIM) as store:
+        gated = CacheLookup(store, CommaExtractor(), embedder, LookupConfig(threshold=0.8))
+        black = insert(gated, "black background", 1.0)
+        result = gated.lookup("white background", "K")
+        assert not result.hit and result.refused == [("white background", "black background")]
+        assert gated.preview(gated.query("white background"))["matched"] is None
+        pale = insert(gated, "pale background", 2.0)  # no colour word: agrees with anything
+        served = gated.lookup("white background", "K")
+        assert served.hit and served.entry_id == pale and served.refused
+        open_gate = gated.with_config(modifier_agreement=False)
+        assert open_gate.lookup("white background", "K").entry_id == black
+        assert open_gate.config.fingerprint() != gated.config.fingerprint()
+
+
+def test_agreement_bench_counts_what_the_gate_refuses(tmp_path, real_models):
+    """On scene captions the open gate serves colour-contradicting entities ('white background' gets
+    'gray background'); the closed gate serves none and keeps nearly every hit."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "agreement_bench.py"
+    spec = importlib.util.spec_from_file_location("agreement_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--validation", "--prompts", "60", "--out", str(tmp_path)]) == 0
+    off, on = json.loads((tmp_path / "agreement_bench.json").read_text())["rows"]
+    assert (off["modifier_agreement"], on["modifier_agreement"]) == (False, True)
+    assert off["contradicting_hits"] >= 3 and on["contradicting_hits"] == 0
+    assert on["hits"] >= off["hits"] - 3

@@ -92,13 +92,13 @@ def run_prompt(tiny, cache, prompt, seed=1, **kw):
 
 
 def test_pack_imports_without_comfyui():
-    """Without ComfyUI the pack imports, lists its 13 nodes through its V3 entry point (the stand-in
+    """Without ComfyUI the pack imports, lists its 14 nodes through its V3 entry point (the stand-in
     API), and defines no NODE_CLASS_MAPPINGS (ComfyUI would then ignore comfy_entrypoint)."""
     code = ("import asyncio, sys, comfyui_chai; import comfyui_chai.nodes as n; "
             "bad = [m for m in ('comfy', 'comfy_api', 'folder_paths', 'server', 'execution') if m in sys.modules]; "
             "assert not bad, bad; assert not hasattr(comfyui_chai, 'NODE_CLASS_MAPPINGS'); "
             "ext = asyncio.run(comfyui_chai.comfy_entrypoint()); nodes = asyncio.run(ext.get_node_list()); "
-            "assert len(nodes) == len(n.NODES) == 13 and nodes == n.NODE_LIST; "
+            "assert len(nodes) == len(n.NODES) == 14 and nodes == n.NODE_LIST; "
             "assert comfyui_chai.WEB_DIRECTORY == './web'; print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr

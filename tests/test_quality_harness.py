@@ -58,8 +58,9 @@ def test_registered_modes_and_hooks_plug_into_the_harness_by_name(ref, monkeypat
         def __init__(self, result):
             self.scores = {**result.scores, "sharpness": 0.25}
 
-    def with_new_criterion(clip, prompt):
-        return Grown(real(clip, prompt))
+    def with_new_criterion(clip, prompt, reference=None):
+        assert reference is not None  # the harness scores detail against the ground-truth render
+        return Grown(real(clip, prompt, reference))
 
     monkeypatch.setattr(evaluator, "evaluate", with_new_criterion)
     M.register_mode(HalfPlain())
@@ -91,14 +92,38 @@ def test_quality_bench_command_line(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "q"
-    assert bench.main(["--modes", "plain2,chai2", "--prompts", "1", "--seed", "123", "--out", str(out),
+    assert bench.main(["--modes", "plain2,chai2", "--prompts", "2", "--seed", "123", "--out", str(out),
                        "--no-lookup"]) == 0
     data = json.loads((out / "quality_bench.json").read_text())
     assert list(data["modes"]) == ["full30", "plain2", "chai2"] and data["stream_seed"] == 123
-    assert data["n_prompts"] == 1 and data["modes"]["chai2"]["lookup_hits"] == 1
+    assert data["n_prompts"] == 2 and data["modes"]["chai2"]["lookup_hits"] == 2
+    full, plain = data["modes"]["full30"], data["modes"]["plain2"]
+    # fidelity: the reference is identical to itself; 2 steps differ from 30 from the same noise
+    assert full["psnr_db_vs_full"] is None and full["ssim_vs_full"] == 1.0
+    assert 10.0 < plain["psnr_db_vs_full"] < 80.0 and 0.0 < plain["ssim_vs_full"] < 1.0
+    assert plain["frechet_vs_ground_truth"] >= 0.0 and "detail" in plain and plain["overall_se"] >= 0.0
     assert {"overall", "shape", "latency_ms", "speedup_vs_full", "delta_overall_vs_full"} <= set(data["modes"]["plain2"])
     assert (out / "quality_bench.png").read_bytes()[:4] == b"\x89PNG" and (out / "quality_samples.png").is_file()
     with pytest.raises(SystemExit):
         bench.main(["--modes", "turbo8", "--out", str(out)])
     with pytest.raises(SystemExit):
         bench.main(["--validation", "--seed", "3", "--out", str(out)])
+
+
+def test_the_hermetic_pairing_lookup_finds_every_pair_among_hundreds(tmp_path):
+    """Every test prompt is served its own warm prompt's entry (one-hot keys left HNSW a third of them)."""
+    from comfyui_chai.cache.backend import open_store
+    from comfyui_chai.cache.lookup import CacheLookup, LookupConfig
+    from comfyui_chai.pipeline.quality import _PairKeys
+
+    pairs = [(f"test prompt {i}", f"warm prompt {i}") for i in range(300)]
+    keys = _PairKeys(pairs)
+    with open_store(tmp_path / "store", dim=keys.dim) as store:
+        lookup = CacheLookup(store, keys, keys, LookupConfig())
+        ids = {}
+        for i, (_test, warm) in enumerate(pairs):
+            result = lookup.lookup(warm, "k", load=False)
+            ids[i] = lookup.insert(result, {"step_2": torch.full((2,), float(i))}, {})
+        for i, (test, _warm) in enumerate(pairs):
+            result = lookup.lookup(test, "k")
+            assert result.hit and result.entry_id == ids[i], i

@@ -23,6 +23,7 @@ from comfyui_chai.pipeline.settings import (
     AttentionSettings,
     ChorusSettings,
     LookupSettings,
+    MixCacheSettings,
     RequestSettings,
     ScheduleSettings,
     compat_key,
@@ -88,8 +89,11 @@ def test_settings_resolve_in_one_documented_order():
     assert plain == RequestSettings() and plain.schedule == ScheduleSettings()
     assert (plain.schedule.full_steps, plain.schedule.fast_steps, plain.schedule.cfg_scale) == (30, 8, 7.0)
     assert plain.attention == AttentionSettings() and plain.lookup == LookupSettings()
-    # one name per knob, everywhere: CHAI's flat config plus Chorus's own
-    assert set(SETTING_FIELDS) == set(CacheAttentionConfig().to_dict()) | set(asdict(ChorusSettings()))
+    # one name per knob, everywhere: CHAI's flat config, Chorus's own and the intra-request caches' (none shared)
+    chai, chorus = set(CacheAttentionConfig().to_dict()), set(asdict(ChorusSettings()))
+    mix = set(MixCacheSettings().to_dict())
+    assert set(SETTING_FIELDS) == chai | chorus | mix
+    assert not (chai & chorus or chai & mix or chorus & mix)
     model = {"cfg_scale": 1.5, "full_steps": 30, "mode": "concat"}
     # model defaults over built-ins; user layers over the model, later over earlier; None is "not given"
     s = resolve_settings(model, {"cfg_scale": 4.0, "fast_steps": None}, {"cfg_scale": 2.0, "branches": "both"})
@@ -109,6 +113,15 @@ def test_settings_resolve_in_one_documented_order():
     assert other.lookup.fingerprint() != s.lookup.fingerprint() and other.schedule == s.schedule
     assert other.store_fingerprint() == s.store_fingerprint() and other.fingerprint() != s.fingerprint()
     assert s.updated({"capture_dtype": "float32"}).store_fingerprint() != s.store_fingerprint()
+    # Intra-request cache knobs: their own part and fingerprint; a miss stores the same tensors under any of them.
+    mix = s.updated({"step_threshold": 0.3, "granularities": "step"})
+    assert mix.mixcache == MixCacheSettings(step_threshold=0.3, granularities=("step",))
+    assert mix.store_fingerprint() == s.store_fingerprint() and mix.fingerprint() != s.fingerprint()
+    assert mix.cache_attention_config() == s.cache_attention_config()
+    with pytest.raises(ValueError, match="granularities"):
+        resolve_settings(None, {"granularities": ("step", "tokens")})
+    with pytest.raises(ValueError, match="warmup_steps"):
+        resolve_settings(None, {"warmup_steps": 0})
     assert s.schedule.fingerprint() == "SCHED_N30_F8_G2_float16"
     assert s.attention.fingerprint() == "ATTN_C2-3-4_B0_concat_both"
     assert json.loads(json.dumps(s.to_dict()))["attention"]["cache_steps"] == [2, 3, 4]

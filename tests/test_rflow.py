@@ -23,6 +23,7 @@ from comfyui_chai.opensora.rflow import (
     RFlowSchedule,
     SamplingCancelled,
     StepInfo,
+    current_step,
     make_noise,
     rflow_schedule,
     shift_ratio,
@@ -355,3 +356,37 @@ def test_make_noise_is_seeded_and_leaves_global_rng_alone():
     assert abs(float(make_noise((4, 4, 8, 8, 8), seed=1).std()) - 1.0) < 0.05
     with pytest.raises(ValueError):
         make_noise((1, 0, 2), seed=1)
+
+
+def test_current_step_is_published_around_each_model_call_only():
+    z, y, mask, null = _small_inputs()
+    seen = []
+
+    class Model(_ConstModel):
+        def __call__(self, x, t, y_in, **kwargs):
+            seen.append(current_step())
+            return super().__call__(x, t, y_in, **kwargs)
+
+    model = Model(torch.ones(1, 4, 2, 3, 5), torch.zeros(1, 4, 2, 3, 5))
+    sampler = RFlow(num_sampling_steps=6)
+    plain = sampler.sample(model, z, y=y, y_mask=mask, y_null=null, height=240, width=426, num_frames=51)
+    assert current_step() is None  # outside the model call
+    assert [s.index for s in seen] == list(range(6)) and all(s.total == 6 for s in seen)
+    assert not any(s.exact for s in seen)
+    seen.clear()
+    states = []
+    marked = sampler.sample(model, z, y=y, y_mask=mask, y_null=null, height=240, width=426, num_frames=51,
+                            exact_steps=[0, 3], callback=states.append)
+    assert [s.exact for s in seen] == [True, False, False, True, False, False]
+    assert [s.info.exact for s in states] == [True, False, False, True, False, False]
+    assert torch.equal(plain, marked)  # the flag is information for hooks; the sampler computes the same
+    assert current_step() is None
+
+    class Failing(_ConstModel):
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        sampler.sample(Failing(torch.ones(1, 4, 2, 3, 5), torch.zeros(1, 4, 2, 3, 5)), z, y=y, y_mask=mask,
+                       y_null=null, height=240, width=426, num_frames=51)
+    assert current_step() is None  # reset also on error

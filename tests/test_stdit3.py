@@ -465,3 +465,65 @@ def test_model_loaded_under_inference_mode_runs(tiny_config):
         out = model(x, torch.tensor([500.0]), y, mask=mask, fps=24, height=32, width=32)
         again = model(x, torch.tensor([500.0]), y, mask=mask, fps=24, height=32, width=32)
     assert torch.equal(out, again) and torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------- block runner
+
+
+def test_block_runner_over_every_span_is_bit_exact_and_only_while_installed(case1, tiny):
+    spec, tensors = case1
+    ref = _call(tiny, spec, tensors)
+    depth = len(tiny.spatial_blocks)
+    seen = []
+
+    def whole(h, blocks):
+        seen.append((tuple(h.shape), blocks.depth))
+        return blocks.run(h)
+
+    def split(h, blocks):  # the same pairs in two spans
+        return blocks.run(blocks.run(h, 0, 1), 1, depth)
+
+    for runner in (whole, split):
+        with tiny.block_runner(runner):
+            assert torch.equal(_call(tiny, spec, tensors), ref)
+    assert tiny._block_runner is None
+    assert seen and seen[0][1] == depth and seen[0][0][-1] == tiny.hidden_size
+
+    def skip_all(h, blocks):  # no block at all: the output changes
+        return h
+
+    with tiny.block_runner(skip_all):
+        assert not torch.allclose(_call(tiny, spec, tensors), ref)
+    assert torch.equal(_call(tiny, spec, tensors), ref)
+
+    def boom(h, blocks):
+        raise RuntimeError("runner failed")
+
+    with pytest.raises(RuntimeError, match="runner failed"):
+        with tiny.block_runner(boom):
+            _call(tiny, spec, tensors)
+    assert tiny._block_runner is None
+    with pytest.raises(TypeError):
+        with tiny.block_runner(None):
+            pass
+
+
+def test_block_stack_runs_the_first_rows_alone_and_gives_the_modulated_input(case1, tiny):
+    spec, tensors = case1
+    got = {}
+
+    def runner(h, blocks):
+        got["all"] = blocks.run(h)
+        got["first"] = blocks.run(h[:1])
+        got["mod"] = blocks.modulated_input(h)
+        with pytest.raises(ValueError, match="outside"):
+            blocks.run(h, 0, blocks.depth + 1)
+        return got["all"]
+
+    with tiny.block_runner(runner):
+        _call(tiny, spec, tensors)
+    assert tensors["x"].shape[0] > 1
+    torch.testing.assert_close(got["first"], got["all"][:1], atol=1e-5, rtol=1e-5)
+    b, _, t, hh, ww = tensors["x"].shape
+    tg, hg, wg = tiny.patch_grid((t, hh, ww))
+    assert got["mod"].shape == (b * tg, hg * wg, tiny.hidden_size)

@@ -43,7 +43,7 @@ TWINS = {
 #: Node ids the saved workflows use: renaming one breaks every workflow users saved.
 NODE_IDS = {"CHAI_LoadSTDiT3", "CHAI_LoadVAE", "CHAI_LoadTextEncoder", "CHAI_PromptList", "CHAI_TextEncode",
             "CHAI_EntityExtractor", "CHAI_Cache", "CHAI_CacheLookup", "CHAI_CacheAttentionSettings", "CHAI_Sampler",
-            "CHAI_VAEDecode", "CHAI_CacheState", "CHAI_ChorusSettings"}
+            "CHAI_VAEDecode", "CHAI_CacheState", "CHAI_IntraCacheSettings", "CHAI_ChorusSettings"}
 VIRTUAL_UI_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}  # frontend-only, never sent to the server
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 

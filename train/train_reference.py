@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(1 = full, 0 = one canonical layout per caption: the caption then fixes the clip)")
     p.add_argument("--position-snap", type=float, default=0.0,
                    help="scenes.sample_scene position_snap: positions on a grid of this many pixels (0 = off)")
+    p.add_argument("--background-grain", type=float, default=0.0,
+                   help="scenes.sample_scene background_grain: sRGB std of the static background grain (0 = none, "
+                        "scene distribution v1; v2 uses 6, see scenes.DISTRIBUTIONS)")
     p.add_argument("--uniform-frac", type=float, default=0.2,
                    help="share of noise levels drawn uniformly (the rest logit-normal)")
     p.add_argument("--ln-mean", type=float, default=1.2, help="logit-normal mean of the noise level s")
@@ -123,6 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--position-jitter must be in [0, 1]")
     if not 0.0 <= a.position_snap <= 8.0:
         p.error("--position-snap must be in [0, 8] pixels")
+    if not 0.0 <= a.background_grain <= 20.0:
+        p.error("--background-grain must be in [0, 20] sRGB units")
     if a.object_weight < 0.0:
         p.error("--object-weight must be >= 0")
     if not 0.0 < a.loss_sigma_floor < 1.0:
@@ -138,7 +143,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def batch_for_step(step: int, batch_size: int, seed: int, two_shape_prob: float,
-                   position_jitter: float = 1.0, position_snap: float = 0.0, with_objects: bool = False):
+                   position_jitter: float = 1.0, position_snap: float = 0.0, with_objects: bool = False,
+                   background_grain: float = 0.0):
     """Clips [B, F, H, W, 3] uint8 and captions of optimizer step ``step`` (deterministic).
 
     With ``with_objects`` a third element is returned: float32 [B, F, H, W] in [0, 1], the pixels within one
@@ -150,7 +156,7 @@ def batch_for_step(step: int, batch_size: int, seed: int, two_shape_prob: float,
         g = np.random.default_rng([seed, i])
         spec = scenes.sample_scene(g, two_shape_prob=two_shape_prob, num_frames=CLIP.num_frames,
                                    height=CLIP.height, width=CLIP.width, position_jitter=position_jitter,
-                                   position_snap=position_snap)
+                                   position_snap=position_snap, background_grain=background_grain)
         masks = scenes.object_masks(spec) if with_objects else None
         vids.append(scenes.render(spec, masks))
         caps.append(scenes.caption(spec, g))
@@ -344,12 +350,15 @@ def export(out_dir: Path, ema, step: int, elapsed: float, args, rows: List[dict]
         "prediction": "x0",
         "sampler": dict(SAMPLER),
         "cache_attention": dict(CACHE_ATTENTION),
+        "scene_distribution": {"two_shape_prob": args.two_shape_prob, "position_jitter": args.position_jitter,
+                               "position_snap": args.position_snap, "background_grain": args.background_grain},
         "text_encoder": {"name": "sentence-transformers/all-MiniLM-L6-v2", "output": "last_hidden_state",
                          "max_length": REFERENCE_CONFIG["model_max_length"], "padding": "zeros + attention mask"},
         "training": {
             "steps": step, "batch_size": args.batch_size, "peak_lr": args.lr, "warmup": args.warmup,
             "ema": args.ema, "seed": args.seed, "two_shape_prob": args.two_shape_prob,
             "position_jitter": args.position_jitter, "position_snap": args.position_snap,
+            "background_grain": args.background_grain,
             "uniform_frac": args.uniform_frac, "logit_normal": [args.ln_mean, args.ln_std],
             "object_weight": args.object_weight, "loss_sigma_floor": args.loss_sigma_floor,
             "elapsed_s": round(elapsed, 1), "device": args.device, "threads": args.threads,
@@ -431,7 +440,8 @@ def main(argv=None) -> int:
     weighted = args.object_weight > 0.0
     while step < args.steps:
         vids, caps, *covers = batch_for_step(step, args.batch_size, args.seed, args.two_shape_prob,
-                                             args.position_jitter, args.position_snap, with_objects=weighted)
+                                             args.position_jitter, args.position_snap, with_objects=weighted,
+                                             background_grain=args.background_grain)
         x0 = pixels_to_model(vids).to(device)
         y, mask = encoder(caps)  # [B, 1, L, 384], [B, L]
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)

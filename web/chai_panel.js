@@ -108,10 +108,11 @@ class CachePanel {
     this.button.addEventListener("click", (ev) => { ev.stopPropagation(); this.refresh(); });
     head.append(this.title, this.select, this.button);
 
-    this.tiles = el("div", { display: "grid", gridTemplateColumns: "repeat(5, 1fr)", gap: "4px" });
+    this.tiles = el("div", { display: "grid", gridTemplateColumns: "repeat(6, 1fr)", gap: "4px" });
     this.tile = {};
     for (const [key, label] of [["entries", "entries"], ["hit_rate", "hit rate"], ["hits", "hits"],
-                                ["misses", "misses"], ["evictions", "evictions"]]) {
+                                ["misses", "misses"], ["evictions", "evictions"],
+                                ["computed", "steps computed"]]) {
       const box = el("div", { border: `1px solid ${C.border}`, borderRadius: "4px", padding: "3px",
                               textAlign: "center" });
       const value = el("div", { fontSize: "15px", fontWeight: "bold" }, "\u2013");
@@ -199,14 +200,20 @@ class CachePanel {
     this.tile.hits.textContent = String(s.hits);
     this.tile.misses.textContent = String(s.misses);
     this.tile.evictions.textContent = String(s.evictions);
+    // Share of this process's sampler steps on the store that ran in full (intra-request caching reuses the rest).
+    const steps = payload.steps ?? {};
+    this.tile.computed.textContent = steps.steps ? `${(100 * steps.computed / steps.steps).toFixed(0)}%` : "\u2013";
+    this.tile.computed.title = steps.steps ? `${steps.computed} of ${steps.steps} steps computed in full` : "";
     const fill = Math.max(0, Math.min(1, payload.fill ?? (s.bytes / Math.max(1, s.budget_bytes))));
     this.barFill.style.width = `${(100 * fill).toFixed(1)}%`;
     this.barFill.style.background = fill > 0.9 ? C.miss : C.hit;
     this.barLabel.textContent =
       `${fmtBytes(s.bytes)} of ${fmtBytes(s.budget_bytes)} (${(100 * fill).toFixed(1)}%), policy ${s.policy}`;
     const run = payload.last_run;
+    const intra = Object.values(run?.hook_reports ?? {}).find((r) => r && r.map);
+    const computed = intra ? ` (${intra.full} computed, ${intra.method})` : "";
     this.lastRun.textContent = run
-      ? `last run: ${run.hit ? "HIT" : "MISS"}, served by ${run.served_by ?? run.mode} (${run.sampling_mode ?? run.mode} mode), ${run.steps} steps, ${(run.timings_ms.total_ms / 1000).toFixed(2)} s \u2014 ${clip(run.prompt, 60)}`
+      ? `last run: ${run.hit ? "HIT" : "MISS"}, served by ${run.served_by ?? run.mode} (${run.sampling_mode ?? run.mode} mode), ${run.steps} steps${computed}, ${(run.timings_ms.total_ms / 1000).toFixed(2)} s \u2014 ${clip(run.prompt, 60)}`
       : "";
     // Why that method served it (auto: Chorus, else CHAI, else full), e.g. "whole prompt ~ '...' 0.931 >= 0.80".
     this.lastWhy.textContent = run && run.reason ? `why: ${run.reason}` : "";
