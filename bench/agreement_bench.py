@@ -1,7 +1,7 @@
 """What the lookup serves: hit rate and contradicting matches with and without modifier agreement.
 
 Replays a prompt stream in order through the real lookup (spaCy entities, MiniLM embeddings, HNSW
-over a fresh store per setting; no video model: a miss stores a one-element placeholder tensor, so
+over a fresh store per setting; no video model: a miss stores a one-element zero tensor, so
 only the keys matter) twice, with ``LookupConfig.modifier_agreement`` off and on. For every hit it
 checks whether the served entity names the request entity's head noun with other colour words
 ("black background" served for "white background", ``cache/agreement.py``) and prints, per setting,
