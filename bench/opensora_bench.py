@@ -104,6 +104,41 @@ def build_model(config: str, device: torch.device, dtype: torch.dtype) -> STDiT3
     return model.eval().requires_grad_(False)
 
 
+def time_step(model: STDiT3, latent: Tuple[int, int, int], height: int, width: int, num_frames: int, *,
+              batch: int = 1, text_tokens: int = 40, size_dtype: torch.dtype = torch.bfloat16, warmup: int = 2,
+              iters: int = 10) -> Dict[str, object]:
+    """Median latency of one RFLOW step's STDiT3 call (the CFG-doubled batch of ``2 * batch`` samples at
+    timestep 900, random inputs) and its achieved TFLOP/s (:func:`stdit3_flops` / latency).
+
+    Args:
+        model: an STDiT3 on its device. latent: (T, H, W) of the latent. height, width, num_frames: the
+        pixel size of the size conditioning. text_tokens: real caption tokens (at most ``model_max_length``).
+
+    Returns:
+        ``{"times_s": [...], "latency_s": median s, "flops": stdit3_flops(...), "achieved_tflops": float}``.
+    """
+    cfg = model.config
+    device = next(model.parameters()).device
+    text_tokens = min(int(text_tokens), int(cfg.model_max_length))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2 * batch, cfg.in_channels, *latent, generator=g).to(device)
+    y = torch.randn(2 * batch, 1, cfg.model_max_length, cfg.caption_channels, generator=g).to(device)
+    mask = torch.zeros(batch, cfg.model_max_length, dtype=torch.int64)
+    mask[:, :text_tokens] = 1
+    mask = mask.to(device)
+    cond = size_conditioning(height, width, num_frames, batch_size=batch, dtype=size_dtype, device=device)
+    timestep = torch.full((2 * batch,), 900.0, device=device)
+
+    def step():
+        with torch.no_grad():
+            return model(x, timestep, y, mask=mask, fps=cond["fps"], height=cond["height"], width=cond["width"])
+
+    times = _time_calls(step, device, warmup, iters)
+    latency = statistics.median(times)
+    flops = stdit3_flops(cfg, 2 * batch, latent, text_tokens)
+    return {"times_s": times, "latency_s": latency, "flops": flops, "achieved_tflops": flops["total"] / latency / 1e12}
+
+
 def run(args: argparse.Namespace) -> Dict[str, object]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -122,26 +157,17 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     cfg = model.config
     text_tokens = min(args.text_tokens, cfg.model_max_length)
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    size_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
+    step = time_step(model, latent, height, width, num_frames, batch=n, text_tokens=text_tokens,
+                     size_dtype=size_dtype, warmup=args.warmup, iters=args.iters)
+    times, latency, flops, achieved = step["times_s"], step["latency_s"], step["flops"], step["achieved_tflops"]
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2 * n, cfg.in_channels, *latent, generator=g).to(device)
     y = torch.randn(2 * n, 1, cfg.model_max_length, cfg.caption_channels, generator=g).to(device)
     mask = torch.zeros(n, cfg.model_max_length, dtype=torch.int64)
     mask[:, :text_tokens] = 1
     mask = mask.to(device)
-    size_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
-    cond = size_conditioning(height, width, num_frames, batch_size=n, dtype=size_dtype, device=device)
-    timestep = torch.full((2 * n,), 900.0, device=device)
-
-    def step():
-        with torch.no_grad():
-            return model(x, timestep, y, mask=mask, fps=cond["fps"], height=cond["height"], width=cond["width"])
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = _time_calls(step, device, args.warmup, args.iters)
-    latency = statistics.median(times)
-    flops = stdit3_flops(cfg, 2 * n, latent, text_tokens)
-    achieved = flops["total"] / latency / 1e12
     result: Dict[str, object] = {
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "config": args.config,
