@@ -23,10 +23,10 @@ and writes everything under ``--out``):
   rate, steps computed, speed-up and overall against all-full, and by kind of request.
 * ``vbench``: the VBench prompts in order (``--limit N``: the first N), same modes and budget rule: hit
   rate and speed alone (the reference model cannot draw them).
-* ``timing``: the denoising loop alone with random weights: a plain 30-step run, MixCache at its defaults,
-  TeaCache, each granularity forced (every step after warm-up reused at it, up to the cap) and MixCache
-  forced to compute every step (its decision overhead per step). Default: the small CPU configuration;
-  ``--device cuda --full-size``: STDiT3-XL/2 at 240p, 51 frames, bf16.
+
+The timing of the denoising loop alone (:func:`timing_runs`: plain, MixCache at its defaults, MixCache computing
+every step, i.e. its decision overhead, TeaCache, each granularity forced) runs in ``bench/gpu_session.py``:
+STDiT3-XL/2 at 240p, 51 frames, bf16 on a GPU, or the small configuration on the CPU (``--smoke``).
 
 Usage::
 
@@ -35,7 +35,6 @@ Usage::
     python bench/intra_bench.py heldout --prompts 200 --out bench/out/intra
     python bench/intra_bench.py stream --prompts 200 --out bench/out/intra
     python bench/intra_bench.py vbench --limit 300 --out bench/out/intra
-    python bench/intra_bench.py timing --device cuda --full-size
 
 Speed-ups are ratios of latencies measured in the same run; equivalent steps (steps run x the share of
 block work run) are the deterministic measure of compute that selection uses.
@@ -321,21 +320,30 @@ def vbench(args) -> Dict[str, Any]:
 # ------------------------------------------------------------------------------------ timing
 
 
-def timing_runs(model, sample, *, steps: int, repeats: int, sync) -> Dict[str, Any]:
+#: The denoising-loop runs of the timing table, in the order they run (and are dropped from the end when a
+#: time budget is short: ``timing_runs(names=...)``).
+TIMING_RUNS = ("plain", "mixcache (defaults)", "mixcache, every step computed", "teacache (defaults)",
+               "forced step reuse", "forced block reuse", "forced CFG reuse")
+
+
+def timing_runs(model, sample, *, steps: int, repeats: int, sync, names: Sequence[str] = TIMING_RUNS,
+                on_run=None) -> Dict[str, Any]:
     """Time the denoising loop: plain, MixCache (defaults), TeaCache (balanced), each granularity forced,
     and MixCache computing every step (the decision rule's overhead). ``sample(hook_or_None)`` runs one
-    loop; returns per run the median ms, ms per step, the step map and the decision ms per step."""
+    loop; ``names``: which of :data:`TIMING_RUNS` to run (``"plain"`` always runs first: the speed-ups are
+    against it); ``on_run(name, row)`` after each. Returns per run the median ms, ms per step, the step map,
+    the decision ms per step and the speed-up against plain."""
     from comfyui_chai.opensora.hooks import HookRegistry
     from comfyui_chai.opensora.mixcache import MixCache, MixCacheConfig, TeaCache
 
     forced = dict(trigger_threshold=1e5, step_threshold=1e5, block_threshold=1e5, cfg_threshold=1e5,
                   warmup_steps=2, max_reuse=steps, min_steps=1)
-    runs = {
+    makers = {
         "plain": None,
         "mixcache (defaults)": lambda: MixCache(model, MixCacheConfig(), cfg_scale=7.0, measure=True),
-        "teacache (defaults)": lambda: TeaCache(model, MixCacheConfig(), cfg_scale=7.0, measure=True),
         "mixcache, every step computed": lambda: MixCache(model, MixCacheConfig(warmup_steps=steps), cfg_scale=7.0,
                                                           measure=True),
+        "teacache (defaults)": lambda: TeaCache(model, MixCacheConfig(), cfg_scale=7.0, measure=True),
         "forced step reuse": lambda: MixCache(model, MixCacheConfig(**forced, granularities=("step",)),
                                               cfg_scale=7.0, measure=True),
         "forced block reuse": lambda: MixCache(model, MixCacheConfig(**forced, granularities=("block",)),
@@ -343,8 +351,12 @@ def timing_runs(model, sample, *, steps: int, repeats: int, sync) -> Dict[str, A
         "forced CFG reuse": lambda: MixCache(model, MixCacheConfig(**forced, granularities=("cfg",)),
                                              cfg_scale=7.0, measure=True),
     }
+    unknown = [n for n in names if n not in makers]
+    if unknown:
+        raise ValueError(f"unknown timing run(s) {unknown}; choose among {', '.join(TIMING_RUNS)}")
     out: Dict[str, Any] = {}
-    for name, make in runs.items():
+    for name in ["plain", *(n for n in TIMING_RUNS if n in names and n != "plain")]:
+        make = makers[name]
         times, report = [], None
         for r in range(repeats + 1):  # the first run warms up kernels and caches
             hook = make() if make else None
@@ -363,70 +375,26 @@ def timing_runs(model, sample, *, steps: int, repeats: int, sync) -> Dict[str, A
         out[name] = {"ms": round(ms, 2), "ms_per_step": round(ms / steps, 3),
                      "map": report["map"] if report else "F" * steps,
                      "decision_ms_per_step": round(report["decision_ms"] / steps, 3) if report else 0.0,
-                     "work_share": report["work_share"] if report else 1.0}
-    plain = out["plain"]["ms"]
-    for r in out.values():
-        r["speedup_vs_plain"] = round(plain / r["ms"], 3)
+                     "work_share": report["work_share"] if report else 1.0,
+                     "speedup_vs_plain": round(out["plain"]["ms"] / ms, 3) if out else 1.0}
+        if on_run is not None:
+            on_run(name, out[name])
     return out
 
 
-def timing(args) -> Dict[str, Any]:
-    from comfyui_chai.opensora.rflow import RFlow, make_noise
-    from comfyui_chai.opensora.stdit3 import build_stdit3, stdit3_xl2_config
-    from comfyui_chai.pipeline.builders import TINY_STDIT3_CONFIG
-
-    device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
-    if args.full_size:
-        config, dtype = stdit3_xl2_config(), torch.bfloat16
-        height, width, frames, latent = 240, 426, 51, (4, 15, 30, 53)
-        size_dtype, length = torch.bfloat16, 300
-    else:
-        config, dtype = TINY_STDIT3_CONFIG, torch.float32
-        height, width, frames, latent = 64, 64, 17, (4, 5, 8, 8)
-        size_dtype, length = torch.float32, TINY_STDIT3_CONFIG["model_max_length"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = build_stdit3(config, device=device, dtype=dtype).eval()
-    model.init_non_persistent_buffers()
-    gen = torch.Generator().manual_seed(1)
-    channels = model.config.caption_channels
-    y = torch.randn((1, 1, length, channels), generator=gen).to(device=device, dtype=dtype)
-    mask = torch.zeros((1, length), dtype=torch.long, device=device)
-    mask[:, : min(30, length)] = 1
-    noise = make_noise((1, *latent), 0, device=device)
-    rflow = RFlow()
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def sample(_hook):
-        rflow.sample(model, noise, y=y, y_mask=mask, y_null=model.y_embedder.y_embedding, height=height, width=width,
-                     num_frames=frames, num_steps=args.steps, size_dtype=size_dtype)
-
-    runs = timing_runs(model, sample, steps=args.steps, repeats=args.repeats, sync=sync)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    out = {"device": name, "full_size": bool(args.full_size), "steps": args.steps, "latent": list(latent),
-           "size": [height, width, frames], "dtype": str(dtype), "repeats": args.repeats, "runs": runs}
-    head = "| run | ms | ms / step | speed-up vs plain | decision ms / step | block work | step map |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
+def timing_table(runs: Dict[str, Any]) -> str:
+    """Markdown table of :func:`timing_runs`' result."""
+    lines = ["| run | ms | ms / step | speed-up vs plain | decision ms / step | block work | step map |",
+             "|---|---|---|---|---|---|---|"]
     for run, r in runs.items():
         lines.append(f"| {run} | {r['ms']:.1f} | {r['ms_per_step']:.2f} | {r['speedup_vs_plain']:.2f}x | "
                      f"{r['decision_ms_per_step']:.3f} | {100 * r['work_share']:.0f}% | {r['map']} |")
-    out["table"] = "\n".join(lines)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"timing_{'full' if args.full_size else 'small'}_{device.type}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(out["table"])
-    print(f"\n{name}, {'STDiT3-XL/2 240p 51 frames bf16' if args.full_size else 'small config fp32'}, "
-          f"{args.steps} steps, median of {args.repeats}; random weights (timing only); wrote {path}")
-    return out
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("part", choices=["all", "validate", "heldout", "stream", "vbench", "timing"])
+    p.add_argument("part", choices=["all", "validate", "heldout", "stream", "vbench"])
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "intra", help="output folder")
     p.add_argument("--prompts", type=int, default=None,
                    help="prompts (validate 24, heldout 200, stream 200 by default)")
@@ -440,15 +408,9 @@ def main(argv=None) -> int:
     p.add_argument("--model-dir", type=Path, default=None, help="reference model folder (default: the bundled one)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--full-size", action="store_true", help="timing: STDiT3-XL/2 at 240p, 51 frames (use a GPU)")
-    p.add_argument("--steps", type=int, default=30, help="timing: RFLOW steps (30)")
-    p.add_argument("--repeats", type=int, default=3, help="timing: timed runs per configuration (median)")
     a = p.parse_args(argv)
     if a.prompts is not None and a.prompts < 1:
         p.error("--prompts must be >= 1")
-    if a.part == "timing":
-        timing(a)
-        return 0
     parts = ["validate", "heldout", "stream", "vbench"] if a.part == "all" else [a.part]
     chosen = None
     for part in parts:

@@ -16,9 +16,9 @@ the yardstick, e.g. ``models/reference_v2``):
 * ``vbench`` (``--vbench N``): the first N VBench prompts in order with each store's budget 10 % of what
   keeping every prompt's entry of that mode would take: hit rate and speed only (the evaluator cannot read
   VBench prompts).
-* ``timing`` (``--timing``): a Chorus hit against full, CHAI and plain on one model, median of rounds:
-  ``--device cuda --full-size`` times STDiT3-XL/2 with random weights at 240p, 51 frames (no weights
-  needed); without ``--full-size`` the small CPU configuration (a smoke run of the same path).
+
+The GPU timing of a Chorus hit against full (STDiT3-XL/2, random weights, 240p, 51 frames) is part of
+``bench/gpu_session.py``.
 
 Settings are chosen on the validation streams only (``--validation``: the validation prompt stream and the
 validation mixed stream); the default reports the held-out ones. ``--set KEY=VALUE`` overrides a setting
@@ -32,7 +32,6 @@ Usage::
     python bench/reuse_bench.py --prompts 40 --stream 60 --out bench/out/reuse          # held-out
     python bench/reuse_bench.py --validation --prompts 24 --stream 0 --variant t9:chorus_threshold=0.9
     python bench/reuse_bench.py --model-dir models/reference_v2 --prompts 40 --stream 60 --vbench 300
-    python bench/reuse_bench.py --timing --device cuda --full-size
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -155,59 +153,6 @@ def kind_table(per_kind: Dict[str, Dict[str, Dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------- timing
-
-
-def timing(args) -> Dict[str, Any]:
-    """Median latency of full, a Chorus miss, a Chorus hit, a CHAI hit and plain at the hit's steps."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import chai_bench
-
-    from comfyui_chai.cache.backend import open_store
-    from comfyui_chai.cache.embed import Embedder
-    from comfyui_chai.cache.entities import EntityExtractor
-    from comfyui_chai.cache.lookup import CacheLookup
-
-    bench_args = argparse.Namespace(device=args.device, full_size=args.full_size, dtype=args.dtype, fast_steps=8,
-                                    full_steps=30, cache_steps=[2, 3, 4], depth=args.depth, t5_layers=args.t5_layers)
-    pipe, name = chai_bench.build_pipeline(bench_args, None)
-    pipe = pipe.with_settings(args.settings)
-    size = dict(resolution="240p", aspect_ratio="9:16", height=None, width=None, num_frames=51) if args.full_size \
-        else dict(resolution=None, height=128, width=128, num_frames=17)
-    extractor, embedder = EntityExtractor(), Embedder(device="cpu")
-    donor, near = "a red fox running through deep snow in a pine forest", \
-        "a red fox running through deep snow in a birch forest"
-    rows: Dict[str, List[float]] = {m: [] for m in ("full", "chorus_miss", "chorus_hit", "chai_hit", "plain")}
-    details = []
-    with tempfile.TemporaryDirectory(prefix="reuse-timing-") as tmp:
-        for r in range(args.warmup + args.repeats):
-            store = open_store(Path(tmp) / f"s{r}")
-            try:
-                pipe.lookup = CacheLookup(store, extractor, embedder)
-                out = {"chorus_miss": pipe.generate(donor, seed=r + 1, mode="auto", **size)}
-                out["chorus_hit"] = pipe.generate(near, seed=r, mode="chorus", store=False, **size)
-                out["chai_hit"] = pipe.generate(near, seed=r, mode="chai", store=False, **size)
-                out["full"] = pipe.generate(near, seed=r, mode="full", **size)
-                hit = out["chorus_hit"]
-                if not hit.hit or not out["chai_hit"].hit:
-                    raise RuntimeError(f"the round made no Chorus or CHAI hit ({hit.reason}; {out['chai_hit'].reason})")
-                out["plain"] = pipe.with_settings({"fast_steps": hit.steps}).generate(near, seed=r, mode="plain",
-                                                                                      **size)
-            finally:
-                store.close()
-            if r >= args.warmup:
-                for mode, res in out.items():
-                    rows[mode].append(res.timings.total_ms)
-                details.append(hit.details)
-    med = {m: statistics.median(v) for m, v in rows.items()}
-    h, w, f = pipe.resolve_size(size["resolution"], size.get("aspect_ratio", "9:16"), size["height"], size["width"],
-                                size["num_frames"])
-    return {"config": name, "device": args.device, "height": h, "width": w, "num_frames": f,
-            "latent": list(pipe.latent_shape(h, w, f)), "medians_ms": med, "chorus_hit": details[-1],
-            "full_over_chorus_hit": med["full"] / med["chorus_hit"], "full_over_chai_hit": med["full"] / med["chai_hit"],
-            "full_over_plain": med["full"] / med["plain"], "repeats": args.repeats}
-
-
 # ---------------------------------------------------------------------------------------- main
 
 
@@ -227,14 +172,7 @@ def main(argv=None) -> int:
                    help="an extra Chorus variant in the near-duplicate table (a sweep; use with --validation)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "reuse", help="output folder")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--timing", action="store_true", help="time a Chorus hit against full (see --device, --full-size)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--full-size", action="store_true", help="--timing: STDiT3-XL/2, random weights, 240p, 51 frames")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--depth", type=int, default=28, help="--timing --full-size: STDiT3 depth (28 = XL/2)")
-    p.add_argument("--t5-layers", type=int, default=24)
-    p.add_argument("--repeats", type=int, default=3, help="--timing: measured rounds")
-    p.add_argument("--warmup", type=int, default=1, help="--timing: unmeasured rounds first")
     a = p.parse_args(argv)
     try:
         a.stream_modes = tuple(m.strip() for m in a.stream_modes.split(",") if m.strip())
@@ -251,46 +189,33 @@ def main(argv=None) -> int:
     result: Dict[str, Any] = {"settings": a.settings, "validation": a.validation}
     md: List[str] = []
 
-    if a.timing:
-        if a.device.startswith("cuda") and not torch.cuda.is_available():
-            print("error: --device cuda but CUDA is not available", file=sys.stderr)
-            return 2
-        t = timing(a)
-        result["timing"] = t
-        md += [f"## Timing: {t['config']}, {t['height']}x{t['width']}, {t['num_frames']} frames, {t['device']}", "",
-               "| request | median ms |", "|---|---|",
-               *(f"| {k} | {v:.1f} |" for k, v in t["medians_ms"].items()), "",
-               f"full / Chorus hit = {t['full_over_chorus_hit']:.2f}x, full / CHAI hit = {t['full_over_chai_hit']:.2f}x, "
-               f"full / plain at the hit's {t['chorus_hit']['model_steps']} steps = {t['full_over_plain']:.2f}x; "
-               f"the hit: K1 {t['chorus_hit']['k1']}, K2 {t['chorus_hit']['k2']}, region {t['chorus_hit']['region']:.2f}"]
-    else:
-        from comfyui_chai.refmodel.model import load_reference_model
-        from comfyui_chai.refmodel.quality import HELDOUT_SEED, VALIDATION_SEED, heldout_prompts
-        from comfyui_chai.refmodel.streams import HELDOUT_STREAM_SEED, VALIDATION_STREAM_SEED, mixed_stream
+    from comfyui_chai.refmodel.model import load_reference_model
+    from comfyui_chai.refmodel.quality import HELDOUT_SEED, VALIDATION_SEED, heldout_prompts
+    from comfyui_chai.refmodel.streams import HELDOUT_STREAM_SEED, VALIDATION_STREAM_SEED, mixed_stream
 
-        model, encoder = load_reference_model(a.model_dir, device=a.device)
-        result["model"] = getattr(model, "fingerprint", None)
-        progress, bars = progress_bars()
-        if a.prompts:
-            items = heldout_prompts(a.prompts, seed=VALIDATION_SEED if a.validation else HELDOUT_SEED)
-            near = near_table(model, encoder, items, a.settings, variants, progress)
-            result["near"] = near["summary"]
-            md += [f"## Near-duplicates: {a.prompts} {'validation' if a.validation else 'held-out'} prompts", "",
-                   near["table"], "", "Plain sampling at Chorus's cost (a second run: same prompts and noise, its own "
-                   "full30):", "", near["plain_table"], "", "Per near-duplicate kind (hits/n, Δ overall vs full30, "
-                   "speed-up):", "", kind_table(near["summary"]["per_kind"]), ""]
-        if a.stream:
-            from comfyui_chai.pipeline.stream import format_stream_table, run_stream
+    model, encoder = load_reference_model(a.model_dir, device=a.device)
+    result["model"] = getattr(model, "fingerprint", None)
+    progress, bars = progress_bars()
+    if a.prompts:
+        items = heldout_prompts(a.prompts, seed=VALIDATION_SEED if a.validation else HELDOUT_SEED)
+        near = near_table(model, encoder, items, a.settings, variants, progress)
+        result["near"] = near["summary"]
+        md += [f"## Near-duplicates: {a.prompts} {'validation' if a.validation else 'held-out'} prompts", "",
+               near["table"], "", "Plain sampling at Chorus's cost (a second run: same prompts and noise, its own "
+               "full30):", "", near["plain_table"], "", "Per near-duplicate kind (hits/n, Δ overall vs full30, "
+               "speed-up):", "", kind_table(near["summary"]["per_kind"]), ""]
+    if a.stream:
+        from comfyui_chai.pipeline.stream import format_stream_table, run_stream
 
-            stream = mixed_stream(a.stream, VALIDATION_STREAM_SEED if a.validation else HELDOUT_STREAM_SEED)
-            rep = run_stream(model, encoder, stream, modes=a.stream_modes, settings=a.settings, progress=progress)
-            result["stream"] = rep.summary()
-            md += [f"## Mixed stream: {a.stream} {'validation' if a.validation else 'held-out'} requests "
-                   f"({result['stream']['kinds']})", "", format_stream_table(rep), ""]
-        if a.vbench:
-            md += vbench(a, model, encoder, result, progress)
-        for b in bars.values():
-            b.close()
+        stream = mixed_stream(a.stream, VALIDATION_STREAM_SEED if a.validation else HELDOUT_STREAM_SEED)
+        rep = run_stream(model, encoder, stream, modes=a.stream_modes, settings=a.settings, progress=progress)
+        result["stream"] = rep.summary()
+        md += [f"## Mixed stream: {a.stream} {'validation' if a.validation else 'held-out'} requests "
+               f"({result['stream']['kinds']})", "", format_stream_table(rep), ""]
+    if a.vbench:
+        md += vbench(a, model, encoder, result, progress)
+    for b in bars.values():
+        b.close()
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     (a.out / "reuse_bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (a.out / "reuse_bench.md").write_text("\n".join(md) + "\n")

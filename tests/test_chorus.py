@@ -653,19 +653,14 @@ def test_the_harness_and_the_stream_run_chorus_and_auto_by_name():
     assert "| auto |" in format_stream_table(stream)
 
 
-def test_the_reuse_bench_times_a_chorus_hit_at_small_size(tmp_path):
+def test_the_reuse_bench_parses_variants_and_refuses_bad_settings(tmp_path):
     import importlib.util
-    import json
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "bench" / "reuse_bench.py"
     spec = importlib.util.spec_from_file_location("reuse_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--timing", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
-    t = json.loads((tmp_path / "reuse_bench.json").read_text())["timing"]
-    assert set(t["medians_ms"]) == {"full", "chorus_miss", "chorus_hit", "chai_hit", "plain"}
-    assert t["chorus_hit"]["model_steps"] < 30 and t["full_over_chorus_hit"] > 0 and t["latent"] == [4, 5, 16, 16]
     assert bench.parse_variant("v:chorus_k1=(0.1, 0.3),chorus_tgaa=2") == ("v", {"chorus_k1": (0.1, 0.3),
                                                                              "chorus_tgaa": 2})
     with pytest.raises(SystemExit):

@@ -1,10 +1,10 @@
-"""The intra-request bench's CPU paths (bench/intra_bench.py: the selection rule, the timing path at small
-size, stream budgets) and intra-request caching on a stream (pipeline/stream.py with mode specs)."""
+"""The intra-request bench's CPU paths (bench/intra_bench.py: the selection rule, stream budgets; its timing
+runs are tested through bench/gpu_session.py in test_gpu_session.py) and intra-request caching on a stream
+(pipeline/stream.py with mode specs)."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -38,21 +38,6 @@ def test_bench_selection_rule():
     assert picked["mixcache"] == {"step_threshold": 0.1} and picked["plain_steps"] == 14
     assert picked["teacache_threshold"] == 0.2  # closest in equivalent steps
     assert bench.choose(summary, 0.02)["mixcache"] == {"step_threshold": 0.2}
-
-
-def test_bench_timing_path_at_small_size_on_cpu(tmp_path):
-    bench = _bench()
-    assert bench.main(["timing", "--steps", "8", "--repeats", "1", "--out", str(tmp_path)]) == 0
-    out = json.loads((tmp_path / "timing_small_cpu.json").read_text())
-    runs = out["runs"]
-    assert set(runs) >= {"plain", "mixcache (defaults)", "teacache (defaults)", "mixcache, every step computed",
-                         "forced step reuse", "forced block reuse", "forced CFG reuse"}
-    assert runs["plain"]["map"] == "F" * 8 and runs["mixcache, every step computed"]["map"] == "F" * 8
-    assert runs["forced step reuse"]["map"] == "FF" + "S" * 5 + "F"
-    assert runs["forced block reuse"]["map"] == "FF" + "B" * 5 + "F"
-    assert runs["forced CFG reuse"]["map"] == "FF" + "C" * 5 + "F"
-    assert runs["forced step reuse"]["work_share"] == pytest.approx(3 / 8, abs=1e-3)
-    assert all(r["ms"] > 0 for r in runs.values())
 
 
 def test_a_stream_runs_mode_specs_with_hooks_and_counts_computed_steps():
