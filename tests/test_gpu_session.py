@@ -44,7 +44,7 @@ def test_the_replay_lookup_serves_only_another_prompts_entry_of_the_same_key(ben
 
 
 def test_the_smoke_session_measures_every_part_through_the_pack(bench, tmp_path):
-    assert bench.main(["--smoke", "--out", str(tmp_path), "--repeats", "1"]) == 0
+    assert bench.main(["--smoke", "--out", str(tmp_path), "--repeats", "1", "--budget-s", "1000"]) == 0  # a loaded CPU
     out = json.loads((tmp_path / "gpu_session.json").read_text())
     assert out["errors"] == [] and set(out["parts"]) == {"requests", "step", "loop"}
     assert out["info"]["latent"] == [4, 5, 16, 16] and out["info"]["replay_lookup"].startswith("timing-only")
