@@ -245,7 +245,7 @@ def one_round(pipe, plan: List[Dict[str, Any]], size: Dict[str, Any], seed: int,
             row["details"] = r.details
         if "mixcache" in r.hook_reports:
             rep = r.hook_reports["mixcache"]
-            row["mixcache"] = {k: rep.get(k) for k in ("map", "full", "steps", "work_share", "decision_ms")}
+            row["mixcache"] = {key: rep.get(key) for key in ("map", "full", "steps", "work_share", "decision_ms")}
         rows[name] = row
     return rows
 
