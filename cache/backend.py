@@ -107,6 +107,16 @@ class StoreBackend(Protocol):
     def delete(self, entry_ids: Sequence[int], reason: str = "deleted") -> int:
         """Remove entries (latents, entities, vectors); unknown ids are ignored. Returns how many went."""
 
+    def pin(self, entry_id: int, pinned: bool = True) -> bool:
+        """Pin an entry (never evicted; its bytes still count against the budget, and a budget below
+        the pinned bytes is refused with ``cache.store.PinnedError``) or unpin it (``pinned=False``).
+        Returns False for an unknown id. A backend that cannot keep pins raises StoreError saying so."""
+
+    def thumbnail(self, entry_id: int) -> Optional[bytes]:
+        """The entry's thumbnail (JPEG or PNG bytes of one frame, at most
+        ``cache.store.MAX_THUMBNAIL_BYTES``), or None when it has none, is gone, or the backend keeps
+        no thumbnails."""
+
     def record_lookup(self, prompt: str, query_entities: Sequence[str], hit_entry: Optional[int],
                       entity: Optional[str], matched: Optional[str], similarity: Optional[float],
                       ms: float) -> None:

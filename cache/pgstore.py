@@ -750,6 +750,21 @@ class PostgresStore:
         self._delete_blobs(removed)
         return len(removed)
 
+    def pin(self, entry_id: int, pinned: bool = True) -> bool:
+        """Pins are a feature of the folder store (format 3) only: the PostgreSQL schema (pg2) has no
+        pinned flag, so an entry here can always be evicted.
+
+        Raises:
+            StoreError: always, saying so and what to do (nothing is changed).
+        """
+        raise StoreError(f"the PostgreSQL store {self.location} cannot pin entries (its schema {SCHEMA_VERSION} "
+                         "has no pinned flag; entries follow the eviction policy); nothing was changed: pin entries "
+                         "in a folder store, or raise the budget to keep more entries")
+
+    def thumbnail(self, entry_id: int) -> None:
+        """Always None: the PostgreSQL schema (pg2) keeps no thumbnails (the folder store's format 3 does)."""
+        return None
+
     # ------------------------------------------------------------------ reads
     def search(self, vectors: np.ndarray, compat_key: str, k: int = 8) -> list[EntityMatch]:
         """k nearest stored entities (cosine, pgvector HNSW) of each query vector among entries of

@@ -73,7 +73,7 @@ def check_room_left(c, nbytes: int, budget: int, folder: str = "") -> None:
     if pinned + nbytes > budget:
         raise EntryTooLargeError(
             f"this entry is {nbytes:,} bytes, but pinned entries hold {pinned:,} of the store {folder}'s "
-            f"{budget:,}-byte budget and are never evicted; it is not stored. Unpin entries (`cache unpin ID`) "
+            f"{budget:,}-byte budget and are never evicted; it is not stored. Unpin entries (`cache unpin STORE ID`) "
             "or raise the budget", nbytes, budget - pinned)
 
 
@@ -110,7 +110,7 @@ def change_budget(c, budget: int, policy: EvictionPolicy, evict_to_fit: bool, fo
     if budget < pinned:
         raise PinnedError(
             f"a budget of {budget:,} bytes is smaller than the {pinned:,} bytes of the pinned entries of the store "
-            f"{folder}, which are never evicted. Nothing was changed: unpin entries first (`cache unpin ID`) or keep "
+            f"{folder}, which are never evicted. Nothing was changed: unpin entries first (`cache unpin STORE ID`) or keep "
             f"a budget of at least {pinned:,} bytes")
     held = Manifest.bytes_held(c)
     victims = pick_victims(c, policy, held - budget)

@@ -238,6 +238,21 @@ def test_compact_rebuilds_the_index_and_keeps_every_entry(pg_url):
 
 
 # ---------------------------------------------------------------------------------------------- errors
+def test_pins_are_refused_clearly_and_no_thumbnail_is_served(pg_url):
+    from comfyui_chai.cache.backend import StoreBackend
+
+    with PostgresStore(pg_url, dim=DIM) as store:
+        assert isinstance(store, StoreBackend)
+        entry_id = put_seeded(store, 3)
+        generation = store.generation
+        for pinned in (True, False):
+            with pytest.raises(StoreError, match="cannot pin entries .*nothing was changed"):
+                store.pin(entry_id, pinned)
+        assert store.thumbnail(entry_id) is None and store.thumbnail(10**9) is None
+        assert store.generation == generation and store.stats().pinned_entries == 0
+        assert_seeded_entry(store, entry_id, 3)
+
+
 def test_bad_urls_are_clear_errors():
     assert is_postgres_url("postgresql://h/db") and is_postgres_url("postgres://h/db")
     assert not is_postgres_url("/tmp/store") and not is_postgres_url(Path("postgresql:"))

@@ -209,3 +209,32 @@ def test_crafted_thumbnails_and_flags_are_never_served_and_are_repaired(tmp_path
         report = store.verify()
         assert not report.ok and any("2 entry row(s) with a thumbnail" in p for p in report.problems)
         assert len(store) == 5 and store.verify().ok
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    from comfyui_chai.cli import main as cli_main
+
+    code = cli_main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cache_pin_and_unpin_from_the_command_line(tmp_path, capsys):
+    path = tmp_path / "s"
+    with LatentStore(path, dim=DIM, budget_bytes=392 * 2) as store:
+        ids = [_put(store, s) for s in SEEDS_SMALL[:2]]
+    code, out, _ = _cli(capsys, "cache", "pin", str(path), str(ids[0]))
+    assert code == 0 and f"pinned entry {ids[0]}; pinned: 1 entries, 392 of 784 budget bytes" in out
+    code, out, _ = _cli(capsys, "cache", "stats", str(path))
+    assert code == 0 and "pinned       1 entries, 392 bytes" in out
+    with LatentStore(path) as store:
+        _put(store, SEEDS_SMALL[2])
+        _put(store, SEEDS_SMALL[3])  # both evict the unpinned ones only
+        assert ids[0] in {r.entry_id for r in store.entries()} and ids[1] not in {r.entry_id for r in store.entries()}
+    code, _, err = _cli(capsys, "cache", "unpin", str(path), "999")
+    assert code == 2 and "has no entry 999" in err
+    code, out, _ = _cli(capsys, "cache", "unpin", str(path), str(ids[0]))
+    assert code == 0 and "unpinned entry" in out and "pinned: 0 entries, 0 of 784" in out
+    with LatentStore(path) as store:
+        assert not store.entry(ids[0]).pinned
