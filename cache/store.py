@@ -57,7 +57,7 @@ import numpy as np
 from .index import partition_file_name
 from .index_file import IndexKey
 from .policy import EvictionPolicy
-from .store_budget import change_budget, check_entry_fits, check_room_left, evict, pick_victims, validate_budget
+from .store_budget import change_budget, check_entry_fits, evict, validate_budget, victims_for_entry
 from .store_files import (
     FORMAT_NAME,
     LOCK_NAME,
@@ -372,6 +372,7 @@ class LatentStore:
                 "SELECT value FROM meta WHERE key='store_id'").fetchone()[0]
             if version == 2:
                 self._manifest.upgrade_from_v2()
+                self.notes.append(f"upgraded the store from format 2 to {SCHEMA_VERSION}: every entry kept")
         else:
             raise ContainmentError(f"{self.path / MANIFEST_NAME} is no longer a CHAI manifest; open a new store folder")
         self._files.write_marker(_new_marker(store_id))
@@ -666,9 +667,8 @@ class LatentStore:
                         raise spec_mismatch(entry.spec, _loads(row[0]))
                     policy, budget = self._policy_and_budget(c)  # under the writer lock: final
                     check_entry_fits(entry.nbytes, budget)
-                    check_room_left(c, entry.nbytes, budget, str(self.path))
+                    chosen = victims_for_entry(c, policy, entry.nbytes, budget, str(self.path))
                     generation = Manifest.bump_generation(c)
-                    chosen = pick_victims(c, policy, Manifest.bytes_held(c) + entry.nbytes - budget)
                     evict(c, chosen, generation)
                     victims = [v[0] for v in chosen]
                     now = time.time()

@@ -26,7 +26,7 @@ from .store_manifest import Manifest, pinned_bytes
 from .store_types import MAX_BUDGET_BYTES, MAX_ENTRY_BYTES, BudgetError, EntryTooLargeError, PinnedError
 
 __all__ = ["validate_budget", "check_entry_fits", "pick_victims", "evict", "budget_error", "change_budget",
-           "check_room_left"]
+           "victims_for_entry"]
 
 
 def validate_budget(budget) -> int:
@@ -54,7 +54,7 @@ def check_entry_fits(nbytes: int, budget: int) -> None:
 def pick_victims(c, policy: EvictionPolicy, excess: int) -> list[tuple[int, int]]:
     """The entries to evict, in policy order, until ``excess`` bytes are freed: [(entry id, bytes)].
     Pinned entries are never chosen, so fewer than ``excess`` bytes may be freed (see
-    :func:`check_room_left`)."""
+    :func:`victims_for_entry`)."""
     if excess <= 0:
         return []
     victims, freed = [], 0
@@ -66,15 +66,24 @@ def pick_victims(c, policy: EvictionPolicy, excess: int) -> list[tuple[int, int]
     return victims
 
 
-def check_room_left(c, nbytes: int, budget: int, folder: str = "") -> None:
-    """Raise :class:`EntryTooLargeError` when an entry of ``nbytes`` would fit the budget only by
-    evicting pinned entries (their bytes plus ``nbytes`` exceed ``budget``); nothing is stored."""
-    pinned = pinned_bytes(c)
-    if pinned + nbytes > budget:
+def victims_for_entry(c, policy: EvictionPolicy, nbytes: int, budget: int, folder: str = "") -> list[tuple[int, int]]:
+    """The victims that make room for a new entry of ``nbytes`` under ``budget`` (policy order).
+
+    The pinned bytes are summed (one scan) only when the unpinned entries cannot free enough, so
+    an ordinary insert stays O(victims).
+
+    Raises:
+        EntryTooLargeError: the entry would fit only by evicting pinned entries; nothing is evicted.
+    """
+    excess = Manifest.bytes_held(c) + nbytes - budget
+    victims = pick_victims(c, policy, excess)
+    if sum(v[1] for v in victims) < excess:
+        pinned = pinned_bytes(c)
         raise EntryTooLargeError(
             f"this entry is {nbytes:,} bytes, but pinned entries hold {pinned:,} of the store {folder}'s "
-            f"{budget:,}-byte budget and are never evicted; it is not stored. Unpin entries (`cache unpin STORE ID`) "
-            "or raise the budget", nbytes, budget - pinned)
+            f"{budget:,}-byte budget and are never evicted; it is not stored. Unpin entries "
+            "(`cache unpin STORE ID`) or raise the budget", nbytes, budget - pinned)
+    return victims
 
 
 def evict(c, victims: list[tuple[int, int]], generation: int) -> None:
@@ -110,8 +119,8 @@ def change_budget(c, budget: int, policy: EvictionPolicy, evict_to_fit: bool, fo
     if budget < pinned:
         raise PinnedError(
             f"a budget of {budget:,} bytes is smaller than the {pinned:,} bytes of the pinned entries of the store "
-            f"{folder}, which are never evicted. Nothing was changed: unpin entries first (`cache unpin STORE ID`) or keep "
-            f"a budget of at least {pinned:,} bytes")
+            f"{folder}, which are never evicted. Nothing was changed: unpin entries first (`cache unpin STORE ID`) "
+            f"or keep a budget of at least {pinned:,} bytes")
     held = Manifest.bytes_held(c)
     victims = pick_victims(c, policy, held - budget)
     if victims and not evict_to_fit:
