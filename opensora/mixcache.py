@@ -480,7 +480,8 @@ class MixCache(IntraCache):
 
     def _conditional_only(self, h: torch.Tensor, blocks, h_start: torch.Tensor, start: int) -> torch.Tensor:
         """The conditional half runs the pairs from ``start``; the unconditional half's output is replaced
-        after the call (:meth:`_after`), so its rows here are a placeholder."""
+        after the call (:meth:`_after`: the conditional output minus the cached guidance), so its rows here
+        pass the block-span input through unchanged and are overwritten."""
         half = int(h.shape[0]) // 2
         cond = self._pairs(blocks, h_start[:half], start, blocks.depth)
         self._run_length += 1
