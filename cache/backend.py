@@ -97,12 +97,14 @@ class StoreBackend(Protocol):
 
     # --------------------------------------------------------------- writes
     def put(self, tensors: Mapping[str, Any], entities: Sequence[str], embeddings: np.ndarray, compat_key: str,
-            prompt: str, info: Optional[Mapping] = None) -> int:
+            prompt: str, info: Optional[Mapping] = None, thumbnail: Optional[bytes] = None) -> int:
         """Insert one entry; returns its id (int > 0). Evicts by policy to stay within the budget.
 
         ``tensors``: name -> torch tensor (float16/bfloat16/float32, finite); ``embeddings``:
-        [len(entities), dim] float32. Raises ValueError (bad tensors, an entry larger than the whole
-        budget) or StoreError (closed, not writable)."""
+        [len(entities), dim] float32; ``thumbnail``: a JPEG or PNG of one frame, at most
+        ``cache.store.MAX_THUMBNAIL_BYTES``, kept where the backend keeps thumbnails. Raises ValueError
+        (bad tensors or thumbnail, an entry larger than the whole budget) or StoreError (closed, not
+        writable)."""
 
     def delete(self, entry_ids: Sequence[int], reason: str = "deleted") -> int:
         """Remove entries (latents, entities, vectors); unknown ids are ignored. Returns how many went."""

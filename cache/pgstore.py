@@ -48,7 +48,7 @@ import numpy as np
 from .policy import EvictionPolicy
 from .store_budget import budget_error, check_entry_fits, validate_budget
 from .store_files import BlobError, check_safetensors, encode_entry, spec_mismatch
-from .store_manifest import LOOKUP_LOG_KEEP, count_value, parse_tensor_spec
+from .store_manifest import LOOKUP_LOG_KEEP, check_thumbnail, count_value, parse_tensor_spec
 from .store_types import (
     MAX_ENTRY_BYTES,
     DiskFullError,
@@ -580,9 +580,10 @@ class PostgresStore:
 
     # ------------------------------------------------------------------ writes
     def put(self, tensors: Mapping[str, object], entities: Sequence[str], embeddings: np.ndarray, compat_key: str,
-            prompt: str, info: Mapping | None = None) -> int:
+            prompt: str, info: Mapping | None = None, thumbnail: bytes | None = None) -> int:
         """Insert one entry (latents, entities and their embeddings) in one transaction, evicting
-        by the policy so the byte budget holds. Same contract as :meth:`LatentStore.put`.
+        by the policy so the byte budget holds. Same contract as :meth:`LatentStore.put`, except that
+        ``thumbnail`` is checked and then not kept (the schema pg2 has no thumbnails).
 
         Returns:
             The new entry id.
@@ -592,6 +593,8 @@ class PostgresStore:
             StoreError: the store is closed, or the server stays unreachable past ``retry_seconds``.
         """
         entry = encode_entry(tensors, entities, embeddings, compat_key, prompt, self.dim)
+        if thumbnail is not None:
+            check_thumbnail(thumbnail)  # the same ValueError as the folder store for a bad one
         if self._closed:
             raise StoreError("the store is closed; open it again")
         info_json = json.dumps(dict(info or {}), sort_keys=True, default=str)
