@@ -940,9 +940,10 @@ class LatentStore:
                 for text in dict.fromkeys(query_entities):
                     c.execute("INSERT INTO entity_counts VALUES(?,1) ON CONFLICT(text) DO UPDATE SET count=count+1",
                               (text,))
-                cur = c.execute("INSERT INTO lookup_log(time, prompt, hit, entity, matched, similarity, ms) "
-                                "VALUES(?,?,?,?,?,?,?)",
-                                (now, prompt[:500], int(hit_entry is not None), entity, matched, similarity, float(ms)))
+                cur = c.execute("INSERT INTO lookup_log(time, prompt, hit, entity, matched, similarity, ms, entry_id) "
+                                "VALUES(?,?,?,?,?,?,?,?)",
+                                (now, prompt[:500], int(hit_entry is not None), entity, matched, similarity, float(ms),
+                                 None if hit_entry is None else int(hit_entry)))
                 if cur.lastrowid % 100 == 0:
                     c.execute("DELETE FROM lookup_log WHERE id<=?", (cur.lastrowid - LOOKUP_LOG_KEEP,))
                 if hit_entry is not None:

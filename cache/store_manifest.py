@@ -113,7 +113,7 @@ CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS entity_counts(text TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS lookup_log(
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, prompt TEXT NOT NULL,
-    hit INTEGER NOT NULL, entity TEXT, matched TEXT, similarity REAL, ms REAL NOT NULL);
+    hit INTEGER NOT NULL, entity TEXT, matched TEXT, similarity REAL, ms REAL NOT NULL, entry_id INTEGER);
 CREATE TABLE IF NOT EXISTS events(
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
 """
@@ -152,8 +152,10 @@ _COLUMNS = {
         "partitions": ["compat_key", "tensor_spec", "index_mac", "index_size", "index_generation",
                        "index_deleted"]},
 }
-# Format 3 (issue 15): every entry may be pinned (never evicted) and may keep a small thumbnail.
-_COLUMNS[3] = {**_COLUMNS[2], "entries": _COLUMNS[2]["entries"] + ["pinned", "thumbnail"]}
+# Format 3 (issue 15): every entry may be pinned (never evicted) and may keep a small thumbnail; the
+# lookup log names the entry a hit served (the panel shows its thumbnail).
+_COLUMNS[3] = {**_COLUMNS[2], "entries": _COLUMNS[2]["entries"] + ["pinned", "thumbnail"],
+               "lookup_log": _COLUMNS[2]["lookup_log"] + ["entry_id"]}
 _INDEXES = {"entries_by_key", "entities_by_entry", "entities_by_key"}
 _TRIGGERS = {"entries_bytes_insert", "entries_bytes_delete", "entries_bytes_update"}
 _AUTOINDEX = re.compile(r"^sqlite_autoindex_(meta|entries|deleted_labels|partitions|counters|entity_counts)_[0-9]+$")
@@ -437,6 +439,7 @@ class Manifest:
                 c.execute("ALTER TABLE entries_v2 RENAME TO entries")
                 c.execute("CREATE INDEX IF NOT EXISTS entries_by_key ON entries(compat_key)")
                 c.execute("ALTER TABLE partitions RENAME COLUMN index_sha256 TO index_mac")
+                c.execute("ALTER TABLE lookup_log ADD COLUMN entry_id INTEGER")
                 c.execute("UPDATE partitions SET index_mac=NULL")
                 c.execute("DELETE FROM sqlite_sequence WHERE name='entries'")
                 c.execute("INSERT INTO sqlite_sequence(name, seq) VALUES('entries', "
@@ -461,7 +464,8 @@ class Manifest:
 
     def upgrade_from_v2(self) -> None:
         """Turn a format-2 manifest into format 3 in place, in one transaction: ``entries`` gains
-        ``pinned`` (0: nothing is pinned) and ``thumbnail`` (NULL: none kept). Every row, counter
+        ``pinned`` (0: nothing is pinned) and ``thumbnail`` (NULL: none kept), ``lookup_log`` gains
+        ``entry_id`` (NULL for the lookups logged before: format 2 did not say). Every row, counter
         and index checksum stays as it was; an event records the upgrade. A manifest already at
         format 3 is left alone (another process upgraded it first)."""
         with self.tx() as c:
@@ -469,6 +473,7 @@ class Manifest:
                 return
             c.execute("ALTER TABLE entries ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0")
             c.execute("ALTER TABLE entries ADD COLUMN thumbnail BLOB")
+            c.execute("ALTER TABLE lookup_log ADD COLUMN entry_id INTEGER")
             c.execute("INSERT OR REPLACE INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
             count = c.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
             c.execute("INSERT INTO events(time, kind, detail) VALUES(?,?,?)",
@@ -740,11 +745,12 @@ def read_stats_from(conn: sqlite3.Connection, manifest: Path, last: int = 10) ->
     top = [(str(t), int(n or 0)) for t, n in conn.execute(
         "SELECT CAST(text AS TEXT), CAST(count AS INTEGER) FROM entity_counts ORDER BY count DESC, text ASC LIMIT 10")]
     recent = []
+    served = "CAST(entry_id AS INTEGER)" if has_pins(conn) else "NULL"  # format 2 read as it is: not logged
     for r in conn.execute(
             "SELECT CAST(time AS REAL), CAST(prompt AS TEXT), CAST(hit AS INTEGER), CAST(entity AS TEXT), "
-            "CAST(matched AS TEXT), CAST(similarity AS REAL), CAST(ms AS REAL) FROM lookup_log ORDER BY id DESC "
-            "LIMIT ?", (int(last),)):
-        row = dict(zip(("time", "prompt", "hit", "entity", "matched", "similarity", "ms"), r))
+            f"CAST(matched AS TEXT), CAST(similarity AS REAL), CAST(ms AS REAL), {served} FROM lookup_log "
+            "ORDER BY id DESC LIMIT ?", (int(last),)):
+        row = dict(zip(("time", "prompt", "hit", "entity", "matched", "similarity", "ms", "entry_id"), r))
         row["hit"] = bool(row["hit"])
         recent.append(row)
     lookups = counters.get("lookups", 0)

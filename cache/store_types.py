@@ -188,7 +188,8 @@ class StoreStats:
         hit_rate: hits / lookups (0.0 before any lookup).
         lookup_ms_mean / lookup_ms_p50 / lookup_ms_p99: over the last 1,000 lookups (ms).
         top_entities: most frequent query entities, [(text, count)], at most 10.
-        last_lookups: the newest lookups (dicts: time, prompt, hit, entity, matched, similarity, ms).
+        last_lookups: the newest lookups (dicts: time, prompt, hit, entity, matched, similarity, ms,
+            entry_id: the entry a hit served; None for a miss, and for lookups a format-2 store logged).
         generation: manifest generation (bumped by every insert, eviction and repair).
         policy: eviction policy name.
         pinned_entries / pinned_bytes: entries that are never evicted, and their latent bytes

@@ -74,6 +74,7 @@ def test_a_format_2_store_is_upgraded_in_place_with_everything_kept(tmp_path):
         assert (stats.entries, stats.evictions, stats.lookups, stats.hits, stats.bytes, stats.budget_bytes) == \
             (6, 2, 4, 3, before.bytes, 8000)
         assert [r["prompt"] for r in stats.last_lookups] == [r["prompt"] for r in before.last_lookups]
+        assert all(r["entry_id"] is None for r in stats.last_lookups), "format 2 did not log the served entry"
         assert any(e["kind"] == "upgraded" and "format 2 -> 3" in e["detail"] for e in store.events())
         assert store.verify().ok
         assert store.pin(3) and store.entry(3).pinned
@@ -82,6 +83,9 @@ def test_a_format_2_store_is_upgraded_in_place_with_everything_kept(tmp_path):
     assert json.loads((path / "chai-store.json").read_text())["version"] == 3
     with LatentStore(path) as store:  # the second open is an ordinary one
         assert store.notes == [] and store.open_report == [] and store.entry(3).pinned
+        store.record_lookup("a red fox", ["red fox"], 4, "red fox", "a red fox", 0.93, 1.5)
+        store.record_lookup("a city", ["city"], None, None, None, None, 1.0)
+        assert [(r["hit"], r["entry_id"]) for r in store.stats(last=2).last_lookups] == [(False, None), (True, 4)]
 
 
 def test_an_interrupted_format_2_upgrade_finishes_on_the_next_open(tmp_path):
