@@ -140,6 +140,10 @@ class StoreBackend(Protocol):
     def entries(self) -> list:
         """Every entry's :class:`~cache.store.EntryRecord`, oldest first."""
 
+    def most_used(self, limit: int = 8) -> list:
+        """The ``limit`` entries served most often (:class:`~cache.store.EntryRecord`, by ``access_count``;
+        ties: the most recently used first)."""
+
     def compat_keys(self) -> list:
         """The distinct compatibility keys that hold entries, sorted."""
 

@@ -905,6 +905,12 @@ class PostgresStore:
         """Every entry, oldest first."""
         return self._records("", ())
 
+    def most_used(self, limit: int = 8) -> list[EntryRecord]:
+        """The ``limit`` entries served most often (``access_count``; ties: the most recently used first)."""
+        rows = self._records("WHERE e.id IN (SELECT id FROM chai_entries ORDER BY access_count DESC, last_access DESC, "
+                             "id DESC LIMIT %s)", (max(0, int(limit)),))
+        return sorted(rows, key=lambda r: (-r.access_count, -r.last_access, -r.entry_id))
+
     def _records(self, where: str, params: tuple) -> list[EntryRecord]:
         has_entities = self.dim is not None
         # Bounded on the server: a row from elsewhere cannot make a client read a huge prompt or list.

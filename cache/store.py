@@ -772,8 +772,9 @@ class LatentStore:
         with self._lock:
             with self._tx() as c:
                 found = c.execute("UPDATE entries SET pinned=? WHERE id=?", (int(bool(pinned)), int(entry_id))).rowcount
-                if found:
-                    self._event(c, "pinned" if pinned else "unpinned", f"entry {int(entry_id)}")
+                if found:  # an event row, but no repair report or warning: the user asked for it
+                    c.execute("INSERT INTO events(time, kind, detail) VALUES(?,?,?)",
+                              (time.time(), "pinned" if pinned else "unpinned", f"entry {int(entry_id)}"))
         return bool(found)
 
     def thumbnail(self, entry_id: int) -> bytes | None:
@@ -900,6 +901,13 @@ class LatentStore:
     def entries(self) -> list[EntryRecord]:
         """Every entry, oldest first."""
         ids = [r[0] for r in self._conn().execute("SELECT id FROM entries ORDER BY id")]
+        return [rec for rec in (self.entry(i) for i in ids) if rec is not None]
+
+    def most_used(self, limit: int = 8) -> list[EntryRecord]:
+        """The ``limit`` entries served most often (``access_count``; ties: the most recently used
+        first). One top-N scan of ``entries`` (for the panel, not for requests)."""
+        ids = [r[0] for r in self._conn().execute(
+            "SELECT id FROM entries ORDER BY access_count DESC, last_access DESC, id DESC LIMIT ?", (max(0, int(limit)),))]
         return [rec for rec in (self.entry(i) for i in ids) if rec is not None]
 
     def entity_vectors(self, entry_ids: Sequence[int]) -> dict[int, np.ndarray]:

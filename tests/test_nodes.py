@@ -706,32 +706,6 @@ def test_cancel_in_the_middle_of_a_step_stops_before_the_next_block(tmp_path, mo
     assert len(cache.store) == 0 and not model.module.spatial_blocks[0]._forward_pre_hooks  # hooks removed
 
 
-def test_routes_register_with_a_prompt_server(monkeypatch):
-    registered = []
-
-    class Routes:
-        def get(self, path):
-            def deco(fn):
-                registered.append((path, fn))
-                return fn
-            return deco
-
-    server = types.ModuleType("server")
-    server.PromptServer = type("PromptServer", (), {"instance": types.SimpleNamespace(routes=Routes())})
-    aiohttp = types.ModuleType("aiohttp")  # ComfyUI's web server; not a dependency of the pack
-    aiohttp.web = types.SimpleNamespace(json_response=lambda body, status=200: (status, body))
-    monkeypatch.setitem(sys.modules, "server", server)
-    monkeypatch.setitem(sys.modules, "aiohttp", aiohttp)
-    monkeypatch.setattr(routes, "_registered", False)
-    assert routes.register_routes() is True
-    assert [p for p, _ in registered] == ["/chai/stats"]
-    assert routes.register_routes() is True and len(registered) == 1  # once only
-    handler = registered[0][1]
-    request = types.SimpleNamespace(query={"store": "/etc/passwd"})
-    assert asyncio.run(handler(request))[0] == 400
-    assert asyncio.run(handler(types.SimpleNamespace(query={}))) == (200, {"stores": []})
-
-
 # ------------------------------------------------------------------------------ ComfyUI model folders
 
 
