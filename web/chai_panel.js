@@ -92,7 +92,7 @@ function thumbBox(storeId, entry, empty) {
                           justifyContent: "center", background: "rgba(128,128,128,0.2)", borderRadius: "3px",
                           overflow: "hidden", fontSize: "10px", color: C.dim });
   if (entry?.thumbnail) {
-    const img = el("img", { maxWidth: "100%", maxHeight: "100%", imageRendering: "pixelated" });
+    const img = el("img", { width: "100%", height: "100%", objectFit: "contain", imageRendering: "pixelated" });
     img.alt = entry.entity ?? "";
     img.src = api.apiURL(`/chai/thumbnail?store=${encodeURIComponent(storeId)}&entry=${Number(entry.id)}`);
     box.append(img);
@@ -318,8 +318,10 @@ class CachePanel {
         thumbBox(body.id, e, "no picture"),
         el("div", { whiteSpace: "nowrap", overflow: "hidden", textOverflow: "ellipsis" }, e.entity ?? "?"),
         el("div", { color: C.dim }, `${e.hits} hit${e.hits === 1 ? "" : "s"} \u00b7 ${fmtAge(e.age_s)}`),
-        el("div", { display: "flex", gap: "2px" }, pin, evict),
       );
+      const buttons = el("div", { display: "flex", gap: "2px" });
+      buttons.append(pin, evict);
+      card.append(buttons);
       return card;
     }));
   }
