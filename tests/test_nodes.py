@@ -323,6 +323,7 @@ def test_miss_then_hit_in_the_same_store(tiny, tmp_path):
     assert report.startswith("miss") and "stored as entry #1" in report and "6 steps" in report
     assert out1["ui"]["chai_run"][0]["inserted_entry_id"] == 1
     assert len(cache.store) == 1
+    assert cache.store.thumbnail(1) is None  # a latent-space model, nothing decoded here: no extra VAE decode
     assert NODES["CHAI_Cache"].fingerprint_inputs(str(tmp_path / "store")) != before  # the insert bumps the generation
 
     lk2, out2 = run_prompt(tiny, cache, "a red fox sleeping in a pine forest", seed=2)
