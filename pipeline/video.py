@@ -58,7 +58,6 @@ def write_video(frames: torch.Tensor, path: Union[str, Path], fps: int = 24, crf
     return path
 
 
-
 def thumbnail_jpeg(frame: torch.Tensor, max_side: int = THUMBNAIL_SIDE, quality: int = 90) -> bytes:
     """One video frame as the small JPEG a store entry keeps (``LatentStore.put(thumbnail=...)``).
 

@@ -78,8 +78,8 @@ def test_the_read_routes_list_stores_lookups_and_most_used_entries(opened):
     assert card["entity"] == "entity 102 #0" and card["thumbnail"] and not card["pinned"] and card["bytes"] > 0
     assert 0 <= card["age_s"] < 60
     lookups = body["last_lookups"]
-    assert [l["hit"] for l in lookups] == [False, True, True, True]
-    assert lookups[0]["entry"] is None and [l["entry"]["id"] for l in lookups[1:]] == [ids[0], ids[1], ids[1]]
+    assert [lk["hit"] for lk in lookups] == [False, True, True, True]
+    assert lookups[0]["entry"] is None and [lk["entry"]["id"] for lk in lookups[1:]] == [ids[0], ids[1], ids[1]]
     assert routes.entries_response({"store": handle.id, "top": "x"})[0] == 400
     assert len(routes.entries_response({"store": handle.id, "top": "999999"})[1]["most_used"]) == 3
 
