@@ -406,7 +406,8 @@ class Manifest:
         """Turn a format-1 manifest into format 3 in one transaction (SQLite's table-rebuild
         procedure): ``entries`` loses its ``file`` column (latent files are named by entry id now;
         the caller renamed the ``kept`` entries' files first), ``partitions.index_sha256`` becomes
-        ``index_mac`` (empty: old index files get the structural check once), and ``meta`` gets
+        ``index_mac`` (empty: old index files get the structural check once), ``lookup_log`` gains
+        ``entry_id`` (NULL for the old lookups), and ``meta`` gets
         the store id. Entries in ``dropped`` ((id, reason): their file name was not one format 1
         writes, or their file is gone) are removed with an event."""
         conn = self.conn()
