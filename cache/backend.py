@@ -97,15 +97,27 @@ class StoreBackend(Protocol):
 
     # --------------------------------------------------------------- writes
     def put(self, tensors: Mapping[str, Any], entities: Sequence[str], embeddings: np.ndarray, compat_key: str,
-            prompt: str, info: Optional[Mapping] = None) -> int:
+            prompt: str, info: Optional[Mapping] = None, thumbnail: Optional[bytes] = None) -> int:
         """Insert one entry; returns its id (int > 0). Evicts by policy to stay within the budget.
 
         ``tensors``: name -> torch tensor (float16/bfloat16/float32, finite); ``embeddings``:
-        [len(entities), dim] float32. Raises ValueError (bad tensors, an entry larger than the whole
-        budget) or StoreError (closed, not writable)."""
+        [len(entities), dim] float32; ``thumbnail``: a JPEG or PNG of one frame, at most
+        ``cache.store.MAX_THUMBNAIL_BYTES``, kept where the backend keeps thumbnails. Raises ValueError
+        (bad tensors or thumbnail, an entry larger than the whole budget) or StoreError (closed, not
+        writable)."""
 
     def delete(self, entry_ids: Sequence[int], reason: str = "deleted") -> int:
         """Remove entries (latents, entities, vectors); unknown ids are ignored. Returns how many went."""
+
+    def pin(self, entry_id: int, pinned: bool = True) -> bool:
+        """Pin an entry (never evicted; its bytes still count against the budget, and a budget below
+        the pinned bytes is refused with ``cache.store.PinnedError``) or unpin it (``pinned=False``).
+        Returns False for an unknown id. A backend that cannot keep pins raises StoreError saying so."""
+
+    def thumbnail(self, entry_id: int) -> Optional[bytes]:
+        """The entry's thumbnail (JPEG or PNG bytes of one frame, at most
+        ``cache.store.MAX_THUMBNAIL_BYTES``), or None when it has none, is gone, or the backend keeps
+        no thumbnails."""
 
     def record_lookup(self, prompt: str, query_entities: Sequence[str], hit_entry: Optional[int],
                       entity: Optional[str], matched: Optional[str], similarity: Optional[float],
@@ -127,6 +139,10 @@ class StoreBackend(Protocol):
 
     def entries(self) -> list:
         """Every entry's :class:`~cache.store.EntryRecord`, oldest first."""
+
+    def most_used(self, limit: int = 8) -> list:
+        """The ``limit`` entries served most often (:class:`~cache.store.EntryRecord`, by ``access_count``;
+        ties: the most recently used first)."""
 
     def compat_keys(self) -> list:
         """The distinct compatibility keys that hold entries, sorted."""

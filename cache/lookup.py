@@ -419,7 +419,8 @@ class CacheLookup:
                     out["entry_size"] = f"{info['height']}x{info['width']}, {info.get('num_frames', '?')} frames"
         return out
 
-    def insert(self, result: LookupResult, tensors: Mapping, info: Mapping | None = None) -> int | None:
+    def insert(self, result: LookupResult, tensors: Mapping, info: Mapping | None = None,
+               thumbnail: bytes | None = None) -> int | None:
         """Store a request's latents under the keys and embeddings its lookup computed.
 
         A request is not stored, with a warning (logged, and kept in ``result.not_stored``), when
@@ -430,6 +431,8 @@ class CacheLookup:
             result: the :class:`LookupResult` of this request (normally a miss).
             tensors: name -> torch tensor, e.g. the latents captured at the cache steps.
             info: JSON-serialisable metadata (seed, steps, timesteps ...).
+            thumbnail: a small JPEG or PNG of one frame of the request's video, kept with the entry
+                where the backend keeps thumbnails (``StoreBackend.put``); None for none.
 
         Returns:
             The new entry id, or None when nothing was stored.
@@ -446,7 +449,7 @@ class CacheLookup:
         else:
             try:
                 return self.store.put(tensors, result.entities, result.embeddings, result.compat_key, result.prompt,
-                                      info)
+                                      info, thumbnail=thumbnail)
             except EntryTooLargeError as exc:
                 result.not_stored = f"not cached: {exc}"
         log.warning("CHAI: %s", result.not_stored)

@@ -48,12 +48,14 @@ import numpy as np
 from .policy import EvictionPolicy
 from .store_budget import budget_error, check_entry_fits, validate_budget
 from .store_files import BlobError, check_safetensors, encode_entry, spec_mismatch
-from .store_manifest import LOOKUP_LOG_KEEP, count_value, parse_tensor_spec
+from .store_manifest import LOOKUP_LOG_KEEP, MAX_THUMBNAIL_BYTES, check_thumbnail, count_value, parse_tensor_spec
 from .store_types import (
     MAX_ENTRY_BYTES,
     DiskFullError,
     EntityMatch,
     EntryRecord,
+    EntryTooLargeError,
+    PinnedError,
     StoreConfig,
     StoreError,
     StoreStats,
@@ -66,7 +68,11 @@ __all__ = ["PostgresStore", "is_postgres_url", "open_location", "read_location_s
 log = logging.getLogger("comfyui_chai.pgstore")
 
 # pg2: latents in the bucket at keys derived from entry ids (pg1, a development format, named keys in rows).
-SCHEMA_VERSION = "pg2"
+# pg3 (issue 15): entries may be pinned (never evicted) and keep a thumbnail; the lookup log names the
+# entry a hit served. A pg2 store is upgraded in place when a client with the right to alter its tables
+# opens it (:meth:`PostgresStore._upgrade_pg2`).
+SCHEMA_VERSION = "pg3"
+_UPGRADABLE = "pg2"
 MIN_PGVECTOR = (0, 5, 0)  # HNSW indexes
 MAX_DIM = 2000  # pgvector's limit for an HNSW index on vector(n)
 _COUNTERS = ("hits", "misses", "lookups", "evictions", "inserts", "repairs", "quarantined", "lookup_ms_sum",
@@ -87,6 +93,14 @@ _LATENT_QUERY = (
     "CASE WHEN octet_length(e.blob) = e.nbytes AND e.nbytes BETWEEN 1 AND %s THEN e.blob END "
     "FROM chai_entries e LEFT JOIN chai_partitions p ON p.compat_key = e.compat_key WHERE e.id = %s")
 
+# pg2 -> pg3, in one transaction under the writer lock (no row is rewritten: the new columns have
+# constant defaults).
+_UPGRADE_PG2 = (
+    "ALTER TABLE chai_entries ADD COLUMN IF NOT EXISTS pinned boolean NOT NULL DEFAULT false",
+    "ALTER TABLE chai_entries ADD COLUMN IF NOT EXISTS thumbnail bytea",
+    "ALTER TABLE chai_lookup_log ADD COLUMN IF NOT EXISTS entry_id bigint",
+)
+
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS chai_meta(key text PRIMARY KEY, value text NOT NULL)",
     """CREATE TABLE IF NOT EXISTS chai_entries(
@@ -100,7 +114,9 @@ _SCHEMA = (
         last_access double precision NOT NULL,
         access_count bigint NOT NULL DEFAULT 0,
         info text NOT NULL DEFAULT '{}',
-        blob bytea)""",
+        blob bytea,
+        pinned boolean NOT NULL DEFAULT false,
+        thumbnail bytea)""",
     # Latents do not compress: skip pglz on every insert and read.
     "ALTER TABLE chai_entries ALTER COLUMN blob SET STORAGE EXTERNAL",
     "CREATE INDEX IF NOT EXISTS chai_entries_lru ON chai_entries(last_access, id)",
@@ -111,7 +127,7 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS chai_entity_counts(text text PRIMARY KEY, count bigint NOT NULL)",
     """CREATE TABLE IF NOT EXISTS chai_lookup_log(
         id bigserial PRIMARY KEY, time double precision NOT NULL, prompt text NOT NULL, hit boolean NOT NULL,
-        entity text, matched text, similarity double precision, ms double precision NOT NULL)""",
+        entity text, matched text, similarity double precision, ms double precision NOT NULL, entry_id bigint)""",
     """CREATE TABLE IF NOT EXISTS chai_events(
         id bigserial PRIMARY KEY, time double precision NOT NULL, kind text NOT NULL, detail text NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS chai_quarantine(
@@ -282,7 +298,7 @@ class PostgresStore:
         self._closed = False
         self._vector_ready = False
         self.open_report: list[str] = []
-        self.notes: list[str] = []  # nothing to upgrade yet: one schema version
+        self.notes: list[str] = []  # what opening it did (an upgrade from pg2)
         self.dim: int | None = None
         self.blobs = None
         conn = self._conn(retry=False)
@@ -451,6 +467,9 @@ class PostgresStore:
                     for statement in _SCHEMA:
                         conn.execute(statement)
                 meta = dict(conn.execute("SELECT key, left(value, 1000) FROM chai_meta").fetchall())
+                if meta.get("schema_version") == _UPGRADABLE:
+                    self._upgrade_pg2(conn)
+                    meta["schema_version"] = SCHEMA_VERSION
                 if not meta:
                     store_id = uuid.uuid4().hex
                     if blobs:  # a new store's bucket is checked first: failing here rolls everything back
@@ -540,17 +559,58 @@ class PostgresStore:
                      f"(embedding vector_cosine_ops) WITH (m = {m}, ef_construction = {efc})")
         conn.execute("INSERT INTO chai_meta VALUES('dim', %s) ON CONFLICT (key) DO NOTHING", (str(dim),))
 
-    def _check_budget_change(self, conn, budget: int, evict_to_fit: bool) -> None:
-        """Refuse a budget below what the store holds unless ``evict_to_fit`` (caller holds the writer lock).
+    def _upgrade_pg2(self, conn) -> None:
+        """Turn a pg2 store into pg3 in place (the caller's transaction; every row kept): entries
+        gain ``pinned`` (false) and ``thumbnail`` (NULL), the lookup log ``entry_id`` (NULL for the
+        lookups logged before). A pg2 client then refuses the store ("schema 'pg3'").
 
         Raises:
+            StoreError: this database user may not alter the tables (the message says who can).
+        """
+        import psycopg
+
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITER_LOCK,))
+        if conn.execute("SELECT value FROM chai_meta WHERE key='schema_version'").fetchone()[0] != _UPGRADABLE:
+            return  # another client upgraded it while this one waited for the lock
+        try:
+            for statement in _UPGRADE_PG2:
+                conn.execute(statement)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise StoreError(f"the store at {self.location} is of schema {_UPGRADABLE} and needs an upgrade to "
+                             f"{SCHEMA_VERSION} (pins and thumbnails), which user {conn.info.user!r} may not make "
+                             f"({_last_line(str(exc))}); let the owner of the chai_* tables open the store once") from None
+        conn.execute("UPDATE chai_meta SET value=%s WHERE key='schema_version'", (SCHEMA_VERSION,))
+        count = conn.execute("SELECT count(*) FROM chai_entries").fetchone()[0]
+        conn.execute("INSERT INTO chai_events(time, kind, detail) VALUES(%s,%s,%s)",
+                     (time.time(), "upgraded", f"schema {_UPGRADABLE} -> {SCHEMA_VERSION}: {count} entries kept"))
+        self.notes.append(f"upgraded the store from schema {_UPGRADABLE} to {SCHEMA_VERSION}: every entry kept")
+        log.warning("CHAI store %s: upgraded from schema %s to %s", self.location, _UPGRADABLE, SCHEMA_VERSION)
+
+    @staticmethod
+    def _pinned_bytes(conn) -> int:
+        return int(conn.execute("SELECT coalesce(sum(nbytes), 0) FROM chai_entries WHERE pinned").fetchone()[0])
+
+    def _check_budget_change(self, conn, budget: int, evict_to_fit: bool) -> None:
+        """Refuse a budget below the pinned bytes, and one below what the store holds unless
+        ``evict_to_fit`` (caller holds the writer lock).
+
+        Raises:
+            PinnedError: the pinned entries (never evicted) hold more than ``budget``, even with
+                ``evict_to_fit``.
             BudgetError: saying how many entries and bytes the new budget would evict (policy order).
         """
+        pinned = self._pinned_bytes(conn)
+        if budget < pinned:
+            raise PinnedError(
+                f"a budget of {budget:,} bytes is smaller than the {pinned:,} bytes of the pinned entries of the store "
+                f"{self.location}, which are never evicted. Nothing was changed: unpin entries first (`cache unpin "
+                f"STORE ID`) or keep a budget of at least {pinned:,} bytes")
         held = self._counter(conn, "bytes_held")
         if held <= budget or evict_to_fit:
             return
         count, freed = 0, 0
-        for (nbytes,) in conn.execute(f"SELECT nbytes FROM chai_entries ORDER BY {self.config.policy.order_by}"):
+        for (nbytes,) in conn.execute(f"SELECT nbytes FROM chai_entries WHERE NOT pinned "
+                                      f"ORDER BY {self.config.policy.order_by}"):
             count, freed = count + 1, freed + int(nbytes)
             if freed >= held - budget:
                 break
@@ -580,9 +640,10 @@ class PostgresStore:
 
     # ------------------------------------------------------------------ writes
     def put(self, tensors: Mapping[str, object], entities: Sequence[str], embeddings: np.ndarray, compat_key: str,
-            prompt: str, info: Mapping | None = None) -> int:
-        """Insert one entry (latents, entities and their embeddings) in one transaction, evicting
-        by the policy so the byte budget holds. Same contract as :meth:`LatentStore.put`.
+            prompt: str, info: Mapping | None = None, thumbnail: bytes | None = None) -> int:
+        """Insert one entry (latents, entities and their embeddings, and its thumbnail) in one
+        transaction, evicting unpinned entries by the policy so the byte budget holds. Same contract
+        as :meth:`LatentStore.put`.
 
         Returns:
             The new entry id.
@@ -592,6 +653,7 @@ class PostgresStore:
             StoreError: the store is closed, or the server stays unreachable past ``retry_seconds``.
         """
         entry = encode_entry(tensors, entities, embeddings, compat_key, prompt, self.dim)
+        thumb = None if thumbnail is None else check_thumbnail(thumbnail)
         if self._closed:
             raise StoreError("the store is closed; open it again")
         info_json = json.dumps(dict(info or {}), sort_keys=True, default=str)
@@ -619,10 +681,10 @@ class PostgresStore:
             now = time.time()
             entry_id = int(conn.execute(
                 "INSERT INTO chai_entries(id, uid, compat_key, prompt, nbytes, sha256, created_at, last_access, info, "
-                "blob) VALUES(coalesce(%s, nextval(pg_get_serial_sequence('chai_entries', 'id'))),"
-                "%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id",
+                "blob, thumbnail) VALUES(coalesce(%s, nextval(pg_get_serial_sequence('chai_entries', 'id'))),"
+                "%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id",
                 (reserved, uid, compat_key, prompt, entry.nbytes, entry.sha256, now, now, info_json,
-                 None if reserved else entry.blob)).fetchone()[0])
+                 None if reserved else entry.blob, thumb)).fetchone()[0])
             with conn.cursor() as cur:
                 cur.executemany("INSERT INTO chai_entities(entry_id, compat_key, text, embedding) VALUES(%s,%s,%s,%s)",
                                 [(entry_id, compat_key, t, v) for t, v in zip(entry.entities, entry.embeddings)])
@@ -668,9 +730,14 @@ class PostgresStore:
                          (names, [float(deltas[n]) for n in names]))
 
     def _evict_locked(self, conn, incoming: int, exclude: int | None) -> list[int]:
-        """Delete entries in policy order until ``held + incoming <= budget`` (caller holds the
-        writer lock and adopted the persisted budget). Returns the deleted entry ids, whose bucket
-        objects go after COMMIT."""
+        """Delete unpinned entries in policy order until ``held + incoming <= budget`` (caller holds
+        the writer lock and adopted the persisted budget). Returns the deleted entry ids, whose
+        bucket objects go after COMMIT.
+
+        Raises:
+            EntryTooLargeError: the incoming entry would fit only by evicting pinned entries (the
+                caller's transaction, the insert with it, is rolled back).
+        """
         budget = self.config.budget_bytes
         held = self._counter(conn, "bytes_held")
         excess = held + incoming - budget
@@ -680,7 +747,7 @@ class PostgresStore:
         freed, offset, batch = 0, 0, 8
         order = self.config.policy.order_by
         while freed < excess:
-            rows = conn.execute(f"SELECT id, nbytes FROM chai_entries WHERE id <> %s "
+            rows = conn.execute(f"SELECT id, nbytes FROM chai_entries WHERE id <> %s AND NOT pinned "
                                 f"ORDER BY {order} LIMIT %s OFFSET %s", (exclude or 0, batch, offset)).fetchall()
             if not rows:
                 break
@@ -691,6 +758,12 @@ class PostgresStore:
                     break
             offset += len(rows)
             batch *= 4
+        if freed < excess and incoming:
+            pinned = self._pinned_bytes(conn)
+            raise EntryTooLargeError(
+                f"this entry is {incoming:,} bytes, but pinned entries hold {pinned:,} of the store {self.location}'s "
+                f"{budget:,}-byte budget and are never evicted; it is not stored. Unpin entries (`cache unpin STORE "
+                "ID`) or raise the budget", incoming, budget - pinned)
         conn.execute("DELETE FROM chai_entries WHERE id = ANY(%s)", ([v[0] for v in victims],))
         self._bump(conn, bytes_held=-freed, evictions=len(victims), generation=1)
         return [v[0] for v in victims]
@@ -749,6 +822,37 @@ class PostgresStore:
         removed = self._run(remove)
         self._delete_blobs(removed)
         return len(removed)
+
+    def pin(self, entry_id: int, pinned: bool = True) -> bool:
+        """Pin an entry (never evicted; its bytes still count against the budget) or unpin it.
+
+        Returns:
+            True when the entry exists (its flag is now ``pinned``), False for an unknown id.
+        """
+        def apply(conn):
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITER_LOCK,))
+            found = conn.execute("UPDATE chai_entries SET pinned=%s WHERE id=%s",
+                                 (bool(pinned), int(entry_id))).rowcount
+            if found:
+                conn.execute("INSERT INTO chai_events(time, kind, detail) VALUES(%s,%s,%s)",
+                             (time.time(), "pinned" if pinned else "unpinned", f"entry {int(entry_id)}"))
+            return bool(found)
+
+        return self._run(apply)
+
+    def thumbnail(self, entry_id: int) -> bytes | None:
+        """The entry's thumbnail (JPEG or PNG bytes, at most ``MAX_THUMBNAIL_BYTES``), or None when
+        it has none or is gone. The size is checked on the server before the bytes leave it, the
+        signature here, so a crafted row never yields more than the cap or bytes of another kind."""
+        row = self._run(lambda c: c.execute(
+            "SELECT CASE WHEN octet_length(thumbnail) <= %s THEN thumbnail END FROM chai_entries WHERE id=%s",
+            (MAX_THUMBNAIL_BYTES, int(entry_id))).fetchone(), transaction=False)
+        if row is None or row[0] is None:
+            return None
+        try:
+            return check_thumbnail(row[0])
+        except ValueError:
+            return None
 
     # ------------------------------------------------------------------ reads
     def search(self, vectors: np.ndarray, compat_key: str, k: int = 8) -> list[EntityMatch]:
@@ -887,6 +991,12 @@ class PostgresStore:
         """Every entry, oldest first."""
         return self._records("", ())
 
+    def most_used(self, limit: int = 8) -> list[EntryRecord]:
+        """The ``limit`` entries served most often (``access_count``; ties: the most recently used first)."""
+        rows = self._records("WHERE e.id IN (SELECT id FROM chai_entries ORDER BY access_count DESC, last_access DESC, "
+                             "id DESC LIMIT %s)", (max(0, int(limit)),))
+        return sorted(rows, key=lambda r: (-r.access_count, -r.last_access, -r.entry_id))
+
     def _records(self, where: str, params: tuple) -> list[EntryRecord]:
         has_entities = self.dim is not None
         # Bounded on the server: a row from elsewhere cannot make a client read a huge prompt or list.
@@ -896,12 +1006,13 @@ class PostgresStore:
         rows = self._run(lambda c: c.execute(
             f"SELECT e.id, left(e.compat_key, {_MAX_TEXT}), left(e.prompt, {_MAX_PROMPT}), e.nbytes, e.created_at, "
             f"e.last_access, e.access_count, CASE WHEN octet_length(e.info) <= {_MAX_INFO} THEN e.info END, "
-            f"{texts} FROM chai_entries e {where} ORDER BY e.id", params).fetchall(), transaction=False)
+            f"{texts}, e.pinned, e.thumbnail IS NOT NULL FROM chai_entries e {where} ORDER BY e.id",
+            params).fetchall(), transaction=False)
         records = []
         for r in rows:
             info = _loads(r[7])
             records.append(EntryRecord(int(r[0]), r[1], r[2], list(r[8]), int(r[3]), float(r[4]), float(r[5]),
-                                       int(r[6]), info if isinstance(info, dict) else {}))
+                                       int(r[6]), info if isinstance(info, dict) else {}, bool(r[9]), bool(r[10])))
         return records
 
     def entity_vectors(self, entry_ids: Sequence[int]) -> dict[int, np.ndarray]:
@@ -948,9 +1059,10 @@ class PostgresStore:
                 if texts:
                     conn.execute("INSERT INTO chai_entity_counts SELECT t, 1 FROM unnest(%s::text[]) AS t "
                                  "ON CONFLICT (text) DO UPDATE SET count = chai_entity_counts.count + 1", (texts,))
-                conn.execute("INSERT INTO chai_lookup_log(time, prompt, hit, entity, matched, similarity, ms) "
-                             "VALUES(%s,%s,%s,%s,%s,%s,%s)",
-                             (now, prompt[:500], hit, entity, matched, similarity, float(ms)))
+                conn.execute("INSERT INTO chai_lookup_log(time, prompt, hit, entity, matched, similarity, ms, entry_id) "
+                             "VALUES(%s,%s,%s,%s,%s,%s,%s,%s)",
+                             (now, prompt[:500], hit, entity, matched, similarity, float(ms),
+                              int(hit_entry) if hit else None))
                 if prune:
                     conn.execute("DELETE FROM chai_lookup_log WHERE id < (SELECT max(id) FROM chai_lookup_log) - %s",
                                  (LOOKUP_LOG_KEEP,))
@@ -969,7 +1081,9 @@ class PostgresStore:
             meta = _parse_meta(dict(conn.execute("SELECT key, left(value, 1000) FROM chai_meta").fetchall()),
                                self.location)
             counters = {k: count_value(v) for k, v in conn.execute("SELECT name, value FROM chai_counters").fetchall()}
-            entries, held = conn.execute("SELECT count(*), coalesce(sum(nbytes), 0) FROM chai_entries").fetchone()
+            entries, held, pinned_entries, pinned_bytes = conn.execute(
+                "SELECT count(*), coalesce(sum(nbytes), 0), count(*) FILTER (WHERE pinned), "
+                "coalesce(sum(nbytes) FILTER (WHERE pinned), 0) FROM chai_entries").fetchone()
             n_entities = conn.execute("SELECT count(*) FROM chai_entities").fetchone()[0] if has_entities else 0
             ms = [r[0] for r in conn.execute("SELECT ms FROM chai_lookup_log WHERE ms >= 0 AND ms < 'Infinity' "
                                              "ORDER BY id DESC LIMIT %s",
@@ -977,13 +1091,14 @@ class PostgresStore:
             top = [(t, int(n)) for t, n in conn.execute(
                 "SELECT left(text, %s), count FROM chai_entity_counts ORDER BY count DESC, text ASC LIMIT 10",
                 (_MAX_TEXT,))]
-            recent = [dict(zip(("time", "prompt", "hit", "entity", "matched", "similarity", "ms"), r))
+            recent = [dict(zip(("time", "prompt", "hit", "entity", "matched", "similarity", "ms", "entry_id"), r))
                       for r in conn.execute("SELECT time, left(prompt, 500), hit, left(entity, %s), left(matched, %s), "
-                                            "similarity, ms FROM chai_lookup_log ORDER BY id DESC LIMIT %s",
+                                            "similarity, ms, entry_id FROM chai_lookup_log ORDER BY id DESC LIMIT %s",
                                             (_MAX_TEXT, _MAX_TEXT, min(int(last), LOOKUP_LOG_KEEP)))]
-            return meta, counters, int(entries), int(held), int(n_entities), ms, top, recent
+            pins = (int(pinned_entries), int(pinned_bytes))
+            return meta, counters, int(entries), int(held), int(n_entities), ms, top, recent, pins
 
-        meta, counters, entries, held, n_entities, ms, top, recent = self._run(snapshot)
+        meta, counters, entries, held, n_entities, ms, top, recent, pins = self._run(snapshot)
         lookups = int(counters.get("lookups", 0))
         stats = StoreStats(
             entries=entries, entities=n_entities, bytes=held, budget_bytes=meta["budget_bytes"],
@@ -995,7 +1110,7 @@ class PostgresStore:
             lookup_ms_p50=float(np.percentile(ms, 50)) if ms else 0.0,
             lookup_ms_p99=float(np.percentile(ms, 99)) if ms else 0.0,
             top_entities=top, last_lookups=recent, generation=int(counters.get("generation", 0)),
-            policy=meta["policy"].value)
+            policy=meta["policy"].value, pinned_entries=pins[0], pinned_bytes=pins[1])
         self.config = replace(self.config, budget_bytes=stats.budget_bytes, policy=meta["policy"])
         return stats
 

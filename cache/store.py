@@ -26,6 +26,10 @@ Guarantees (DESIGN.md, "The store"; issue 14; docs/store_security.md):
 * One writer at a time across processes (a file lock); readers never block (SQLite WAL).
 * A byte budget: the manifest's byte total never exceeds it; lowering it below what is held needs
   ``evict_to_fit``; an entry larger than the budget is refused (:class:`EntryTooLargeError`).
+* Pinned entries (format 3) are never evicted; their bytes count against the budget, and a
+  budget below them is refused (:class:`PinnedError`). Each entry may keep a thumbnail (a JPEG
+  or PNG of at most ``MAX_THUMBNAIL_BYTES``) in its manifest row: no file, so no path; its size
+  and signature are checked before it is served.
 * Only safetensors and SQLite are read from disk.
 
 This module composes the parts: :mod:`.store_manifest` (SQLite), :mod:`.store_files` (files and
@@ -53,7 +57,7 @@ import numpy as np
 from .index import partition_file_name
 from .index_file import IndexKey
 from .policy import EvictionPolicy
-from .store_budget import change_budget, check_entry_fits, evict, pick_victims, validate_budget
+from .store_budget import change_budget, check_entry_fits, evict, validate_budget, victims_for_entry
 from .store_files import (
     FORMAT_NAME,
     LOCK_NAME,
@@ -69,9 +73,11 @@ from .store_index import IndexSync
 from .store_manifest import (
     LOOKUP_LOG_KEEP,
     MANIFEST_SIDE_FILES,
+    MAX_THUMBNAIL_BYTES,
     SCHEMA_VERSION,
     Manifest,
     ManifestInfo,
+    check_thumbnail,
     connect_read_only,
     parse_tensor_spec,
     probe_manifest,
@@ -86,6 +92,7 @@ from .store_types import (
     MAX_ENTRY_BYTES,
     BudgetError,
     ContainmentError,
+    PinnedError,
     DiskFullError,
     EntityMatch,
     EntryRecord,
@@ -101,6 +108,7 @@ __all__ = [
     "ContainmentError",
     "DiskFullError",
     "BudgetError",
+    "PinnedError",
     "EntryTooLargeError",
     "StoreConfig",
     "LatentStore",
@@ -114,6 +122,7 @@ __all__ = [
     "DEFAULT_BUDGET_BYTES",
     "MAX_BUDGET_BYTES",
     "MAX_ENTRY_BYTES",
+    "MAX_THUMBNAIL_BYTES",
     "SCHEMA_VERSION",
     "LOOKUP_LOG_KEEP",
 ]
@@ -278,6 +287,8 @@ class LatentStore:
             with self._lock:
                 if kind == "unmarked":
                     store_id = self._finish_unmarked(store_id)
+                elif kind == "marked" and found.get("version") != FORMAT_VERSION:
+                    self._upgrade_marked(store_id)
                 meta = self._open_manifest(store_id, dim)
                 self.store_id = meta["store_id"]
                 self._sync = IndexSync(self._manifest, self._files, self.store_id, meta["index_params"],
@@ -351,18 +362,39 @@ class LatentStore:
                 else:
                     dropped.append((entry_id, f"its file {str(file)[:80]!r} is not a latent file CHAI wrote, or it is "
                                               "missing (never touched)"))
-            self._manifest.upgrade_from_v1(store_id, kept, dropped)
+            self._manifest.upgrade_from_v1(store_id, kept, dropped)  # straight to the current format
             self.notes.append(f"upgraded the store from format 1 to {SCHEMA_VERSION}: {kept} entries kept, "
                               f"{len(dropped)} dropped")
             log.warning("CHAI store %s: upgraded from format 1 (%d entries kept, %d dropped)", self.path, kept,
                         len(dropped))
-        elif version == SCHEMA_VERSION:
+        elif version in (2, SCHEMA_VERSION):  # format 2 never lacked its marker, but an interrupted upgrade may
             store_id = store_id or self._manifest.conn().execute(
                 "SELECT value FROM meta WHERE key='store_id'").fetchone()[0]
+            if version == 2:
+                self._manifest.upgrade_from_v2()
+                self.notes.append(f"upgraded the store from format 2 to {SCHEMA_VERSION}: every entry kept")
         else:
             raise ContainmentError(f"{self.path / MANIFEST_NAME} is no longer a CHAI manifest; open a new store folder")
         self._files.write_marker(_new_marker(store_id))
         return store_id
+
+    def _upgrade_marked(self, store_id: str) -> None:
+        """Upgrade a marked format-2 store to the current format in place (caller holds the lock):
+        the manifest first (one transaction, every entry kept), the marker last, so an interrupted
+        upgrade finishes on the next open. A marker of the current format over a format-2 manifest
+        cannot happen (the marker is written after the manifest's commit)."""
+        manifest = self.path / MANIFEST_NAME
+        if manifest.exists() and not self._manifest.is_empty():
+            version = schema_version(self._manifest.conn())
+            if version == 2:
+                self._manifest.upgrade_from_v2()
+                self.notes.append(f"upgraded the store from format 2 to {SCHEMA_VERSION}: every entry kept "
+                                  "(entries can now be pinned and keep a thumbnail)")
+                log.warning("CHAI store %s: upgraded from format 2 to %d", self.path, SCHEMA_VERSION)
+            elif version != SCHEMA_VERSION:
+                raise ContainmentError(f"{manifest} is not a CHAI manifest of the format its marker names; "
+                                       "it was altered outside CHAI: open a new store folder")
+        self._files.write_marker(_new_marker(store_id))
 
     def _open_manifest(self, store_id: str, dim: int | None) -> dict:
         if not (self.path / MANIFEST_NAME).exists() or self._manifest.is_empty():
@@ -389,11 +421,22 @@ class LatentStore:
         then partitions whose key or tensor spec is not one CHAI writes (their entries went with
         them). Entity rows without their entry are harmless (search joins entries): left to verify."""
         self._remove_invalid(self._manifest.invalid_entries())
+        self._clear_invalid_thumbnails()
         dropped = self._manifest.drop_invalid_partitions()
         if dropped:
             with self._manifest.tx() as c:
                 self._event(c, "rows_removed", f"{dropped} partition row(s) with a key or tensor spec CHAI never "
                                                "writes")
+
+    def _clear_invalid_thumbnails(self) -> int:
+        """Drop thumbnails and pinned flags CHAI never writes (the entries stay); one repair event."""
+        fixed = self._manifest.clear_invalid_thumbnails()
+        if fixed:
+            with self._manifest.tx() as c:
+                c.execute("UPDATE counters SET value=value+? WHERE name='repairs'", (fixed,))
+                self._event(c, "rows_repaired", f"{fixed} entry row(s) with a thumbnail or pinned flag CHAI never "
+                                                "writes (thumbnail dropped, entry unpinned; the entries are kept)")
+        return fixed
 
     def _remove_invalid(self, bad: list[tuple[int, str]]) -> int:
         """Delete entries that cannot be trusted ((id, reason) pairs) with one repair event each
@@ -567,6 +610,7 @@ class LatentStore:
         compat_key: str,
         prompt: str,
         info: Mapping | None = None,
+        thumbnail: bytes | None = None,
     ) -> int:
         """Insert one entry: its latents, and the entities (with embeddings) it is found by.
 
@@ -580,19 +624,23 @@ class LatentStore:
                 lookups only match entries of the same key.
             prompt: the prompt that produced the latents (for reports).
             info: JSON-serialisable metadata kept with the entry.
+            thumbnail: a JPEG or PNG of one frame of the entry's video, at most
+                ``MAX_THUMBNAIL_BYTES`` (kept in the manifest row, written in the entry's transaction).
 
         Returns:
             The new entry id (its latents are ``latents/<id>.safetensors``).
 
         Raises:
             ValueError: wrong tensor type, dtype, shape or non-finite values; mismatched
-                entities/embeddings. EntryTooLargeError (a ValueError): an entry larger than the
-                whole budget; nothing is stored or evicted.
+                entities/embeddings, a thumbnail that is not a small JPEG/PNG. EntryTooLargeError (a
+                ValueError): an entry larger than the whole budget, or than the room pinned
+                entries leave in it; nothing is stored or evicted.
             StoreError: the store is closed, or its folder cannot be written (read-only);
                 DiskFullError when its disk is full. Nothing committed is lost either way.
         """
         entry = encode_entry(tensors, entities, embeddings, compat_key, prompt, self.dim)
         info_json = json.dumps(dict(info or {}), sort_keys=True, default=str)
+        thumb = None if thumbnail is None else check_thumbnail(thumbnail)
         check_entry_fits(entry.nbytes, self._policy_and_budget()[1])  # fail before writing; checked again below
         with self._lock:
             if self._closed:
@@ -619,15 +667,15 @@ class LatentStore:
                         raise spec_mismatch(entry.spec, _loads(row[0]))
                     policy, budget = self._policy_and_budget(c)  # under the writer lock: final
                     check_entry_fits(entry.nbytes, budget)
+                    chosen = victims_for_entry(c, policy, entry.nbytes, budget, str(self.path))
                     generation = Manifest.bump_generation(c)
-                    chosen = pick_victims(c, policy, Manifest.bytes_held(c) + entry.nbytes - budget)
                     evict(c, chosen, generation)
                     victims = [v[0] for v in chosen]
                     now = time.time()
                     cur = c.execute(
                         "INSERT INTO entries(compat_key, prompt, nbytes, sha256, created_at, last_access,"
-                        " access_count, info) VALUES(?,?,?,?,?,?,0,?)",
-                        (compat_key, prompt, entry.nbytes, entry.sha256, now, now, info_json),
+                        " access_count, info, thumbnail) VALUES(?,?,?,?,?,?,0,?,?)",
+                        (compat_key, prompt, entry.nbytes, entry.sha256, now, now, info_json, thumb),
                     )
                     entry_id = int(cur.lastrowid)
                     for text, vec in zip(entry.entities, entry.embeddings):
@@ -714,6 +762,34 @@ class LatentStore:
                 Manifest.delete_entries(c, found, Manifest.bump_generation(c))
             self._after_delete(found)
             return len(found)
+
+    def pin(self, entry_id: int, pinned: bool = True) -> bool:
+        """Pin an entry (never evicted; its bytes still count against the budget) or unpin it.
+
+        Returns:
+            True when the entry exists (its flag is now ``pinned``), False for an unknown id.
+        """
+        with self._lock:
+            with self._tx() as c:
+                found = c.execute("UPDATE entries SET pinned=? WHERE id=?", (int(bool(pinned)), int(entry_id))).rowcount
+                if found:  # an event row, but no repair report or warning: the user asked for it
+                    c.execute("INSERT INTO events(time, kind, detail) VALUES(?,?,?)",
+                              (time.time(), "pinned" if pinned else "unpinned", f"entry {int(entry_id)}"))
+        return bool(found)
+
+    def thumbnail(self, entry_id: int) -> bytes | None:
+        """The entry's thumbnail (JPEG or PNG bytes, at most ``MAX_THUMBNAIL_BYTES``), or None when
+        it has none or is gone. The size is checked in SQL before the blob is read, and the
+        signature after, so a crafted row never yields more than the cap or bytes of another kind."""
+        row = self._conn().execute(
+            "SELECT thumbnail FROM entries WHERE id=? AND typeof(thumbnail)='blob' AND length(thumbnail) <= ?",
+            (int(entry_id), MAX_THUMBNAIL_BYTES)).fetchone()
+        if row is None:
+            return None
+        try:
+            return check_thumbnail(row[0])
+        except ValueError:
+            return None
 
     # ------------------------------------------------------------------ reads
     def search(self, vectors: np.ndarray, compat_key: str, k: int = 8) -> list[EntityMatch]:
@@ -813,18 +889,25 @@ class LatentStore:
     def entry(self, entry_id: int) -> EntryRecord | None:
         """The manifest record of one entry, or None."""
         conn = self._conn()
-        row = conn.execute("SELECT id, compat_key, prompt, nbytes, created_at, last_access, access_count, info "
-                           "FROM entries WHERE id=?", (int(entry_id),)).fetchone()
+        row = conn.execute("SELECT id, compat_key, prompt, nbytes, created_at, last_access, access_count, info, "
+                           "pinned=1, thumbnail IS NOT NULL FROM entries WHERE id=?", (int(entry_id),)).fetchone()
         if row is None:
             return None
         ents = [str(r[0]) for r in conn.execute("SELECT text FROM entities WHERE entry_id=? ORDER BY label", (row[0],))]
         info = _loads(row[7])
         return EntryRecord(int(row[0]), str(row[1]), str(row[2]), ents, int(row[3]), float(row[4]), float(row[5]),
-                           int(row[6]), info if isinstance(info, dict) else {})
+                           int(row[6]), info if isinstance(info, dict) else {}, bool(row[8]), bool(row[9]))
 
     def entries(self) -> list[EntryRecord]:
         """Every entry, oldest first."""
         ids = [r[0] for r in self._conn().execute("SELECT id FROM entries ORDER BY id")]
+        return [rec for rec in (self.entry(i) for i in ids) if rec is not None]
+
+    def most_used(self, limit: int = 8) -> list[EntryRecord]:
+        """The ``limit`` entries served most often (``access_count``; ties: the most recently used
+        first). One top-N scan of ``entries`` (for the panel, not for requests)."""
+        ids = [r[0] for r in self._conn().execute(
+            "SELECT id FROM entries ORDER BY access_count DESC, last_access DESC, id DESC LIMIT ?", (max(0, int(limit)),))]
         return [rec for rec in (self.entry(i) for i in ids) if rec is not None]
 
     def entity_vectors(self, entry_ids: Sequence[int]) -> dict[int, np.ndarray]:
@@ -865,9 +948,10 @@ class LatentStore:
                 for text in dict.fromkeys(query_entities):
                     c.execute("INSERT INTO entity_counts VALUES(?,1) ON CONFLICT(text) DO UPDATE SET count=count+1",
                               (text,))
-                cur = c.execute("INSERT INTO lookup_log(time, prompt, hit, entity, matched, similarity, ms) "
-                                "VALUES(?,?,?,?,?,?,?)",
-                                (now, prompt[:500], int(hit_entry is not None), entity, matched, similarity, float(ms)))
+                cur = c.execute("INSERT INTO lookup_log(time, prompt, hit, entity, matched, similarity, ms, entry_id) "
+                                "VALUES(?,?,?,?,?,?,?,?)",
+                                (now, prompt[:500], int(hit_entry is not None), entity, matched, similarity, float(ms),
+                                 None if hit_entry is None else int(hit_entry)))
                 if cur.lastrowid % 100 == 0:
                     c.execute("DELETE FROM lookup_log WHERE id<=?", (cur.lastrowid - LOOKUP_LOG_KEEP,))
                 if hit_entry is not None:
@@ -917,6 +1001,10 @@ class LatentStore:
                 report.problems.append(f"entry {entry_id}: {reason}")
                 report.rows_removed += 1
             self._remove_invalid(sorted(bad.items()))
+            thumbs = self._clear_invalid_thumbnails()
+            if thumbs:
+                report.problems.append(f"{thumbs} entry row(s) with a thumbnail or pinned flag CHAI never writes "
+                                       "(thumbnail dropped, entry unpinned)")
             rows = conn.execute("SELECT id FROM entries ORDER BY id").fetchall()
             report.entries_checked = len(rows)
             for (entry_id,) in rows:

@@ -4,6 +4,9 @@ Rules (issue 14, "budgets that do not destroy"):
 
 * the manifest's byte total never exceeds the budget; victims are chosen by the policy (LRU, the
   paper's; LFU; FIFO), whose order lives in the manifest, so it survives restarts;
+* a pinned entry is never a victim; its bytes still count against the budget, so a budget below
+  the pinned bytes is refused (:class:`PinnedError`) and an entry that would only fit by evicting
+  a pinned one is not stored (:class:`EntryTooLargeError`, saying how many bytes are pinned);
 * an entry larger than the whole budget is not stored (:class:`EntryTooLargeError`), and nothing
   is evicted for it;
 * lowering the budget below what the store holds is refused (:class:`BudgetError`, saying how many
@@ -19,10 +22,11 @@ from __future__ import annotations
 import numpy as np
 
 from .policy import EvictionPolicy
-from .store_manifest import Manifest
-from .store_types import MAX_BUDGET_BYTES, MAX_ENTRY_BYTES, BudgetError, EntryTooLargeError
+from .store_manifest import Manifest, pinned_bytes
+from .store_types import MAX_BUDGET_BYTES, MAX_ENTRY_BYTES, BudgetError, EntryTooLargeError, PinnedError
 
-__all__ = ["validate_budget", "check_entry_fits", "pick_victims", "evict", "budget_error", "change_budget"]
+__all__ = ["validate_budget", "check_entry_fits", "pick_victims", "evict", "budget_error", "change_budget",
+           "victims_for_entry"]
 
 
 def validate_budget(budget) -> int:
@@ -48,15 +52,37 @@ def check_entry_fits(nbytes: int, budget: int) -> None:
 
 
 def pick_victims(c, policy: EvictionPolicy, excess: int) -> list[tuple[int, int]]:
-    """The entries to evict, in policy order, until ``excess`` bytes are freed: [(entry id, bytes)]."""
+    """The entries to evict, in policy order, until ``excess`` bytes are freed: [(entry id, bytes)].
+    Pinned entries are never chosen, so fewer than ``excess`` bytes may be freed (see
+    :func:`victims_for_entry`)."""
     if excess <= 0:
         return []
     victims, freed = [], 0
-    for entry_id, nbytes in c.execute(f"SELECT id, nbytes FROM entries ORDER BY {policy.order_by}"):
+    for entry_id, nbytes in c.execute(f"SELECT id, nbytes FROM entries WHERE pinned=0 ORDER BY {policy.order_by}"):
         victims.append((int(entry_id), int(nbytes)))
         freed += int(nbytes)
         if freed >= excess:
             break
+    return victims
+
+
+def victims_for_entry(c, policy: EvictionPolicy, nbytes: int, budget: int, folder: str = "") -> list[tuple[int, int]]:
+    """The victims that make room for a new entry of ``nbytes`` under ``budget`` (policy order).
+
+    The pinned bytes are summed (one scan) only when the unpinned entries cannot free enough, so
+    an ordinary insert stays O(victims).
+
+    Raises:
+        EntryTooLargeError: the entry would fit only by evicting pinned entries; nothing is evicted.
+    """
+    excess = Manifest.bytes_held(c) + nbytes - budget
+    victims = pick_victims(c, policy, excess)
+    if sum(v[1] for v in victims) < excess:
+        pinned = pinned_bytes(c)
+        raise EntryTooLargeError(
+            f"this entry is {nbytes:,} bytes, but pinned entries hold {pinned:,} of the store {folder}'s "
+            f"{budget:,}-byte budget and are never evicted; it is not stored. Unpin entries "
+            "(`cache unpin STORE ID`) or raise the budget", nbytes, budget - pinned)
     return victims
 
 
@@ -84,9 +110,17 @@ def change_budget(c, budget: int, policy: EvictionPolicy, evict_to_fit: bool, fo
         The evicted entry ids (their files are the caller's to delete after the commit).
 
     Raises:
+        PinnedError: ``budget`` is below the bytes of the pinned entries (never evicted), even
+            with ``evict_to_fit``; nothing is saved or evicted.
         BudgetError: the store holds more than ``budget`` and ``evict_to_fit`` is False; nothing
             is saved or evicted.
     """
+    pinned = pinned_bytes(c)
+    if budget < pinned:
+        raise PinnedError(
+            f"a budget of {budget:,} bytes is smaller than the {pinned:,} bytes of the pinned entries of the store "
+            f"{folder}, which are never evicted. Nothing was changed: unpin entries first (`cache unpin STORE ID`) "
+            f"or keep a budget of at least {pinned:,} bytes")
     held = Manifest.bytes_held(c)
     victims = pick_victims(c, policy, held - budget)
     if victims and not evict_to_fit:

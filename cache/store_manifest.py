@@ -8,7 +8,8 @@ about the database itself:
   with side effects), ``cell_size_check`` on, text that is not UTF-8 read with replacement;
 * recognising a manifest without altering it (:func:`probe_manifest`: SQLite ``immutable``, which
   opens no side file), so another application's ``manifest.sqlite`` is never touched;
-* creating the schema (format 2) and upgrading a format-1 manifest in place, every entry kept;
+* creating the schema (format 3) and upgrading a format-1 or format-2 manifest in place, every
+  entry kept;
 * checking the schema, the ``meta`` values and every row before the store trusts them
   (:meth:`Manifest.validate`, :meth:`Manifest.invalid_entries`, :meth:`Manifest.invalid_entities`);
 * turning SQLite errors into :class:`StoreError` messages that say what happened (disk full with
@@ -56,15 +57,24 @@ __all__ = [
     "count_value",
     "LOOKUP_LOG_KEEP",
     "COUNTERS",
+    "MAX_THUMBNAIL_BYTES",
+    "check_thumbnail",
+    "has_pins",
+    "pinned_bytes",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: Cap on one entry's thumbnail (bytes): a JPEG or PNG of one frame is a few KB; anything larger is
+#: never read (the length is checked in SQL before the blob leaves SQLite).
+MAX_THUMBNAIL_BYTES = 32 * 1024
+# What a thumbnail may start with: JPEG (SOI + marker) or PNG signature.
+_THUMB_MAGIC_SQL = "(substr(thumbnail, 1, 3) = X'FFD8FF' OR substr(thumbnail, 1, 8) = X'89504E470D0A1A0A')"
 LOOKUP_LOG_KEEP = 1000
 COUNTERS = ("hits", "misses", "lookups", "evictions", "inserts", "repairs", "quarantined")
 MANIFEST_SIDE_FILES = tuple(MANIFEST_NAME + s for s in ("", "-wal", "-shm", "-journal"))
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
-_TABLES_V2 = """
+_TABLES = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS entries(
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -75,7 +85,9 @@ CREATE TABLE IF NOT EXISTS entries(
     created_at REAL NOT NULL,
     last_access REAL NOT NULL,
     access_count INTEGER NOT NULL DEFAULT 0,
-    info TEXT NOT NULL DEFAULT '{}'
+    info TEXT NOT NULL DEFAULT '{}',
+    pinned INTEGER NOT NULL DEFAULT 0,
+    thumbnail BLOB
 );
 CREATE INDEX IF NOT EXISTS entries_by_key ON entries(compat_key);
 CREATE TABLE IF NOT EXISTS entities(
@@ -101,14 +113,14 @@ CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS entity_counts(text TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS lookup_log(
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, prompt TEXT NOT NULL,
-    hit INTEGER NOT NULL, entity TEXT, matched TEXT, similarity REAL, ms REAL NOT NULL);
+    hit INTEGER NOT NULL, entity TEXT, matched TEXT, similarity REAL, ms REAL NOT NULL, entry_id INTEGER);
 CREATE TABLE IF NOT EXISTS events(
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
 """
 
 # Latent bytes held, kept in counters('bytes_held') by SQLite itself on every row change of
 # `entries`, so an insert reads it in O(1) instead of SUM(nbytes) over the table (about 20 ms at
-# 100k entries, paid on every put). Trigger bodies contain ';', so they are not in _TABLES_V2.
+# 100k entries, paid on every put). Trigger bodies contain ';', so they are not in _TABLES.
 _BYTES_TRIGGERS = (
     "CREATE TRIGGER IF NOT EXISTS entries_bytes_insert AFTER INSERT ON entries BEGIN "
     "UPDATE counters SET value = value + NEW.nbytes WHERE name = 'bytes_held'; END",
@@ -140,6 +152,10 @@ _COLUMNS = {
         "partitions": ["compat_key", "tensor_spec", "index_mac", "index_size", "index_generation",
                        "index_deleted"]},
 }
+# Format 3 (issue 15): every entry may be pinned (never evicted) and may keep a small thumbnail; the
+# lookup log names the entry a hit served (the panel shows its thumbnail).
+_COLUMNS[3] = {**_COLUMNS[2], "entries": _COLUMNS[2]["entries"] + ["pinned", "thumbnail"],
+               "lookup_log": _COLUMNS[2]["lookup_log"] + ["entry_id"]}
 _INDEXES = {"entries_by_key", "entities_by_entry", "entities_by_key"}
 _TRIGGERS = {"entries_bytes_insert", "entries_bytes_delete", "entries_bytes_update"}
 _AUTOINDEX = re.compile(r"^sqlite_autoindex_(meta|entries|deleted_labels|partitions|counters|entity_counts)_[0-9]+$")
@@ -147,7 +163,7 @@ _AUTOINDEX = re.compile(r"^sqlite_autoindex_(meta|entries|deleted_labels|partiti
 
 @dataclass
 class ManifestInfo:
-    """What :func:`probe_manifest` recognised: the format (1 or 2) and, for format 2, the store id."""
+    """What :func:`probe_manifest` recognised: the format (1, 2 or 3) and, from format 2 on, the store id."""
 
     version: int
     store_id: str | None
@@ -181,7 +197,7 @@ def connect_read_only(manifest: Path, immutable: bool) -> sqlite3.Connection:
 
 
 def schema_version(conn: sqlite3.Connection) -> int | None:
-    """The format of a manifest (1 or 2) when its tables, columns and objects are exactly ours, else None."""
+    """The format of a manifest (1, 2 or 3) when its tables, columns and objects are exactly ours, else None."""
     try:
         objects = conn.execute("SELECT type, name FROM sqlite_master").fetchall()
         row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -364,9 +380,9 @@ class Manifest:
     # ------------------------------------------------------------------ schema
     def create(self, store_id: str, budget_bytes: int, policy: EvictionPolicy, dim: int | None,
                index_params: dict) -> None:
-        """Create the format-2 schema and its ``meta`` rows in an empty database."""
+        """Create the format-3 schema and its ``meta`` rows in an empty database."""
         with self.tx() as c:
-            for statement in _TABLES_V2.split(";"):
+            for statement in _TABLES.split(";"):
                 if statement.strip():
                     c.execute(statement)
             for statement in _BYTES_TRIGGERS:
@@ -387,10 +403,11 @@ class Manifest:
         return self.conn().execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
 
     def upgrade_from_v1(self, store_id: str, kept: int, dropped: Sequence[tuple[int, str]]) -> None:
-        """Turn a format-1 manifest into format 2 in one transaction (SQLite's table-rebuild
+        """Turn a format-1 manifest into format 3 in one transaction (SQLite's table-rebuild
         procedure): ``entries`` loses its ``file`` column (latent files are named by entry id now;
         the caller renamed the ``kept`` entries' files first), ``partitions.index_sha256`` becomes
-        ``index_mac`` (empty: old index files get the structural check once), and ``meta`` gets
+        ``index_mac`` (empty: old index files get the structural check once), ``lookup_log`` gains
+        ``entry_id`` (NULL for the old lookups), and ``meta`` gets
         the store id. Entries in ``dropped`` ((id, reason): their file name was not one format 1
         writes, or their file is gone) are removed with an event."""
         conn = self.conn()
@@ -415,13 +432,15 @@ class Manifest:
                 c.execute("CREATE TABLE entries_v2(id INTEGER PRIMARY KEY AUTOINCREMENT, compat_key TEXT NOT NULL, "
                           "prompt TEXT NOT NULL, nbytes INTEGER NOT NULL, sha256 TEXT NOT NULL, created_at REAL NOT NULL, "
                           "last_access REAL NOT NULL, access_count INTEGER NOT NULL DEFAULT 0, "
-                          "info TEXT NOT NULL DEFAULT '{}')")
-                c.execute("INSERT INTO entries_v2 SELECT id, compat_key, prompt, nbytes, sha256, created_at, last_access, "
+                          "info TEXT NOT NULL DEFAULT '{}', pinned INTEGER NOT NULL DEFAULT 0, thumbnail BLOB)")
+                c.execute("INSERT INTO entries_v2(id, compat_key, prompt, nbytes, sha256, created_at, last_access, "
+                          "access_count, info) SELECT id, compat_key, prompt, nbytes, sha256, created_at, last_access, "
                           "access_count, info FROM entries")
                 c.execute("DROP TABLE entries")
                 c.execute("ALTER TABLE entries_v2 RENAME TO entries")
                 c.execute("CREATE INDEX IF NOT EXISTS entries_by_key ON entries(compat_key)")
                 c.execute("ALTER TABLE partitions RENAME COLUMN index_sha256 TO index_mac")
+                c.execute("ALTER TABLE lookup_log ADD COLUMN entry_id INTEGER")
                 c.execute("UPDATE partitions SET index_mac=NULL")
                 c.execute("DELETE FROM sqlite_sequence WHERE name='entries'")
                 c.execute("INSERT INTO sqlite_sequence(name, seq) VALUES('entries', "
@@ -444,8 +463,40 @@ class Manifest:
         finally:
             conn.execute("PRAGMA foreign_keys=ON")
 
+    def upgrade_from_v2(self) -> None:
+        """Turn a format-2 manifest into format 3 in place, in one transaction: ``entries`` gains
+        ``pinned`` (0: nothing is pinned) and ``thumbnail`` (NULL: none kept), ``lookup_log`` gains
+        ``entry_id`` (NULL for the lookups logged before: format 2 did not say). Every row, counter
+        and index checksum stays as it was; an event records the upgrade. A manifest already at
+        format 3 is left alone (another process upgraded it first)."""
+        with self.tx() as c:
+            if schema_version(c.conn) == SCHEMA_VERSION:
+                return
+            c.execute("ALTER TABLE entries ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0")
+            c.execute("ALTER TABLE entries ADD COLUMN thumbnail BLOB")
+            c.execute("ALTER TABLE lookup_log ADD COLUMN entry_id INTEGER")
+            c.execute("INSERT OR REPLACE INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
+            count = c.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+            c.execute("INSERT INTO events(time, kind, detail) VALUES(?,?,?)",
+                      (time.time(), "upgraded", f"format 2 -> {SCHEMA_VERSION}: {count} entries kept"))
+
+    def clear_invalid_thumbnails(self) -> int:
+        """Drop thumbnails CHAI could not have written (not a blob, empty, over
+        :data:`MAX_THUMBNAIL_BYTES`, or not starting like a JPEG or PNG) and pinned flags other
+        than 0/1 (set to 0). The entry itself is kept: a thumbnail is only a picture of it. One
+        scan of ``entries``; SQLite's ``length`` reads a blob's size from the row header, so no
+        oversized blob is loaded. Returns how many rows were repaired."""
+        with self.tx() as c:
+            fixed = c.execute(
+                "UPDATE entries SET thumbnail=NULL WHERE thumbnail IS NOT NULL AND (typeof(thumbnail)!='blob' "
+                f"OR length(thumbnail)<8 OR length(thumbnail)>? OR NOT {_THUMB_MAGIC_SQL})",
+                (MAX_THUMBNAIL_BYTES,)).rowcount
+            fixed += c.execute("UPDATE entries SET pinned=0 WHERE typeof(pinned)!='integer' OR pinned NOT IN (0, 1)"
+                               ).rowcount
+        return fixed
+
     def validate(self, store_id: str | None) -> dict:
-        """Check that this is a format-2 CHAI manifest of store ``store_id`` and parse ``meta``.
+        """Check that this is a format-3 CHAI manifest of store ``store_id`` and parse ``meta``.
 
         Returns:
             meta as typed values: schema_version, store_id, generation, budget_bytes, policy
@@ -575,6 +626,26 @@ class Manifest:
             c.execute("INSERT OR REPLACE INTO meta VALUES('deleted_pruned_upto', ?)", (str(int(upto)),))
 
 
+def check_thumbnail(data) -> bytes:
+    """A thumbnail as CHAI stores it: bytes of a JPEG or PNG image, 8..MAX_THUMBNAIL_BYTES long.
+
+    Only the size and the format's signature are checked: the bytes are never decoded by the
+    store (the panel hands them to a browser as an image).
+
+    Raises:
+        ValueError: not bytes, too large, or not starting like a JPEG or PNG (says the size cap).
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"a thumbnail must be the bytes of a JPEG or PNG image, got {type(data).__name__}")
+    data = bytes(data)
+    if not 8 <= len(data) <= MAX_THUMBNAIL_BYTES:
+        raise ValueError(f"a thumbnail is {len(data):,} bytes; it must be 8..{MAX_THUMBNAIL_BYTES:,} bytes "
+                         "(encode one small frame, e.g. 160 px wide, as JPEG)")
+    if not (data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n"):
+        raise ValueError("a thumbnail must be a JPEG or PNG image (its first bytes are neither signature)")
+    return data
+
+
 def parse_tensor_spec(text) -> dict:
     """The tensor spec of a partition ({name: [dtype, shape]}) from its JSON, checked.
 
@@ -666,16 +737,21 @@ def read_stats_from(conn: sqlite3.Connection, manifest: Path, last: int = 10) ->
         "SELECT CAST(name AS TEXT), CAST(value AS REAL) FROM counters")}
     entries, held = conn.execute("SELECT COUNT(*), COALESCE(SUM(CAST(nbytes AS INTEGER)), 0) FROM entries").fetchone()
     n_entities = conn.execute("SELECT COUNT(*) FROM entities").fetchone()[0]
+    pinned_entries, pinned_bytes = 0, 0
+    if has_pins(conn):  # a format-2 store read without upgrading has no pins
+        pinned_entries, pinned_bytes = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(CAST(nbytes AS INTEGER)), 0) FROM entries WHERE pinned=1").fetchone()
     ms = [float(r[0] or 0.0) for r in conn.execute(
         f"SELECT CAST(ms AS REAL) FROM lookup_log ORDER BY id DESC LIMIT {LOOKUP_LOG_KEEP}")]
     top = [(str(t), int(n or 0)) for t, n in conn.execute(
         "SELECT CAST(text AS TEXT), CAST(count AS INTEGER) FROM entity_counts ORDER BY count DESC, text ASC LIMIT 10")]
     recent = []
+    served = "CAST(entry_id AS INTEGER)" if has_pins(conn) else "NULL"  # format 2 read as it is: not logged
     for r in conn.execute(
             "SELECT CAST(time AS REAL), CAST(prompt AS TEXT), CAST(hit AS INTEGER), CAST(entity AS TEXT), "
-            "CAST(matched AS TEXT), CAST(similarity AS REAL), CAST(ms AS REAL) FROM lookup_log ORDER BY id DESC "
-            "LIMIT ?", (int(last),)):
-        row = dict(zip(("time", "prompt", "hit", "entity", "matched", "similarity", "ms"), r))
+            f"CAST(matched AS TEXT), CAST(similarity AS REAL), CAST(ms AS REAL), {served} FROM lookup_log "
+            "ORDER BY id DESC LIMIT ?", (int(last),)):
+        row = dict(zip(("time", "prompt", "hit", "entity", "matched", "similarity", "ms", "entry_id"), r))
         row["hit"] = bool(row["hit"])
         recent.append(row)
     lookups = counters.get("lookups", 0)
@@ -689,4 +765,15 @@ def read_stats_from(conn: sqlite3.Connection, manifest: Path, last: int = 10) ->
         lookup_ms_p50=float(np.percentile(ms, 50)) if ms else 0.0,
         lookup_ms_p99=float(np.percentile(ms, 99)) if ms else 0.0,
         top_entities=top, last_lookups=recent, generation=meta["generation"], policy=meta["policy"].value,
+        pinned_entries=int(pinned_entries), pinned_bytes=int(pinned_bytes),
     )
+
+
+def has_pins(conn: sqlite3.Connection) -> bool:
+    """True when the manifest's ``entries`` has the format-3 ``pinned`` column."""
+    return any(r[1] == "pinned" for r in conn.execute("PRAGMA table_info(entries)"))
+
+
+def pinned_bytes(c) -> int:
+    """Latent bytes of pinned entries (one scan of ``entries``)."""
+    return int(c.execute("SELECT COALESCE(SUM(nbytes), 0) FROM entries WHERE pinned=1").fetchone()[0])

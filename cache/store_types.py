@@ -16,6 +16,7 @@ __all__ = [
     "ContainmentError",
     "DiskFullError",
     "BudgetError",
+    "PinnedError",
     "EntryTooLargeError",
     "StoreConfig",
     "EntryRecord",
@@ -56,6 +57,12 @@ class DiskFullError(StoreError):
         super().__init__(message)
         self.folder = folder
         self.free_bytes = free_bytes
+
+
+class PinnedError(StoreError):
+    """A budget or an insert that pinned entries make impossible: they are never evicted, so the
+    store cannot hold less than their bytes. The message says how many bytes are pinned and what
+    to do (unpin entries, or keep a larger budget). Nothing was changed."""
 
 
 class BudgetError(StoreError):
@@ -135,6 +142,8 @@ class EntryRecord:
         created_at / last_access: UNIX seconds.
         access_count: how many times it was served.
         info: free-form JSON metadata given at insert (seed, steps, timesteps...).
+        pinned: never evicted (its bytes still count against the budget).
+        has_thumbnail: a thumbnail is kept with it (read it with ``thumbnail(entry_id)``).
     """
 
     entry_id: int
@@ -146,6 +155,8 @@ class EntryRecord:
     last_access: float
     access_count: int
     info: dict = field(default_factory=dict)
+    pinned: bool = False
+    has_thumbnail: bool = False
 
 
 @dataclass
@@ -177,9 +188,12 @@ class StoreStats:
         hit_rate: hits / lookups (0.0 before any lookup).
         lookup_ms_mean / lookup_ms_p50 / lookup_ms_p99: over the last 1,000 lookups (ms).
         top_entities: most frequent query entities, [(text, count)], at most 10.
-        last_lookups: the newest lookups (dicts: time, prompt, hit, entity, matched, similarity, ms).
+        last_lookups: the newest lookups (dicts: time, prompt, hit, entity, matched, similarity, ms,
+            entry_id: the entry a hit served; None for a miss, and for lookups a format-2 store logged).
         generation: manifest generation (bumped by every insert, eviction and repair).
         policy: eviction policy name.
+        pinned_entries / pinned_bytes: entries that are never evicted, and their latent bytes
+            (counted in ``bytes``; the budget can never be lowered below them).
     """
 
     entries: int
@@ -201,6 +215,8 @@ class StoreStats:
     last_lookups: list[dict]
     generation: int
     policy: str
+    pinned_entries: int = 0
+    pinned_bytes: int = 0
 
     def to_dict(self) -> dict:
         """JSON-serialisable dict of every field."""

@@ -6,6 +6,7 @@ Commands:
     cache verify STORE       check every file and the index against the manifest; repair; exit 1 if
                              anything needed repair
     cache compact STORE      rebuild the HNSW index without tombstones
+    cache pin|unpin STORE ID pin an entry (never evicted; its bytes count against the budget) or release it
     simulate                 replay a prompt list through the cache at several budgets (no video model)
     generate                 run prompts through CHAI (lookup, fast or full mode, store): one mp4 each + report
     demo                     the CHAI batch on the bundled reference model over 12 related prompts, against an
@@ -84,9 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     for name, text in (("stats", "print counters, sizes, hit rate and top entities"),
                        ("verify", "check and repair the store (exit 1 if anything needed repair)"),
-                       ("compact", "rebuild the index without tombstones")):
+                       ("compact", "rebuild the index without tombstones"),
+                       ("pin", "pin an entry: never evicted, its bytes still count against the budget"),
+                       ("unpin", "release a pinned entry (evictable again by the policy)")):
         p = cache_sub.add_parser(name, help=text)
         p.add_argument("store", help="store folder (or the URL of a registered store backend)")
+        if name in ("pin", "unpin"):
+            p.add_argument("entry_id", type=int, metavar="ID", help="entry id (as `cache stats` and reports show it)")
         if name == "stats":
             p.add_argument("--json", action="store_true", help="print JSON")
             p.add_argument("--read-only", action="store_true",
@@ -184,6 +189,7 @@ def _print_stats(path: Path, stats, as_json: bool) -> None:
           f"quarantined {stats.quarantined}")
     print(f"lookup ms    mean {stats.lookup_ms_mean:.2f}  p50 {stats.lookup_ms_p50:.2f}  "
           f"p99 {stats.lookup_ms_p99:.2f}")
+    print(f"pinned       {stats.pinned_entries} entries, {stats.pinned_bytes:,} bytes (never evicted)")
     if stats.top_entities:
         print("top entities " + ", ".join(f"{t} ({n})" for t, n in stats.top_entities))
 
@@ -230,6 +236,20 @@ def _cmd_cache(args) -> int:
             result = store.compact()
             print(f"compacted {result['partitions']} partition(s): {result['vectors']} vectors kept, "
                   f"{result['tombstones_removed']} tombstones removed")
+            return 0
+        if args.cache_command in ("pin", "unpin"):
+            try:
+                found = store.pin(args.entry_id, args.cache_command == "pin")
+            except StoreError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            if not found:
+                print(f"error: the store {location} has no entry {args.entry_id}; `cache stats --json` lists what "
+                      "it holds", file=sys.stderr)
+                return 2
+            stats = store.stats()
+            print(f"{args.cache_command}ned entry {args.entry_id}; pinned: {stats.pinned_entries} entries, "
+                  f"{stats.pinned_bytes:,} of {stats.budget_bytes:,} budget bytes")
             return 0
     return 2
 

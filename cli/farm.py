@@ -170,7 +170,10 @@ def migrate(src: str, dst: str, blobs: str | None = None, progress: bool = False
                 vectors = source.entity_vectors([rec.entry_id]).get(rec.entry_id)
                 if tensors is None or vectors is None:
                     continue  # failed its check in the source (quarantined there) or deleted meanwhile: not copied
-                new_id = target.put(tensors, rec.entities, vectors, rec.compat_key, rec.prompt, rec.info)
+                new_id = target.put(tensors, rec.entities, vectors, rec.compat_key, rec.prompt, rec.info,
+                                    thumbnail=source.thumbnail(rec.entry_id))
+                if rec.pinned:
+                    target.pin(new_id)
                 back, back_rec = target.load(new_id), target.entry(new_id)
                 same = (back is not None and back_rec is not None and sorted(back) == sorted(tensors)
                         and all(back[k].dtype == tensors[k].dtype and torch.equal(back[k], tensors[k]) for k in tensors)

@@ -34,6 +34,9 @@ __all__ = [
     "StoreNotFoundError",
     "peek_generation",
     "stats_payload",
+    "entries_payload",
+    "evict_entry",
+    "EntryPinnedError",
     "shared_embedder",
     "shared_extractor",
     "STATS_EVENT",
@@ -276,6 +279,64 @@ def stats_payload(handle: StoreHandle, last: int = 8) -> Dict[str, Any]:
     return {"id": handle.id, "name": handle.name, "path": str(handle.path), "stats": stats,
             "fill": min(1.0, float(stats.get("bytes", 0)) / budget), "last_run": handle.last_run,
             "steps": dict(handle.steps), "time": time.time()}
+
+
+class EntryPinnedError(ValueError):
+    """An entry the panel asked to evict is pinned (pinned entries are never evicted)."""
+
+
+def _entry_card(record: Any, now: float) -> Dict[str, Any]:
+    """What the panel shows of one entry (``cache.store.EntryRecord``)."""
+    return {"id": record.entry_id, "entity": record.entities[0] if record.entities else None,
+            "entities": list(record.entities), "prompt": record.prompt, "hits": record.access_count,
+            "age_s": max(0.0, now - record.created_at), "last_used_s": max(0.0, now - record.last_access),
+            "bytes": record.nbytes, "pinned": bool(record.pinned), "thumbnail": bool(record.has_thumbnail)}
+
+
+def entries_payload(handle: StoreHandle, last: int = 8, top: int = 8) -> Dict[str, Any]:
+    """The panel's view of one store's entries: its last lookups (each with the entry a hit served,
+    when that entry is still held) and its most-used entries.
+
+    Keys: ``id``, ``name``; ``bytes``, ``budget_bytes``, ``pinned_bytes``, ``pinned_entries``,
+    ``entries`` (counts and latent bytes); ``last_lookups`` (newest first: time, prompt, hit,
+    entity, matched, similarity, ``entry``: a card or None); ``most_used`` (cards, most served first).
+    A card: id, entity (the entry's first entity), entities, prompt, hits (times served), age_s
+    and last_used_s (seconds), bytes, pinned, thumbnail (whether one is kept).
+    """
+    store = handle.store
+    stats = store.stats(last=last)
+    now = time.time()
+    cards: Dict[int, Optional[Dict[str, Any]]] = {}
+
+    def card(entry_id: Any) -> Optional[Dict[str, Any]]:
+        if not isinstance(entry_id, int):
+            return None
+        if entry_id not in cards:
+            record = store.entry(entry_id)
+            cards[entry_id] = None if record is None else _entry_card(record, now)
+        return cards[entry_id]
+
+    lookups = [{**{k: row.get(k) for k in ("time", "prompt", "hit", "entity", "matched", "similarity")},
+                "entry": card(row.get("entry_id")) if row.get("hit") else None} for row in stats.last_lookups]
+    return {"id": handle.id, "name": handle.name, "entries": stats.entries, "bytes": stats.bytes,
+            "budget_bytes": stats.budget_bytes, "pinned_entries": stats.pinned_entries,
+            "pinned_bytes": stats.pinned_bytes, "last_lookups": lookups,
+            "most_used": [_entry_card(r, now) for r in store.most_used(top)], "time": now}
+
+
+def evict_entry(handle: StoreHandle, entry_id: int) -> bool:
+    """Remove one entry of an open store at the user's request (the panel's Evict). Returns False
+    for an id the store does not hold.
+
+    Raises:
+        EntryPinnedError: the entry is pinned (unpin it first); nothing is changed.
+    """
+    record = handle.store.entry(entry_id)
+    if record is None:
+        return False
+    if record.pinned:
+        raise EntryPinnedError(f"entry {entry_id} is pinned, and pinned entries are never evicted: unpin it first")
+    return handle.store.delete([entry_id], reason="evicted from the panel") > 0
 
 
 def shared_embedder(model: Optional[str] = None) -> Any:

@@ -62,7 +62,7 @@ from .settings import (
     ScheduleSettings,
     resolve_settings,
 )
-from .video import frames_to_uint8, write_video
+from .video import frames_to_uint8, thumbnail_jpeg, write_video
 
 __all__ = [
     "ChaiPipeline",
@@ -79,6 +79,7 @@ __all__ = [
     "files_fingerprint",
     "frames_to_uint8",
     "write_video",
+    "thumbnail_jpeg",
     "OPENSORA_WEIGHT_FILES",
     "RequestSettings",
     "ScheduleSettings",

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ..cache.lookup import CacheLookup, LookupQuery, LookupResult
+from ..cache.store_manifest import check_thumbnail
 from ..opensora.buckets import get_image_size, get_num_frames
 from ..opensora.cache_attention import CacheAttentionConfig
 from ..opensora.hooks import HookRegistry
@@ -33,7 +34,7 @@ from .captions import check_prompt
 from .fingerprints import module_fingerprint
 from .modes import DEFAULT_MODE, LookupSpec, ModeRequest, get_mode, keyed_hook_names, make_model_hook, model_hook_names
 from .settings import RequestSettings, compat_key, resolve_settings
-from .video import frames_to_uint8
+from .video import frames_to_uint8, thumbnail_jpeg
 
 __all__ = ["ChaiPipeline", "GenerationResult", "LatencySplit", "ProgressFn"]
 
@@ -408,6 +409,25 @@ class ChaiPipeline:
             return None
         return self.lookup.query(check_prompt(prompt), None if entities is None else list(entities))
 
+    def _thumbnail(self, latent: torch.Tensor, frames: Optional[torch.Tensor]) -> Optional[bytes]:
+        """The stored entry's thumbnail: the middle frame of the request's video as a small JPEG
+        (:func:`.video.thumbnail_jpeg`), from the frames the request decoded ([F, H, W, 3] in [0, 1]),
+        or from the sample itself in pixel space (``latent`` [1, 3, F, H, W] in [-1, 1]). None when
+        the request decoded no frames of a latent-space model (no extra VAE decode is run for a
+        thumbnail), or when making it fails: the entry is then stored without one (logged)."""
+        try:
+            if frames is not None:
+                frame = frames[frames.shape[0] // 2]
+            elif self.pixel_space:
+                frame = ((latent[0, :, latent.shape[2] // 2].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu()
+            else:
+                return None
+            return check_thumbnail(thumbnail_jpeg(frame))  # what put() accepts, so put never refuses it
+        except Exception as exc:  # a thumbnail is a convenience: never lose the entry for it
+            log.warning("CHAI: no thumbnail for this entry (%s: %s); the entry is stored without one",
+                        type(exc).__name__, exc)
+            return None
+
     @torch.no_grad()
     def generate(self, prompt: str, *, seed: int = 0, resolution: Optional[str] = "240p", aspect_ratio: str = "9:16",
                  height: Optional[int] = None, width: Optional[int] = None, num_frames: Union[int, str, None] = None,
@@ -549,7 +569,8 @@ class ChaiPipeline:
             pending.insert(0, (lookup_result, out.store, out.store_info))
         if store and pending and lookup is not None:
             t0 = time.perf_counter()
-            ids = [lookup.insert(result, tensors, info) for result, tensors, info in pending]
+            thumbnail = self._thumbnail(latent, frames_out)
+            ids = [lookup.insert(result, tensors, info, thumbnail=thumbnail) for result, tensors, info in pending]
             inserted = [i for i in ids if i is not None]
             not_stored = [r.not_stored for (r, _t, _i), i in zip(pending, ids) if i is None and r.not_stored]
             timings.store_ms = (time.perf_counter() - t0) * 1000.0

@@ -138,28 +138,41 @@ def test_queued_batch_runs_on_two_workers_and_reports(pg_url, tmp_path, monkeypa
 
 
 def test_migrate_folder_to_postgres_and_back(pg_url, tmp_path, capsys):
+    import io
+
+    from PIL import Image
+
     seeds = list(range(12))
+    jpeg = io.BytesIO()
+    Image.new("RGB", (16, 12), (200, 40, 40)).save(jpeg, "JPEG")
     with LatentStore(tmp_path / "src", dim=DIM, budget_bytes=10**6) as src:
         ids = {put_seeded(src, s): s for s in seeds}
         src.record_lookup("p", ["x"], next(iter(ids)), "x", "x", 1.0, 1.0)
+        e = seeded_entry(100)
+        src.put(e["tensors"], e["entities"], e["embeddings"], e["compat_key"], e["prompt"], e["info"],
+                thumbnail=jpeg.getvalue())
+        src.pin(next(iter(ids)))
     assert main(["cache", "migrate", str(tmp_path / "src"), pg_url]) == 0
-    assert "copied 12 entries" in capsys.readouterr().out
+    assert "copied 13 entries" in capsys.readouterr().out
     with PostgresStore(pg_url) as pg:
         assert pg.stats().budget_bytes == 10**6
         by_prompt = {r.prompt: r.entry_id for r in pg.entries()}
         for seed in seeds:
             assert_seeded_entry(pg, by_prompt[seeded_entry(seed)["prompt"]], seed)
+        assert pg.thumbnail(by_prompt[e["prompt"]]) == jpeg.getvalue(), "the thumbnail travels with its entry"
+        assert [r.prompt for r in pg.entries() if r.pinned] == [seeded_entry(0)["prompt"]], "and so does a pin"
         e = seeded_entry(5)
         assert pg.search(e["embeddings"][:1], e["compat_key"], k=1)[0].similarity == pytest.approx(1.0, abs=1e-5)
     assert main(["cache", "migrate", pg_url, str(tmp_path / "back")]) == 0
     with LatentStore(tmp_path / "back") as back:
-        # Least recently used first: entry 0, served once in the source, comes last.
-        assert [r.prompt for r in back.entries()] == [seeded_entry(s)["prompt"] for s in seeds[1:] + [0]]
+        # Least recently used first: entry 0, served once in the source, comes after the other seeds
+        # (and before entry 100, stored after that lookup).
+        assert [r.prompt for r in back.entries()] == [seeded_entry(s)["prompt"] for s in seeds[1:] + [0, 100]]
         e = seeded_entry(9)
         hit = back.search(e["embeddings"], e["compat_key"], k=1)[0]
         assert back.entry(hit.entry_id).prompt == e["prompt"] and back.verify().ok
     with PostgresStore(pg_url) as pg:
-        pg.set_budget(10_000)
+        pg.set_budget(pg.stats().bytes)
     assert main(["cache", "migrate", str(tmp_path / "src"), pg_url]) == 2  # would not fit: nothing evicted
     assert "raise its budget first" in capsys.readouterr().err
     assert main(["cache", "migrate", str(tmp_path / "nothing"), pg_url]) == 2

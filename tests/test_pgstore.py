@@ -238,6 +238,101 @@ def test_compact_rebuilds_the_index_and_keeps_every_entry(pg_url):
 
 
 # ---------------------------------------------------------------------------------------------- errors
+def _jpeg(seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(out, "JPEG")
+    return out.getvalue()
+
+
+def _put_thumb(store, seed: int, thumbnail=None) -> int:
+    e = seeded_entry(seed)
+    return store.put(e["tensors"], e["entities"], e["embeddings"], e["compat_key"], e["prompt"], e["info"],
+                     thumbnail=thumbnail)
+
+
+# Seeds whose entry is 392 bytes (key "model=a|shape=4x2x4x4|bf16"), as in tests/test_store_pins.py.
+SMALL = [s for s in range(100, 400) if seeded_entry(s)["compat_key"] == "model=a|shape=4x2x4x4|bf16"]
+
+
+def test_pins_and_thumbnails_as_in_the_folder_store(pg_url):
+    from comfyui_chai.cache.backend import StoreBackend
+    from comfyui_chai.cache.store import EntryTooLargeError, PinnedError
+
+    with PostgresStore(pg_url, dim=DIM, budget_bytes=392 * 3, policy="lru") as store:
+        assert isinstance(store, StoreBackend)
+        ids = [_put_thumb(store, SMALL[0], _jpeg(0)), _put_thumb(store, SMALL[1]), _put_thumb(store, SMALL[2])]
+        assert store.thumbnail(ids[0]) == _jpeg(0) and store.thumbnail(ids[1]) is None
+        assert store.thumbnail(10 ** 9) is None
+        assert store.entry(ids[0]).has_thumbnail and not store.entry(ids[1]).has_thumbnail
+        with pytest.raises(ValueError, match="JPEG or PNG"):
+            _put_thumb(store, SMALL[3], b"GIF89a" + bytes(64))
+        assert len(store) == 3
+
+        assert store.pin(ids[0]) and store.pin(ids[1]) and not store.pin(10 ** 9)
+        stats = store.stats()
+        assert (stats.pinned_entries, stats.pinned_bytes) == (2, 784) and store.entry(ids[0]).pinned
+        added = [_put_thumb(store, s) for s in SMALL[3:5]]  # LRU would take ids[0] and ids[1] first
+        live = {r.entry_id for r in store.entries()}
+        assert live == {ids[0], ids[1], added[1]} and store.stats().bytes <= 392 * 3
+        for entry_id, seed in zip(ids[:2], SMALL):
+            assert_seeded_entry(store, entry_id, seed)
+
+        generation = store.generation
+        for evict_to_fit in (False, True):
+            with pytest.raises(PinnedError, match="smaller than the 784 bytes of the pinned entries"):
+                store.set_budget(700, evict_to_fit=evict_to_fit)
+        assert store.budget_bytes == 392 * 3 and store.generation == generation
+        store.pin(added[1])
+        with pytest.raises(EntryTooLargeError, match="pinned entries hold 1,176 of .* never evicted"):
+            _put_thumb(store, SMALL[5])
+        assert {r.entry_id for r in store.entries()} == live and store.generation == generation
+        assert store.stats().inserts == 5, "the refused insert was rolled back"
+
+        store.record_lookup("p", ["e"], ids[0], "e", "e", 0.9, 1.0)
+        store.record_lookup("q", ["f"], None, None, None, None, 1.0)
+        assert [(r["hit"], r["entry_id"]) for r in store.stats(last=2).last_lookups] == [(False, None), (True, ids[0])]
+        assert store.most_used(1)[0].entry_id == ids[0]
+        assert store.pin(ids[0], False) and not store.entry(ids[0]).pinned
+        _put_thumb(store, SMALL[6])  # the unpinned ids[0] is the only possible victim
+        assert ids[0] not in {r.entry_id for r in store.entries()}
+
+    # A crafted thumbnail (too large, or not an image) never leaves the database as one.
+    _sql(pg_url, "UPDATE chai_entries SET thumbnail=%s WHERE id=%s", (b"\xff\xd8\xff" + bytes(1 << 20), ids[1]))
+    _sql(pg_url, "UPDATE chai_entries SET thumbnail=%s WHERE id=%s", (b"#!/bin/sh echo", added[1]))
+    with PostgresStore(pg_url) as store:
+        assert store.thumbnail(ids[1]) is None and store.thumbnail(added[1]) is None
+
+
+def test_a_pg2_store_is_upgraded_in_place_with_every_entry(pg_url):
+    with PostgresStore(pg_url, dim=DIM) as store:
+        ids = {put_seeded(store, s): s for s in range(5)}
+        store.record_lookup("p", ["e"], next(iter(ids)), "e", "e", 0.9, 1.0)
+    columns = "id, uid, compat_key, prompt, nbytes, sha256, created_at, last_access, access_count, info"
+    rows = _sql(pg_url, f"SELECT {columns} FROM chai_entries ORDER BY id")
+    # The schema the pg2 release wrote: pg3 without the columns pg3 added.
+    _sql(pg_url, "ALTER TABLE chai_entries DROP COLUMN pinned, DROP COLUMN thumbnail")
+    _sql(pg_url, "ALTER TABLE chai_lookup_log DROP COLUMN entry_id")
+    _sql(pg_url, "UPDATE chai_meta SET value='pg2' WHERE key='schema_version'")
+
+    with PostgresStore(pg_url) as store:
+        assert store.notes == ["upgraded the store from schema pg2 to pg3: every entry kept"]
+        for entry_id, seed in ids.items():
+            assert_seeded_entry(store, entry_id, seed)
+            assert not store.entry(entry_id).pinned and store.thumbnail(entry_id) is None
+        stats = store.stats()
+        assert stats.entries == 5 and stats.lookups == 1 and stats.last_lookups[0]["entry_id"] is None
+        assert any(e["kind"] == "upgraded" and "pg2 -> pg3" in e["detail"] for e in store.events())
+        assert store.verify().ok
+    assert _sql(pg_url, f"SELECT {columns} FROM chai_entries ORDER BY id") == rows
+    assert _sql(pg_url, "SELECT value FROM chai_meta WHERE key='schema_version'") == [("pg3",)]
+    with PostgresStore(pg_url) as store:  # the second open is an ordinary one
+        assert store.notes == [] and store.pin(next(iter(ids)))
+
+
 def test_bad_urls_are_clear_errors():
     assert is_postgres_url("postgresql://h/db") and is_postgres_url("postgres://h/db")
     assert not is_postgres_url("/tmp/store") and not is_postgres_url(Path("postgresql:"))

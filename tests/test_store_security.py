@@ -112,7 +112,7 @@ def test_a_new_store_carries_its_marker(tmp_path):
     with LatentStore(tmp_path / "s", dim=DIM) as store:
         put_seeded(store, 1)
         marker = json.loads((tmp_path / "s" / "chai-store.json").read_text())
-        assert marker["format"] == "comfyui-chai-store" and marker["version"] == 2
+        assert marker["format"] == "comfyui-chai-store" and marker["version"] == 3
         assert marker["store_id"] == store.store_id and len(store.store_id) == 32
         assert manifest_rows(tmp_path / "s", "SELECT value FROM meta WHERE key='store_id'")[0][0] == store.store_id
     with pytest.raises(StoreError, match="parent folder .* does not exist"):
@@ -164,7 +164,7 @@ def test_a_manifest_with_objects_chai_never_makes_is_refused(tmp_path):
     conn.execute("CREATE TRIGGER wipe AFTER INSERT ON entries BEGIN DELETE FROM entities; END")
     conn.commit()
     conn.close()
-    with pytest.raises(ContainmentError, match="not a CHAI manifest of format 2"):
+    with pytest.raises(ContainmentError, match="not a CHAI manifest of format 3"):
         LatentStore(path)
     conn = sqlite3.connect(path / "manifest.sqlite")
     conn.execute("DROP TRIGGER wipe")
@@ -201,7 +201,7 @@ def test_a_store_of_the_previous_release_is_upgraded_with_every_entry(tmp_path, 
     old_names = {r[0] for r in manifest_rows(path, "SELECT file FROM entries")}
 
     with LatentStore(path) as store:
-        assert store.notes == ["upgraded the store from format 1 to 2: 7 entries kept, 0 dropped"]
+        assert store.notes == ["upgraded the store from format 1 to 3: 7 entries kept, 0 dropped"]
         assert store.open_report == [], "an upgrade of a healthy store repairs nothing"
         records = store.entries()
         assert [r.entry_id for r in records] == [4, 5, 6, 7, 8, 9, 10]
@@ -219,7 +219,7 @@ def test_a_store_of_the_previous_release_is_upgraded_with_every_entry(tmp_path, 
         live = {r.entry_id for r in store.entries()}
     names = set(os.listdir(path / "latents"))
     assert names == {f"{i}.safetensors" for i in live} and new in live and not names & old_names
-    assert json.loads((path / "chai-store.json").read_text())["version"] == 2
+    assert json.loads((path / "chai-store.json").read_text())["version"] == 3
     with LatentStore(path) as store:  # the second open is an ordinary one
         assert store.notes == [] and store.open_report == []
         assert {r.entry_id for r in store.entries()} == live
@@ -261,7 +261,7 @@ def test_crafted_rows_of_the_previous_format_never_name_a_file_the_store_touches
     (path / "latents" / ".bashrc").symlink_to(victim / ".bashrc")
     before = tree(victim)
     with LatentStore(path) as store:
-        assert store.notes == ["upgraded the store from format 1 to 2: 4 entries kept, 3 dropped"]
+        assert store.notes == ["upgraded the store from format 1 to 3: 4 entries kept, 3 dropped"]
         assert {r.entry_id for r in store.entries()} == set(ids[3:])
         for rec in store.entries():
             assert_seeded_entry(store, rec.entry_id, rec.info["seed"])

@@ -209,9 +209,81 @@ def browser_checks(url: str, check: Check, run_tag: str, out: Path, screenshots:
             for name in sorted(twins):
                 load_template(page, check, pack, name, out, screenshots)
             _panel_and_progress(page, check, url, run_tag, pack, twins, screenshots, out)
+            _panel_entries(page, check, url, f"{run_tag}-reference", screenshots)
             _error_dialog(page, check, pack, twins, out, screenshots)
         finally:
             context.close()
+
+
+def panel_checks(url: str, check: Check, run_tag: str, out: Path, screenshots: Optional[Path], chromium: str) -> None:
+    """The panel alone: the reference batch run from the page on a fresh store, then
+    :func:`_panel_entries` (thumbnails, Pin and Evict)."""
+    from playwright.sync_api import sync_playwright
+
+    status, templates = call(url, "/workflow_templates")
+    pack = next((p for p, names in (templates or {}).items() if any(n.startswith("CHAI") for n in names)), None)
+    if not check.record(pack is not None, "the pack's template folder is served", str(pack)):
+        return
+    twins = {Path(ui).stem: api for ui, api in api_twins().items()}
+    reference = next(n for n, api in twins.items() if api.stem == "chai_batch_reference")
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(tempfile.mkdtemp(prefix="chai-check-"), headless=True,
+                                                       executable_path=chromium, args=CHROMIUM_FLAGS,
+                                                       viewport=VIEWPORT)
+        try:
+            page = Page(context, url)
+            load_template(page, check, pack, reference, out, None)
+            store = f"{run_tag}-panel-page"
+            if run_loaded(page, check, url, reference, store) is not None:
+                _panel_entries(page, check, url, store, screenshots)
+        finally:
+            context.close()
+
+
+def _panel_entries(page: Page, check: Check, url: str, store: str, screenshots: Optional[Path]) -> None:
+    """The panel showing store ``store`` (just run from the page): its most-used entries and last
+    lookups drawn as thumbnails, Pin pins (a POST from the page, so same-origin) and disables
+    Evict, Unpin undoes it, Evict removes the entry; ``--screenshots`` shoots the panel pinned."""
+    page.js("""(path) => { const s = document.querySelector('.chai-store-select');
+                           const o = [...s.options].find(o => o.title.endsWith(path)); s.value = o.value;
+                           s.dispatchEvent(new Event('change')); }""", store)
+    time.sleep(2)
+    drawn = page.js("""() => ['.chai-most-used', '.chai-lookups'].map((sel) => [...document.querySelectorAll(
+                         `${sel} img`)].filter((i) => i.complete && i.naturalWidth > 0).length)""")
+    status, body = call(url, "/chai/stores")
+    sid = next(s["id"] for s in body["stores"] if s["path"].endswith(store))
+    status, entries = call(url, f"/chai/entries?store={sid}")
+    used = entries["most_used"]
+    check.record(drawn[0] == len(used) > 0 and drawn[1] > 0, "panel draws the entries' thumbnails",
+                 f"{drawn[0]} of {len(used)} most-used, {drawn[1]} in the last lookups")
+    first = used[0]["id"]
+
+    def entry_state(entry_id: int):
+        _, now = call(url, f"/chai/entries?store={sid}")
+        return next((e for e in now["most_used"] if e["id"] == entry_id), None), now
+
+    page.page.locator(".chai-most-used .chai-entry").first.locator(".chai-pin").click()
+    time.sleep(1.5)
+    state, now = entry_state(first)
+    evict_disabled = page.js("() => document.querySelector('.chai-most-used .chai-entry .chai-evict').disabled")
+    label = page.js("() => document.querySelector('.chai-budget-fill')?.parentElement?.previousSibling?.textContent")
+    check.record(bool(state and state["pinned"]) and evict_disabled and "pinned" in (label or ""),
+                 "Pin in the panel pins the entry (a same-origin POST from the page) and disables its Evict",
+                 f"entry #{first} pinned={state and state['pinned']}; {label}")
+    clip = node_clip(page, "CHAI_CacheState")
+    if screenshots is not None and clip:
+        page.shot(screenshots / "comfyui_cache_panel.png", clip)
+    page.page.locator(".chai-most-used .chai-entry").first.locator(".chai-pin").click()
+    time.sleep(1.5)
+    state, now = entry_state(first)
+    check.record(bool(state) and not state["pinned"], "Unpin in the panel unpins it", f"entry #{first}")
+    last = page.page.locator(".chai-most-used .chai-entry").last
+    victim = now["most_used"][-1]["id"]
+    last.locator(".chai-evict").click()
+    time.sleep(1.5)
+    _, after = entry_state(victim)
+    check.record(after["entries"] == now["entries"] - 1 and all(e["id"] != victim for e in after["most_used"]),
+                 "Evict in the panel removes the entry", f"entry #{victim}; {after['entries']} entries left")
 
 
 def _panel_and_progress(page: Page, check: Check, url: str, run_tag: str, pack: str, twins: Dict[str, Path],

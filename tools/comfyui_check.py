@@ -16,6 +16,13 @@ What it checks (each failure is printed and makes the exit status 1):
   readable mp4; queued again, a workflow re-runs after its store changed and, with the store
   unchanged, re-runs only CHAI Cache State; a store name that holds no store (create_new off)
   fails at CHAI Cache with an error naming the node, the field, the path and the fix;
+* ``--checks panel``: the reference batch's API twin on a fresh store, then the panel's routes:
+  ``/chai/stores`` lists it, ``/chai/entries`` shows its entries with thumbnails,
+  ``/chai/thumbnail`` serves a JPEG of at most 96 px with ``nosniff``; pin, unpin and evict work
+  from the server's own origin, evicting a pinned entry is refused (409), and a POST from another
+  origin or without one (403), a malformed id (400), an unknown store (404) and a path given as
+  the store (400) change nothing; with ``browser`` too, the panel draws the thumbnails and its
+  Pin and Evict buttons work from the page (and ``--screenshots`` shoots the panel);
 * ``POST /interrupt`` at step 3 of prompt 2 of a batch stops the sampler within a second (the
   time stamped in its "cancelled" ``chai.progress`` event, so run this on the server's machine;
   the events themselves can arrive later, since ComfyUI runs ``gc.collect()`` after a prompt)
@@ -255,6 +262,87 @@ def check_api_runs(url: str, check: Check, run_tag: str, out: Path, write_thumbn
             print(f"      thumbnail {target} {image.size}")
 
 
+def post_change(url: str, action: str, body: Any, origin: Optional[str], host: Optional[str] = None
+                ) -> Tuple[int, Any]:
+    """(status, JSON body) of ``POST /chai/<action>`` with ``body`` as JSON, sent with the header
+    ``Origin: origin`` (None: no Origin header, as a script sends) and ``Host: host`` if given."""
+    headers = {"Content-Type": "application/json", **({"Origin": origin} if origin is not None else {}),
+               **({"Host": host} if host is not None else {})}
+    request = urllib.request.Request(url.rstrip("/") + f"/chai/{action}", data=json.dumps(body).encode("utf-8"),
+                                     headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            raw, status = response.read(), response.status
+    except urllib.error.HTTPError as exc:
+        raw, status = exc.read(), exc.code
+    try:
+        return status, json.loads(raw.decode("utf-8")) if raw else None
+    except ValueError:
+        return status, raw
+
+
+def check_panel_routes(url: str, check: Check, run_tag: str) -> Optional[str]:
+    """The reference batch on a fresh store, then the panel's routes (see the module docstring).
+    Returns the store's id (None when the run failed)."""
+    from PIL import Image
+
+    path = API_WORKFLOWS / "chai_batch_reference.json"
+    folder = f"{run_tag}-panel"
+    try:
+        entry = wait(url, queue(url, with_store(json.loads(path.read_text(encoding="utf-8")), folder)))
+    except (RuntimeError, TimeoutError) as exc:
+        check.record(False, f"POST /prompt {path.name} (panel store)", str(exc))
+        return None
+    if not check.record(entry["status"]["status_str"] == "success", f"POST /prompt {path.name} (panel store)",
+                        entry["status"]["status_str"]):
+        return None
+    status, body = call(url, "/chai/stores")
+    store = next((s for s in (body or {}).get("stores", []) if str(s.get("path", "")).endswith(folder)), None)
+    if not check.record(status == 200 and store is not None, "GET /chai/stores lists the store", f"status {status}"):
+        return None
+    sid = store["id"]
+    status, body = call(url, f"/chai/entries?store={sid}")
+    used = (body or {}).get("most_used", [])
+    check.record(status == 200 and len(used) == store["entries"] > 0 and all(e["thumbnail"] for e in used),
+                 "GET /chai/entries: most-used entries, each with a thumbnail",
+                 ", ".join(f"#{e['id']} {e['entity']} {e['hits']} hits" for e in used))
+    served = [lk["entry"]["id"] for lk in (body or {}).get("last_lookups", []) if lk.get("entry")]
+    check.record(bool(served), "GET /chai/entries: last lookups name the entries hits were served by", str(served))
+    if not used:
+        return sid
+    first = used[0]["id"]
+    with urllib.request.urlopen(f"{url.rstrip('/')}/chai/thumbnail?store={sid}&entry={first}", timeout=30) as response:
+        data, kind, sniff = response.read(), response.headers.get("Content-Type"), \
+            response.headers.get("X-Content-Type-Options")
+    size = Image.open(io.BytesIO(data)).size
+    check.record(kind == "image/jpeg" and sniff == "nosniff" and max(size) <= 96,
+                 "GET /chai/thumbnail: a small JPEG with nosniff", f"{kind}, {sniff}, {size}, {len(data)} bytes")
+    origin = url.rstrip("/")
+    # ComfyUI's own guard answers the first (a loopback Host); the pack's answers the other two (ComfyUI
+    # checks only loopback hosts, as behind a proxy, and lets a request without Origin through).
+    refused = [post_change(url, "pin", {"store": sid, "entry": first}, "http://evil.example"),
+               post_change(url, "pin", {"store": sid, "entry": first}, "http://evil.example", "comfy.example.org"),
+               post_change(url, "evict", {"store": sid, "entry": first}, None)]
+    check.record([s for s, _ in refused] == [403, 403, 403], "a cross-origin POST, and one without Origin, are refused",
+                 " | ".join(f"{s} {str((b or {}).get('error', b))[:90] if isinstance(b, dict) else ''}"
+                            for s, b in refused))
+    bad = [post_change(url, "pin", {"store": sid, "entry": "../1"}, origin)[0],
+           post_change(url, "pin", {"store": "0" * 12, "entry": first}, origin)[0],
+           post_change(url, "pin", {"store": f"/tmp/{folder}", "entry": first}, origin)[0]]
+    check.record(bad == [400, 404, 400], "a bad id, an unknown store and a path as the store are refused", str(bad))
+    status, body = post_change(url, "pin", {"store": sid, "entry": first}, origin)
+    check.record(status == 200 and body["pinned_entries"] == 1, "same-origin POST /chai/pin", f"status {status}")
+    status, body = post_change(url, "evict", {"store": sid, "entry": first}, origin)
+    check.record(status == 409 and "pinned" in body.get("error", ""), "evicting a pinned entry is refused",
+                 f"{status} {body.get('error', '') if isinstance(body, dict) else ''}")
+    status, body = post_change(url, "unpin", {"store": sid, "entry": first}, origin)
+    check.record(status == 200 and body["pinned_entries"] == 0, "same-origin POST /chai/unpin", f"status {status}")
+    status, body = call(url, "/chai/stores")
+    entries = next(s["entries"] for s in body["stores"] if s["id"] == sid)
+    check.record(entries == store["entries"], "nothing else changed", f"{entries} entries")
+    return sid
+
+
 def check_requeue(url: str, check: Check, run_tag: str) -> None:
     """Queue the single workflow three times on a fresh store: the second run follows the store's
     new generation (the sampler now hits), the third, with the store unchanged, re-runs only
@@ -362,8 +450,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "comfyui_check", help="report and screenshots")
     parser.add_argument("--write-thumbnails", action="store_true", help="write workflows/<name>.jpg from the runs")
     parser.add_argument("--checks", default="api,interrupt",
-                        help="comma-separated: api (every API twin runs), interrupt, browser (the frontend in "
-                             "headless Chromium); the registration is always checked")
+                        help="comma-separated: api (every API twin runs), interrupt, panel (the panel's routes), "
+                             "browser (the frontend in headless Chromium); the registration is always checked")
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="Chromium binary for --browser")
     parser.add_argument("--screenshots", type=Path, default=None, help="folder for the docs screenshots")
     args = parser.parse_args(argv)
@@ -371,9 +459,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     check = Check()
     run_tag = f"check-{int(time.time())}"
     checks = {c.strip() for c in args.checks.split(",") if c.strip()}
-    unknown = checks - {"api", "interrupt", "browser"}
+    unknown = checks - {"api", "interrupt", "panel", "browser"}
     if unknown:
-        parser.error(f"unknown checks {sorted(unknown)}: use api, interrupt, browser")
+        parser.error(f"unknown checks {sorted(unknown)}: use api, interrupt, panel, browser")
     check_registration(args.url, check)
     if "api" in checks:
         check_api_runs(args.url, check, run_tag, args.out, args.write_thumbnails)
@@ -381,10 +469,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_missing_store(args.url, check, run_tag)
     if "interrupt" in checks:
         check_interrupt(args.url, check, run_tag)
+    if "panel" in checks:
+        check_panel_routes(args.url, check, run_tag)
     if "browser" in checks:
-        from comfyui_browser_check import browser_checks
+        from comfyui_browser_check import browser_checks, panel_checks
 
-        browser_checks(args.url, check, run_tag, args.out, args.screenshots, args.chromium)
+        if checks == {"panel", "browser"}:  # the panel alone, in the page
+            panel_checks(args.url, check, run_tag, args.out, args.screenshots, args.chromium)
+        else:
+            browser_checks(args.url, check, run_tag, args.out, args.screenshots, args.chromium)
     (args.out / "report.json").write_text(json.dumps(check.results, indent=2), encoding="utf-8")
     print(f"{len(check.results) - check.failed} passed, {check.failed} failed; report {args.out / 'report.json'}")
     return 1 if check.failed else 0

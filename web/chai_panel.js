@@ -8,7 +8,11 @@
 //   * "chai.stats" {id, name, path, stats, ..., prompt_id}: a store's state, after every sampler run;
 //   * "chai.progress" {node, index, count, step, steps, overall} or {node, index, count, cancelled}:
 //     the sampler's progress;
-//   * GET /chai/stats[?store=<id>]: every store this ComfyUI process opened (the selector, Refresh).
+//   * GET /chai/stats[?store=<id>]: every store this ComfyUI process opened (the selector, Refresh);
+//   * GET /chai/entries?store=<id>: the shown store's last lookups and most-used entries, each with
+//     its thumbnail from GET /chai/thumbnail?store=<id>&entry=<n>.
+// Changes: POST /chai/pin, /chai/unpin, /chai/evict {store, entry} (the Pin and Evict buttons; the
+// server accepts them only from this page, nodes/routes.py).
 // The panel follows the work: the first "chai.stats" of a run this page queued selects that run's
 // store; the selector shows any other open store, and every store's events update it live.
 // Everything is rendered with textContent (never innerHTML): prompts are user text.
@@ -63,7 +67,44 @@ const C = {
   border: "var(--border-color, #444)",
   hit: "#3fb97f",
   miss: "#d9822b",
+  pin: "#4a8fd9",
 };
+
+function fmtAge(s) {
+  if (!Number.isFinite(s)) return "?";
+  if (s < 60) return `${Math.round(s)} s`;
+  if (s < 3600) return `${Math.round(s / 60)} min`;
+  if (s < 86400) return `${Math.round(s / 3600)} h`;
+  return `${Math.round(s / 86400)} d`;
+}
+
+function smallButton(text, title, onClick) {
+  const b = el("button", { font: "10px sans-serif", cursor: "pointer", padding: "0 4px", color: C.fg,
+                           background: "transparent", border: `1px solid ${C.border}`, borderRadius: "3px" }, text);
+  b.title = title;
+  b.addEventListener("click", (ev) => { ev.stopPropagation(); onClick(); });
+  return b;
+}
+
+// A 56 px box with an entry's thumbnail (or a word when there is none).
+function thumbBox(storeId, entry, empty) {
+  const box = el("div", { width: "56px", height: "56px", flex: "none", display: "flex", alignItems: "center",
+                          justifyContent: "center", background: "rgba(128,128,128,0.2)", borderRadius: "3px",
+                          overflow: "hidden", fontSize: "10px", color: C.dim });
+  if (entry?.thumbnail) {
+    const img = el("img", { width: "100%", height: "100%", objectFit: "contain", imageRendering: "pixelated" });
+    img.alt = entry.entity ?? "";
+    img.src = api.apiURL(`/chai/thumbnail?store=${encodeURIComponent(storeId)}&entry=${Number(entry.id)}`);
+    box.append(img);
+  } else {
+    box.textContent = empty;
+  }
+  return box;
+}
+
+function strip() {
+  return el("div", { display: "flex", gap: "4px", overflowX: "auto", flex: "none" });
+}
 
 function bar(height) {
   const track = el("div", { height: `${height}px`, background: "rgba(128,128,128,0.25)", borderRadius: "4px",
@@ -125,6 +166,10 @@ class CachePanel {
     const barWrap = el("div", {});
     this.barLabel = el("div", { fontSize: "11px", color: C.dim, marginBottom: "2px" }, "bytes / budget");
     const [track, fill] = bar(10);
+    track.style.display = "flex";  // pinned bytes (never evicted) first, then the rest
+    this.pinFill = el("div", { height: "100%", width: "0%", background: C.pin });
+    this.pinFill.className = "chai-pinned-fill";
+    track.prepend(this.pinFill);
     this.barFill = fill;
     this.barFill.className = "chai-budget-fill";
     barWrap.append(this.barLabel, track);
@@ -135,21 +180,19 @@ class CachePanel {
                                textOverflow: "ellipsis" }, "");
     this.lastWhy.className = "chai-last-why";
 
-    const tableWrap = el("div", { flex: "1", overflow: "auto", minHeight: "40px" });
-    this.table = el("table", { width: "100%", borderCollapse: "collapse", fontSize: "11px" });
-    this.table.className = "chai-lookups";
-    const thead = el("tr", {});
-    for (const h of ["last lookups", "", "entity \u2192 matched", "sim."]) {
-      thead.append(el("th", { textAlign: "left", color: C.dim, fontWeight: "normal",
-                              borderBottom: `1px solid ${C.border}`, padding: "1px 3px" }, h));
-    }
-    this.table.append(thead);
-    this.tbody = el("tbody", {});
-    this.table.append(this.tbody);
-    tableWrap.append(this.table);
+    // The last lookups (the entry each hit was served by) and the most-used entries, as thumbnails.
+    const entries = el("div", { flex: "1", overflow: "auto", minHeight: "60px", display: "flex",
+                                flexDirection: "column", gap: "2px" });
+    const label = (text) => el("div", { fontSize: "10px", color: C.dim }, text);
+    this.lookupStrip = strip();
+    this.lookupStrip.className = "chai-lookups";
+    this.usedStrip = strip();
+    this.usedStrip.className = "chai-most-used";
+    entries.append(label("last lookups"), this.lookupStrip, label("most used (pin: never evicted)"), this.usedStrip);
+    this.entriesKey = null;
 
     this.status = el("div", { fontSize: "10px", color: C.dim }, "Runs of the CHAI Sampler update this panel.");
-    this.root.append(head, this.tiles, barWrap, this.lastRun, this.lastWhy, tableWrap, this.status);
+    this.root.append(head, this.tiles, barWrap, this.lastRun, this.lastWhy, entries, this.status);
   }
 
   // The options of the selector: every store known to this page, the shown one selected.
@@ -205,10 +248,13 @@ class CachePanel {
     this.tile.computed.textContent = steps.steps ? `${(100 * steps.computed / steps.steps).toFixed(0)}%` : "\u2013";
     this.tile.computed.title = steps.steps ? `${steps.computed} of ${steps.steps} steps computed in full` : "";
     const fill = Math.max(0, Math.min(1, payload.fill ?? (s.bytes / Math.max(1, s.budget_bytes))));
-    this.barFill.style.width = `${(100 * fill).toFixed(1)}%`;
+    const pinned = Math.max(0, Math.min(fill, (s.pinned_bytes ?? 0) / Math.max(1, s.budget_bytes)));
+    this.pinFill.style.width = `${(100 * pinned).toFixed(1)}%`;
+    this.barFill.style.width = `${(100 * (fill - pinned)).toFixed(1)}%`;
     this.barFill.style.background = fill > 0.9 ? C.miss : C.hit;
     this.barLabel.textContent =
-      `${fmtBytes(s.bytes)} of ${fmtBytes(s.budget_bytes)} (${(100 * fill).toFixed(1)}%), policy ${s.policy}`;
+      `${fmtBytes(s.bytes)} of ${fmtBytes(s.budget_bytes)} (${(100 * fill).toFixed(1)}%), ` +
+      `pinned ${fmtBytes(s.pinned_bytes ?? 0)} (${s.pinned_entries ?? 0}), policy ${s.policy}`;
     const run = payload.last_run;
     const intra = Object.values(run?.hook_reports ?? {}).find((r) => r && r.map);
     const computed = intra ? ` (${intra.full} computed, ${intra.method})` : "";
@@ -218,23 +264,84 @@ class CachePanel {
     // Why that method served it (auto: Chorus, else CHAI, else full), e.g. "whole prompt ~ '...' 0.931 >= 0.80".
     this.lastWhy.textContent = run && run.reason ? `why: ${run.reason}` : "";
     this.lastWhy.title = run && run.reason ? run.reason : "";
-    this.tbody.replaceChildren();
-    for (const l of s.last_lookups ?? []) {
-      const tr = el("tr", {});
-      tr.append(
-        el("td", { padding: "1px 3px", maxWidth: "160px", overflow: "hidden", textOverflow: "ellipsis",
-                   whiteSpace: "nowrap" }, clip(l.prompt, 40)),
-        el("td", { padding: "1px 3px", color: l.hit ? C.hit : C.miss, fontWeight: "bold" }, l.hit ? "hit" : "miss"),
-        el("td", { padding: "1px 3px", whiteSpace: "nowrap" },
-           l.entity || l.matched ? `${l.entity ?? "?"} \u2192 ${l.matched ?? "\u2013"}` : "\u2013"),
-        el("td", { padding: "1px 3px" }, l.similarity == null ? "\u2013" : Number(l.similarity).toFixed(3)),
-      );
-      this.tbody.append(tr);
+    // Entries change with the generation (inserts, evictions), lookups and pins: reload them then.
+    const key = `${payload.id}:${s.generation}:${s.lookups}:${s.pinned_entries}`;
+    if (key !== this.entriesKey) {
+      this.entriesKey = key;
+      this.loadEntries(payload.id);
     }
     const when = payload.time ? new Date(payload.time * 1000).toLocaleTimeString() : "";
     this.status.textContent =
       `${STORES.size} open store${STORES.size === 1 ? "" : "s"} \u00b7 generation ${s.generation} \u00b7 updated ${when}`;
     this.node.setDirtyCanvas?.(true, true);
+  }
+
+  // GET /chai/entries for store `id`, then draw both strips (a reply for another store is dropped).
+  async loadEntries(id) {
+    try {
+      const res = await api.fetchApi(`/chai/entries?store=${encodeURIComponent(id)}`);
+      const body = await res.json();
+      if (!res.ok) throw new Error(body.error ?? `HTTP ${res.status}`);
+      if (id === this.selected) this.renderEntries(body);
+    } catch (err) {
+      this.status.textContent = `entries: ${err.message ?? err}`;
+    }
+  }
+
+  renderEntries(body) {
+    this.lookupStrip.replaceChildren(...(body.last_lookups ?? []).map((l) => {
+      const card = el("div", { width: "56px", flex: "none", fontSize: "10px" });
+      card.title = `${l.prompt ?? ""}${l.matched ? `\n${l.entity} \u2192 ${l.matched} (${Number(l.similarity).toFixed(3)})` : ""}`;
+      card.append(
+        thumbBox(body.id, l.entry, l.hit ? "evicted" : "miss"),
+        el("div", { color: l.hit ? C.hit : C.miss, fontWeight: "bold" },
+           l.hit ? `hit ${Number(l.similarity).toFixed(2)}` : "miss"),
+        el("div", { whiteSpace: "nowrap", overflow: "hidden", textOverflow: "ellipsis" }, l.entity ?? clip(l.prompt, 12)),
+      );
+      return card;
+    }));
+    this.usedStrip.replaceChildren(...(body.most_used ?? []).map((e) => {
+      const card = el("div", { width: "56px", flex: "none", fontSize: "10px",
+                               outline: e.pinned ? `2px solid ${C.pin}` : "none", borderRadius: "3px" });
+      card.className = "chai-entry";
+      card.title = `entry #${e.id}: ${e.prompt}\n${e.entities.join(", ")}\n${fmtBytes(e.bytes)}` +
+                   `${e.pinned ? ", pinned (never evicted)" : ""}`;
+      const pin = smallButton(e.pinned ? "unpin" : "pin", e.pinned ? "Let the policy evict it again"
+                                                                 : "Never evict this entry (its bytes still count)",
+                              () => this.change(e.pinned ? "unpin" : "pin", e.id));
+      pin.className = "chai-pin";
+      const evict = smallButton("evict", e.pinned ? "Pinned: unpin it first" : "Remove this entry from the store",
+                                () => this.change("evict", e.id));
+      evict.className = "chai-evict";
+      evict.disabled = e.pinned;
+      card.append(
+        thumbBox(body.id, e, "no picture"),
+        el("div", { whiteSpace: "nowrap", overflow: "hidden", textOverflow: "ellipsis" }, e.entity ?? "?"),
+        el("div", { color: C.dim }, `${e.hits} hit${e.hits === 1 ? "" : "s"} \u00b7 ${fmtAge(e.age_s)}`),
+      );
+      const buttons = el("div", { display: "flex", gap: "2px" });
+      buttons.append(pin, evict);
+      card.append(buttons);
+      return card;
+    }));
+  }
+
+  // POST /chai/<action> {store, entry}; the reply is the store's new entries.
+  async change(action, entryId) {
+    const id = this.selected;
+    try {
+      const res = await api.fetchApi(`/chai/${action}`, {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ store: id, entry: entryId }),
+      });
+      const body = await res.json();
+      if (!res.ok) throw new Error(body.error ?? `HTTP ${res.status}`);
+      if (id === this.selected) this.renderEntries(body);
+      await loadStores();  // the tiles and the budget bar
+      this.status.textContent = `${action} entry #${entryId}: done`;
+    } catch (err) {
+      this.status.textContent = `${action} entry #${entryId}: ${err.message ?? err}`;
+    }
   }
 
   // Reload every open store from the server, then show the selected (or remembered) one.
@@ -386,7 +493,7 @@ app.registerExtension({
         this.__chaiPanel = panel;
         PANELS.add(panel);
         this.addDOMWidget("chai_panel", "chai_panel", panel.root, { serialize: false, getMinHeight: () => 250 });
-        this.setSize([Math.max(this.size[0], 440), Math.max(this.size[1], 330)]);
+        this.setSize([Math.max(this.size[0], 460), Math.max(this.size[1], 540)]);
         setTimeout(() => panel.refresh(), 0);
         return r;
       };
