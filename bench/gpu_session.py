@@ -124,8 +124,11 @@ class ReplayLookup:
     def record(self, result: Any) -> None:
         """Statistics are the store's (CPU) work: nothing to record here."""
 
-    def insert(self, result: Any, tensors: Dict[str, torch.Tensor], info: Any = None) -> int:
-        """Keep ``tensors`` (moved to the CPU, as a store keeps them) under ``result.compat_key``; the entry id."""
+    def insert(self, result: Any, tensors: Dict[str, torch.Tensor], info: Any = None,
+               thumbnail: Optional[bytes] = None) -> int:
+        """Keep ``tensors`` (moved to the CPU, as a store keeps them) under ``result.compat_key``; the entry id.
+        ``info`` and ``thumbnail`` (made by the pipeline, which times that) are accepted as ``CacheLookup.insert``
+        takes them and not kept."""
         entry_id = 1 + sum(len(v) for v in self._entries.values())
         self._entries.setdefault(result.compat_key, []).append(
             {"id": entry_id, "prompt": result.prompt, "tensors": {k: v.detach().cpu() for k, v in tensors.items()}})

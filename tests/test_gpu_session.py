@@ -43,6 +43,17 @@ def test_the_replay_lookup_serves_only_another_prompts_entry_of_the_same_key(ben
     assert whole.lookup("a red fox by a river", "K").hit and lookup.load(999) is None
 
 
+def test_the_replay_lookup_takes_every_argument_the_pipeline_gives_a_cache_lookup(bench):
+    import inspect
+
+    from comfyui_chai.cache.lookup import CacheLookup
+
+    for name in ("lookup", "insert", "record", "with_config"):
+        want = list(inspect.signature(getattr(CacheLookup, name)).parameters)
+        have = list(inspect.signature(getattr(bench.ReplayLookup, name)).parameters)
+        assert want == have, (name, want, have)
+
+
 def test_the_smoke_session_measures_every_part_through_the_pack(bench, tmp_path):
     assert bench.main(["--smoke", "--out", str(tmp_path), "--repeats", "1", "--budget-s", "1000"]) == 0  # a loaded CPU
     out = json.loads((tmp_path / "gpu_session.json").read_text())
