@@ -20,6 +20,7 @@ Usage::
     python bench/step_curve.py --model-dir models/reference_v2 --threads 2          # 200 held-out prompts
     python bench/step_curve.py --model-dir models/reference_v1 --validation --prompts 64
     python bench/step_curve.py --steps 1,2,4,8,12 --full 30 --cfg 2 --validation
+    python bench/step_curve.py --model-dir models/reference_v2 --validation --prompts 32 --steps 4,8 --timestep-shift 3
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
-from comfyui_chai.opensora.rflow import make_noise
+from comfyui_chai.opensora.rflow import make_noise, rflow_schedule
 from comfyui_chai.refmodel import evaluator, fidelity, scenes
 from comfyui_chai.refmodel.model import (CLIP, load_reference_model, model_to_pixels, reference_rflow,
                                          reference_scene_kwargs)
@@ -45,9 +46,13 @@ CRITERIA = ("overall", "shape", "color", "background", "motion", "detail", "ghos
 
 
 def sample_mode(model, encoder, captions: List[str], steps: int, cfg: float, noise_seed: int,
-                batch: int) -> np.ndarray:
-    """uint8 clips [N, F, H, W, 3]: plain RFLOW with ``steps`` steps, prompt i from noise ``noise_seed + i``."""
+                batch: int, shift: Optional[float] = None) -> np.ndarray:
+    """uint8 clips [N, F, H, W, 3]: plain RFLOW with ``steps`` steps, prompt i from noise ``noise_seed + i``;
+    ``shift``: timesteps shifted with this fixed ratio (``opensora.rflow.rflow_schedule``), None: the model's."""
     rflow = reference_rflow(cfg_scale=cfg)
+    schedule = None if shift is None else rflow_schedule(steps, height=CLIP.height, width=CLIP.width,
+                                                         num_frames=CLIP.num_frames, use_timestep_transform=True,
+                                                         fixed_shift_ratio=shift)
     null = model.y_embedder.y_embedding
     out = []
     for lo in range(0, len(captions), batch):
@@ -56,7 +61,7 @@ def sample_mode(model, encoder, captions: List[str], steps: int, cfg: float, noi
         y, mask = encoder(caps)
         latent = rflow.sample(model, z.to(next(model.parameters()).device), y=y, y_mask=mask, y_null=null,
                               height=CLIP.height, width=CLIP.width, num_frames=CLIP.num_frames, fps=CLIP.fps,
-                              size_dtype=torch.float32, num_steps=steps)
+                              size_dtype=torch.float32, num_steps=steps, schedule=schedule)
         out.append(model_to_pixels(latent))
     return np.concatenate(out)
 
@@ -133,6 +138,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", default="1,2,4,8,12", help="plain step counts, comma-separated")
     p.add_argument("--full", type=int, default=30, help="the full schedule's steps (the reference)")
     p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's config.json)")
+    p.add_argument("--timestep-shift", type=float, default=None, metavar="R",
+                   help="shift every schedule's timesteps with the fixed ratio R >= 1 (OpenSora's shift; 2.42 is "
+                        "what 240p 51 frames gets); default: the model's sampler (no shift for the reference models)")
     p.add_argument("--validation", action="store_true", help="the validation prompt stream (choose settings here)")
     p.add_argument("--noise-seed", type=int, default=0, help="prompt i uses noise seed noise_seed + i")
     p.add_argument("--batch", type=int, default=25, help="prompts sampled together")
@@ -148,6 +156,8 @@ def main(argv=None) -> int:
         p.error("--steps must be positive integers and must not contain --full")
     if a.prompts < 2 or a.batch < 1:
         p.error("--prompts must be >= 2 and --batch >= 1")
+    if a.timestep_shift is not None and not a.timestep_shift >= 1.0:
+        p.error(f"--timestep-shift must be a number >= 1, got {a.timestep_shift}")
     torch.set_num_threads(a.threads)
     model, encoder = load_reference_model(a.model_dir, device=a.device)
     cfg_file = model.reference_config
@@ -163,7 +173,7 @@ def main(argv=None) -> int:
     for k in [a.full] + steps[::-1]:
         name = f"full{k}" if k == a.full else f"plain{k}"
         t = time.perf_counter()
-        clips[name] = sample_mode(model, encoder, captions, k, cfg, a.noise_seed, a.batch)
+        clips[name] = sample_mode(model, encoder, captions, k, cfg, a.noise_seed, a.batch, a.timestep_shift)
         print(f"{name}: sampled {len(captions)} clips in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
 
     def score(cl: np.ndarray):
@@ -205,7 +215,7 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     stream = "validation" if a.validation else "held-out"
     result = {"model": model.fingerprint, "model_dir": str(a.model_dir or "models/reference_v1"), "prompts": len(items),
-              "prompt_stream": stream, "cfg_scale": cfg, "steps": steps, "full_steps": a.full,
+              "prompt_stream": stream, "cfg_scale": cfg, "timestep_shift": a.timestep_shift, "steps": steps, "full_steps": a.full,
               "scene_kwargs": reference_scene_kwargs(cfg_file), "noise_seed": a.noise_seed, "device": a.device,
               "torch_threads": torch.get_num_threads(), "wall_s": round(wall, 1), "modes": summary}
     (a.out / "step_curve.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -214,7 +224,8 @@ def main(argv=None) -> int:
     sample_strip({"truth": truth, **{n: clips[n] for n in order[1:]}}, a.out / "step_curve_samples.png")
     print(table)
     print()
-    print(f"{len(items)} {stream} prompts, CFG {cfg:g}, wall {wall / 60:.1f} min; wrote {a.out / 'step_curve.json'}, "
+    shift = "" if a.timestep_shift is None else f", timestep shift {a.timestep_shift:g}"
+    print(f"{len(items)} {stream} prompts, CFG {cfg:g}{shift}, wall {wall / 60:.1f} min; wrote {a.out / 'step_curve.json'}, "
           f"{a.out / 'step_curve.png'}, {a.out / 'step_curve_samples.png'}")
     return 0
 

@@ -26,6 +26,7 @@ and which steps must be computed exactly) without any change to the model's argu
 
 from __future__ import annotations
 
+import math
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
@@ -312,6 +313,7 @@ def rflow_schedule(
     use_timestep_transform: bool = True,
     use_discrete_timesteps: bool = False,
     transform_scale: float = 1.0,
+    fixed_shift_ratio: Optional[float] = None,
 ) -> RFlowSchedule:
     """Build the timesteps and step sizes OpenSora's `RFLOW.sample` uses (opensora.md section 5.2).
 
@@ -325,23 +327,35 @@ def rflow_schedule(
         use_timestep_transform: apply the resolution/length shift (True in OpenSora 1.2).
         use_discrete_timesteps: round the base grid to integers first (False in OpenSora 1.2).
         transform_scale: extra factor on the shift ratio (1.0).
+        fixed_shift_ratio: shift with this ratio r instead of the one the size gives (an ablation knob for
+            clips OpenSora's formula does not cover, e.g. the 8-frame reference model; 2.42 is what
+            240p 9:16 51 frames gets); requires ``use_timestep_transform``. None (default): from the size.
 
     Returns:
         `RFlowSchedule` with fp32 timesteps [S] and dts [S]. 240p 9:16 51 frames 30 steps (bf16):
         1000, 985.9619, 971.3519, ..., 77.0761.
 
     Raises:
-        ValueError: num_steps < 1, or sizes the shift cannot handle.
+        ValueError: num_steps < 1, sizes the shift cannot handle, or a fixed_shift_ratio that is not a
+            finite number >= 1 or comes without use_timestep_transform.
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    if fixed_shift_ratio is not None:
+        if not use_timestep_transform:
+            raise ValueError("fixed_shift_ratio needs use_timestep_transform=True")
+        if not math.isfinite(float(fixed_shift_ratio)) or float(fixed_shift_ratio) < 1.0:
+            raise ValueError(f"fixed_shift_ratio must be a finite number >= 1, got {fixed_shift_ratio!r}")
     base = [(1.0 - i / num_steps) * num_timesteps for i in range(num_steps)]
     if use_discrete_timesteps:
         base = [float(int(round(t))) for t in base]
     # One-element tensors: the reference computes on [n] tensors whose entries are all equal.
     ts = [torch.tensor([t], dtype=torch.float32) for t in base]
     ratio = None
-    if use_timestep_transform:
+    if fixed_shift_ratio is not None:
+        ratio = float(fixed_shift_ratio)
+        ts = [ratio * (t / num_timesteps) / (1 + (ratio - 1) * (t / num_timesteps)) * num_timesteps for t in ts]
+    elif use_timestep_transform:
         cond = size_conditioning(height, width, num_frames, dtype=size_dtype)
         ratio_t = shift_ratio(cond["height"], cond["width"], cond["num_frames"], scale=transform_scale)
         ratio = float(ratio_t[0])

@@ -149,6 +149,26 @@ def test_schedule_errors():
     assert plain.timesteps.tolist() == [1000.0, 750.0, 500.0, 250.0] and plain.ratio is None
 
 
+
+def test_fixed_shift_ratio_shifts_any_size_and_matches_the_size_rule():
+    # 8 frames: the size rule has no ratio, a fixed one shifts the uniform grid by r s / (1 + (r - 1) s).
+    s = rflow_schedule(8, height=32, width=32, num_frames=8, fixed_shift_ratio=3.0)
+    grid = [1000.0 * (1 - i / 8) for i in range(8)]
+    expect = [3 * g / 1000 / (1 + 2 * g / 1000) * 1000 for g in grid]
+    assert s.ratio == 3.0 and torch.allclose(s.timesteps, torch.tensor(expect), atol=1e-3)
+    assert abs(float(s.timesteps[-1]) - 300.0) < 1e-3 and abs(float(s.dts.sum()) - 1.0) < 1e-6
+    # Ratio 1 is the plain grid; the size's own ratio reproduces the size-derived schedule.
+    one = rflow_schedule(8, height=32, width=32, num_frames=8, fixed_shift_ratio=1.0)
+    assert one.timesteps.tolist() == grid
+    sized = rflow_schedule(30, height=240, width=426, num_frames=51, size_dtype=torch.float32)
+    fixed = rflow_schedule(30, height=240, width=426, num_frames=51, fixed_shift_ratio=sized.ratio)
+    assert torch.allclose(sized.timesteps, fixed.timesteps, atol=1e-3)
+    for bad in (0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="fixed_shift_ratio"):
+            rflow_schedule(8, height=32, width=32, num_frames=8, fixed_shift_ratio=bad)
+    with pytest.raises(ValueError, match="use_timestep_transform"):
+        rflow_schedule(8, height=32, width=32, num_frames=8, use_timestep_transform=False, fixed_shift_ratio=2.0)
+
 def _run_tiny(tiny, model, **kwargs):
     return RFlow(num_sampling_steps=4).sample(
         model,
