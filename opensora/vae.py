@@ -2,8 +2,7 @@
 
 Two stages, encoder side first:
 
-1. **Spatial**: ``AutoencoderKL`` (``autoencoder_kl.py``: the SDXL-VAE architecture, clean-room, with
-   diffusers' configuration keys and parameter names), frame by frame,
+1. **Spatial**: diffusers ``AutoencoderKL`` with the SDXL-VAE architecture, frame by frame,
    8x down in H and W; latents scaled by the hard-coded 0.18215 (not the config's 0.13025).
    Frames are processed in micro-batches of ``micro_batch_size`` (4) to bound memory only.
 2. **Temporal**: ``VAETemporal`` (``vae_temporal.py``), 4x down in time, applied to independent
@@ -26,7 +25,6 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .autoencoder_kl import AutoencoderKL
 from .vae_temporal import VAE_TEMPORAL_SD_CONFIG, VAETemporal, causal_time_padding
 
 __all__ = [
@@ -43,7 +41,7 @@ __all__ = [
     "OpenSoraVAE",
 ]
 
-#: ``AutoencoderKL`` config (diffusers' keys) of the SDXL VAE (``PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers``,
+#: diffusers ``AutoencoderKL`` config of the SDXL VAE (``PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers``,
 #: subfolder ``vae``), the 2D half of OpenSora-VAE-v1.2. ``scaling_factor`` is recorded but unused:
 #: OpenSora scales by ``SPATIAL_SCALING_FACTOR``.
 SDXL_VAE_CONFIG: dict[str, Any] = {
@@ -148,30 +146,33 @@ def latent_shape(
     return (latent_channels, t_lat, height // spatial_downsample_factor, width // spatial_downsample_factor)
 
 
-def build_spatial_autoencoder(config: Mapping[str, Any] | None = None) -> AutoencoderKL:
-    """Build the spatial ``AutoencoderKL`` (``autoencoder_kl.py``) from a config dict (default:
-    ``SDXL_VAE_CONFIG``); no download.
+def build_spatial_autoencoder(config: Mapping[str, Any] | None = None):
+    """Build a diffusers ``AutoencoderKL`` from a config dict (default: ``SDXL_VAE_CONFIG``); no download.
 
-    Weights are PyTorch's default initialisation; load a checkpoint afterwards. Honours an enclosing
+    Weights are diffusers' random init; load a checkpoint afterwards. Honours an enclosing
     ``torch.device(...)`` context (e.g. ``"meta"``).
 
     Args:
-        config: AutoencoderKL config (diffusers' keys), e.g.
-            ``vae_pipeline_tiny_config.json['spatial_autoencoderkl_config']``.
+        config: AutoencoderKL config, e.g. ``vae_pipeline_tiny_config.json['spatial_autoencoderkl_config']``.
+
+    Returns:
+        ``diffusers.AutoencoderKL``.
 
     Raises:
-        ValueError: if ``config`` names a class other than AutoencoderKL, or describes an architecture other
-            than the SD/SDXL VAE's (see ``AutoencoderKL``).
+        ValueError: if ``config`` names a class other than AutoencoderKL.
+        ImportError: if diffusers is not installed (``pip install diffusers``).
     """
+    from diffusers import AutoencoderKL  # imported lazily: diffusers takes seconds to import
+
     cfg = dict(SDXL_VAE_CONFIG if config is None else config)
     cls_name = cfg.get("_class_name", "AutoencoderKL")
     if cls_name != "AutoencoderKL":
         raise ValueError(f"spatial VAE config must describe an AutoencoderKL, got _class_name={cls_name!r}")
-    return AutoencoderKL(cfg)
+    return AutoencoderKL.from_config(cfg)
 
 
 class SpatialVAE(nn.Module):
-    """Frame-wise 2D VAE of OpenSora (``VideoAutoencoderKL``): an ``AutoencoderKL`` at ``.module``.
+    """Frame-wise 2D VAE of OpenSora (``VideoAutoencoderKL``): a diffusers AutoencoderKL at ``.module``.
 
     Args:
         config: AutoencoderKL config dict (default ``SDXL_VAE_CONFIG``).
