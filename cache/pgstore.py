@@ -47,7 +47,7 @@ import numpy as np
 
 from .policy import EvictionPolicy
 from .store_budget import budget_error, check_entry_fits, validate_budget
-from .store_files import BlobError, check_safetensors, encode_entry, spec_mismatch
+from .store_files import BlobError, check_safetensors, decode_latents, encode_entry, spec_mismatch
 from .store_manifest import LOOKUP_LOG_KEEP, MAX_THUMBNAIL_BYTES, check_thumbnail, count_value, parse_tensor_spec
 from .store_types import (
     MAX_ENTRY_BYTES,
@@ -903,24 +903,15 @@ class PostgresStore:
         Returns:
             name -> torch tensor (dtype as stored), or None when the entry is gone or invalid.
         """
-        from safetensors.torch import load as load_bytes
-
         row = self._run(lambda c: c.execute(_LATENT_QUERY, (MAX_ENTRY_BYTES, int(entry_id)), binary=True).fetchone(),
                         transaction=False)
         if row is None:
             return None
         try:
-            blob = self._checked_latents(int(entry_id), *row)
-            try:
-                tensors = load_bytes(blob)
-            except Exception as exc:  # safetensors raises SafetensorError on a malformed file
-                raise BlobError(f"latents are not valid safetensors ({exc})") from None
+            return decode_latents(self._checked_latents(int(entry_id), *row), device)
         except BlobError as exc:
             self._quarantine(int(entry_id), str(exc))
             return None
-        if device != "cpu":
-            tensors = {k: v.to(device) for k, v in tensors.items()}
-        return tensors
 
     def _checked_latents(self, entry_id: int, nbytes, digest, spec_text, size, blob) -> bytes:
         """An entry's latent bytes from a row of :data:`_LATENT_QUERY`, checked (see :meth:`load`).
@@ -1131,8 +1122,6 @@ class PostgresStore:
         Returns:
             A :class:`VerifyReport`; ``report.ok`` is True when nothing needed repair.
         """
-        from safetensors.torch import load as load_bytes
-
         report = VerifyReport()
         last = 0
         while True:
@@ -1151,11 +1140,9 @@ class PostgresStore:
                     if row is None:  # deleted meanwhile by another client
                         continue
                     try:
-                        load_bytes(self._checked_latents(entry_id, *row))
+                        decode_latents(self._checked_latents(entry_id, *row))
                     except BlobError as exc:
                         problem = str(exc)
-                    except Exception as exc:  # safetensors' own error
-                        problem = f"latents are not valid safetensors ({exc})"
                 if problem:
                     report.problems.append(f"entry {entry_id}: {problem}")
                     report.files_quarantined.append(str(entry_id))

@@ -66,6 +66,7 @@ from .store_files import (
     BlobError,
     StoreFiles,
     check_safetensors,
+    decode_latents,
     encode_entry,
     spec_mismatch,
 )
@@ -848,8 +849,6 @@ class LatentStore:
         Returns:
             name -> torch tensor (dtype as stored), or None when the entry is gone or invalid.
         """
-        from safetensors.torch import load as load_bytes
-
         row = self._conn().execute("SELECT compat_key, nbytes, sha256 FROM entries WHERE id=?",
                                    (int(entry_id),)).fetchone()
         if row is None:
@@ -860,16 +859,10 @@ class LatentStore:
             if hashlib.sha256(blob).hexdigest() != digest:
                 raise BlobError("latent file does not match its recorded SHA-256")
             check_safetensors(blob, self._spec(compat_key))
-            try:
-                tensors = load_bytes(blob)
-            except Exception as exc:  # safetensors raises SafetensorError on a malformed file
-                raise BlobError(f"latent file is not valid safetensors ({exc})") from None
+            return decode_latents(blob, device)
         except BlobError as exc:
             self._quarantine(int(entry_id), str(exc))
             return None
-        if device != "cpu":
-            tensors = {k: v.to(device) for k, v in tensors.items()}
-        return tensors
 
     def _quarantine(self, entry_id: int, reason: str) -> None:
         with self._lock:

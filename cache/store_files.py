@@ -46,6 +46,7 @@ __all__ = [
     "StoreFiles",
     "CleanupReport",
     "check_safetensors",
+    "decode_latents",
     "tensor_spec",
     "EncodedEntry",
     "encode_entry",
@@ -696,6 +697,26 @@ def check_safetensors(blob: bytes, spec: Mapping[str, list]) -> None:
     if position != data_len:
         raise BlobError(f"latent file is not valid safetensors ({data_len - position} bytes after the last tensor)")
 
+
+
+def decode_latents(blob: bytes, device: str = "cpu") -> dict:
+    """Build an entry's tensors from latent bytes already checked by :func:`check_safetensors` (or
+    the PostgreSQL store's equivalent): name -> torch tensor in its stored dtype, moved to ``device``.
+
+    Shared by the folder and the PostgreSQL store so both fail the same way.
+
+    Raises:
+        BlobError: the bytes are not a safetensors file safetensors can load (the caller quarantines).
+    """
+    from safetensors.torch import load as load_bytes
+
+    try:
+        tensors = load_bytes(blob)
+    except Exception as exc:  # safetensors raises SafetensorError on a malformed file
+        raise BlobError(f"latents are not valid safetensors ({exc})") from None
+    if device != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+    return tensors
 
 def _read_regular(fd: int, cap: int, exact: int | None) -> bytes:
     """Read a whole file through ``fd`` after ``fstat`` shows a regular file of at most ``cap``
