@@ -25,7 +25,9 @@ store this process has not opened, an entry it does not hold), 409 (evicting a p
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 from urllib.parse import urlsplit
@@ -34,7 +36,8 @@ from ..cache.store_types import StoreError
 from . import host, registry
 
 __all__ = ["stats_response", "stores_response", "entries_response", "thumbnail_response", "change_response",
-           "origin_error", "parse_entry_id", "register_routes", "CHANGE_ACTIONS", "MAX_BODY_BYTES"]
+           "origin_error", "parse_entry_id", "register_routes", "CHANGE_ACTIONS", "MAX_BODY_BYTES",
+           "ALLOWED_HOSTS_ENV"]
 
 #: What the change routes do: route name -> description (the routes are ``POST /chai/<name>``).
 CHANGE_ACTIONS = {"pin": "pin an entry", "unpin": "unpin an entry", "evict": "evict an entry"}
@@ -161,6 +164,30 @@ def _host_port(netloc: str, scheme: str) -> Optional[Tuple[str, int]]:
     return parts.hostname.lower(), port if port is not None else _DEFAULT_PORTS[scheme]
 
 
+#: Environment variable listing the host names (besides IP addresses and ``localhost``) under which
+#: the ComfyUI page may change a store, e.g. ``comfy.example.org`` behind a TLS proxy.
+ALLOWED_HOSTS_ENV = "CHAI_ALLOWED_HOSTS"
+
+
+def _trusted_host(hostname: str) -> bool:
+    """True for an IP address, ``localhost`` or a name listed in :data:`ALLOWED_HOSTS_ENV`.
+
+    A page on an attacker's domain that re-resolves to this server (DNS rebinding) is same-origin
+    in the browser's eyes, but its Host header carries the attacker's name; an IP literal or a name
+    the user listed cannot be that.
+    """
+    name = hostname.strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    allowed = {h.strip().rstrip(".").lower() for h in os.environ.get(ALLOWED_HOSTS_ENV, "").split(",") if h.strip()}
+    return name in allowed
+
+
 def origin_error(headers: Mapping[str, str]) -> Optional[str]:
     """Why a request that changes a store is not a same-origin request from the ComfyUI page, or
     None when it is.
@@ -170,8 +197,10 @@ def origin_error(headers: Mapping[str, str]) -> Optional[str]:
     stricter for routes that change a store: the ``Origin`` header is required (every browser
     sends it with a POST; a page cannot remove it), it must be ``http(s)://host[:port]`` with
     the same host name and port as ``Host`` (a missing port is the scheme's), whatever the host
-    (ComfyUI checks only loopback hosts), and ``Sec-Fetch-Site``, when the browser sends it, must
-    be ``same-origin`` (a sibling subdomain is refused). Tools without a browser use the command
+    (ComfyUI checks only loopback hosts), the host must be an IP address, ``localhost`` or a name
+    listed in :data:`ALLOWED_HOSTS_ENV` (against DNS rebinding, :func:`_trusted_host`), and
+    ``Sec-Fetch-Site``, when the browser sends it, must be ``same-origin`` (a sibling subdomain is
+    refused). Tools without a browser use the command
     line (``cache pin``) instead.
     """
     origin, host_header = headers.get("Origin"), headers.get("Host")
@@ -184,6 +213,10 @@ def origin_error(headers: Mapping[str, str]) -> Optional[str]:
     if page is None or server is None or page != server:
         return (f"cross-origin request refused: Origin {origin[:80]!r} is not this ComfyUI server "
                 f"({host_header[:80]!r}); change stores from the ComfyUI page itself")
+    if not _trusted_host(server[0]):
+        return (f"request refused: the page is served under the name {server[0][:80]!r}, which could be a DNS "
+                f"rebinding attack on this server; open ComfyUI at 127.0.0.1 or localhost, or list the name in "
+                f"the environment variable {ALLOWED_HOSTS_ENV} (comma-separated) before starting ComfyUI")
     site = headers.get("Sec-Fetch-Site")
     if site is not None and site.strip().lower() != "same-origin":
         return f"cross-origin request refused: the browser reports Sec-Fetch-Site {site[:40]!r}, not same-origin"

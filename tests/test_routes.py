@@ -126,7 +126,8 @@ def test_a_store_is_addressed_only_by_the_id_of_an_open_one(opened, tmp_path, st
     {"Host": "comfy.example.org:443", "Origin": "https://COMFY.example.org"},
     {"Host": "127.0.0.1:8188", "Origin": "http://127.0.0.1:8188", "Sec-Fetch-Site": None},  # an older browser
 ])
-def test_same_origin_requests_are_accepted(opened, headers):
+def test_same_origin_requests_are_accepted(opened, headers, monkeypatch):
+    monkeypatch.setenv(routes.ALLOWED_HOSTS_ENV, " Comfy.Example.org , other.example")
     handle, ids = opened
     headers = {k: v for k, v in {**PAGE, **headers}.items() if v is not None}
     status, body, _ = routes.change_response("pin", "POST", headers, json.dumps({"store": handle.id,
@@ -156,6 +157,24 @@ def test_cross_origin_requests_are_refused_and_change_nothing(opened, headers, w
         assert status == 403 and why in body["error"], body
     assert len(handle.store) == 3 and handle.store.stats().pinned_entries == 0
 
+
+
+@pytest.mark.parametrize("allowed", [None, "", "other.example", "example.org"])
+def test_a_page_under_an_unlisted_name_is_refused_against_dns_rebinding(opened, monkeypatch, allowed):
+    # Origin and Host agree (what a rebound attacker page sends), but the name is not one the user listed.
+    if allowed is None:
+        monkeypatch.delenv(routes.ALLOWED_HOSTS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(routes.ALLOWED_HOSTS_ENV, allowed)
+    handle, ids = opened
+    headers = {**PAGE, "Host": "comfy.example.org:8188", "Origin": "http://comfy.example.org:8188"}
+    status, body, _ = routes.change_response("evict", "POST", headers,
+                                             json.dumps({"store": handle.id, "entry": ids[0]}).encode())
+    assert status == 403 and "DNS rebinding" in body["error"] and routes.ALLOWED_HOSTS_ENV in body["error"]
+    assert len(handle.store) == 3
+    # IP literals and localhost need no listing.
+    for host_name in ("127.0.0.1:8188", "192.168.1.20:8188", "[::1]:8188", "localhost:8188", "app.localhost:8188"):
+        assert routes.origin_error({"Host": host_name, "Origin": f"http://{host_name}"}) is None, host_name
 
 def test_only_a_json_post_is_accepted(opened):
     handle, ids = opened
