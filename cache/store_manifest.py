@@ -738,7 +738,8 @@ def read_stats_from(conn: sqlite3.Connection, manifest: Path, last: int = 10) ->
     entries, held = conn.execute("SELECT COUNT(*), COALESCE(SUM(CAST(nbytes AS INTEGER)), 0) FROM entries").fetchone()
     n_entities = conn.execute("SELECT COUNT(*) FROM entities").fetchone()[0]
     pinned_entries, pinned_bytes = 0, 0
-    if has_pins(conn):  # a format-2 store read without upgrading has no pins
+    format3 = has_pins(conn)  # a format-2 store read without upgrading has no pins, no served entry ids
+    if format3:
         pinned_entries, pinned_bytes = conn.execute(
             "SELECT COUNT(*), COALESCE(SUM(CAST(nbytes AS INTEGER)), 0) FROM entries WHERE pinned=1").fetchone()
     ms = [float(r[0] or 0.0) for r in conn.execute(
@@ -746,7 +747,7 @@ def read_stats_from(conn: sqlite3.Connection, manifest: Path, last: int = 10) ->
     top = [(str(t), int(n or 0)) for t, n in conn.execute(
         "SELECT CAST(text AS TEXT), CAST(count AS INTEGER) FROM entity_counts ORDER BY count DESC, text ASC LIMIT 10")]
     recent = []
-    served = "CAST(entry_id AS INTEGER)" if has_pins(conn) else "NULL"  # format 2 read as it is: not logged
+    served = "CAST(entry_id AS INTEGER)" if format3 else "NULL"
     for r in conn.execute(
             "SELECT CAST(time AS REAL), CAST(prompt AS TEXT), CAST(hit AS INTEGER), CAST(entity AS TEXT), "
             f"CAST(matched AS TEXT), CAST(similarity AS REAL), CAST(ms AS REAL), {served} FROM lookup_log "
