@@ -450,6 +450,7 @@ class LatentStore:
             if not present:
                 return 0
             Manifest.delete_entries(c, [b[0] for b in present], Manifest.bump_generation(c))
+            Manifest.recount_bytes(c)  # the delete trigger subtracted whatever size the bad row claimed
             c.execute("UPDATE counters SET value=value+? WHERE name='repairs'", (len(present),))
             for entry_id, reason in present[:20]:
                 self._event(c, "rows_removed", f"entry {entry_id}: {reason}")

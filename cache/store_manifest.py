@@ -161,6 +161,12 @@ _TRIGGERS = {"entries_bytes_insert", "entries_bytes_delete", "entries_bytes_upda
 _AUTOINDEX = re.compile(r"^sqlite_autoindex_(meta|entries|deleted_labels|partitions|counters|entity_counts)_[0-9]+$")
 
 
+#: ``nbytes`` as the byte counters sum it: a row outside 1..MAX_ENTRY_BYTES (only a crafted manifest has
+#: one; the open's repair removes it) counts 0, so the sums never overflow SQLite's 64-bit integers.
+COUNTED_NBYTES = (f"CASE WHEN typeof(nbytes)='integer' AND nbytes BETWEEN 1 AND {MAX_ENTRY_BYTES} "
+                  "THEN nbytes ELSE 0 END")
+
+
 @dataclass
 class ManifestInfo:
     """What :func:`probe_manifest` recognised: the format (1, 2 or 3) and, from format 2 on, the store id."""
@@ -610,12 +616,13 @@ class Manifest:
     def counted_bytes_drifted(c) -> bool:
         """True when the trigger-kept byte counter differs from the sum over ``entries`` (one scan)."""
         counted = c.execute("SELECT value FROM counters WHERE name='bytes_held'").fetchone()
-        return counted is None or counted[0] != c.execute("SELECT COALESCE(SUM(nbytes), 0) FROM entries").fetchone()[0]
+        return counted is None or counted[0] != c.execute(f"SELECT COALESCE(SUM({COUNTED_NBYTES}), 0) FROM entries").fetchone()[0]
 
     @staticmethod
     def recount_bytes(c) -> None:
         """Re-derive the byte counter the triggers keep (one scan; done on every open)."""
-        c.execute("INSERT OR REPLACE INTO counters VALUES('bytes_held', (SELECT COALESCE(SUM(nbytes), 0) FROM entries))")
+        c.execute("INSERT OR REPLACE INTO counters VALUES('bytes_held', "
+                  f"(SELECT COALESCE(SUM({COUNTED_NBYTES}), 0) FROM entries))")
 
     @staticmethod
     def note_pruned(c, upto: int) -> None:
@@ -735,13 +742,13 @@ def read_stats_from(conn: sqlite3.Connection, manifest: Path, last: int = 10) ->
     meta = parse_meta(dict(conn.execute("SELECT key, value FROM meta").fetchall()), manifest)
     counters = {name: count_value(value) for name, value in conn.execute(
         "SELECT CAST(name AS TEXT), CAST(value AS REAL) FROM counters")}
-    entries, held = conn.execute("SELECT COUNT(*), COALESCE(SUM(CAST(nbytes AS INTEGER)), 0) FROM entries").fetchone()
+    entries, held = conn.execute(f"SELECT COUNT(*), COALESCE(SUM({COUNTED_NBYTES}), 0) FROM entries").fetchone()
     n_entities = conn.execute("SELECT COUNT(*) FROM entities").fetchone()[0]
     pinned_entries, pinned_bytes = 0, 0
     format3 = has_pins(conn)  # a format-2 store read without upgrading has no pins, no served entry ids
     if format3:
         pinned_entries, pinned_bytes = conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(CAST(nbytes AS INTEGER)), 0) FROM entries WHERE pinned=1").fetchone()
+            f"SELECT COUNT(*), COALESCE(SUM({COUNTED_NBYTES}), 0) FROM entries WHERE pinned=1").fetchone()
     ms = [float(r[0] or 0.0) for r in conn.execute(
         f"SELECT CAST(ms AS REAL) FROM lookup_log ORDER BY id DESC LIMIT {LOOKUP_LOG_KEEP}")]
     top = [(str(t), int(n or 0)) for t, n in conn.execute(
@@ -777,4 +784,4 @@ def has_pins(conn: sqlite3.Connection) -> bool:
 
 def pinned_bytes(c) -> int:
     """Latent bytes of pinned entries (one scan of ``entries``)."""
-    return int(c.execute("SELECT COALESCE(SUM(nbytes), 0) FROM entries WHERE pinned=1").fetchone()[0])
+    return int(c.execute(f"SELECT COALESCE(SUM({COUNTED_NBYTES}), 0) FROM entries WHERE pinned=1").fetchone()[0])

@@ -215,6 +215,31 @@ def test_crafted_thumbnails_and_flags_are_never_served_and_are_repaired(tmp_path
         assert len(store) == 5 and store.verify().ok
 
 
+def test_crafted_sizes_that_would_overflow_the_byte_sums_are_removed_not_fatal(tmp_path):
+    # Rows claiming 2^62 bytes: summing two of them overflows SQLite's 64-bit integers, which once stopped
+    # the open with "integer overflow". They are rows CHAI never writes: removed by the open's repair.
+    path = tmp_path / "s"
+    with LatentStore(path, dim=DIM) as store:
+        ids = [_put(store, s) for s in SEEDS_SMALL[:4]]
+        store.pin(ids[0])
+        store.pin(ids[1])
+        kept_bytes = store.entry(ids[3]).nbytes
+    conn = sqlite3.connect(path / "manifest.sqlite")
+    conn.execute("UPDATE entries SET nbytes=? WHERE id IN (?,?,?)", (1 << 62, *ids[:3]))
+    conn.commit()
+    conn.close()
+    stats = read_stats(path)  # read-only: the crafted rows count 0 bytes
+    assert (stats.entries, stats.bytes, stats.pinned_entries, stats.pinned_bytes) == (4, kept_bytes, 2, 0)
+    with LatentStore(path) as store:
+        assert len(store) == 1 and sum("rows_removed" in r for r in store.open_report) == 3
+        assert_seeded_entry(store, ids[3], SEEDS_SMALL[3])
+        assert store.stats().bytes == kept_bytes and store.stats().pinned_bytes == 0
+        assert store.verify().ok
+        assert len(list((path / "quarantine").iterdir())) == 3  # their latent files: moved aside, not deleted
+        new_id = _put(store, SEEDS_SMALL[4])  # the counter is exact again: the budget check and inserts work
+        assert store.stats().bytes == kept_bytes + store.entry(new_id).nbytes
+
+
 # ---------------------------------------------------------------------------------------------- command line
 def _cli(capsys, *args) -> tuple[int, str, str]:
     from comfyui_chai.cli import main as cli_main
