@@ -39,6 +39,8 @@ def add_reuse_arguments(gen: argparse.ArgumentParser) -> None:
     ch.add_argument("--chorus-tgaa", type=float, default=None,
                     help="amplification of the new words' cross-attention (1 = off)")
     ch.add_argument("--chorus-tgaa-decay", type=float, default=None, help="per-step decay of the amplification")
+    ch.add_argument("--chorus-stride", type=int, default=None,
+                    help="a hit runs every Nth step of the full schedule after stage 1 (1 = every step; faster above)")
     ch.add_argument("--chorus-stage1-only", action="store_true",
                     help="no region denoising: stage 1, then plain steps (ablation)")
 
@@ -52,7 +54,7 @@ def reuse_settings(args: argparse.Namespace) -> Dict[str, Any]:
             "chorus_k2": pair(args.chorus_k2), "chorus_window": pair(args.chorus_window),
             "chorus_mask_threshold": args.chorus_mask_threshold, "chorus_dilation": args.chorus_dilation,
             "chorus_tgaa": args.chorus_tgaa, "chorus_tgaa_decay": args.chorus_tgaa_decay,
-            "chorus_stage2": False if args.chorus_stage1_only else None}
+            "chorus_stage2": False if args.chorus_stage1_only else None, "chorus_stride": args.chorus_stride}
 
 
 def request_mode(args: argparse.Namespace, default: str) -> str:

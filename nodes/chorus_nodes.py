@@ -69,6 +69,9 @@ class CHAIChorusSettings(io.ComfyNode):
                                tooltip="The amplification's excess over 1 is multiplied by this per step."),
                 io.Boolean.Input("stage2", default=d.chorus_stage2,
                                  tooltip="Off: stage 1, then plain steps (no region denoising)."),
+                io.Int.Input("stride", default=d.chorus_stride, min=1, max=10, tooltip=(
+                    "A hit runs every stride-th step of the full schedule after stage 1: higher is faster "
+                    "(a hit costs about (steps - K1) / stride steps). Changes nothing that is stored.")),
             ],
             outputs=[ChorusConfig.Output(display_name="chorus_settings", tooltip=(
                 "Chorus settings, for the CHAI Sampler's optional 'chorus_settings' input."))])
@@ -76,7 +79,8 @@ class CHAIChorusSettings(io.ComfyNode):
     @classmethod
     @comfy_entry()
     def execute(cls, threshold=None, k1_low=None, k1_high=None, k2_low=None, k2_high=None, window_low=None,
-              window_high=None, mask_threshold=None, dilation=None, tgaa=None, tgaa_decay=None, stage2=None):
+              window_high=None, mask_threshold=None, dilation=None, tgaa=None, tgaa_decay=None, stage2=None,
+              stride=None):
         """Returns ({ChorusSettings field: value},); an input left out keeps ``ChorusSettings``' default.
         Raises ValueError on a bad value (the message names it)."""
         from ..pipeline.settings import ChorusSettings
@@ -95,6 +99,7 @@ class CHAIChorusSettings(io.ComfyNode):
             "chorus_mask_threshold": float(pick(mask_threshold, d.chorus_mask_threshold)),
             "chorus_dilation": int(pick(dilation, d.chorus_dilation)), "chorus_tgaa": float(pick(tgaa, d.chorus_tgaa)),
             "chorus_tgaa_decay": float(pick(tgaa_decay, d.chorus_tgaa_decay)),
-            "chorus_stage2": bool(pick(stage2, d.chorus_stage2))}
+            "chorus_stage2": bool(pick(stage2, d.chorus_stage2)),
+            "chorus_stride": int(pick(stride, d.chorus_stride))}
         ChorusSettings(**settings)  # validate now, with the node that holds the values
         return (settings,)

@@ -263,7 +263,8 @@ class ChorusRun:
     Attributes:
         latent: the clean latent [1, C, T, H, W] fp32.
         k1, k2, total: the stage bounds and the schedule's length (steps ``0..k1-1`` skipped, ``k1..k2-1``
-            stage 2, ``k2..total-1`` stage 3).
+            stage 2, ``k2..total-1`` stage 3; K2 as rounded onto the stride's grid).
+        stride: the hit visited every ``stride``-th step from K1 on.
         model_steps: model calls (stage 2 steps that computed, plus stage 3).
         region: fraction of the patch positions in the stage-2 region (0 when stage 2 computed nothing).
         step_equivalents: model work in full-step units: stage 3, stage 2's first step, and the region's
@@ -275,6 +276,7 @@ class ChorusRun:
     k2: int
     total: int
     model_steps: int
+    stride: int = 1
     region: float = 0.0
     step_equivalents: float = 0.0
 
@@ -327,33 +329,43 @@ def _alpha(tgaa: float, decay: float, offset: int) -> float:
     return 1.0 + (float(tgaa) - 1.0) * float(decay) ** int(offset)
 
 
-def _segment(schedule: RFlowSchedule, start: int, stop: int) -> RFlowSchedule:
-    return RFlowSchedule(timesteps=schedule.timesteps[start:stop], dts=schedule.dts[start:stop],
-                         num_timesteps=schedule.num_timesteps, ratio=schedule.ratio)
+def _visiting(schedule: RFlowSchedule, points: Sequence[int]) -> RFlowSchedule:
+    """The schedule that visits only the 0-based steps ``points`` (increasing) of ``schedule``: step i runs
+    the model at ``t[points[i]]`` and moves the latent to ``t[points[i+1]]`` (to sigma 0 after the last).
+    Consecutive points give a slice of ``schedule`` (bit for bit)."""
+    points = [int(p) for p in points]
+    if all(b - a == 1 for a, b in zip(points, points[1:])) and points[-1] == len(schedule) - 1:
+        return RFlowSchedule(timesteps=schedule.timesteps[points[0]:], dts=schedule.dts[points[0]:],
+                             num_timesteps=schedule.num_timesteps, ratio=schedule.ratio)
+    t = schedule.timesteps[torch.tensor(points, dtype=torch.long)]
+    dts = torch.cat([t[:-1] - t[1:], t[-1:]]) / schedule.num_timesteps
+    return RFlowSchedule(timesteps=t, dts=dts.to(schedule.dts.dtype), num_timesteps=schedule.num_timesteps,
+                         ratio=schedule.ratio)
 
 
 def _run_segment(rflow: RFlow, model: Callable[..., torch.Tensor], z: torch.Tensor, schedule: RFlowSchedule,
                  start: int, stop: int, cfg_scale: float, callback: Optional[Callable[[StepState], None]],
-                 sample_kwargs: Mapping[str, Any]) -> torch.Tensor:
-    """Steps ``start..stop-1`` of ``schedule`` from ``z``; the callback and a cancellation see full-schedule
-    step numbers."""
-    total = len(schedule)
+                 sample_kwargs: Mapping[str, Any], points: Sequence[int], total: int) -> torch.Tensor:
+    """Steps ``start..stop-1`` of ``schedule`` (a :func:`_visiting` schedule) from ``z``; the callback and a
+    cancellation see full-schedule step numbers (``points[i]`` of ``total``)."""
 
-    def shifted(state: StepState) -> None:
-        info = StepInfo(index=state.info.index + start, total=total, t=state.info.t, sigma=state.info.sigma,
-                        dt=state.info.dt)
+    def numbered(state: StepState) -> None:
+        info = StepInfo(index=int(points[state.info.index + start]), total=total, t=state.info.t,
+                        sigma=state.info.sigma, dt=state.info.dt)
         callback(StepState(info=info, z_before=state.z_before, z_after=state.z_after, velocity=state.velocity))
 
+    segment = RFlowSchedule(timesteps=schedule.timesteps[start:stop], dts=schedule.dts[start:stop],
+                            num_timesteps=schedule.num_timesteps, ratio=schedule.ratio)
     try:
-        return rflow.sample(model, z, schedule=_segment(schedule, start, stop), cfg_scale=cfg_scale,
-                            callback=None if callback is None else shifted, **sample_kwargs)
+        return rflow.sample(model, z, schedule=segment, cfg_scale=cfg_scale,
+                            callback=None if callback is None else numbered, **sample_kwargs)
     except SamplingCancelled as exc:
-        raise SamplingCancelled(exc.step_index + start, total) from None
+        raise SamplingCancelled(int(points[exc.step_index + start]), total) from None
 
 
 def sample_chorus(rflow: RFlow, model: torch.nn.Module, donor: Mapping[str, torch.Tensor], *, k1: int, k2: int,
                   full_steps: int, cfg_scale: float, columns: Sequence[int], mask_threshold: float, dilation: int,
-                  tgaa: float = 1.0, tgaa_decay: float = 1.0,
+                  tgaa: float = 1.0, tgaa_decay: float = 1.0, stride: int = 1,
                   donor_caption: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, donor_columns: Sequence[int] = (),
                   callback: Optional[Callable[[StepState], None]] = None, **sample_kwargs: Any) -> ChorusRun:
     """A Chorus hit: stage 1 skipped (start from the donor's ``z_k1``), stage 2 over ``k1..k2-1``, stage 3 plain.
@@ -368,6 +380,11 @@ def sample_chorus(rflow: RFlow, model: torch.nn.Module, donor: Mapping[str, torc
         mask_threshold, dilation: :func:`region_tokens`, applied to each map; the region is their union.
         tgaa: amplification factor alpha (1 = off). tgaa_decay: alpha's excess is multiplied by it per
             stage-2 step (1 = constant, 0 = first step only).
+        stride: the hit visits every ``stride``-th step of the donor's schedule from K1 on (K1, K1+s, ...;
+            the last one steps to sigma 0), so it costs about ``(N - K1) / stride`` steps; K2 is rounded down
+            onto that grid, so stage 2 fills from donor latents the entry holds. 1 = every step (our choice:
+            the paper's pages do not say how its stages are timed; Chorus's own speed-up on 50-step models
+            needs skipping more than stage 1).
         donor_caption, donor_columns: the donor prompt's caption ``(y, mask)`` and its tokens the request
             lacks: the first stage-2 step also maps where they draw attention (:class:`TokenGuidance`).
             With neither new nor missing tokens stage 2 computes nothing.
@@ -377,10 +394,10 @@ def sample_chorus(rflow: RFlow, model: torch.nn.Module, donor: Mapping[str, torc
 
     Returns:
         :class:`ChorusRun`. With ``mask_threshold=0``, ``dilation=0`` and ``tgaa=1`` stage 2 is exactly
-        plain RFLOW denoising from the donor's ``z_k1`` (bit for bit).
+        plain RFLOW denoising from the donor's ``z_k1`` on the same grid (bit for bit).
 
     Raises:
-        ValueError: bounds out of range, a donor lacking a latent of the window or of another shape.
+        ValueError: bounds or stride out of range, a donor lacking a latent of the window or of another shape.
         SamplingCancelled: ``should_cancel`` returned True (full-schedule step number).
     """
     k1, k2, n = int(k1), int(k2), int(full_steps)
@@ -388,9 +405,14 @@ def sample_chorus(rflow: RFlow, model: torch.nn.Module, donor: Mapping[str, torc
         raise ValueError(f"Chorus needs 0 <= K1 <= K2 < N, got K1={k1}, K2={k2}, N={n}")
     if not 0.0 <= float(tgaa_decay) <= 1.0:
         raise ValueError(f"tgaa_decay must be in [0, 1], got {tgaa_decay}")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be an int >= 1, got {stride!r}")
     size = dict(height=sample_kwargs["height"], width=sample_kwargs["width"], num_frames=sample_kwargs["num_frames"],
                 size_dtype=sample_kwargs.get("size_dtype", torch.bfloat16))
-    schedule = rflow.schedule(num_steps=n, **size)
+    points = list(range(k1, n, stride))  # the full-schedule steps the hit visits
+    k2 = k1 + stride * ((k2 - k1) // stride)
+    j2 = (k2 - k1) // stride  # stage 2 is points[0..j2-1], stage 3 points[j2..]
+    schedule = _visiting(rflow.schedule(num_steps=n, **size), points)
     device = next(model.parameters()).device
 
     def latent(step: int) -> torch.Tensor:
@@ -401,24 +423,28 @@ def sample_chorus(rflow: RFlow, model: torch.nn.Module, donor: Mapping[str, torc
         z = donor[name]
         return (z[None] if z.ndim == 4 else z).to(device=device, dtype=torch.float32)
 
+    def segment(z: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return _run_segment(rflow, model, z, schedule, start, stop, cfg_scale, callback, sample_kwargs, points, n)
+
     z = latent(k1)
-    run = ChorusRun(latent=z, k1=k1, k2=k2, total=n, model_steps=n - k2, step_equivalents=float(n - k2))
-    if k2 > k1 and not columns and not donor_columns:
+    stage3 = len(points) - j2
+    run = ChorusRun(latent=z, k1=k1, k2=k2, total=n, model_steps=stage3, stride=stride, step_equivalents=float(stage3))
+    if j2 > 0 and not columns and not donor_columns:
         z = latent(k2)  # nothing differs from the donor: stage 2 computes nothing
-    elif k2 > k1:
+    elif j2 > 0:
         guidance = TokenGuidance(model, columns, donor_caption=donor_caption, donor_columns=donor_columns)
         with HookRegistry.of(model).attached(guidance):
             # The first stage-2 step sees the whole latent: where do the new tokens draw attention?
             guidance.alpha = _alpha(tgaa, tgaa_decay, 0)
             context = _ContextKV(model)
             with context.capture():
-                stepped = _run_segment(rflow, model, z, schedule, k1, k1 + 1, cfg_scale, callback, sample_kwargs)
+                stepped = segment(z, 0, 1)
             grid = guidance.grid
             maps = [m for m in (guidance.last_map, guidance.last_donor_map) if m is not None]
             tokens = [region_tokens(m, grid, mask_threshold, dilation) for m in maps]
             positions = region_positions(torch.cat(tokens)) if tokens else torch.zeros(0, dtype=torch.int64)
             region = positions_mask(positions.to(z.device), grid, model.patch_size, z.shape[2:])
-            z = torch.where(region, stepped, latent(k1 + 1))
+            z = torch.where(region, stepped, latent(points[1]))
             run.region = positions.numel() / (grid[1] * grid[2])
             guidance.record_map = False
             if positions.numel():
@@ -428,15 +454,14 @@ def sample_chorus(rflow: RFlow, model: torch.nn.Module, donor: Mapping[str, torc
                     subset.enter_context(model.token_subset(positions))
                     subset.enter_context(context.filling(positions, grid[1] * grid[2]))
                 with subset:
-                    for k in range(k1 + 1, k2):
-                        guidance.alpha = _alpha(tgaa, tgaa_decay, k - k1)
-                        stepped = _run_segment(rflow, model, z, schedule, k, k + 1, cfg_scale, callback,
-                                               sample_kwargs)
-                        z = torch.where(region, stepped, latent(k + 1))
+                    for j in range(1, j2):
+                        guidance.alpha = _alpha(tgaa, tgaa_decay, j)
+                        stepped = segment(z, j, j + 1)
+                        z = torch.where(region, stepped, latent(points[j + 1]))
             else:
                 z = latent(k2)
-        computed = (k2 - k1 - 1) if positions.numel() else 0
+        computed = (j2 - 1) if positions.numel() else 0
         run.model_steps += 1 + computed
         run.step_equivalents += 1.0 + computed * run.region
-    run.latent = _run_segment(rflow, model, z, schedule, k2, n, cfg_scale, callback, sample_kwargs)
+    run.latent = segment(z, j2, len(points))
     return run

@@ -145,9 +145,10 @@ def serve_chorus(request: ModeRequest, result: Any) -> Optional[ModeOutput]:
     run = sample_chorus(request.rflow, request.model, result.latents, k1=k1, k2=k2, full_steps=n,
                         cfg_scale=settings.schedule.cfg_scale, columns=columns,
                         mask_threshold=chorus.chorus_mask_threshold, dilation=chorus.chorus_dilation,
-                        tgaa=chorus.chorus_tgaa, tgaa_decay=chorus.chorus_tgaa_decay, donor_caption=donor_caption,
+                        tgaa=chorus.chorus_tgaa, tgaa_decay=chorus.chorus_tgaa_decay, stride=chorus.chorus_stride,
+                        donor_caption=donor_caption,
                         donor_columns=donor_columns, callback=request.callback, **request.sample_kwargs)
-    details = {"k1": k1, "k2": k2, "full_steps": n, "model_steps": run.model_steps,
+    details = {"k1": k1, "k2": run.k2, "stride": run.stride, "full_steps": n, "model_steps": run.model_steps,
                "step_equivalents": round(run.step_equivalents, 3), "new_words": sorted({words[c] for c in columns}),
                "missing_words": sorted({donor_words[c] for c in donor_columns}), "region": round(run.region, 4),
                "donor_prompt": result.prompt_matched}

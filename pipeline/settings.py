@@ -153,6 +153,9 @@ class ChorusSettings:
             1 = off.
         chorus_tgaa_decay: alpha's excess over 1 is multiplied by this per stage-2 step (1 = constant).
         chorus_stage2: False runs stage 1 and then plain steps (K2 = K1): the ablation "stage 1 only".
+        chorus_stride: a hit visits every ``chorus_stride``-th step of the ``full_steps`` schedule from K1 on
+            (K2 rounded down onto that grid): a hit costs about (N - K1) / stride steps. 1 = every step.
+            It changes how a donor is used, not what is stored.
 
     Raises:
         ValueError: a value out of range (the message names the field).
@@ -176,6 +179,7 @@ class ChorusSettings:
     chorus_tgaa: float = 3.0
     chorus_tgaa_decay: float = 0.9
     chorus_stage2: bool = True
+    chorus_stride: int = 1
 
     def __post_init__(self) -> None:
         for name in ("chorus_k1", "chorus_k2", "chorus_window"):
@@ -204,6 +208,9 @@ class ChorusSettings:
             raise ValueError(f"chorus_tgaa_decay must be in [0, 1], got {self.chorus_tgaa_decay}")
         if not isinstance(self.chorus_stage2, bool):
             raise ValueError(f"chorus_stage2 must be True or False, got {self.chorus_stage2!r}")
+        if isinstance(self.chorus_stride, bool) or not isinstance(self.chorus_stride, int) \
+                or not 1 <= self.chorus_stride <= 10:
+            raise ValueError(f"chorus_stride must be an int in 1..10, got {self.chorus_stride!r}")
 
     def stage_bounds(self, similarity: float, full_steps: int) -> Tuple[int, int]:
         """(K1, K2) for a donor this similar: 0-based steps where stage 2 and stage 3 begin, monotonic in
@@ -223,12 +230,12 @@ class ChorusSettings:
         return min(n - 1, round(n * self.chorus_window[0])), min(n - 1, round(n * self.chorus_window[1]))
 
     def fingerprint(self) -> str:
-        """E.g. ``CHORUS_T0.85_K0.05-0.20_K0.70-0.85_W0.05-0.85_M0.30_D1_A3_d0.9_S2`` (reports)."""
+        """E.g. ``CHORUS_T0.85_K0.05-0.20_K0.70-0.85_W0.05-0.85_M0.30_D1_A3_d0.9_S2_R1`` (reports)."""
         return (f"CHORUS_T{float(self.chorus_threshold):.2f}_K{self.chorus_k1[0]:.2f}-{self.chorus_k1[1]:.2f}"
                 f"_K{self.chorus_k2[0]:.2f}-{self.chorus_k2[1]:.2f}"
                 f"_W{self.chorus_window[0]:.2f}-{self.chorus_window[1]:.2f}_M{float(self.chorus_mask_threshold):.2f}"
                 f"_D{self.chorus_dilation}_A{float(self.chorus_tgaa):g}_d{float(self.chorus_tgaa_decay):g}"
-                f"_S{2 if self.chorus_stage2 else 1}")
+                f"_S{2 if self.chorus_stage2 else 1}_R{self.chorus_stride}")
 
 
 _GROUPS = {"schedule": ScheduleSettings, "attention": AttentionSettings, "lookup": LookupSettings,

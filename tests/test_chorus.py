@@ -29,7 +29,7 @@ from comfyui_chai.opensora.chorus import (
 )
 from comfyui_chai.opensora.hooks import HookRegistry, ModelHook
 from comfyui_chai.opensora.layers import MultiHeadCrossAttention, TextContext
-from comfyui_chai.opensora.rflow import RFlow, SamplingCancelled, make_noise
+from comfyui_chai.opensora.rflow import RFlow, RFlowSchedule, SamplingCancelled, make_noise
 from comfyui_chai.pipeline import ChaiPipeline, HashedWordCaptions, new_token_columns, tiny_components
 from comfyui_chai.pipeline.settings import ChorusSettings, resolve_settings
 
@@ -330,6 +330,51 @@ def test_stage_two_over_the_whole_latent_without_amplification_is_plain_denoisin
     with pytest.raises(ValueError, match="lacks chorus_z4"):
         sample_chorus(rflow, model, {k: v for k, v in donor.items() if k != "chorus_z4"}, k1=4, k2=9, full_steps=N,
                       cfg_scale=7.0, columns=[], mask_threshold=0.5, dilation=0, **kw)
+
+
+def test_a_strided_hit_visits_every_sth_step_and_fills_from_donor_latents_on_its_grid(parts):
+    model = parts[0]
+    rflow = RFlow()
+    donor, schedule = _donor(model, rflow)
+    kw, _z = _inputs(model)
+    ts = [float(t) for t in schedule.timesteps]
+    calls, seen_steps, filled = Calls(model), [], []
+    donor_caption = HashedWordCaptions(model.config.caption_channels, model.config.model_max_length).encode(
+        "a red fox in the snow at night")
+
+    class Watched(dict):  # records which donor latents stage 2 reads
+        def __getitem__(self, name):
+            filled.append(name)
+            return dict.__getitem__(self, name)
+
+    with HookRegistry.of(model).attached(calls):
+        run = sample_chorus(rflow, model, Watched(donor), k1=6, k2=14, full_steps=N, cfg_scale=7.0, columns=[1],
+                            mask_threshold=1.0, dilation=0, tgaa=2.0, tgaa_decay=0.8, stride=3,
+                            donor_caption=donor_caption, donor_columns=[5, 6],
+                            callback=lambda state: seen_steps.append(state.info.index), **kw)
+    grid = list(range(6, N, 3))  # 6, 9, ..., 27: K2 = 14 is rounded down to 12, the grid point below it
+    assert calls.timesteps == [ts[k] for k in grid] and seen_steps == grid
+    assert (run.k1, run.k2, run.stride, run.model_steps) == (6, 12, 3, len(grid))
+    assert filled == ["chorus_z6", "chorus_z9", "chorus_z12"]  # stage 2 fills from the grid's own latents
+    assert calls.seen[0][1:] == (3, 16) and calls.seen[1][2] == round(run.region * 16)  # stage 2's later step
+    assert all(positions == 16 for _, _, positions in calls.seen[2:])  # stage 3 on the whole latent
+    assert run.step_equivalents == pytest.approx(6 + 1 + 1 * run.region)
+    # Over the whole latent without amplification, a strided hit is plain Euler on the same grid, bit for bit.
+    whole = sample_chorus(rflow, model, donor, k1=6, k2=14, full_steps=N, cfg_scale=7.0, columns=[1, 2],
+                          mask_threshold=0.0, dilation=0, tgaa=1.0, stride=3, **kw)
+    t = schedule.timesteps[grid]
+    grid_schedule = RFlowSchedule(timesteps=t, dts=torch.cat([t[:-1] - t[1:], t[-1:]]) / 1000)
+    plain = rflow.sample(model, donor[chorus_latent_name(6)][None], schedule=grid_schedule, cfg_scale=7.0, **kw)
+    assert torch.equal(whole.latent, plain)
+    every = sample_chorus(rflow, model, donor, k1=6, k2=14, full_steps=N, cfg_scale=7.0, columns=[1, 2],
+                          mask_threshold=0.0, dilation=0, tgaa=1.0, **kw)
+    assert every.model_steps == 24 and not torch.equal(every.latent, plain)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="stride"):
+            sample_chorus(rflow, model, donor, k1=6, k2=14, full_steps=N, cfg_scale=7.0, columns=[],
+                          mask_threshold=0.5, dilation=0, stride=bad, **kw)
+    with pytest.raises(ValueError, match="chorus_stride"):
+        ChorusSettings(chorus_stride=0)
 
 
 # ------------------------------------------------------------------------------ settings and the new-token rule
