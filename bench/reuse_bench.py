@@ -205,13 +205,15 @@ def main(argv=None) -> int:
                "full30):", "", near["plain_table"], "", "Per near-duplicate kind (hits/n, Δ overall vs full30, "
                "speed-up):", "", kind_table(near["summary"]["per_kind"]), ""]
     if a.stream:
-        from comfyui_chai.pipeline.stream import format_stream_table, run_stream
+        from comfyui_chai.pipeline.stream import format_kind_table, format_stream_table, run_stream
 
         stream = mixed_stream(a.stream, VALIDATION_STREAM_SEED if a.validation else HELDOUT_STREAM_SEED)
         rep = run_stream(model, encoder, stream, modes=a.stream_modes, settings=a.settings, progress=progress)
         result["stream"] = rep.summary()
         md += [f"## Mixed stream: {a.stream} {'validation' if a.validation else 'held-out'} requests "
-               f"({result['stream']['kinds']})", "", format_stream_table(rep), ""]
+               f"({result['stream']['kinds']})", "", format_stream_table(rep), "",
+               "By kind of request (hits/n, what served them when not the mode itself, Δ overall vs all-full):", "",
+               format_kind_table(rep), ""]
     if a.vbench:
         md += vbench(a, model, encoder, result, progress)
     for b in bars.values():

@@ -34,7 +34,8 @@ from .core import ChaiPipeline
 from .modes import get_mode, parse_mode_spec
 from .quality import HARNESS_SETTINGS
 
-__all__ = ["StreamRun", "StreamReport", "run_stream", "run_prompts", "format_stream_table", "miss_entry_bytes"]
+__all__ = ["StreamRun", "StreamReport", "run_stream", "run_prompts", "format_stream_table", "format_kind_table",
+           "miss_entry_bytes"]
 
 
 @dataclass
@@ -116,6 +117,15 @@ class StreamReport:
                         [run.scores[i]["overall"] - full.scores[i]["overall"] for i in hits])), 4)
                     row["speedup_on_hits"] = round(float(np.mean([full.latency_ms[i] for i in hits]) /
                                                          np.mean([run.latency_ms[i] for i in hits])), 3)
+                row["by_kind"] = {}
+                for kind in dict.fromkeys(self.kinds):
+                    idx = [i for i, k in enumerate(self.kinds) if k == kind]
+                    served = [run.served[i] for i in idx]
+                    row["by_kind"][kind] = {
+                        "n": len(idx), "hits": int(sum(run.hit[i] for i in idx)),
+                        "served_by": {k: served.count(k) for k in dict.fromkeys(served)},
+                        "delta_overall": round(float(np.mean(
+                            [run.scores[i]["overall"] - full.scores[i]["overall"] for i in idx])), 4)}
             out["modes"][name] = row
         return out
 
@@ -225,6 +235,26 @@ def run_stream(model, encoder, stream: Sequence[Any], **kwargs: Any) -> StreamRe
     """:func:`run_prompts` over a ``refmodel.streams.mixed_stream`` (its captions and kinds)."""
     return run_prompts(model, encoder, [item.caption for item in stream], kinds=[item.kind for item in stream],
                        **kwargs)
+
+
+def format_kind_table(report: StreamReport) -> str:
+    """Markdown table: per mode and kind of request (new, share, paraphrase, ...), hits/n and Δ overall
+    against all-full over that kind's requests; empty when the evaluator could not score the stream."""
+    s = report.summary()
+    modes = {name: m for name, m in s["modes"].items() if "by_kind" in m and name != "full"}
+    if not modes:
+        return ""
+    kinds = list(s["kinds"])
+    lines = ["| mode | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for name, m in modes.items():
+        cells = []
+        for kind in kinds:
+            k = m["by_kind"][kind]
+            served = "" if set(k["served_by"]) <= {"full", name} else \
+                " (" + ", ".join(f"{b} {c}" for b, c in k["served_by"].items() if b != "full") + ")"
+            cells.append(f"{k['hits']}/{k['n']}{served}, {k['delta_overall']:+.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def format_stream_table(report: StreamReport) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def test_a_stream_runs_mode_specs_with_hooks_and_counts_computed_steps():
 
     from comfyui_chai.pipeline import ChaiPipeline
     from comfyui_chai.pipeline.quality import HARNESS_SETTINGS
-    from comfyui_chai.pipeline.stream import format_stream_table, miss_entry_bytes, run_stream
+    from comfyui_chai.pipeline.stream import format_kind_table, format_stream_table, miss_entry_bytes, run_stream
     from comfyui_chai.refmodel.model import load_reference_model
     from comfyui_chai.refmodel.streams import mixed_stream
 
@@ -69,6 +70,15 @@ def test_a_stream_runs_mode_specs_with_hooks_and_counts_computed_steps():
     assert summary["chai+mixcache"]["mean_computed_steps"] < summary["chai"]["mean_computed_steps"]
     assert "| chai+mixcache |" in format_stream_table(report)
     assert "| chai+mixcache |" in bench.kinds_table(report)
+    by_kind = summary["chai"]["by_kind"]  # per kind of request: counts add up, Δ is that kind's mean
+    assert sum(k["n"] for k in by_kind.values()) == 6 and sum(k["hits"] for k in by_kind.values()) == sum(chai.hit)
+    kind = report.kinds[0]
+    idx = [i for i, k in enumerate(report.kinds) if k == kind]
+    assert by_kind[kind]["delta_overall"] == pytest.approx(
+        np.mean([chai.scores[i]["overall"] - full.scores[i]["overall"] for i in idx]), abs=1e-4)
+    table = format_kind_table(report)
+    assert table.splitlines()[0] == "| mode | " + " | ".join(dict.fromkeys(report.kinds)) + " |"
+    assert "| chai |" in table and "| full |" not in table
     with pytest.raises(ValueError, match="does not look up"):
         run_stream(model, encoder, items[:1], modes=("full+mixcache",))
     # budgets: share x requests x one miss's bytes of each mode (auto keeps both entries)
