@@ -463,10 +463,15 @@ def test_a_chorus_miss_stores_its_window_and_a_near_duplicate_is_served_from_it(
     d = near.details
     assert near.hit and near.served_by == "chorus" and near.entry_id == miss.inserted_entry_id
     assert d["new_words"] == ["deep"] and d["missing_words"] == [] and 6 <= d["k1"] < d["k2"] <= 21
-    assert near.steps == 30 - d["k1"] and "0.6" in near.reason and near.similarity > 0.6
+    assert d["stride"] == ChorusSettings().chorus_stride == 4  # the default: every 4th step from K1
+    assert near.steps == len(range(d["k1"], 30, 4)) and "0.6" in near.reason and near.similarity > 0.6
     same = pipe.generate("A red fox running in snow, pine forest!", seed=3, mode="chorus", decode=False, store=False,
                          **SIZE)
-    assert same.hit and same.steps == 30 - same.details["k2"] and same.details["k2"] == 21  # nothing to re-denoise
+    k1 = same.details["k1"]  # nothing to re-denoise: stage 3 from K2 = 21, rounded down onto the grid
+    assert same.hit and same.details["k2"] == k1 + 4 * ((21 - k1) // 4) and same.steps == len(range(same.details["k2"], 30, 4))
+    every = _pipe(parts, store, chorus_stride=1).generate("A red fox running in snow, pine forest!", seed=3,
+                                                          mode="chorus", decode=False, store=False, **SIZE)
+    assert every.steps == 30 - 21 and every.details["k2"] == 21
     # A Chorus hit continues the donor: it does not depend on the request's seed.
     again = pipe.generate("A red fox running in snow, pine forest!", seed=99, mode="chorus", decode=False,
                           store=False, **SIZE)

@@ -417,7 +417,7 @@ def test_auto_reuse_with_mixcache_stores_what_it_stores_without_and_caches_insid
 
     model, _vae, captions = parts
     knobs = {"chorus_threshold": 0.6, "chorus_k1": (0.2, 0.4), "chorus_k2": (0.5, 0.7), "chorus_window": (0.2, 0.7),
-             **ALWAYS, "warmup_steps": 1, "final_steps": 1, "min_steps": 1}
+             "chorus_stride": 1, **ALWAYS, "warmup_steps": 1, "final_steps": 1, "min_steps": 1}  # a long stage 3
     stored = {}
     for hooks in ((), ("mixcache",)):
         with open_store(tmp_path / f"store-{len(hooks)}", dim=WordBag.dim) as store:
