@@ -22,8 +22,8 @@ model, MiniLM's WordPiece tokens.
 
 A Chorus hit does not use the request's noise: the result continues the donor's trajectory (its seed),
 as any latent-reuse method does. Entry size: ``chorus_entry_bytes``; at 240p, 51 frames, fp16 (latent
-(4, 15, 30, 53), 190,800 bytes each) the default window (steps 2-26 of 30) holds 25 latents: 4,770,000
-bytes (4.55 MiB), against CHAI's 572,400.
+(4, 15, 30, 53), 190,800 bytes each) the default window (steps 0-21 of 30) holds 22 latents: 4,197,600
+bytes (4.00 MiB), against CHAI's 572,400.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def new_token_columns(words: Sequence[Optional[str]], donor_words: Sequence[Opti
 
 def chorus_entry_bytes(settings: RequestSettings, latent_shape: Sequence[int]) -> int:
     """Bytes of the tensors one Chorus entry holds: the window's latents of ``latent_shape`` (C, T, H, W)
-    in the capture dtype. 240p, 51 frames, fp16, default window: 25 x 190,800 = 4,770,000."""
+    in the capture dtype. 240p, 51 frames, fp16, default window: 22 x 190,800 = 4,197,600."""
     first, last = settings.chorus.window(settings.schedule.full_steps)
     itemsize = torch.empty((), dtype=_DTYPES[settings.schedule.capture_dtype]).element_size()
     return (last - first + 1) * math.prod(int(v) for v in latent_shape) * itemsize
