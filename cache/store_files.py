@@ -698,7 +698,6 @@ def check_safetensors(blob: bytes, spec: Mapping[str, list]) -> None:
         raise BlobError(f"latent file is not valid safetensors ({data_len - position} bytes after the last tensor)")
 
 
-
 def decode_latents(blob: bytes, device: str = "cpu") -> dict:
     """Build an entry's tensors from latent bytes already checked by :func:`check_safetensors` (or
     the PostgreSQL store's equivalent): name -> torch tensor in its stored dtype, moved to ``device``.
@@ -717,6 +716,7 @@ def decode_latents(blob: bytes, device: str = "cpu") -> dict:
     if device != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
     return tensors
+
 
 def _read_regular(fd: int, cap: int, exact: int | None) -> bytes:
     """Read a whole file through ``fd`` after ``fstat`` shows a regular file of at most ``cap``

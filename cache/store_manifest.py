@@ -616,7 +616,8 @@ class Manifest:
     def counted_bytes_drifted(c) -> bool:
         """True when the trigger-kept byte counter differs from the sum over ``entries`` (one scan)."""
         counted = c.execute("SELECT value FROM counters WHERE name='bytes_held'").fetchone()
-        return counted is None or counted[0] != c.execute(f"SELECT COALESCE(SUM({COUNTED_NBYTES}), 0) FROM entries").fetchone()[0]
+        summed = c.execute(f"SELECT COALESCE(SUM({COUNTED_NBYTES}), 0) FROM entries").fetchone()[0]
+        return counted is None or counted[0] != summed
 
     @staticmethod
     def recount_bytes(c) -> None:

@@ -106,6 +106,12 @@ def _donor(model, rflow, seed=7):
     return run.captured, schedule
 
 
+def _donor_caption(model):
+    """The caption ``(y, mask)`` of :func:`_donor`'s prompt."""
+    return HashedWordCaptions(model.config.caption_channels, model.config.model_max_length).encode(
+        "a red fox in the snow at night")
+
+
 class Calls(ModelHook):
     """Records each model call: its timestep, and the rows and positions per frame the blocks computed."""
 
@@ -281,8 +287,7 @@ def test_which_steps_run_and_which_are_skipped(parts):
     kw, _z = _inputs(model)
     ts = [float(t) for t in schedule.timesteps]
     calls = Calls(model)
-    donor_caption = HashedWordCaptions(model.config.caption_channels, model.config.model_max_length).encode(
-        "a red fox in the snow at night")
+    donor_caption = _donor_caption(model)
     with HookRegistry.of(model).attached(calls):
         run = sample_chorus(rflow, model, donor, k1=6, k2=12, full_steps=N, cfg_scale=7.0, columns=[1],
                             mask_threshold=1.0, dilation=0, tgaa=2.0, tgaa_decay=0.8, donor_caption=donor_caption,
@@ -339,8 +344,7 @@ def test_a_strided_hit_visits_every_sth_step_and_fills_from_donor_latents_on_its
     kw, _z = _inputs(model)
     ts = [float(t) for t in schedule.timesteps]
     calls, seen_steps, filled = Calls(model), [], []
-    donor_caption = HashedWordCaptions(model.config.caption_channels, model.config.model_max_length).encode(
-        "a red fox in the snow at night")
+    donor_caption = _donor_caption(model)
 
     class Watched(dict):  # records which donor latents stage 2 reads
         def __getitem__(self, name):
